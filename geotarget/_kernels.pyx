@@ -1,0 +1,582 @@
+# cython: language_level=3
+# distutils: language = c++
+"""Compiled hot path of geotarget: KD-tree build, exact circle query, gathers.
+
+Why the index is shaped the way it is
+=====================================
+
+An alert asks one question, many times: *which devices lie within r km of this
+point?*  The answer must equal, device for device, what a float64 NumPy
+haversine scan over the stored coordinates returns (DESIGN §2), anywhere on
+Earth, and it must come back in milliseconds for tens of millions of devices.
+
+1. **Unit vectors, not latitude/longitude.**  Every device is stored as a point
+   on the unit sphere, (x, y, z) in float32.  A spherical cap of radius r is
+   then exactly the set of points whose straight-line (chord) distance to the
+   centre is at most ``T = 2 sin(r / 2R)``.  Chord distance is monotone in
+   great-circle distance, so the antimeridian and the poles need no special
+   case at all: a circle that crosses longitude 180 or covers a pole is just a
+   ball in 3-D.
+
+2. **A KD-tree over those 3-D points, rows physically in leaf order.**  The
+   tree is a complete binary tree stored as flat arrays (children of node i are
+   2i+1 and 2i+2, as in scikit-learn's BallTree).  Node j at level L covers
+   rows ``[floor(j n / 2^L), floor((j+1) n / 2^L))`` so row ranges are never
+   stored: they are arithmetic.  The only per-node data is the float32
+   bounding box (24 bytes).  Because the rows are sorted in leaf order, every
+   subtree is one contiguous row range.
+
+3. **Whole subtrees leave as ranges.**  If the farthest corner of a node's box
+   is inside the cap, the whole node is inside: it is emitted as one
+   ``[start, end)`` run with no per-point test; counting is arithmetic on runs
+   and materialising is ``memcpy``.  If the nearest point of the box is outside,
+   the node is skipped.  Only boundary leaves test points.
+
+4. **Cheap but exact boundary tests.**  A boundary point is tested by its
+   squared chord in float32 against two thresholds ``(T - g)^2`` and
+   ``(T + g)^2``.  The guard ``g = 2e-6`` (about 13 m on Earth) is several times
+   the worst error of float32 storage (|dp| <= 1.1e-7 per point and per centre)
+   plus float32 arithmetic (relative 2^-22 in the sum).  Points that fall
+   between the thresholds -- a band a few metres wide -- are re-checked with the
+   float64 haversine on the stored float64 latitude/longitude, the same
+   formula as :func:`geotarget.haversine_km`.  So the result is the reference
+   result, not an approximation of it.
+
+5. **No Python on the query path.**  Kernels are ``nogil``, take clean
+   contiguous arrays (validation lives in ``geotarget/index.py``), and return
+   NumPy arrays of runs.  Gathers run over both cores with OpenMP where it is
+   available.
+
+Every kernel names its NumPy equivalent in its docstring; the tests compare the
+two on hypothesis-generated and adversarial inputs.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport asin, cos, sin, sqrt, fabs
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from libcpp.vector cimport vector
+
+cnp.import_array()
+
+cdef extern from * nogil:
+    """
+    #include <algorithm>
+    #include <cstdint>
+    struct GtPoint { float x; float y; float z; uint32_t key; };
+
+    /* Ties are broken by key so that the partition (and hence every leaf's
+       membership) does not depend on the input order or the thread count. */
+    static inline void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis) {
+        GtPoint* mid = first + nth; GtPoint* last = first + n;
+        if (axis == 0) {
+            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.x < b.x || (a.x == b.x && a.key < b.key); });
+        } else if (axis == 1) {
+            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.y < b.y || (a.y == b.y && a.key < b.key); });
+        } else {
+            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.z < b.z || (a.z == b.z && a.key < b.key); });
+        }
+    }
+    static inline int gt_clz64(uint64_t v) { return __builtin_clzll(v); }
+    #ifdef _OPENMP
+    #include <omp.h>
+    static inline int gt_max_threads(void) { return omp_get_max_threads(); }
+    static const int GT_HAVE_OPENMP = 1;
+    #else
+    static inline int gt_max_threads(void) { return 1; }
+    static const int GT_HAVE_OPENMP = 0;
+    #endif
+    """
+    ctypedef struct GtPoint:
+        float x
+        float y
+        float z
+        uint32_t key
+    void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis)
+    int gt_clz64(uint64_t v)
+    int gt_max_threads()
+    int GT_HAVE_OPENMP
+
+# Mean Earth radius (IUGG), km.  DESIGN §2 fixes it.
+DEF EARTH_R = 6371.0088
+DEF DEG2RAD = 0.017453292519943295
+# Guard band in chord units (unit sphere).  See the essay, point 4.
+DEF GUARD = 2e-6
+
+HAVE_OPENMP = bool(GT_HAVE_OPENMP)
+EARTH_RADIUS_KM = EARTH_R
+CHORD_GUARD = GUARD
+
+POINT_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("key", "<u4")])
+
+
+def max_threads():
+    """Number of OpenMP threads the kernels may use (1 without OpenMP)."""
+    return gt_max_threads()
+
+
+# ---------------------------------------------------------------------------
+# exact distance
+# ---------------------------------------------------------------------------
+
+cdef inline double _haversine_km(double lat1, double lon1, double lat2, double lon2) noexcept nogil:
+    # Same operation order as geotarget.geo.haversine_km (the NumPy reference).
+    cdef double p1 = lat1 * DEG2RAD
+    cdef double p2 = lat2 * DEG2RAD
+    cdef double dphi = (lat2 - lat1) * DEG2RAD
+    cdef double dlmb = (lon2 - lon1) * DEG2RAD
+    cdef double s1 = sin(dphi * 0.5)
+    cdef double s2 = sin(dlmb * 0.5)
+    cdef double a = s1 * s1 + cos(p1) * cos(p2) * s2 * s2
+    if a > 1.0:
+        a = 1.0
+    return 2.0 * EARTH_R * asin(sqrt(a))
+
+
+def haversine_many(double lat, double lon, const double[::1] lats, const double[::1] lons):
+    """Great-circle distance (km) from one point to many.
+
+    In numpy, this operation is equivalent to
+    ``geotarget.geo.haversine_km(lat, lon, lats, lons)``.
+    """
+    cdef Py_ssize_t i, n = lats.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    cdef double[::1] o = out
+    with nogil:
+        for i in range(n):
+            o[i] = _haversine_km(lat, lon, lats[i], lons[i])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# unit vectors
+# ---------------------------------------------------------------------------
+
+def fill_points(const double[::1] lat, const double[::1] lon, GtPoint[::1] out,
+                const uint32_t[::1] keys=None):
+    """Fill ``out`` with float32 unit vectors and keys.
+
+    In numpy, this operation is equivalent to::
+
+        phi, lam = np.radians(lat), np.radians(lon)
+        out["x"] = (np.cos(phi) * np.cos(lam)).astype(np.float32)
+        out["y"] = (np.cos(phi) * np.sin(lam)).astype(np.float32)
+        out["z"] = np.sin(phi).astype(np.float32)
+        out["key"] = keys if keys is not None else np.arange(len(lat))
+    """
+    cdef Py_ssize_t i, n = lat.shape[0]
+    cdef double phi, lam, cp
+    cdef bint have_keys = keys is not None
+    with nogil:
+        for i in prange(n, schedule="static"):
+            phi = lat[i] * DEG2RAD
+            lam = lon[i] * DEG2RAD
+            cp = cos(phi)
+            out[i].x = <float>(cp * cos(lam))
+            out[i].y = <float>(cp * sin(lam))
+            out[i].z = <float>sin(phi)
+            if have_keys:
+                out[i].key = keys[i]
+            else:
+                out[i].key = <uint32_t>i
+
+
+# ---------------------------------------------------------------------------
+# build
+# ---------------------------------------------------------------------------
+
+cdef inline int64_t _node_start(int64_t j, int level, int64_t n) noexcept nogil:
+    # floor(j * n / 2^level); j * n < 2^63 for n < 2^32 and level <= 31.
+    return (j * n) >> level
+
+
+cdef void _bbox(const GtPoint* p, int64_t count, float* box) noexcept nogil:
+    cdef int64_t i
+    cdef float x0 = 1e30, y0 = 1e30, z0 = 1e30, x1 = -1e30, y1 = -1e30, z1 = -1e30
+    for i in range(count):
+        if p[i].x < x0: x0 = p[i].x
+        if p[i].x > x1: x1 = p[i].x
+        if p[i].y < y0: y0 = p[i].y
+        if p[i].y > y1: y1 = p[i].y
+        if p[i].z < z0: z0 = p[i].z
+        if p[i].z > z1: z1 = p[i].z
+    box[0] = x0; box[1] = y0; box[2] = z0
+    box[3] = x1; box[4] = y1; box[5] = z1
+
+
+cdef inline int _widest_axis(const float* box) noexcept nogil:
+    cdef float ex = box[3] - box[0], ey = box[4] - box[1], ez = box[5] - box[2]
+    if ex >= ey and ex >= ez:
+        return 0
+    if ey >= ez:
+        return 1
+    return 2
+
+
+cdef void _build_node(GtPoint* pts, float* bounds, int64_t n, int depth,
+                      int64_t node, int level) noexcept nogil:
+    """Build the subtree rooted at ``node`` (depth-first, cache-friendly)."""
+    cdef int64_t j = node + 1 - (<int64_t>1 << level)
+    cdef int64_t s = _node_start(j, level, n)
+    cdef int64_t e = _node_start(j + 1, level, n)
+    cdef int64_t mid
+    cdef float* box = bounds + 6 * node
+    _bbox(pts + s, e - s, box)
+    if level == depth:
+        return
+    mid = _node_start(2 * j + 1, level + 1, n)
+    if e - s > 1:
+        gt_nth_element(pts + s, mid - s, e - s, _widest_axis(box))
+    _build_node(pts, bounds, n, depth, 2 * node + 1, level + 1)
+    _build_node(pts, bounds, n, depth, 2 * node + 2, level + 1)
+
+
+def tree_depth(int64_t n, int leaf_size):
+    """Smallest depth whose leaves hold at most ``leaf_size`` points."""
+    cdef int depth = 0
+    while depth < 31 and ((n + (<int64_t>1 << depth) - 1) >> depth) > leaf_size:
+        depth += 1
+    return depth
+
+
+def build_tree(GtPoint[::1] pts, int leaf_size):
+    """Reorder ``pts`` in place into KD leaf order and return node boxes.
+
+    Returns ``(bounds, depth)`` where ``bounds`` is float32 ``(2^(depth+1)-1, 6)``
+    holding ``[xmin, ymin, zmin, xmax, ymax, zmax]`` per node.
+
+    In numpy, this operation is equivalent to ``geotarget.index.build_tree_reference``
+    (recursive ``np.argsort`` on the widest axis with ties broken by key).
+    """
+    cdef int64_t n = pts.shape[0]
+    cdef int depth = tree_depth(n, leaf_size)
+    cdef int64_t nnodes = (<int64_t>2 << depth) - 1
+    bounds_arr = np.empty((nnodes, 6), dtype=np.float32)
+    cdef float[:, ::1] bview = bounds_arr
+    cdef float* bounds = &bview[0, 0]
+    cdef GtPoint* p = &pts[0] if n > 0 else NULL
+    cdef int level, cut
+    cdef int64_t j, count, s, e, mid, node
+    if n == 0:
+        bounds_arr[:] = np.array([1e30, 1e30, 1e30, -1e30, -1e30, -1e30], dtype=np.float32)  # empty box
+        return bounds_arr, depth
+    # Top levels: one node per thread-slot, level by level, until there are
+    # enough independent subtrees to keep every core busy; below that, each
+    # subtree is finished depth-first by one thread while it is hot in cache.
+    cut = 0
+    while cut < depth and (<int64_t>1 << cut) < 8 * gt_max_threads():
+        cut += 1
+    with nogil:
+        for level in range(cut):
+            count = <int64_t>1 << level
+            for j in prange(count, schedule="dynamic"):
+                node = count - 1 + j
+                s = _node_start(j, level, n)
+                e = _node_start(j + 1, level, n)
+                _bbox(p + s, e - s, bounds + 6 * node)
+                mid = _node_start(2 * j + 1, level + 1, n)
+                if e - s > 1:
+                    gt_nth_element(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node))
+        count = <int64_t>1 << cut
+        for j in prange(count, schedule="dynamic"):
+            _build_node(p, bounds, n, depth, count - 1 + j, cut)
+    return bounds_arr, depth
+
+
+def split_points(const GtPoint[::1] pts, float[:, ::1] xyz, uint32_t[::1] keys):
+    """Split array-of-structs points into contiguous ``xyz`` and ``keys``.
+
+    In numpy, this operation is equivalent to
+    ``xyz[:] = np.stack([pts["x"], pts["y"], pts["z"]], 1); keys[:] = pts["key"]``.
+    """
+    cdef Py_ssize_t i, n = pts.shape[0]
+    with nogil:
+        for i in prange(n, schedule="static"):
+            xyz[i, 0] = pts[i].x
+            xyz[i, 1] = pts[i].y
+            xyz[i, 2] = pts[i].z
+            keys[i] = pts[i].key
+
+
+# ---------------------------------------------------------------------------
+# query
+# ---------------------------------------------------------------------------
+
+cdef struct QueryCtx:
+    const float* xyz          # (n, 3) leaf-ordered unit vectors
+    const uint32_t* keys      # (n,) leaf-ordered device keys
+    const float* bounds       # (nnodes, 6)
+    const double* lat         # store latitude by key (exact re-check)
+    const double* lon
+    const uint32_t* seen      # (n,) leaf-ordered last-seen seconds, or NULL
+    const int8_t* app         # (n,) leaf-ordered app codes, or NULL
+    int64_t n
+    int depth
+    double clat, clon, radius
+    double cx, cy, cz
+    float fx, fy, fz
+    double lo2, hi2           # node tests (float64)
+    float flo2, fhi2          # point tests (float32)
+    bint everything
+    bint filter_seen
+    uint32_t seen_min
+    bint filter_app
+    uint64_t app_mask[4]
+    bint emit
+    int64_t count
+    int64_t exact_checks
+    vector[int64_t]* runs     # flat [s0, e0, s1, e1, ...]
+
+
+cdef inline bint _passes(QueryCtx* q, int64_t row) noexcept nogil:
+    cdef int code
+    if q.filter_seen and q.seen[row] < q.seen_min:
+        return False
+    if q.filter_app:
+        code = <int>(<uint8_t>q.app[row])
+        if not (q.app_mask[code >> 6] >> (code & 63)) & 1:
+            return False
+    return True
+
+
+cdef inline void _emit(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    q.count += e - s
+    if not q.emit:
+        return
+    cdef size_t m = q.runs.size()
+    if m > 0 and q.runs[0][m - 1] == s:
+        q.runs[0][m - 1] = e
+    else:
+        q.runs.push_back(s)
+        q.runs.push_back(e)
+
+
+cdef inline void _emit_range(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    cdef int64_t r, run_start
+    if not (q.filter_seen or q.filter_app):
+        _emit(q, s, e)
+        return
+    run_start = -1
+    for r in range(s, e):
+        if _passes(q, r):
+            if run_start < 0:
+                run_start = r
+        elif run_start >= 0:
+            _emit(q, run_start, r)
+            run_start = -1
+    if run_start >= 0:
+        _emit(q, run_start, e)
+
+
+cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    cdef int64_t r, run_start = -1
+    cdef float dx, dy, dz, d2
+    cdef bint inside
+    cdef uint32_t k
+    for r in range(s, e):
+        dx = q.xyz[3 * r] - q.fx
+        dy = q.xyz[3 * r + 1] - q.fy
+        dz = q.xyz[3 * r + 2] - q.fz
+        d2 = dx * dx + dy * dy + dz * dz
+        if d2 <= q.flo2:
+            inside = True
+        elif d2 > q.fhi2:
+            inside = False
+        else:
+            q.exact_checks += 1
+            k = q.keys[r]
+            inside = _haversine_km(q.clat, q.clon, q.lat[k], q.lon[k]) <= q.radius
+        if inside and (q.filter_seen or q.filter_app):
+            inside = _passes(q, r)
+        if inside:
+            if run_start < 0:
+                run_start = r
+        elif run_start >= 0:
+            _emit(q, run_start, r)
+            run_start = -1
+    if run_start >= 0:
+        _emit(q, run_start, e)
+
+
+cdef void _query(QueryCtx* q) noexcept nogil:
+    cdef int64_t stack_node[64]
+    cdef int stack_level[64]
+    cdef int top = 0
+    cdef int64_t node, j, s, e
+    cdef int level
+    cdef const float* b
+    cdef double lo, hi, c, dmin2, dmax2, t
+    cdef int axis
+    if q.n == 0:
+        return
+    if q.everything:
+        _emit_range(q, 0, q.n)
+        return
+    stack_node[0] = 0
+    stack_level[0] = 0
+    top = 1
+    while top > 0:
+        top -= 1
+        node = stack_node[top]
+        level = stack_level[top]
+        j = node + 1 - (<int64_t>1 << level)
+        s = _node_start(j, level, q.n)
+        e = _node_start(j + 1, level, q.n)
+        if e <= s:
+            continue
+        b = q.bounds + 6 * node
+        dmin2 = 0.0
+        dmax2 = 0.0
+        for axis in range(3):
+            if axis == 0:
+                c = q.cx
+            elif axis == 1:
+                c = q.cy
+            else:
+                c = q.cz
+            lo = b[axis]
+            hi = b[axis + 3]
+            if c < lo:
+                t = lo - c
+                dmin2 += t * t
+            elif c > hi:
+                t = c - hi
+                dmin2 += t * t
+            t = c - lo if c - lo > hi - c else hi - c
+            dmax2 += t * t
+        if dmin2 > q.hi2:
+            continue
+        if dmax2 <= q.lo2:
+            _emit_range(q, s, e)
+            continue
+        if level == q.depth:
+            _leaf(q, s, e)
+            continue
+        # Push right first so the left subtree is visited first: runs come
+        # out in ascending row order, which keeps them sorted and mergeable.
+        stack_node[top] = 2 * node + 2
+        stack_level[top] = level + 1
+        stack_node[top + 1] = 2 * node + 1
+        stack_level[top + 1] = level + 1
+        top += 2
+
+
+def query(const float[:, ::1] xyz, const uint32_t[::1] keys, const float[:, ::1] bounds,
+          int depth, const double[::1] lat, const double[::1] lon,
+          double clat, double clon, double radius_km,
+          const uint32_t[::1] seen=None, int64_t seen_min=-1,
+          const int8_t[::1] app=None, object app_codes=None, bint emit=True):
+    """Rows within ``radius_km`` of (clat, clon), as sorted disjoint runs.
+
+    Returns ``(runs, count, exact_checks)`` where ``runs`` is int64 ``(k, 2)``
+    of ``[start, end)`` row ranges in ascending order (``None`` when
+    ``emit=False``).  ``seen_min`` (epoch seconds, -1 for none) and
+    ``app_codes`` (iterable of int codes, None for all) filter rows.
+
+    In numpy, this operation is equivalent to::
+
+        d = haversine_km(clat, clon, lat[keys], lon[keys])
+        mask = d <= radius_km
+        if seen_min >= 0: mask &= seen >= seen_min
+        if app_codes is not None: mask &= np.isin(app, app_codes)
+        rows = np.flatnonzero(mask)          # runs are the maximal ranges of rows
+    """
+    cdef QueryCtx q
+    cdef vector[int64_t] runs
+    cdef double phi, lam, cp, half, T, lo, hi
+    cdef int code
+    q.n = xyz.shape[0]
+    q.xyz = &xyz[0, 0] if q.n > 0 else NULL
+    q.keys = &keys[0] if q.n > 0 else NULL
+    q.bounds = &bounds[0, 0]
+    q.lat = &lat[0] if lat.shape[0] > 0 else NULL
+    q.lon = &lon[0] if lon.shape[0] > 0 else NULL
+    q.depth = depth
+    q.clat = clat
+    q.clon = clon
+    q.radius = radius_km
+    phi = clat * DEG2RAD
+    lam = clon * DEG2RAD
+    cp = cos(phi)
+    q.cx = cp * cos(lam)
+    q.cy = cp * sin(lam)
+    q.cz = sin(phi)
+    q.fx = <float>q.cx
+    q.fy = <float>q.cy
+    q.fz = <float>q.cz
+    q.cx = q.fx
+    q.cy = q.fy
+    q.cz = q.fz
+    # Cap of angular radius r/R; beyond half the circumference it is the sphere.
+    half = radius_km / (2.0 * EARTH_R)
+    q.everything = half >= 1.5707963267948966
+    T = 2.0 * sin(half) if not q.everything else 2.0
+    lo = T - GUARD
+    hi = T + GUARD
+    q.lo2 = lo * lo if lo > 0 else -1.0
+    q.hi2 = hi * hi
+    q.flo2 = <float>q.lo2
+    q.fhi2 = <float>q.hi2
+    # float32 rounding of the thresholds must never widen the sure bands.
+    if <double>q.flo2 > q.lo2:
+        q.flo2 = <float>(q.lo2 * (1.0 - 1e-7))
+    if <double>q.fhi2 < q.hi2:
+        q.fhi2 = <float>(q.hi2 * (1.0 + 1e-7))
+    q.filter_seen = seen is not None and seen_min >= 0
+    q.seen = &seen[0] if (seen is not None and seen.shape[0] > 0) else NULL
+    q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
+    q.filter_app = app is not None and app_codes is not None
+    q.app = &app[0] if (app is not None and app.shape[0] > 0) else NULL
+    q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
+    if q.filter_app:
+        for code in app_codes:
+            code = code & 255
+            q.app_mask[code >> 6] |= (<uint64_t>1) << (code & 63)
+    q.emit = emit
+    q.count = 0
+    q.exact_checks = 0
+    q.runs = &runs
+    with nogil:
+        _query(&q)
+    if not emit:
+        return None, q.count, q.exact_checks
+    out = np.empty((runs.size() // 2, 2), dtype=np.int64)
+    cdef int64_t[:, ::1] ov = out
+    if runs.size() > 0:
+        memcpy(&ov[0, 0], runs.data(), runs.size() * sizeof(int64_t))
+    return out, q.count, q.exact_checks
+
+
+# ---------------------------------------------------------------------------
+# gathers
+# ---------------------------------------------------------------------------
+
+def gather_runs_u32(const uint32_t[::1] src, const int64_t[:, ::1] runs,
+                    const int64_t[::1] offsets, uint32_t[::1] out):
+    """Copy ``src[s:e]`` for every run into ``out`` back to back.
+
+    ``offsets[i]`` is where run i starts in ``out`` (an exclusive cumsum of
+    run lengths).  In numpy, this operation is equivalent to
+    ``out[:total] = np.concatenate([src[s:e] for s, e in runs])``.
+    """
+    cdef Py_ssize_t i, k = runs.shape[0]
+    with nogil:
+        for i in prange(k, schedule="guided"):
+            if runs[i, 1] > runs[i, 0]:
+                memcpy(&out[offsets[i]], &src[runs[i, 0]], (runs[i, 1] - runs[i, 0]) * sizeof(uint32_t))
+
+
+def gather_rows(const cnp.uint64_t[::1] src, const uint32_t[::1] idx, cnp.uint64_t[::1] out):
+    """``out[i] = src[idx[i]]`` over both cores.
+
+    In numpy, this operation is equivalent to ``np.take(src, idx, out=out)``.
+    """
+    cdef Py_ssize_t i, n = idx.shape[0]
+    with nogil:
+        for i in prange(n, schedule="static"):
+            out[i] = src[idx[i]]

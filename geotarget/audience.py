@@ -1,0 +1,205 @@
+"""Audience: the set of devices a query or a push reaches.
+
+An audience straight from :meth:`SpatialIndex.within` is a list of row runs in
+the index (``[start, end)``, ascending, disjoint): its size is arithmetic on
+runs and materialising it is ``memcpy`` of key ranges.  Set operations (the
+expansion rings, the closure union) work on device keys through roaring
+bitmaps and give an audience backed by a bitmap.  Both forms answer the same
+questions; no Python list appears on either path.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from pyroaring import BitMap
+
+from . import _kernels
+
+
+def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
+    bm = BitMap()
+    if keys.size:
+        bm.update(np.ascontiguousarray(keys, dtype=np.uint32))
+    return bm
+
+
+def bitmap_to_keys(bm: BitMap) -> np.ndarray:
+    """Sorted uint32 keys of a roaring bitmap."""
+    if len(bm) == 0:
+        return np.empty(0, dtype=np.uint32)
+    return np.frombuffer(bm.to_array(), dtype=np.uint32).copy()
+
+
+class Audience:
+    """A set of devices, identified by their stable 32-bit keys."""
+
+    __slots__ = ("_index", "_runs", "_count", "_store", "_bitmap", "_keys")
+
+    def __init__(self, *, index=None, runs=None, count=None, store=None, bitmap=None):
+        self._index = index
+        self._runs = runs
+        self._store = store if store is not None else (index.store if index is not None else None)
+        self._bitmap = bitmap
+        self._keys = None
+        if runs is not None:
+            runs.flags.writeable = False
+            self._count = int(count if count is not None else (runs[:, 1] - runs[:, 0]).sum())
+        elif bitmap is not None:
+            self._count = len(bitmap)
+        else:
+            raise TypeError("Audience needs runs (with an index) or a bitmap")
+
+    # -- constructors -----------------------------------------------------
+
+    @classmethod
+    def from_keys(cls, keys, store) -> "Audience":
+        """An audience of explicit keys (validated against ``store``)."""
+        from .errors import InvalidInputError
+        k = np.asarray(keys)
+        if k.size and (not np.issubdtype(k.dtype, np.integer) or k.min() < 0 or k.max() >= len(store)):
+            raise InvalidInputError(f"keys must be integers in [0, {len(store)})")
+        return cls(store=store, bitmap=_bitmap_from_keys(k.astype(np.uint32)))
+
+    @classmethod
+    def empty(cls, store) -> "Audience":
+        return cls(store=store, bitmap=BitMap())
+
+    # -- size and materialisation ----------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    @property
+    def runs(self):
+        """Row runs in the index (``(k, 2)`` int64), or None for a bitmap audience."""
+        return self._runs
+
+    @property
+    def store(self):
+        return self._store
+
+    def fill(self, out: np.ndarray) -> int:
+        """Write the keys into ``out`` (a reused uint32 buffer); return how many.
+
+        This is the dispatch hot path: runs are copied with ``memcpy`` over both
+        cores, in index order (not sorted).  Use :meth:`keys` for sorted keys.
+        """
+        if out.dtype != np.uint32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise TypeError("out must be a writeable, C-contiguous uint32 array")
+        if out.shape[0] < self._count:
+            raise ValueError(f"out holds {out.shape[0]} keys but the audience has {self._count}")
+        if self._runs is None:
+            out[: self._count] = self.keys()
+            return self._count
+        runs = self._runs
+        if runs.shape[0]:
+            lengths = runs[:, 1] - runs[:, 0]
+            offsets = np.zeros(runs.shape[0], dtype=np.int64)
+            np.cumsum(lengths[:-1], out=offsets[1:])
+            _kernels.gather_runs_u32(self._index.keys, runs, offsets, out)
+        return self._count
+
+    def keys(self) -> np.ndarray:
+        """Sorted uint32 device keys."""
+        if self._keys is None:
+            if self._bitmap is not None:
+                k = bitmap_to_keys(self._bitmap)
+            else:
+                k = np.empty(self._count, dtype=np.uint32)
+                self.fill(k)
+                k.sort()
+            k.flags.writeable = False
+            self._keys = k
+        return self._keys
+
+    def device_ids(self) -> np.ndarray:
+        """Sorted uint64 device ids."""
+        keys = self.keys()
+        out = np.empty(keys.shape[0], dtype=np.uint64)
+        _kernels.gather_rows(self._store.device_id, keys, out)
+        out.sort()
+        return out
+
+    def by_app(self) -> dict:
+        """One pyarrow Table (``device_id``, ``key``, sorted by device_id) per partner app."""
+        keys = self.keys()
+        codes = self._store.app_codes[keys]
+        ids = self._store.device_id[keys]
+        out = {}
+        for code in np.unique(codes):
+            sel = codes == code
+            k, d = keys[sel], ids[sel]
+            order = np.argsort(d, kind="stable")
+            out[self._store.app_names[int(code)]] = pa.table(
+                {"device_id": pa.array(d[order], type=pa.uint64()),
+                 "key": pa.array(k[order], type=pa.uint32())})
+        return out
+
+    def counts_by_app(self) -> dict:
+        """Number of devices per partner app."""
+        keys = self.keys()
+        counts = np.bincount(self._store.app_codes[keys].astype(np.int64) & 0xFF,
+                             minlength=len(self._store.app_names))
+        return {name: int(counts[i]) for i, name in enumerate(self._store.app_names) if counts[i]}
+
+    # -- set algebra ------------------------------------------------------
+
+    def bitmap(self) -> BitMap:
+        """The keys as a roaring bitmap (cached; do not mutate)."""
+        if self._bitmap is None:
+            self._bitmap = _bitmap_from_keys(self.keys())
+        return self._bitmap
+
+    def _other(self, other) -> BitMap:
+        if isinstance(other, Audience):
+            return other.bitmap()
+        if isinstance(other, BitMap):
+            return other
+        return NotImplemented
+
+    def _wrap(self, bm: BitMap, other) -> "Audience":
+        store = self._store
+        if isinstance(other, Audience) and other._store is not None and (
+                store is None or len(other._store) > len(store)):
+            store = other._store  # later generation: knows every earlier key
+        return Audience(store=store, bitmap=bm)
+
+    def union(self, other) -> "Audience":
+        o = self._other(other)
+        if o is NotImplemented:
+            return o
+        return self._wrap(self.bitmap() | o, other)
+
+    def difference(self, other) -> "Audience":
+        o = self._other(other)
+        if o is NotImplemented:
+            return o
+        return self._wrap(self.bitmap() - o, other)
+
+    def intersection(self, other) -> "Audience":
+        o = self._other(other)
+        if o is NotImplemented:
+            return o
+        return self._wrap(self.bitmap() & o, other)
+
+    __or__ = union
+    __sub__ = difference
+    __and__ = intersection
+
+    def __contains__(self, key) -> bool:
+        return int(key) in self.bitmap()
+
+    def __eq__(self, other):
+        o = self._other(other)
+        if o is NotImplemented:
+            return NotImplemented
+        return self.bitmap() == o
+
+    __hash__ = None
+
+    def __repr__(self):
+        form = "runs" if self._runs is not None else "bitmap"
+        return f"Audience({self._count:,} devices, {form})"

@@ -1,0 +1,47 @@
+"""The geotarget exception family.
+
+Every failure a caller can provoke raises a subclass of :class:`GeotargetError`.
+The subclasses also inherit from the matching built-in exception so that
+callers who already catch ``ValueError`` or ``KeyError`` keep working.
+"""
+
+
+class GeotargetError(Exception):
+    """Base class of every error geotarget raises on purpose."""
+
+
+class InvalidInputError(GeotargetError, ValueError):
+    """An argument or input column is malformed: NaN, out of range, wrong shape, naive datetime."""
+
+
+class CorruptFileError(GeotargetError, ValueError):
+    """A file on disk fails validation (bad header, wrong size, checksum mismatch)."""
+
+
+class UnknownAlertError(GeotargetError, KeyError):
+    """No alert with that id exists."""
+
+    def __str__(self):  # KeyError quotes its argument; keep messages readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownOfficerError(GeotargetError, KeyError):
+    """No officer with that id is registered."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class UnauthorizedError(GeotargetError, PermissionError):
+    """The officer may not perform this action on this alert."""
+
+
+class AlertStateError(GeotargetError):
+    """The action is not valid in the alert's current state (e.g. closing twice with another outcome)."""
+
+
+class UnknownPushError(GeotargetError, KeyError):
+    """No push with that id exists."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""

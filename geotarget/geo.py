@@ -1,0 +1,124 @@
+"""Distance reference and input validation at the public boundary.
+
+:func:`haversine_km` is the contract (DESIGN §2): every compiled kernel must
+agree with it.  The validators here are the *only* place public inputs are
+checked; kernels below them assume clean, contiguous arrays.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+#: Mean Earth radius (IUGG), km.
+EARTH_RADIUS_KM = 6371.0088
+#: Half the Earth's circumference: no two points are farther apart.
+HALF_CIRCUMFERENCE_KM = math.pi * EARTH_RADIUS_KM
+_DEG2RAD = 0.017453292519943295
+
+
+def haversine_km(lat1, lon1, lat2, lon2):
+    """Great-circle distance in km by the haversine formula, vectorised, float64.
+
+    This is the reference every kernel is tested against.  Inputs broadcast
+    like NumPy arrays; the result is a float64 array (or scalar).
+    """
+    lat1 = np.asarray(lat1, dtype=np.float64)
+    lon1 = np.asarray(lon1, dtype=np.float64)
+    lat2 = np.asarray(lat2, dtype=np.float64)
+    lon2 = np.asarray(lon2, dtype=np.float64)
+    p1 = lat1 * _DEG2RAD
+    p2 = lat2 * _DEG2RAD
+    dphi = (lat2 - lat1) * _DEG2RAD
+    dlmb = (lon2 - lon1) * _DEG2RAD
+    s1 = np.sin(dphi * 0.5)
+    s2 = np.sin(dlmb * 0.5)
+    a = s1 * s1 + np.cos(p1) * np.cos(p2) * s2 * s2
+    a = np.minimum(a, 1.0)
+    return 2.0 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(a))
+
+
+def unit_vectors(lat, lon):
+    """float64 unit vectors (n, 3) for latitude/longitude in degrees (NumPy reference)."""
+    phi = np.asarray(lat, dtype=np.float64) * _DEG2RAD
+    lam = np.asarray(lon, dtype=np.float64) * _DEG2RAD
+    cp = np.cos(phi)
+    return np.stack([cp * np.cos(lam), cp * np.sin(lam), np.sin(phi)], axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# validation helpers (public boundary only)
+# ---------------------------------------------------------------------------
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_coordinates(lat, lon, *, lat_name="lat", lon_name="lon"):
+    """Return (lat, lon) as contiguous float64 arrays, or raise naming the first bad row."""
+    try:
+        lat = np.ascontiguousarray(lat, dtype=np.float64)
+        lon = np.ascontiguousarray(lon, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{lat_name}/{lon_name} must be numeric arrays: {exc}") from None
+    if lat.ndim != 1 or lon.ndim != 1:
+        raise InvalidInputError(
+            f"{lat_name} and {lon_name} must be 1-D, got shapes {lat.shape} and {lon.shape}")
+    if lat.shape != lon.shape:
+        raise InvalidInputError(
+            f"{lat_name} has {lat.shape[0]} rows but {lon_name} has {lon.shape[0]}")
+    for name, arr, bound in ((lat_name, lat, 90.0), (lon_name, lon, 180.0)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            i = _first_bad(bad)
+            raise InvalidInputError(
+                f"{name}[{i}] = {arr[i]!r}: coordinates must be finite (check for NaN or inf)")
+        bad = np.abs(arr) > bound
+        if bad.any():
+            i = _first_bad(bad)
+            raise InvalidInputError(f"{name}[{i}] = {arr[i]!r} is outside [-{bound:g}, {bound:g}]")
+    return lat, lon
+
+
+def check_point(lat, lon):
+    """Validate one centre; return it as two Python floats."""
+    try:
+        flat, flon = float(lat), float(lon)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"centre must be numeric, got lat={lat!r}, lon={lon!r}") from None
+    if not (math.isfinite(flat) and math.isfinite(flon)):
+        raise InvalidInputError(f"centre must be finite, got lat={flat!r}, lon={flon!r}")
+    if abs(flat) > 90.0:
+        raise InvalidInputError(f"lat={flat!r} is outside [-90, 90]")
+    if abs(flon) > 180.0:
+        raise InvalidInputError(f"lon={flon!r} is outside [-180, 180]")
+    return flat, flon
+
+
+def check_radius(radius_km, name="radius_km"):
+    try:
+        r = float(radius_km)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be a number, got {radius_km!r}") from None
+    if not math.isfinite(r):
+        raise InvalidInputError(f"{name} must be finite, got {r!r}")
+    if r < 0:
+        raise InvalidInputError(f"{name} must be >= 0, got {r!r}")
+    return r
+
+
+def check_aware(when, name="time"):
+    """A timezone-aware datetime, converted to UTC; naive datetimes are refused."""
+    if not isinstance(when, _dt.datetime):
+        raise InvalidInputError(f"{name} must be a datetime, got {type(when).__name__}")
+    if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
+        raise InvalidInputError(f"{name}={when.isoformat()} is naive; pass a timezone-aware datetime")
+    return when.astimezone(_dt.timezone.utc)
+
+
+def epoch_seconds(when: _dt.datetime) -> int:
+    """Whole seconds since 1970-01-01 UTC of an aware datetime (floor)."""
+    return math.floor(when.timestamp())

@@ -1,0 +1,264 @@
+"""SpatialIndex: a KD-tree over unit vectors, rows in leaf order, exact circle queries.
+
+The algorithm is explained at the top of ``geotarget/_kernels.pyx``.  This
+module is the public boundary: it validates every argument once, owns the
+arrays, and hands clean contiguous buffers to the kernels.
+
+On disk an index lives next to its store, in the same directory::
+
+    store.arrow     the DeviceStore generation (Arrow IPC)
+    index.json      format version, n, depth, leaf size, generation
+    xyz.npy         float32 (n, 3)  unit vectors in leaf order
+    keys.npy        uint32  (n,)    device key of each leaf-ordered row
+    bounds.npy      float32 (2^(depth+1)-1, 6)  node boxes
+    seen.npy        uint32  (n,)    last-seen epoch seconds, leaf order
+    app.npy         int8    (n,)    app code, leaf order
+
+All of them are memory-mapped read-only by :meth:`SpatialIndex.open`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import _kernels
+from .audience import Audience
+from .errors import CorruptFileError, InvalidInputError
+from .geo import check_aware, check_point, check_radius, epoch_seconds
+from .progress import progress_steps
+from .store import DeviceStore, _fsync_dir
+
+INDEX_META = "index.json"
+FORMAT_VERSION = 1
+#: Boundary leaves test every point; internal nodes cost a box test (~6 flops
+#: and a branch).  32 points per leaf balances the two on measured data.
+DEFAULT_LEAF_SIZE = 32
+_ARRAYS = {"xyz": np.float32, "keys": np.uint32, "bounds": np.float32, "seen": np.uint32, "app": np.int8}
+
+
+def _readonly(a):
+    if isinstance(a, np.ndarray) and a.flags.writeable:
+        a.flags.writeable = False
+    return a
+
+
+class SpatialIndex:
+    """Exact "devices within r km" over one :class:`DeviceStore` generation.
+
+    Built indexes are read-only: every array has ``writeable=False``.
+    """
+
+    def __init__(self, store, xyz, keys, bounds, depth, seen, app, leaf_size, path=None):
+        self.store = store
+        self.xyz = _readonly(xyz)
+        self.keys = _readonly(keys)
+        self.bounds = _readonly(bounds)
+        self.depth = int(depth)
+        self.seen = _readonly(seen)
+        self.app = _readonly(app)
+        self.leaf_size = int(leaf_size)
+        self.path = path
+
+    # -- build ------------------------------------------------------------
+
+    @classmethod
+    def build(cls, store: DeviceStore, leaf_size: int = DEFAULT_LEAF_SIZE, progress=None):
+        """Build the index for ``store`` (both cores where OpenMP is available)."""
+        if not isinstance(store, DeviceStore):
+            raise InvalidInputError(f"store must be a DeviceStore, got {type(store).__name__}")
+        if not (1 <= int(leaf_size) <= 4096):
+            raise InvalidInputError(f"leaf_size must be in [1, 4096], got {leaf_size!r}")
+        n = len(store)
+        lat = np.ascontiguousarray(store.lat, dtype=np.float64)
+        lon = np.ascontiguousarray(store.lon, dtype=np.float64)
+        with progress_steps(4, "build index", enabled=progress) as step:
+            pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
+            if n:
+                _kernels.fill_points(lat, lon, pts)
+            step("unit vectors")
+            bounds, depth = _kernels.build_tree(pts, int(leaf_size))
+            step("KD partition")
+            xyz = np.empty((n, 3), dtype=np.float32)
+            keys = np.empty(n, dtype=np.uint32)
+            if n:
+                _kernels.split_points(pts, xyz, keys)
+            del pts
+            step("columns")
+            seen = np.clip(store.last_seen_s[keys], 0, 2**32 - 1).astype(np.uint32)
+            app = np.ascontiguousarray(store.app_codes[keys], dtype=np.int8)
+            step("filters")
+        return cls(store, xyz, keys, bounds, depth, seen, app, leaf_size)
+
+    # -- queries ------------------------------------------------------------
+
+    def _args(self, lat, lon, radius_km, seen_since, apps):
+        clat, clon = check_point(lat, lon)
+        r = check_radius(radius_km)
+        seen_min = -1
+        if seen_since is not None:
+            seen_min = max(0, epoch_seconds(check_aware(seen_since, "seen_since")))
+            # the clock of a u32 "seen" column ends in 2106; a later cutoff matches nothing
+            seen_min = min(seen_min, 2**32 - 1)
+        codes = None
+        if apps is not None:
+            if isinstance(apps, str):
+                apps = [apps]
+            codes = [self.store.app_code(a) for a in apps]
+        return clat, clon, r, seen_min, codes
+
+    def _run(self, clat, clon, r, seen_min, codes, emit):
+        return _kernels.query(self.xyz, self.keys, self.bounds, self.depth,
+                              self.store.lat, self.store.lon, clat, clon, r,
+                              self.seen, seen_min, self.app, codes, emit)
+
+    def within(self, lat, lon, radius_km, seen_since=None, apps=None) -> Audience:
+        """Devices whose haversine distance to (lat, lon) is <= ``radius_km``.
+
+        ``seen_since`` (aware datetime) keeps only devices seen at or after it;
+        ``apps`` (names) keeps only devices of those partner apps.  The result
+        equals a float64 NumPy haversine scan over the stored coordinates.
+        """
+        args = self._args(lat, lon, radius_km, seen_since, apps)
+        runs, count, _ = self._run(*args, True)
+        return Audience(index=self, runs=runs, count=count)
+
+    def count(self, lat, lon, radius_km, seen_since=None, apps=None) -> int:
+        """``len(self.within(...))`` without recording runs."""
+        args = self._args(lat, lon, radius_km, seen_since, apps)
+        return int(self._run(*args, False)[1])
+
+    # -- facts --------------------------------------------------------------
+
+    def __len__(self):
+        return int(self.keys.shape[0])
+
+    @property
+    def generation(self) -> int:
+        return self.store.generation
+
+    @property
+    def nbytes(self) -> int:
+        """Serving memory of positions, index and keys (filters excluded)."""
+        return int(self.xyz.nbytes + self.keys.nbytes + self.bounds.nbytes)
+
+    @property
+    def nbytes_with_filters(self) -> int:
+        return self.nbytes + int(self.seen.nbytes + self.app.nbytes)
+
+    def __repr__(self):
+        return (f"SpatialIndex(n={len(self):,}, depth={self.depth}, leaf_size={self.leaf_size}, "
+                f"generation={self.generation})")
+
+    # -- persistence --------------------------------------------------------
+
+    def save(self, directory) -> Path:
+        """Write the index (and its store, unless already there) to ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.store.path is None or Path(self.store.path).resolve() != d.resolve():
+            self.store.save(d)
+        for name in _ARRAYS:
+            tmp = d / f"{name}.tmp.npy"
+            np.save(tmp, np.asarray(getattr(self, name)))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, d / f"{name}.npy")
+        meta = {"version": FORMAT_VERSION, "n": len(self), "depth": self.depth,
+                "leaf_size": self.leaf_size, "generation": self.generation}
+        tmp = d / (INDEX_META + ".tmp")
+        tmp.write_text(json.dumps(meta))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, d / INDEX_META)
+        _fsync_dir(d)
+        self.path = d
+        return d
+
+    @classmethod
+    def open(cls, directory) -> "SpatialIndex":
+        """Memory-map a saved index and its store (cost independent of n)."""
+        d = Path(directory)
+        try:
+            meta = json.loads((d / INDEX_META).read_text())
+        except FileNotFoundError:
+            raise CorruptFileError(f"{d}: no {INDEX_META}; is this a geotarget index directory?") from None
+        except (ValueError, OSError) as exc:
+            raise CorruptFileError(f"{d / INDEX_META}: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+            raise CorruptFileError(f"{d / INDEX_META}: unknown index format {meta!r}")
+        store = DeviceStore.open(d)
+        n, depth = meta.get("n"), meta.get("depth")
+        if n != len(store) or meta.get("generation") != store.generation:
+            raise CorruptFileError(
+                f"{d}: index is for {n} rows of generation {meta.get('generation')}, "
+                f"store has {len(store)} rows of generation {store.generation}")
+        if not isinstance(depth, int) or not 0 <= depth <= 31:
+            raise CorruptFileError(f"{d / INDEX_META}: bad depth {depth!r}")
+        expected = {"xyz": (n, 3), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,)}
+        arrays = {}
+        for name, dtype in _ARRAYS.items():
+            try:
+                a = np.load(d / f"{name}.npy", mmap_mode="r")
+            except (ValueError, OSError, EOFError) as exc:
+                raise CorruptFileError(f"{d / (name + '.npy')}: {exc}") from None
+            if a.dtype != dtype or a.shape != expected[name] or not a.flags.c_contiguous:
+                raise CorruptFileError(
+                    f"{d / (name + '.npy')}: expected {np.dtype(dtype)} {expected[name]}, "
+                    f"found {a.dtype} {a.shape}")
+            arrays[name] = a
+        return cls(store, arrays["xyz"], arrays["keys"], arrays["bounds"], depth,
+                   arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d)
+
+
+def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):
+    """Plain NumPy reference for :func:`geotarget._kernels.build_tree`.
+
+    Returns ``(order, bounds, depth)``: ``order`` permutes the input rows into
+    leaf order.  Leaf *membership* matches the kernel exactly (same split rule,
+    same tie-break by key); the order of rows inside a leaf may differ.
+    """
+    xyz = np.asarray(xyz, dtype=np.float32)
+    keys = np.asarray(keys, dtype=np.uint32)
+    n = xyz.shape[0]
+    depth = _kernels.tree_depth(n, leaf_size)
+    nnodes = (2 << depth) - 1
+    bounds = np.empty((nnodes, 6), dtype=np.float32)
+    order = np.arange(n)
+
+    def rec(node, level, s, e):
+        j = node + 1 - (1 << level)
+        sub = order[s:e]
+        pts = xyz[sub]
+        if e > s:
+            bounds[node, :3] = pts.min(axis=0)
+            bounds[node, 3:] = pts.max(axis=0)
+        else:
+            bounds[node] = [1e30, 1e30, 1e30, -1e30, -1e30, -1e30]
+        if level == depth:
+            return
+        mid = ((2 * j + 1) * n) >> (level + 1)
+        ext = bounds[node, 3:] - bounds[node, :3]
+        axis = 0 if (ext[0] >= ext[1] and ext[0] >= ext[2]) else (1 if ext[1] >= ext[2] else 2)
+        o = np.lexsort((keys[sub], pts[:, axis]))
+        order[s:e] = sub[o]
+        rec(2 * node + 1, level + 1, s, mid)
+        rec(2 * node + 2, level + 1, mid, e)
+
+    rec(0, 0, 0, n)
+    return order, bounds, depth
+
+
+def within_reference(store: DeviceStore, lat, lon, radius_km, seen_since=None, apps=None) -> np.ndarray:
+    """Sorted keys a float64 NumPy haversine scan selects (the contract)."""
+    from .geo import haversine_km
+    d = haversine_km(lat, lon, store.lat, store.lon)
+    mask = d <= radius_km
+    if seen_since is not None:
+        mask &= store.last_seen_s >= epoch_seconds(seen_since)
+    if apps is not None:
+        codes = [store.app_names.index(a) for a in ([apps] if isinstance(apps, str) else apps)]
+        mask &= np.isin(store.app_codes, codes)
+    return np.flatnonzero(mask).astype(np.uint32)

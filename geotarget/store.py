@@ -1,0 +1,505 @@
+"""Columnar device-location store (pyarrow), in generations.
+
+Layout
+------
+One generation is one uncompressed Arrow IPC file (``store.arrow``) holding a
+single record batch with the columns
+
+========== ======================================== ==============================
+column     type                                      meaning
+========== ======================================== ==============================
+device_id  uint64                                    the partner's device id
+lat, lon   float64                                   the stored coordinates (deg)
+app        dictionary<int8, string>                  partner app
+last_seen  timestamp[s, tz=UTC]                      time of the location fix
+========== ======================================== ==============================
+
+The **device key** (DESIGN §2 Identity) is the row number.  Rows are never
+reordered or deleted once written: an update rewrites values in place and a new
+device is appended, so a key stays valid for the life of every log that holds
+it and ``key -> row`` costs nothing.  At first ingest a batch is written in KD
+leaf order, so spatially close devices get close keys and an audience is a few
+long runs of keys (which roaring bitmaps compress to almost nothing).
+
+``DeviceStore.open`` memory-maps the file: it reads the footer, not the rows,
+and its cost does not grow with the number of devices.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import _kernels
+from .errors import CorruptFileError, InvalidInputError
+from .geo import check_coordinates
+
+STORE_FILE = "store.arrow"
+ID_INDEX_FILE = "id_index.npy"
+FORMAT_VERSION = 1
+_META_KEY = b"geotarget.store"
+#: Keys are uint32 and 2^32 - 1 is reserved as "no key".
+MAX_DEVICES = 2**32 - 1
+#: App codes are int8 in the index; 127 partner apps is ample (the platform has ~25).
+MAX_APPS = 127
+DEFAULT_APP = "default"
+#: Leaf size used to order a first ingest spatially (the index may use another).
+_INGEST_LEAF = 64
+
+SCHEMA = pa.schema([
+    pa.field("device_id", pa.uint64(), nullable=False),
+    pa.field("lat", pa.float64(), nullable=False),
+    pa.field("lon", pa.float64(), nullable=False),
+    pa.field("app", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+    pa.field("last_seen", pa.timestamp("s", tz="UTC"), nullable=False),
+])
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# column validation (public boundary)
+# ---------------------------------------------------------------------------
+
+def _check_ids(device_id) -> np.ndarray:
+    arr = np.asarray(device_id)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"device_id must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"device_id must be integers, got dtype {arr.dtype}")
+    if arr.size and np.issubdtype(arr.dtype, np.signedinteger) and (arr < 0).any():
+        i = int(np.flatnonzero(arr < 0)[0])
+        raise InvalidInputError(f"device_id[{i}] = {arr[i]} is negative; ids are uint64")
+    ids = np.ascontiguousarray(arr, dtype=np.uint64)
+    if ids.size > 1:
+        order = np.argsort(ids, kind="stable")
+        s = ids[order]
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            rows = order[1:][dup]
+            i = int(rows.min())
+            raise InvalidInputError(f"device_id[{i}] = {ids[i]} is a duplicate within this batch")
+    return ids
+
+
+def _check_app(app, n: int, names: list[str] | None = None):
+    """Return (codes int8, names) with ``names`` extended by any new app."""
+    names = list(names) if names is not None else []
+    if app is None:
+        if DEFAULT_APP not in names:
+            names.append(DEFAULT_APP)
+        return np.full(n, names.index(DEFAULT_APP), dtype=np.int8), names
+    if isinstance(app, str):
+        app = [app] * n
+    if isinstance(app, (pa.ChunkedArray, pa.Array)):
+        if app.null_count:
+            i = int(np.flatnonzero(app.is_null().to_numpy(zero_copy_only=False))[0])
+            raise InvalidInputError(f"app[{i}] is null")
+        app = np.asarray(app.to_pylist() if not pa.types.is_dictionary(app.type)
+                         else app.cast(pa.string()).to_pylist(), dtype=object)
+    arr = np.asarray(app, dtype=object)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"app must be 1-D, got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise InvalidInputError(f"app has {arr.shape[0]} rows but device_id has {n}")
+    uniq, inverse = np.unique(arr.astype(str), return_inverse=True) if n else (np.array([], str), np.array([], np.int64))
+    for i, name in enumerate(uniq):
+        if not name or name in ("None", "nan"):
+            row = int(np.flatnonzero(inverse == i)[0])
+            raise InvalidInputError(f"app[{row}] = {arr[row]!r} is not an app name")
+    mapping = np.empty(len(uniq), dtype=np.int64)
+    for i, name in enumerate(uniq):
+        if name not in names:
+            names.append(str(name))
+        mapping[i] = names.index(name)
+    if len(names) > MAX_APPS:
+        raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
+    return mapping[inverse].astype(np.int8), names
+
+
+def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.ndarray:
+    """Return int64 epoch seconds."""
+    if last_seen is None:
+        now = now or _dt.datetime.now(_dt.timezone.utc)
+        return np.full(n, int(now.timestamp()), dtype=np.int64)
+    if isinstance(last_seen, _dt.datetime):
+        if last_seen.tzinfo is None:
+            raise InvalidInputError("last_seen is a naive datetime; pass a timezone-aware one")
+        return np.full(n, int(last_seen.timestamp()), dtype=np.int64)
+    if isinstance(last_seen, (pa.ChunkedArray, pa.Array)):
+        if last_seen.null_count:
+            raise InvalidInputError("last_seen has nulls")
+        if pa.types.is_timestamp(last_seen.type):
+            last_seen = last_seen.cast(pa.timestamp("s", tz=last_seen.type.tz)).cast(pa.int64())
+        last_seen = last_seen.to_numpy(zero_copy_only=False)
+    arr = np.asarray(last_seen)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise InvalidInputError(f"last_seen has shape {arr.shape} but device_id has {n} rows")
+    if np.issubdtype(arr.dtype, np.datetime64):
+        if np.isnat(arr).any():
+            i = int(np.flatnonzero(np.isnat(arr))[0])
+            raise InvalidInputError(f"last_seen[{i}] is NaT")
+        return arr.astype("datetime64[s]").astype(np.int64)
+    if np.issubdtype(arr.dtype, np.integer):
+        out = arr.astype(np.int64)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            i = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise InvalidInputError(f"last_seen[{i}] = {arr[i]!r} is not finite")
+        out = np.floor(arr).astype(np.int64)
+    else:
+        raise InvalidInputError(f"last_seen must be datetimes or epoch seconds, got dtype {arr.dtype}")
+    bad = (out < 0) | (out >= 2**32)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InvalidInputError(f"last_seen[{i}] = {out[i]} is outside 1970..2106 (epoch seconds)")
+    return out
+
+
+def _spatial_order(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Row order that puts a batch in KD leaf order (close devices, close keys)."""
+    n = lat.shape[0]
+    pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
+    if n:
+        _kernels.fill_points(lat, lon, pts)
+        _kernels.build_tree(pts, _INGEST_LEAF)
+    return pts["key"].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------
+# the store
+# ---------------------------------------------------------------------------
+
+class DeviceStore:
+    """One generation of device locations.  Immutable: updates make a new generation."""
+
+    def __init__(self, device_id, lat, lon, app_codes, app_names, last_seen, *,
+                 generation=1, path=None, _id_index=None, _table=None):
+        self.device_id = _readonly(device_id)
+        self.lat = _readonly(lat)
+        self.lon = _readonly(lon)
+        self.app_codes = _readonly(app_codes)
+        self.app_names = tuple(app_names)
+        self.last_seen_s = _readonly(last_seen)
+        self.generation = int(generation)
+        self.path = path
+        self._id_index = _id_index
+        self._table = _table
+
+    # -- constructors -----------------------------------------------------
+
+    @classmethod
+    def from_arrays(cls, device_id, lat, lon, app=None, last_seen=None, *, generation=1):
+        """Ingest one batch of devices.
+
+        Rows are reordered spatially and device ``i`` of the result has key
+        ``i``; use :meth:`lookup` to find a device's key.  Bad input raises
+        :class:`~geotarget.errors.InvalidInputError` naming the column and the
+        first bad row; nothing is ingested.
+        """
+        ids = _check_ids(device_id)
+        n = ids.shape[0]
+        lat, lon = check_coordinates(lat, lon)
+        if lat.shape[0] != n:
+            raise InvalidInputError(f"lat has {lat.shape[0]} rows but device_id has {n}")
+        if n > MAX_DEVICES:
+            raise InvalidInputError(f"device_id: {n} devices exceed the {MAX_DEVICES} key space")
+        codes, names = _check_app(app, n)
+        seen = _check_last_seen(last_seen, n)
+        order = _spatial_order(lat, lon)
+        return cls(ids[order], lat[order], lon[order], codes[order], names, seen[order],
+                   generation=generation)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, *, generation=1):
+        """Ingest a pyarrow Table with ``device_id``, ``lat``/``lon`` (or
+        ``latitude``/``longitude``) and optional ``app`` and ``last_seen``."""
+        cols = {name.lower(): name for name in table.column_names}
+
+        def col(*names):
+            for nm in names:
+                if nm in cols:
+                    c = table.column(cols[nm])
+                    if c.null_count:
+                        i = int(np.flatnonzero(c.is_null().to_numpy(zero_copy_only=False))[0])
+                        raise InvalidInputError(f"{nm}[{i}] is null")
+                    return c
+            return None
+
+        ids = col("device_id", "id")
+        if ids is None:
+            raise InvalidInputError(f"no device_id column; columns are {table.column_names}")
+        lat = col("lat", "latitude")
+        lon = col("lon", "lng", "longitude")
+        if lat is None or lon is None:
+            lat, lon = _geoparquet_points(table)
+        return cls.from_arrays(ids.to_numpy(), np.asarray(lat), np.asarray(lon),
+                               app=col("app"), last_seen=col("last_seen"), generation=generation)
+
+    @classmethod
+    def from_parquet(cls, path, *, generation=1):
+        """Read plain columns or GeoParquet points (WKB or native point encoding)."""
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptFileError(f"{path}: cannot read Parquet: {exc}") from None
+        return cls.from_table(table, generation=generation)
+
+    # -- basic facts ------------------------------------------------------
+
+    def __len__(self):
+        return int(self.device_id.shape[0])
+
+    @property
+    def n(self) -> int:
+        return len(self)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Device keys: the row numbers (uint32)."""
+        return np.arange(len(self), dtype=np.uint32)
+
+    @property
+    def last_seen(self) -> np.ndarray:
+        return self.last_seen_s.astype("datetime64[s]")
+
+    def app_code(self, name: str) -> int:
+        try:
+            return self.app_names.index(name)
+        except ValueError:
+            raise InvalidInputError(f"app {name!r} is not in this store; apps are {list(self.app_names)}") from None
+
+    def __repr__(self):
+        return (f"DeviceStore(n={len(self):,}, generation={self.generation}, "
+                f"apps={len(self.app_names)}, path={str(self.path) if self.path else None!r})")
+
+    # -- lookups ----------------------------------------------------------
+
+    def _ids_sorted(self):
+        if self._id_index is None:
+            order = np.argsort(self.device_id, kind="stable").astype(np.uint32)
+            self._id_index = order
+        order = self._id_index
+        return self.device_id[order], order
+
+    def lookup(self, device_id) -> np.ndarray:
+        """Keys (int64) of the given device ids; -1 where the device is unknown."""
+        ids = np.ascontiguousarray(device_id, dtype=np.uint64)
+        if len(self) == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        sorted_ids, order = self._ids_sorted()
+        pos = np.searchsorted(sorted_ids, ids)
+        pos_c = np.minimum(pos, len(sorted_ids) - 1)
+        found = sorted_ids[pos_c] == ids
+        return np.where(found, order[pos_c].astype(np.int64), -1)
+
+    # -- generations ------------------------------------------------------
+
+    def with_updates(self, device_id, lat, lon, last_seen=None, app=None):
+        """A new generation with these locations.
+
+        Devices already in the store keep their keys and get the new
+        location; new devices are appended with new keys (in spatial order
+        among themselves).  ``self`` is unchanged and keeps serving.
+        """
+        ids = _check_ids(device_id)
+        n_up = ids.shape[0]
+        lat, lon = check_coordinates(lat, lon)
+        if lat.shape[0] != n_up:
+            raise InvalidInputError(f"lat has {lat.shape[0]} rows but device_id has {n_up}")
+        codes, names = _check_app(app, n_up, list(self.app_names)) if app is not None else (None, list(self.app_names))
+        seen = _check_last_seen(last_seen, n_up)
+        keys = self.lookup(ids)
+        old = keys >= 0
+        new = ~old
+        n_new = int(new.sum())
+        n_total = len(self) + n_new
+        if n_total > MAX_DEVICES:
+            raise InvalidInputError(f"device_id: {n_total} devices would exceed the key space")
+        if n_new and codes is None:
+            codes, names = _check_app(None, n_up, names)
+        order_new = np.flatnonzero(new)
+        if n_new:
+            order_new = order_new[_spatial_order(lat[order_new], lon[order_new])]
+
+        def grow(col, fresh, dtype):
+            out = np.empty(n_total, dtype=dtype)
+            out[: len(self)] = col
+            k = keys[old]
+            out[k] = fresh[old]
+            out[len(self):] = fresh[order_new]
+            return out
+
+        new_ids = np.empty(n_total, dtype=np.uint64)
+        new_ids[: len(self)] = self.device_id
+        new_ids[len(self):] = ids[order_new]
+        new_lat = grow(self.lat, lat, np.float64)
+        new_lon = grow(self.lon, lon, np.float64)
+        new_seen = grow(self.last_seen_s, seen, np.int64)
+        if codes is None:
+            new_app = np.empty(n_total, dtype=np.int8)
+            new_app[: len(self)] = self.app_codes
+        else:
+            new_app = grow(self.app_codes, codes, np.int8)
+        id_index = None
+        if n_new == 0 and self._id_index is not None:
+            id_index = self._id_index
+        return DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
+                           generation=self.generation + 1, _id_index=id_index)
+
+    # -- Arrow I/O --------------------------------------------------------
+
+    def to_table(self) -> pa.Table:
+        """The generation as a pyarrow Table (zero-copy where possible), plus ``key``."""
+        if self._table is not None:
+            t = self._table
+        else:
+            t = pa.table(self._arrow_columns(), schema=SCHEMA)
+        return t.append_column("key", pa.array(self.keys))
+
+    def _arrow_columns(self):
+        dictionary = pa.array(list(self.app_names), type=pa.string())
+        app = pa.DictionaryArray.from_arrays(pa.array(self.app_codes, type=pa.int8()), dictionary)
+        return [
+            pa.array(self.device_id, type=pa.uint64()),
+            pa.array(self.lat, type=pa.float64()),
+            pa.array(self.lon, type=pa.float64()),
+            app,
+            pa.array(self.last_seen_s, type=pa.int64()).view(pa.timestamp("s", tz="UTC")),
+        ]
+
+    def save(self, directory) -> Path:
+        """Write this generation to ``directory/store.arrow`` atomically (fsynced)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "generation": self.generation,
+                                       "rows": len(self)}).encode()}
+        schema = SCHEMA.with_metadata(meta)
+        batch = pa.record_batch(self._arrow_columns(), schema=schema)
+        tmp = d / (STORE_FILE + ".tmp")
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with pa.ipc.new_file(sink, schema) as writer:
+                writer.write_batch(batch)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, d / STORE_FILE)
+        if self._id_index is not None:
+            tmp = d / (ID_INDEX_FILE + ".tmp.npy")
+            np.save(tmp, np.asarray(self._id_index))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, d / ID_INDEX_FILE)
+        _fsync_dir(d)
+        self.path = d
+        return d
+
+    @classmethod
+    def open(cls, directory) -> "DeviceStore":
+        """Memory-map a saved generation (reads the footer, not the rows)."""
+        d = Path(directory)
+        f = d / STORE_FILE
+        if not f.exists():
+            raise CorruptFileError(f"{d}: no {STORE_FILE} here; is this a geotarget store directory?")
+        try:
+            source = pa.memory_map(str(f), "r")
+            reader = pa.ipc.open_file(source)
+            schema = reader.schema
+            meta = json.loads((schema.metadata or {}).get(_META_KEY, b"null"))
+            if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+                raise CorruptFileError(f"{f}: not a geotarget store (format metadata missing or unknown)")
+            if not schema.remove_metadata().equals(SCHEMA):
+                raise CorruptFileError(f"{f}: unexpected schema {schema.remove_metadata()}")
+            if reader.num_record_batches != 1:
+                raise CorruptFileError(f"{f}: expected one record batch, found {reader.num_record_batches}")
+            batch = reader.get_batch(0)
+        except CorruptFileError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptFileError(f"{f}: cannot read Arrow IPC file: {exc}") from None
+        if batch.num_rows != meta.get("rows"):
+            raise CorruptFileError(f"{f}: {batch.num_rows} rows but the header says {meta.get('rows')}")
+        for i, name in enumerate(SCHEMA.names):
+            if batch.column(i).null_count:
+                raise CorruptFileError(f"{f}: column {name} has nulls")
+        app = batch.column(3)
+        names = app.dictionary.to_pylist()
+        try:
+            ids = batch.column(0).to_numpy(zero_copy_only=True)
+            lat = batch.column(1).to_numpy(zero_copy_only=True)
+            lon = batch.column(2).to_numpy(zero_copy_only=True)
+            codes = app.indices.to_numpy(zero_copy_only=True)
+            seen = batch.column(4).view(pa.int64()).to_numpy(zero_copy_only=True)
+        except pa.ArrowException as exc:
+            raise CorruptFileError(f"{f}: columns are not plain buffers: {exc}") from None
+        id_index = None
+        if (d / ID_INDEX_FILE).exists():
+            try:
+                id_index = np.load(d / ID_INDEX_FILE, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise CorruptFileError(f"{d / ID_INDEX_FILE}: {exc}") from None
+            if id_index.shape != (batch.num_rows,) or id_index.dtype != np.uint32:
+                raise CorruptFileError(f"{d / ID_INDEX_FILE}: shape/dtype do not match the store")
+        store = cls(ids, lat, lon, codes, names, seen, generation=meta["generation"], path=d,
+                    _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
+        return store
+
+    def build_id_index(self):
+        """Compute (and keep) the device-id lookup permutation, so that :meth:`save` stores it."""
+        self._ids_sorted()
+        return self
+
+
+def _geoparquet_points(table: pa.Table):
+    """(lat, lon) from a GeoParquet point column (WKB or native 'point' encoding)."""
+    meta = table.schema.metadata or {}
+    if b"geo" not in meta:
+        raise InvalidInputError(
+            f"no lat/lon columns and no GeoParquet 'geo' metadata; columns are {table.column_names}")
+    try:
+        geo = json.loads(meta[b"geo"])
+        colname = geo["primary_column"]
+        encoding = geo["columns"][colname].get("encoding", "WKB").lower()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"GeoParquet 'geo' metadata is malformed: {exc}") from None
+    col = table.column(colname).combine_chunks()
+    if col.null_count:
+        i = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InvalidInputError(f"{colname}[{i}] is null")
+    if encoding == "point":
+        return (col.field("y").to_numpy(zero_copy_only=False), col.field("x").to_numpy(zero_copy_only=False))
+    if encoding != "wkb":
+        raise InvalidInputError(f"GeoParquet encoding {encoding!r} is not supported (WKB or point)")
+    col = col.cast(pa.binary())
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int32)[col.offset: col.offset + len(col) + 1]
+    lengths = np.diff(offsets)
+    if len(col) and (lengths != 21).any():
+        i = int(np.flatnonzero(lengths != 21)[0])
+        raise InvalidInputError(f"{colname}[{i}] is not a 2-D WKB point ({lengths[i]} bytes)")
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]].reshape(-1, 21)
+    order, gtype = data[:, 0], np.ascontiguousarray(data[:, 1:5]).view("<u4").ravel()
+    be = order == 0
+    gtype = np.where(be, np.ascontiguousarray(data[:, 1:5]).view(">u4").ravel(), gtype)
+    if len(col) and (gtype != 1).any():
+        i = int(np.flatnonzero(gtype != 1)[0])
+        raise InvalidInputError(f"{colname}[{i}] has WKB geometry type {gtype[i]}, expected Point (1)")
+    xy = np.ascontiguousarray(data[:, 5:21])
+    le_vals = xy.view("<f8").reshape(-1, 2)
+    be_vals = xy.view(">f8").reshape(-1, 2).astype("<f8")
+    vals = np.where(be[:, None], be_vals, le_vals)
+    return vals[:, 1], vals[:, 0]
