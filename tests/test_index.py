@@ -1,0 +1,232 @@
+"""SpatialIndex: edge-case table, exactness at scale, read-only, persistence, bad input."""
+import datetime as dt
+
+import numpy as np
+import pytest
+
+import geotarget as gt
+from geotarget.errors import CorruptFileError, InvalidInputError
+from geotarget.geo import HALF_CIRCUMFERENCE_KM, haversine_km
+from geotarget.index import within_reference
+
+UTC = dt.timezone.utc
+
+
+def _store(lat, lon, **kw):
+    lat = np.asarray(lat, dtype=np.float64)
+    return gt.DeviceStore.from_arrays(np.arange(len(lat), dtype=np.uint64) + 100, lat, lon, **kw)
+
+
+def _uniform(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.degrees(np.arcsin(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)
+
+
+EDGE_CASES = [
+    # name, lat, lon, centre, radius
+    ("north pole centre", *_uniform(3000, 1), (90.0, 0.0), 1500.0),
+    ("south pole centre", *_uniform(3000, 2), (-90.0, 123.0), 2500.0),
+    ("antimeridian +180", *_uniform(3000, 3), (10.0, 180.0), 800.0),
+    ("antimeridian -180", *_uniform(3000, 4), (-10.0, -180.0), 800.0),
+    ("points on the antimeridian", np.linspace(-80, 80, 500), np.where(np.arange(500) % 2, 180.0, -180.0),
+     (0.0, 179.9), 3000.0),
+    ("points at both poles", np.r_[np.full(50, 90.0), np.full(50, -90.0)], np.linspace(-180, 180, 100),
+     (89.0, 17.0), 200.0),
+    ("r = 0 on a device", *np.array([[31.23, 121.47], [31.23, 121.47], [31.2300001, 121.47]]).T,
+     (31.23, 121.47), 0.0),
+    ("r = 0 nowhere", *_uniform(500, 5), (12.0, 34.0), 0.0),
+    ("r = half circumference", *_uniform(2000, 6), (45.0, 45.0), HALF_CIRCUMFERENCE_KM),
+    ("r > half circumference", *_uniform(2000, 7), (45.0, 45.0), 1e9),
+    ("antipode just inside", *_uniform(2000, 8), (0.0, 0.0), HALF_CIRCUMFERENCE_KM - 1.0),
+    ("empty store", np.empty(0), np.empty(0), (0.0, 0.0), 100.0),
+    ("single point inside", np.array([1.0]), np.array([1.0]), (1.0, 1.5), 100.0),
+    ("single point outside", np.array([1.0]), np.array([1.0]), (1.0, 3.0), 100.0),
+    ("all identical", np.full(1000, 36.06), np.full(1000, 103.83), (36.06, 103.83), 0.0),
+    ("all identical, circle just short", np.full(1000, 36.06), np.full(1000, 103.83), (36.0, 103.83),
+     haversine_km(36.0, 103.83, 36.06, 103.83) * (1 - 1e-12)),
+]
+
+
+@pytest.mark.parametrize("name,lat,lon,centre,r", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+@pytest.mark.parametrize("leaf", [1, 32])
+def test_edge_cases(name, lat, lon, centre, r, leaf):
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store, leaf_size=leaf)
+    got = index.within(*centre, r)
+    ref = within_reference(store, *centre, r)
+    np.testing.assert_array_equal(got.keys(), ref)
+    assert len(got) == len(ref) == index.count(*centre, r)
+
+
+def test_clustered_population_matches_scan_everywhere():
+    """Many circles over a clustered 300 k population, both directions (test_in_ball / test_found_all)."""
+    rng = np.random.default_rng(11)
+    n = 300_000
+    centres = np.array([[31.23, 121.47], [36.06, 103.83], [33.5, 88.5], [-33.9, 151.2], [64.1, -21.9]])
+    k = rng.integers(0, len(centres), n)
+    lat = np.clip(centres[k, 0] + rng.normal(0, 1, n) * rng.exponential(0.5, n), -90, 90)
+    lon = (centres[k, 1] + rng.normal(0, 1, n) * rng.exponential(0.5, n) + 180) % 360 - 180
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store)
+    for clat, clon in centres:
+        for r in (0.5, 10, 100, 200, 300, 500, 5000):
+            d = haversine_km(clat, clon, store.lat, store.lon)
+            got = index.within(clat, clon, r).keys()
+            assert np.all(d[got] <= r)                                      # everything returned is in the ball
+            np.testing.assert_array_equal(got, np.flatnonzero(d <= r))      # nothing inside was missed
+
+
+@pytest.mark.parametrize("layout", ["non-contiguous", "float32", "lists", "big-endian"])
+def test_input_layouts(layout):
+    lat, lon = _uniform(2000, 9)
+    if layout == "non-contiguous":
+        both = np.stack([lat, lon], axis=1)
+        a_lat, a_lon = both[:, 0], both[:, 1]
+        assert not a_lat.flags.c_contiguous
+    elif layout == "float32":
+        a_lat, a_lon = lat.astype(np.float32), lon.astype(np.float32)
+    elif layout == "lists":
+        a_lat, a_lon = lat.tolist(), lon.tolist()
+    else:
+        a_lat, a_lon = lat.astype(">f8"), lon.astype(">f8")
+    store = _store(a_lat, a_lon)
+    index = gt.SpatialIndex.build(store)
+    ref_store = _store(np.asarray(a_lat, dtype=np.float64), np.asarray(a_lon, dtype=np.float64))
+    for r in (100, 2000):
+        np.testing.assert_array_equal(index.within(20, 30, r).device_ids(),
+                                      np.sort(ref_store.device_id[within_reference(ref_store, 20, 30, r)]))
+
+
+def test_filters_seen_since_and_apps():
+    lat, lon = _uniform(5000, 10)
+    rng = np.random.default_rng(10)
+    seen = rng.integers(1_700_000_000, 1_700_100_000, len(lat))
+    app = rng.choice(["amap", "weibo", "alipay"], len(lat))
+    store = _store(lat, lon, app=app, last_seen=seen)
+    index = gt.SpatialIndex.build(store)
+    cutoff = dt.datetime.fromtimestamp(1_700_050_000, UTC)
+    for apps in (None, ["amap"], ("weibo", "alipay")):
+        for since in (None, cutoff):
+            got = index.within(0, 0, 6000, seen_since=since, apps=apps)
+            ref = within_reference(store, 0, 0, 6000, seen_since=since, apps=apps)
+            np.testing.assert_array_equal(got.keys(), ref)
+            assert index.count(0, 0, 6000, seen_since=since, apps=apps) == len(ref)
+
+
+def test_audience_materialisations_agree():
+    lat, lon = _uniform(20_000, 12)
+    app = np.where(np.arange(len(lat)) % 3 == 0, "amap", "weibo")
+    store = _store(lat, lon, app=app)
+    index = gt.SpatialIndex.build(store)
+    aud = index.within(10, 10, 3000)
+    keys = aud.keys()
+    assert keys.dtype == np.uint32 and np.all(np.diff(keys.astype(np.int64)) > 0)
+    ids = aud.device_ids()
+    assert ids.dtype == np.uint64 and np.all(np.diff(ids) > 0)
+    np.testing.assert_array_equal(ids, np.sort(store.device_id[keys]))
+    batches = aud.by_app()
+    assert sum(t.num_rows for t in batches.values()) == len(aud)
+    for name, t in batches.items():
+        k = t.column("key").to_numpy()
+        assert np.all(store.app_codes[k] == store.app_names.index(name))
+        np.testing.assert_array_equal(t.column("device_id").to_numpy(), store.device_id[k])
+    assert aud.counts_by_app() == {n: t.num_rows for n, t in batches.items()}
+
+
+def test_audience_set_algebra_is_ring_difference():
+    lat, lon = _uniform(20_000, 13)
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store)
+    inner, outer = index.within(0, 0, 1000), index.within(0, 0, 2000)
+    ring = outer - inner
+    assert set(ring.keys().tolist()) == set(outer.keys().tolist()) - set(inner.keys().tolist())
+    assert (ring | inner) == outer
+    assert len(ring & inner) == 0
+    assert all(int(k) in outer for k in inner.keys()[:50])
+
+
+def test_built_index_is_read_only(tmp_path):
+    lat, lon = _uniform(1000, 14)
+    index = gt.SpatialIndex.build(_store(lat, lon))
+    for arr in (index.xyz, index.keys, index.bounds, index.seen, index.app):
+        with pytest.raises(ValueError):
+            arr[0] = 0
+    for arr in (index.store.lat, index.store.lon, index.store.device_id):
+        with pytest.raises(ValueError):
+            arr[0] = 0
+    index.save(tmp_path / "idx")
+    opened = gt.SpatialIndex.open(tmp_path / "idx")
+    with pytest.raises(ValueError):
+        opened.xyz[0, 0] = 1.0
+    with pytest.raises(ValueError):
+        opened.store.lat[0] = 1.0
+
+
+def test_save_open_round_trip_is_exact(tmp_path):
+    lat, lon = _uniform(5000, 15)
+    index = gt.SpatialIndex.build(_store(lat, lon, app=np.where(np.arange(5000) % 2, "a", "b")))
+    index.save(tmp_path / "idx")
+    opened = gt.SpatialIndex.open(tmp_path / "idx")
+    for name in ("xyz", "keys", "bounds", "seen", "app"):
+        np.testing.assert_array_equal(getattr(opened, name), getattr(index, name))
+    assert isinstance(opened.xyz, np.memmap)
+    for r in (10, 1000, 10000):
+        np.testing.assert_array_equal(opened.within(5, 5, r).keys(), index.within(5, 5, r).keys())
+
+
+@pytest.mark.parametrize("damage", ["missing meta", "bad meta", "truncated npy", "wrong shape", "garbage store"])
+def test_corrupt_index_files_raise(tmp_path, damage):
+    lat, lon = _uniform(1000, 16)
+    d = gt.SpatialIndex.build(_store(lat, lon)).save(tmp_path / "idx")
+    if damage == "missing meta":
+        (d / "index.json").unlink()
+    elif damage == "bad meta":
+        (d / "index.json").write_text("{not json")
+    elif damage == "truncated npy":
+        data = (d / "xyz.npy").read_bytes()
+        (d / "xyz.npy").write_bytes(data[: len(data) // 2])
+    elif damage == "wrong shape":
+        np.save(d / "keys.npy", np.zeros(999, np.uint32))
+    else:
+        (d / "store.arrow").write_bytes(b"\x00" * 4096)
+    with pytest.raises(CorruptFileError):
+        gt.SpatialIndex.open(d)
+
+
+BAD_QUERIES = [
+    ("nan lat", (np.nan, 0.0, 10.0), "finite"),
+    ("inf lon", (0.0, np.inf, 10.0), "finite"),
+    ("lat out of range", (90.5, 0.0, 10.0), "lat"),
+    ("lon out of range", (0.0, -180.01, 10.0), "lon"),
+    ("negative radius", (0.0, 0.0, -1.0), "radius_km"),
+    ("nan radius", (0.0, 0.0, np.nan), "radius_km"),
+    ("string radius", (0.0, 0.0, "far"), "radius_km"),
+]
+
+
+@pytest.mark.parametrize("name,args,word", BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
+def test_bad_queries_raise_typed_errors(name, args, word):
+    index = gt.SpatialIndex.build(_store(*_uniform(100, 17)))
+    with pytest.raises(InvalidInputError, match=word):
+        index.within(*args)
+    with pytest.raises(InvalidInputError, match=word):
+        index.count(*args)
+
+
+def test_bad_filters_raise():
+    index = gt.SpatialIndex.build(_store(*_uniform(100, 18)))
+    with pytest.raises(InvalidInputError, match="naive"):
+        index.within(0, 0, 10, seen_since=dt.datetime(2026, 1, 1))
+    with pytest.raises(InvalidInputError, match="nosuchapp"):
+        index.within(0, 0, 10, apps=["nosuchapp"])
+    with pytest.raises(InvalidInputError, match="leaf_size"):
+        gt.SpatialIndex.build(index.store, leaf_size=0)
+
+
+def test_fill_rejects_wrong_buffers():
+    index = gt.SpatialIndex.build(_store(*_uniform(1000, 19)))
+    aud = index.within(0, 0, 20000)
+    with pytest.raises(ValueError):
+        aud.fill(np.empty(len(aud) - 1, np.uint32))
+    with pytest.raises(TypeError):
+        aud.fill(np.empty(len(aud), np.int64))

@@ -1,0 +1,181 @@
+"""Every compiled kernel against its plain NumPy reference (hypothesis + adversarial cases)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import geotarget as gt
+from geotarget import _kernels
+from geotarget.geo import HALF_CIRCUMFERENCE_KM, haversine_km, unit_vectors
+from geotarget.index import build_tree_reference, within_reference
+
+lats = st.floats(-90, 90, allow_nan=False, allow_infinity=False)
+lons = st.floats(-180, 180, allow_nan=False, allow_infinity=False)
+# Adversarial coordinates: poles, antimeridian, equator, prime meridian, tiny offsets.
+special_lats = st.sampled_from([-90.0, -89.999999, -45.0, 0.0, 1e-9, 45.0, 89.999999, 90.0])
+special_lons = st.sampled_from([-180.0, -179.999999, -0.0, 0.0, 1e-12, 179.999999, 180.0])
+any_lat = st.one_of(lats, special_lats)
+any_lon = st.one_of(lons, special_lons)
+radii = st.one_of(
+    st.sampled_from([0.0, 1e-9, 0.001, 1.0, 100.0, 500.0, 10_007.5, HALF_CIRCUMFERENCE_KM - 1e-6,
+                     HALF_CIRCUMFERENCE_KM, HALF_CIRCUMFERENCE_KM + 1, 1e6]),
+    st.floats(0, 25_000, allow_nan=False, allow_infinity=False),
+)
+
+
+@st.composite
+def point_clouds(draw, max_n=400):
+    n = draw(st.integers(0, max_n))
+    mode = draw(st.sampled_from(["uniform", "cluster", "duplicates", "special"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if mode == "uniform":
+        lat = np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+        lon = rng.uniform(-180, 180, n)
+    elif mode == "cluster":
+        c_lat, c_lon = draw(any_lat), draw(any_lon)
+        lat = np.clip(c_lat + rng.normal(0, draw(st.sampled_from([1e-6, 0.01, 1.0, 10.0])), n), -90, 90)
+        lon = (c_lon + rng.normal(0, 1.0, n) + 180.0) % 360.0 - 180.0
+    elif mode == "duplicates":
+        lat = np.full(n, draw(any_lat))
+        lon = np.full(n, draw(any_lon))
+    else:
+        lat = rng.choice([-90.0, 90.0, 0.0, 89.9999, -89.9999, 45.0], n)
+        lon = rng.choice([-180.0, 180.0, 0.0, 179.9999, -179.9999, 90.0], n)
+    return lat.astype(np.float64), lon.astype(np.float64)
+
+
+def _store(lat, lon):
+    return gt.DeviceStore.from_arrays(np.arange(len(lat), dtype=np.uint64) * 3 + 1, lat, lon)
+
+
+def _assert_exact(store, index, clat, clon, r):
+    """Both directions: nothing returned lies outside, nothing inside is missed.
+
+    The only tolerated disagreement is a device whose reference distance lies
+    within 1e-6 km of r (DESIGN §2).
+    """
+    got = index.within(clat, clon, r).keys()
+    ref = within_reference(store, clat, clon, r)
+    if np.array_equal(got, ref):
+        assert index.count(clat, clon, r) == len(ref)
+        return
+    d = haversine_km(clat, clon, store.lat, store.lon)
+    extra = np.setdiff1d(got, ref)
+    missed = np.setdiff1d(ref, got)
+    assert np.all(np.abs(d[extra] - r) <= 1e-6), f"returned outside: {extra[:5]} d={d[extra][:5]} r={r}"
+    assert np.all(np.abs(d[missed] - r) <= 1e-6), f"missed inside: {missed[:5]} d={d[missed][:5]} r={r}"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cloud=point_clouds(), clat=any_lat, clon=any_lon, r=radii, leaf=st.sampled_from([1, 2, 7, 32]))
+def test_within_equals_numpy_scan(cloud, clat, clon, r, leaf):
+    lat, lon = cloud
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store, leaf_size=leaf)
+    _assert_exact(store, index, clat, clon, r)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cloud=point_clouds(max_n=200), data=st.data())
+def test_boundary_points_are_decided_by_haversine(cloud, data):
+    """Circles whose radius is exactly some device's reference distance (the hardest case)."""
+    lat, lon = cloud
+    assume(len(lat) > 0)
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store, leaf_size=data.draw(st.sampled_from([1, 4, 32])))
+    clat, clon = data.draw(any_lat), data.draw(any_lon)
+    d = haversine_km(clat, clon, store.lat, store.lon)
+    i = data.draw(st.integers(0, len(d) - 1))
+    for r in (d[i], np.nextafter(d[i], 0), np.nextafter(d[i], np.inf)):
+        _assert_exact(store, index, clat, clon, float(r))
+
+
+@settings(max_examples=80, deadline=None)
+@given(lat1=any_lat, lon1=any_lon,
+       lat2=hnp.arrays(np.float64, st.integers(0, 50), elements=any_lat),
+       data=st.data())
+def test_haversine_kernel_matches_reference(lat1, lon1, lat2, data):
+    lon2 = data.draw(hnp.arrays(np.float64, len(lat2), elements=any_lon))
+    got = _kernels.haversine_many(lat1, lon1, np.ascontiguousarray(lat2), np.ascontiguousarray(lon2))
+    ref = haversine_km(lat1, lon1, lat2, lon2)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cloud=point_clouds(max_n=300))
+def test_fill_points_matches_reference(cloud):
+    lat, lon = cloud
+    pts = np.empty(len(lat), dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat, lon, pts)
+    ref = unit_vectors(lat, lon).astype(np.float32)
+    np.testing.assert_array_equal(np.stack([pts["x"], pts["y"], pts["z"]], -1), ref)
+    np.testing.assert_array_equal(pts["key"], np.arange(len(lat)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cloud=point_clouds(max_n=300), leaf=st.sampled_from([1, 3, 8, 32]))
+def test_build_tree_matches_reference(cloud, leaf):
+    """Same leaves (membership) and identical node boxes as the NumPy reference build."""
+    lat, lon = cloud
+    n = len(lat)
+    pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat, lon, pts)
+    xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).copy()
+    keys = pts["key"].copy()
+    order, ref_bounds, ref_depth = build_tree_reference(xyz, keys, leaf)
+    bounds, depth = _kernels.build_tree(pts, leaf)
+    assert depth == ref_depth
+    np.testing.assert_array_equal(bounds, ref_bounds)
+    n_leaves = 1 << depth
+    starts = (np.arange(n_leaves + 1, dtype=np.int64) * n) >> depth
+    for j in range(n_leaves):
+        s, e = starts[j], starts[j + 1]
+        assert set(pts["key"][s:e].tolist()) == set(keys[order[s:e]].tolist())
+    assert sorted(pts["key"].tolist()) == list(range(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(cloud=point_clouds(max_n=300), data=st.data())
+def test_gather_runs_matches_concatenate(cloud, data):
+    lat, lon = cloud
+    store = _store(lat, lon)
+    index = gt.SpatialIndex.build(store)
+    aud = index.within(data.draw(any_lat), data.draw(any_lon), data.draw(radii))
+    buf = np.zeros(len(store) + 1, dtype=np.uint32)
+    m = aud.fill(buf)
+    ref = np.concatenate([index.keys[s:e] for s, e in aud.runs] or [np.empty(0, np.uint32)])
+    np.testing.assert_array_equal(buf[:m], ref)
+    # runs are sorted, disjoint and non-adjacent
+    r = aud.runs
+    if len(r):
+        assert np.all(r[:, 1] > r[:, 0])
+        assert np.all(r[1:, 0] > r[:-1, 1])
+
+
+def test_gather_rows_matches_take():
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)
+    idx = rng.integers(0, 1000, 5000).astype(np.uint32)
+    out = np.empty(5000, dtype=np.uint64)
+    _kernels.gather_rows(src, idx, out)
+    np.testing.assert_array_equal(out, np.take(src, idx))
+
+
+def test_split_points_matches_reference():
+    rng = np.random.default_rng(4)
+    pts = np.empty(257, dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(rng.uniform(-90, 90, 257), rng.uniform(-180, 180, 257), pts)
+    xyz = np.empty((257, 3), np.float32)
+    keys = np.empty(257, np.uint32)
+    _kernels.split_points(pts, xyz, keys)
+    np.testing.assert_array_equal(xyz, np.stack([pts["x"], pts["y"], pts["z"]], 1))
+    np.testing.assert_array_equal(keys, pts["key"])
+
+
+@pytest.mark.parametrize("n,leaf", [(0, 32), (1, 32), (32, 32), (33, 32), (1000, 1), (10**6, 32)])
+def test_tree_depth_is_minimal(n, leaf):
+    depth = _kernels.tree_depth(n, leaf)
+    assert -(-n // (1 << depth)) <= leaf
+    if depth:
+        assert -(-n // (1 << (depth - 1))) > leaf

@@ -1,0 +1,209 @@
+"""DeviceStore: ingest, generations, Arrow/Parquet I/O, bad input (one test per error)."""
+import datetime as dt
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import geotarget as gt
+from geotarget.errors import CorruptFileError, InvalidInputError
+
+UTC = dt.timezone.utc
+
+
+def _arrays(n, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(n, dtype=np.uint64) * 1_000_003 + 7)
+    return ids, rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)
+
+
+def _by_id(store):
+    return {int(i): k for k, i in enumerate(store.device_id)}
+
+
+def test_from_arrays_keeps_every_value():
+    ids, lat, lon = _arrays(1000)
+    seen = np.arange(1000) + 1_700_000_000
+    app = np.where(np.arange(1000) % 2, "amap", "weibo")
+    s = gt.DeviceStore.from_arrays(ids, lat, lon, app=app, last_seen=seen)
+    keys = s.lookup(ids)
+    assert sorted(keys.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(s.device_id[keys], ids)
+    np.testing.assert_array_equal(s.lat[keys], lat)
+    np.testing.assert_array_equal(s.lon[keys], lon)
+    np.testing.assert_array_equal(s.last_seen_s[keys], seen)
+    assert [s.app_names[c] for c in s.app_codes[keys]] == app.tolist()
+
+
+def test_keys_are_assigned_in_spatial_order():
+    """Close devices get close keys, so a query's keys form few long runs."""
+    ids, lat, lon = _arrays(50_000, 1)
+    s = gt.DeviceStore.from_arrays(ids, lat, lon)
+    aud = gt.SpatialIndex.build(s).within(0, 0, 4000)
+    keys = aud.keys().astype(np.int64)
+    runs = 1 + int(np.count_nonzero(np.diff(keys) != 1))
+    assert runs < len(keys) / 10
+
+
+def test_save_open_and_generations_are_bit_exact(tmp_path):
+    ids, lat, lon = _arrays(2000, 2)
+    s1 = gt.DeviceStore.from_arrays(ids, lat, lon, app="amap", last_seen=np.full(2000, 1_700_000_000))
+    s1.save(tmp_path / "g1")
+    o1 = gt.DeviceStore.open(tmp_path / "g1")
+    for col in ("device_id", "lat", "lon", "app_codes", "last_seen_s"):
+        np.testing.assert_array_equal(getattr(o1, col), getattr(s1, col))
+        assert getattr(o1, col).dtype == getattr(s1, col).dtype
+    assert o1.app_names == s1.app_names and o1.generation == 1
+    # a new generation: 500 moved, 300 new
+    rng = np.random.default_rng(3)
+    moved = rng.choice(ids, 500, replace=False)
+    new = np.arange(300, dtype=np.uint64) + 10**12
+    up_ids = np.concatenate([moved, new])
+    up_lat, up_lon = rng.uniform(-50, 50, 800), rng.uniform(-170, 170, 800)
+    s2 = o1.with_updates(up_ids, up_lat, up_lon, last_seen=np.full(800, 1_800_000_000), app="weibo")
+    assert s2.generation == 2 and len(s2) == 2300
+    # old keys unchanged, new keys appended
+    np.testing.assert_array_equal(s2.device_id[:2000], s1.device_id)
+    np.testing.assert_array_equal(s2.lookup(ids), s1.lookup(ids))
+    assert sorted(s2.lookup(new).tolist()) == list(range(2000, 2300))
+    k = s2.lookup(up_ids)
+    np.testing.assert_array_equal(s2.lat[k], up_lat)
+    np.testing.assert_array_equal(s2.lon[k], up_lon)
+    untouched = np.setdiff1d(np.arange(2000), s1.lookup(moved))
+    np.testing.assert_array_equal(s2.lat[untouched], s1.lat[untouched])
+    # the old generation still serves, unchanged
+    np.testing.assert_array_equal(o1.lat, s1.lat)
+    s2.save(tmp_path / "g2")
+    o2 = gt.DeviceStore.open(tmp_path / "g2")
+    assert o2.generation == 2
+    np.testing.assert_array_equal(o2.lat, s2.lat)
+    np.testing.assert_array_equal(o2.device_id, s2.device_id)
+
+
+def test_open_is_memory_mapped(tmp_path):
+    ids, lat, lon = _arrays(100_000, 4)
+    gt.DeviceStore.from_arrays(ids, lat, lon).save(tmp_path)
+    s = gt.DeviceStore.open(tmp_path)
+    assert pa.total_allocated_bytes() < 1_000_000  # nothing was copied into Arrow's pool
+    assert not s.lat.flags.owndata and not s.lat.flags.writeable
+
+
+def test_parquet_plain_and_geoparquet(tmp_path):
+    ids, lat, lon = _arrays(500, 5)
+    pq.write_table(pa.table({"device_id": ids, "lat": lat, "lon": lon,
+                             "app": np.where(np.arange(500) % 2, "qq", "didi")}), tmp_path / "plain.parquet")
+    s = gt.DeviceStore.from_parquet(tmp_path / "plain.parquet")
+    k = s.lookup(ids)
+    np.testing.assert_array_equal(s.lat[k], lat)
+    # GeoParquet with WKB points (little endian): byte order, type=1, x=lon, y=lat
+    wkb = [b"\x01" + (1).to_bytes(4, "little") + np.array([x, y], "<f8").tobytes() for x, y in zip(lon, lat)]
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Point"]}}}
+    t = pa.table({"device_id": ids, "geometry": pa.array(wkb, pa.binary())})
+    t = t.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    pq.write_table(t, tmp_path / "geo.parquet")
+    g = gt.DeviceStore.from_parquet(tmp_path / "geo.parquet")
+    kg = g.lookup(ids)
+    np.testing.assert_array_equal(g.lat[kg], lat)
+    np.testing.assert_array_equal(g.lon[kg], lon)
+
+
+BAD_BATCHES = [
+    ("nan lat", dict(lat=[0.0, np.nan, 1.0]), r"lat\[1\]"),
+    ("inf lon", dict(lon=[0.0, 1.0, -np.inf]), r"lon\[2\]"),
+    ("lat > 90", dict(lat=[0.0, 1.0, 90.0001]), r"lat\[2\].*outside"),
+    ("lon < -180", dict(lon=[-180.5, 1.0, 2.0]), r"lon\[0\].*outside"),
+    ("duplicate ids", dict(device_id=[5, 6, 5]), r"device_id\[2\].*duplicate"),
+    ("negative id", dict(device_id=[5, -6, 7]), r"device_id\[1\]"),
+    ("length mismatch", dict(lon=[0.0, 1.0]), r"rows"),
+    ("2-D lat", dict(lat=[[0.0], [1.0], [2.0]]), r"1-D"),
+    ("naive last_seen", dict(last_seen=dt.datetime(2026, 1, 1)), r"naive"),
+    ("last_seen length", dict(last_seen=np.array([1, 2])), r"last_seen"),
+    ("app length", dict(app=["a", "b"]), r"app"),
+    ("float ids", dict(device_id=[1.5, 2.0, 3.0]), r"device_id"),
+]
+
+
+@pytest.mark.parametrize("name,override,msg", BAD_BATCHES, ids=[b[0] for b in BAD_BATCHES])
+def test_bad_batches_raise_and_ingest_nothing(name, override, msg):
+    cols = dict(device_id=[5, 6, 7], lat=[0.0, 1.0, 2.0], lon=[0.0, 1.0, 2.0])
+    cols.update(override)
+    with pytest.raises(InvalidInputError, match=msg):
+        gt.DeviceStore.from_arrays(**cols)
+    base = gt.DeviceStore.from_arrays([1, 2, 3], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0])
+    before = (base.lat.copy(), len(base))
+    if name not in ("naive last_seen",):
+        with pytest.raises(InvalidInputError, match=msg):
+            base.with_updates(cols["device_id"], cols["lat"], cols["lon"],
+                              last_seen=cols.get("last_seen"), app=cols.get("app"))
+    np.testing.assert_array_equal(base.lat, before[0])
+    assert len(base) == before[1]
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "foreign arrow"])
+def test_corrupt_store_files_raise(tmp_path, damage):
+    ids, lat, lon = _arrays(100, 6)
+    gt.DeviceStore.from_arrays(ids, lat, lon).save(tmp_path)
+    f = tmp_path / "store.arrow"
+    if damage == "missing":
+        f.unlink()
+    elif damage == "garbage":
+        f.write_bytes(b"PAR1" + b"\x07" * 1000)
+    elif damage == "truncated":
+        f.write_bytes(f.read_bytes()[:-100])
+    else:
+        with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("x", pa.int64())])) as w:
+            w.write_table(pa.table({"x": [1, 2, 3]}))
+    with pytest.raises(CorruptFileError):
+        gt.DeviceStore.open(tmp_path)
+
+
+class StoreGenerations(RuleBasedStateMachine):
+    """Store generations against a dict model: id -> (lat, lon); keys never change."""
+
+    def __init__(self):
+        super().__init__()
+        self.store = gt.DeviceStore.from_arrays([1, 2, 3], [0.0, 10.0, 20.0], [0.0, 10.0, 20.0])
+        self.model = {1: (0.0, 0.0), 2: (10.0, 10.0), 3: (20.0, 20.0)}
+        self.keys = {i: int(self.store.lookup([i])[0]) for i in self.model}
+
+    @rule(ids=st.lists(st.integers(1, 40), min_size=1, max_size=12, unique=True),
+          data=st.data())
+    def update(self, ids, data):
+        lat = data.draw(st.lists(st.floats(-90, 90), min_size=len(ids), max_size=len(ids)))
+        lon = data.draw(st.lists(st.floats(-180, 180), min_size=len(ids), max_size=len(ids)))
+        self.store = self.store.with_updates(np.array(ids, np.uint64), lat, lon)
+        for i, a, b in zip(ids, lat, lon):
+            self.model[i] = (a, b)
+
+    @invariant()
+    def matches_model(self):
+        assert len(self.store) == len(self.model)
+        for i, (a, b) in self.model.items():
+            k = int(self.store.lookup([i])[0])
+            if i in self.keys:
+                assert k == self.keys[i], "a key changed"
+            self.keys[i] = k
+            assert (self.store.lat[k], self.store.lon[k]) == (a, b)
+        assert sorted(self.keys.values()) == list(range(len(self.model)))
+
+
+TestStoreGenerations = StoreGenerations.TestCase
+TestStoreGenerations.settings = settings(max_examples=30, stateful_step_count=8, deadline=None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-90, 90), st.floats(-180, 180)), max_size=60))
+def test_lookup_finds_every_device(points):
+    ids = np.arange(len(points), dtype=np.uint64) * 7 + 3
+    lat = [p[0] for p in points]
+    lon = [p[1] for p in points]
+    s = gt.DeviceStore.from_arrays(ids, lat, lon)
+    k = s.lookup(ids)
+    assert (k >= 0).all() and len(set(k.tolist())) == len(points)
+    assert (s.lookup(np.array([2, 10**15], np.uint64)) == -1).all()
