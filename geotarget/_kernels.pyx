@@ -65,7 +65,20 @@ cdef extern from * nogil:
     """
     #include <algorithm>
     #include <cstdint>
+    #ifdef _OPENMP
+    #include <parallel/algorithm>
+    #define GT_PAR_NS __gnu_parallel
+    #else
+    #define GT_PAR_NS std
+    #endif
     struct GtPoint { float x; float y; float z; uint32_t key; };
+    struct GtIdKey { uint64_t id; uint32_t key; };
+
+    /* Sort (id, key) pairs by id; libstdc++'s parallel mode uses every core. */
+    static inline void gt_sort_ids(GtIdKey* first, int64_t n) {
+        GT_PAR_NS::sort(first, first + n, [](const GtIdKey& a, const GtIdKey& b) {
+            return a.id < b.id || (a.id == b.id && a.key < b.key); });
+    }
 
     /* Ties are broken by key so that the partition (and hence every leaf's
        membership) does not depend on the input order or the thread count. */
@@ -79,6 +92,20 @@ cdef extern from * nogil:
                 return a.y < b.y || (a.y == b.y && a.key < b.key); });
         } else {
             std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.z < b.z || (a.z == b.z && a.key < b.key); });
+        }
+    }
+    /* The same, for the top of the tree where one range spans all cores. */
+    static inline void gt_nth_element_par(GtPoint* first, int64_t nth, int64_t n, int axis) {
+        GtPoint* mid = first + nth; GtPoint* last = first + n;
+        if (axis == 0) {
+            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.x < b.x || (a.x == b.x && a.key < b.key); });
+        } else if (axis == 1) {
+            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
+                return a.y < b.y || (a.y == b.y && a.key < b.key); });
+        } else {
+            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
                 return a.z < b.z || (a.z == b.z && a.key < b.key); });
         }
     }
@@ -97,7 +124,12 @@ cdef extern from * nogil:
         float y
         float z
         uint32_t key
+    ctypedef struct GtIdKey:
+        uint64_t id
+        uint32_t key
+    void gt_sort_ids(GtIdKey* first, int64_t n)
     void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis)
+    void gt_nth_element_par(GtPoint* first, int64_t nth, int64_t n, int axis)
     int gt_clz64(uint64_t v)
     int gt_max_threads()
     int GT_HAVE_OPENMP
@@ -113,6 +145,7 @@ EARTH_RADIUS_KM = EARTH_R
 CHORD_GUARD = GUARD
 
 POINT_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("key", "<u4")])
+IDKEY_DTYPE = np.dtype({"names": ["id", "key"], "formats": ["<u8", "<u4"], "offsets": [0, 8], "itemsize": 16})
 
 
 def max_threads():
@@ -209,6 +242,24 @@ cdef void _bbox(const GtPoint* p, int64_t count, float* box) noexcept nogil:
     box[3] = x1; box[4] = y1; box[5] = z1
 
 
+cdef void _bbox_par(const GtPoint* p, int64_t count, float* box) noexcept nogil:
+    """``_bbox`` over all cores: per-chunk boxes, then their union."""
+    cdef int64_t chunks = 64, c, s, e
+    cdef float part[64 * 6]
+    cdef int a
+    for c in prange(chunks, schedule="static"):
+        s = (c * count) // chunks
+        e = ((c + 1) * count) // chunks
+        _bbox(p + s, e - s, &part[6 * c])
+    _bbox(p, 0, box)
+    for c in range(chunks):
+        for a in range(3):
+            if part[6 * c + a] < box[a]:
+                box[a] = part[6 * c + a]
+            if part[6 * c + 3 + a] > box[3 + a]:
+                box[3 + a] = part[6 * c + 3 + a]
+
+
 cdef inline int _widest_axis(const float* box) noexcept nogil:
     cdef float ex = box[3] - box[0], ey = box[4] - box[1], ez = box[5] - box[2]
     if ex >= ey and ex >= ez:
@@ -244,7 +295,7 @@ def tree_depth(int64_t n, int leaf_size):
     return depth
 
 
-def build_tree(GtPoint[::1] pts, int leaf_size):
+def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
     """Reorder ``pts`` in place into KD leaf order and return node boxes.
 
     Returns ``(bounds, depth)`` where ``bounds`` is float32 ``(2^(depth+1)-1, 6)``
@@ -274,6 +325,17 @@ def build_tree(GtPoint[::1] pts, int leaf_size):
     with nogil:
         for level in range(cut):
             count = <int64_t>1 << level
+            if parallel_top and count < gt_max_threads():
+                # Fewer ranges than cores: let each partition use every core.
+                for j in range(count):
+                    node = count - 1 + j
+                    s = _node_start(j, level, n)
+                    e = _node_start(j + 1, level, n)
+                    _bbox_par(p + s, e - s, bounds + 6 * node)
+                    mid = _node_start(2 * j + 1, level + 1, n)
+                    if e - s > 1:
+                        gt_nth_element_par(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node))
+                continue
             for j in prange(count, schedule="dynamic"):
                 node = count - 1 + j
                 s = _node_start(j, level, n)
@@ -580,3 +642,40 @@ def gather_rows(const cnp.uint64_t[::1] src, const uint32_t[::1] idx, cnp.uint64
     with nogil:
         for i in prange(n, schedule="static"):
             out[i] = src[idx[i]]
+
+
+ctypedef fused gather_t:
+    cnp.uint64_t
+    cnp.int64_t
+    double
+    cnp.int8_t
+    cnp.uint32_t
+
+
+def take(const gather_t[::1] src, const cnp.int64_t[::1] idx, gather_t[::1] out):
+    """``out[i] = src[idx[i]]`` over both cores (indices must be in range).
+
+    In numpy, this operation is equivalent to ``np.take(src, idx, out=out)``.
+    """
+    cdef Py_ssize_t i, n = idx.shape[0]
+    with nogil:
+        for i in prange(n, schedule="static"):
+            out[i] = src[idx[i]]
+
+
+def sort_ids(const cnp.uint64_t[::1] ids):
+    """Sort device ids and carry their row numbers: ``(sorted_ids, rows)``.
+
+    In numpy, this operation is equivalent to
+    ``rows = np.argsort(ids, kind="stable"); sorted_ids = ids[rows]``.
+    """
+    cdef Py_ssize_t i, n = ids.shape[0]
+    pairs = np.empty(n, dtype=IDKEY_DTYPE)
+    cdef GtIdKey[::1] pv = pairs
+    with nogil:
+        for i in prange(n, schedule="static"):
+            pv[i].id = ids[i]
+            pv[i].key = <uint32_t>i
+        if n > 1:
+            gt_sort_ids(&pv[0], n)
+    return np.ascontiguousarray(pairs["id"]), np.ascontiguousarray(pairs["key"])

@@ -87,12 +87,11 @@ def _check_ids(device_id) -> np.ndarray:
         raise InvalidInputError(f"device_id[{i}] = {arr[i]} is negative; ids are uint64")
     ids = np.ascontiguousarray(arr, dtype=np.uint64)
     if ids.size > 1:
-        order = np.argsort(ids, kind="stable")
-        s = ids[order]
-        dup = s[1:] == s[:-1]
-        if dup.any():
-            rows = order[1:][dup]
-            i = int(rows.min())
+        s = np.sort(ids)  # SIMD sort; the row-carrying sort only runs to name the culprit
+        if (s[1:] == s[:-1]).any():
+            sorted_ids, rows = _kernels.sort_ids(ids)
+            dup = sorted_ids[1:] == sorted_ids[:-1]
+            i = int(rows[1:][dup].min())
             raise InvalidInputError(f"device_id[{i}] = {ids[i]} is a duplicate within this batch")
     return ids
 
@@ -171,6 +170,13 @@ def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.n
     return out
 
 
+def _take(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``src[idx]`` gathered over both cores."""
+    out = np.empty(idx.shape[0], dtype=src.dtype)
+    _kernels.take(np.ascontiguousarray(src), np.ascontiguousarray(idx, dtype=np.int64), out)
+    return out
+
+
 def _spatial_order(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Row order that puts a batch in KD leaf order (close devices, close keys)."""
     n = lat.shape[0]
@@ -199,6 +205,7 @@ class DeviceStore:
         self.generation = int(generation)
         self.path = path
         self._id_index = _id_index
+        self._sorted_ids = None
         self._table = _table
 
     # -- constructors -----------------------------------------------------
@@ -222,8 +229,8 @@ class DeviceStore:
         codes, names = _check_app(app, n)
         seen = _check_last_seen(last_seen, n)
         order = _spatial_order(lat, lon)
-        return cls(ids[order], lat[order], lon[order], codes[order], names, seen[order],
-                   generation=generation)
+        return cls(_take(ids, order), _take(lat, order), _take(lon, order), _take(codes, order),
+                   names, _take(seen, order), generation=generation)
 
     @classmethod
     def from_table(cls, table: pa.Table, *, generation=1):
@@ -292,11 +299,14 @@ class DeviceStore:
     # -- lookups ----------------------------------------------------------
 
     def _ids_sorted(self):
+        """(sorted device ids, their keys); the permutation is cached and saved with the store."""
         if self._id_index is None:
-            order = np.argsort(self.device_id, kind="stable").astype(np.uint32)
+            sorted_ids, order = _kernels.sort_ids(self.device_id)
             self._id_index = order
-        order = self._id_index
-        return self.device_id[order], order
+            self._sorted_ids = sorted_ids
+        if getattr(self, "_sorted_ids", None) is None:
+            self._sorted_ids = _take(self.device_id, self._id_index)
+        return self._sorted_ids, self._id_index
 
     def lookup(self, device_id) -> np.ndarray:
         """Keys (int64) of the given device ids; -1 where the device is unknown."""
