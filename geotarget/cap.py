@@ -11,7 +11,7 @@ alert         Alert      (the first message, references nothing)
 expand        Update     references every earlier message
 topup         Update     references every earlier message
 update        Update     references every earlier message
-closure       Update     responseType AllClear, outcome in text
+closure       Update     references, responseType AllClear, outcome in text
 retraction    Cancel     references every earlier message
 ============  =========  ============================================
 
@@ -204,8 +204,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
-    message of the alert, oldest first; they are required for every kind but
-    ``alert`` and refused for it.  ``outcome`` is required for ``closure`` and
+    message of the alert, oldest first.  They are refused for ``alert``; a
+    follow-up may have none only when nothing went out before it (an alert
+    closed or updated before its first push), and then carries no
+    ``<references>`` element.  ``outcome`` is required for ``closure`` and
     refused otherwise.  Empty ``headline`` and ``area_desc`` get a default in
     ``language`` (Chinese for ``zh*``, else English); closures and retractions
     prefix the headline and open the description with what happened.
@@ -345,9 +347,6 @@ def _check_references(references, kind: str, sender: str, identifier: str) -> st
             raise InvalidInputError(
                 f"kind='alert' is the first message of an alert and cannot carry references ({len(refs)} given)")
         return ""
-    if not refs:
-        raise InvalidInputError(
-            f"kind={kind!r} must reference every earlier message of the alert; references is empty")
     out = []
     seen = set()
     for i, ref in enumerate(refs):
