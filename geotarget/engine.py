@@ -221,11 +221,8 @@ class AlertEngine:
         with self._lock:
             officer = self.authority.check_report(officer_id, division)
             sched = schedule or self.schedule
-            n = len(self._alerts) + 1
-            alert_id = f"GT-{officer.division if division is None else division}-{now:%Y%m%d}-{n:06d}"
-            while alert_id in self._alerts:  # pragma: no cover - ids are sequential per log
-                n += 1
-                alert_id = f"GT-{division}-{now:%Y%m%d}-{n:06d}"
+            # Sequential per log, so an id is never reused even across restarts.
+            alert_id = f"GT-{division}-{now:%Y%m%d}-{len(self._alerts) + 1:06d}"
             alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
                           missing_since=missing_since, reported_at=now, details=dict(details or {}),
                           schedule=sched.to_dict())
