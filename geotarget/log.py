@@ -1,0 +1,1011 @@
+"""The recipient log: the durable record of every push, written before any hand-off.
+
+What it stores
+--------------
+* **Pushes.**  One row per push (ids, kind, radius, time, per-app metadata)
+  plus its audience.  The audience is a serialised roaring bitmap of device
+  keys, run-optimised first: keys are assigned in spatial order, so a circle's
+  audience is a few thousand runs whatever its size (a 90 M-recipient push is
+  tens of kilobytes).  Every row carries a SHA-256 checksum over a canonical
+  encoding of *all* its fields, including the digest and length of the bitmap
+  bytes and the checksum of the previous push (so the pushes form a hash
+  chain: a row that vanishes is noticed).  The acknowledged and purged flags
+  are mutable, so they carry a second, small checksum of their own.  A read
+  re-checks both checksums, the bitmap digest and the cardinality: an audience
+  is never silently different; a damaged one raises :class:`CorruptFileError`.
+* **Alert state.**  Opaque JSON per alert, replaced wholesale, checksummed.
+* **The audit trail.**  Append-only and hash-chained:
+  ``hash = sha256(prev_hash + canonical JSON of the entry)``.  It has no API
+  that takes device coordinates; only alert metadata goes in.  The alert's
+  centre (where the child went missing, not where any device is) may appear in
+  ``detail`` of a report action.
+
+The log also guards the delivery rules it is the only durable witness of: an
+``alert``/``expand``/``topup`` audience must be disjoint from every device
+already notified for that alert, and an ``update``/``closure``/``retraction``
+audience must equal exactly that union (DESIGN, "Pushes").
+
+Storage and durability
+----------------------
+One SQLite file (stdlib ``sqlite3``) in WAL mode with ``synchronous=FULL``:
+every commit fsyncs the WAL before it returns.  ``path`` names that file; if
+``path`` is an existing directory the file is ``<path>/recipients.sqlite``.
+A new log is built under a temporary name and linked into place, so a file at
+``path`` is always a complete, empty-or-better log.  The connection runs in
+EXCLUSIVE locking mode: one process owns the log (a second one gets
+:class:`InvalidInputError`), and no ``-shm`` file exists, so a crashed
+process never leaves shared state behind.
+
+Torn tails versus corruption
+----------------------------
+SQLite recovers a WAL by reading frames while their checksum chain holds and
+keeping everything up to the last commit frame in that valid prefix.  That is
+exactly "a torn tail is dropped" (DESIGN, Durability) -- but SQLite applies the
+same rule to a frame damaged in the *middle* of the WAL and would silently drop
+every transaction after it.  So before SQLite touches the files, :func:`_scan_wal`
+re-validates the WAL itself and refuses (:class:`CorruptFileError`) when an
+intact frame of the current WAL generation follows a commit frame that lies
+after the first bad frame.  SQLite writes a transaction's frames only after
+the previous commit was fsynced, so such a frame proves that the damaged
+transaction had been committed: the damage is corruption, not a tear.  A
+damaged frame inside the *last* transaction is indistinguishable from a power
+loss tearing that transaction, and is dropped as a torn tail, as SQLite does.
+The scan also refuses a main file shorter than the pages it must hold.
+
+What open checks (cheap, metadata only): the file header and application id,
+the WAL as above, the file length against the page count, the schema version
+(``PRAGMA user_version``; an unknown one is an error), the schema itself, and
+``PRAGMA integrity_check`` of the small tables (pushes, alerts, audit), which
+catches an index that disagrees with its rows.  What :meth:`RecipientLog.verify`
+adds (reads everything): a full ``integrity_check``, every push checksum, the
+push chain, every audience (digest, decoding, cardinality, the delivery
+rules), every alert checksum and the whole audit chain.
+
+Retention
+---------
+:meth:`RecipientLog.purge_audiences` drops the bitmaps of a closed alert,
+keeping counts, digests of the dropped bytes and the audit.  ``secure_delete``
+zeroes the freed pages and the WAL is truncated afterwards, so the device keys
+leave the file, not just the index.  Reading a purged audience raises
+:class:`AlertStateError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+import sqlite3
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
+
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
+                     UnknownAlertError, UnknownPushError)
+from .geo import check_aware, check_radius
+
+__all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS"]
+
+#: Kinds that reach only devices never notified for the alert; their union is the closure audience.
+NEW_DEVICE_KINDS = ("alert", "expand", "topup")
+#: Kinds that reach exactly the devices notified so far.
+NOTIFIED_KINDS = ("update", "closure", "retraction")
+KINDS = NEW_DEVICE_KINDS + NOTIFIED_KINDS
+
+FILENAME = "recipients.sqlite"
+SCHEMA_VERSION = 1
+#: ``PRAGMA application_id``: "GTRL", so a foreign SQLite file is refused, not misread.
+APPLICATION_ID = 0x4754524C
+_ZERO_HASH = bytes(32)
+_AUDIT_GENESIS = "0" * 64
+# A WAL larger than this is cut back after a checkpoint; bounds the open-time WAL scan.
+_JOURNAL_SIZE_LIMIT = 64 << 20
+
+_SCHEMA = (
+    """CREATE TABLE pushes(
+    log_seq INTEGER PRIMARY KEY,
+    push_id TEXT NOT NULL UNIQUE,
+    alert_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    radius_km REAL NOT NULL,
+    created_at TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    audience_sha256 BLOB NOT NULL,
+    audience_bytes INTEGER NOT NULL,
+    prev BLOB NOT NULL,
+    checksum BLOB NOT NULL,
+    acked_at TEXT,
+    purged_at TEXT,
+    state_sum BLOB NOT NULL,
+    UNIQUE(alert_id, seq))""",
+    # Bitmaps apart from the metadata: scanning or integrity-checking pushes stays cheap.
+    "CREATE TABLE audiences(log_seq INTEGER PRIMARY KEY, bitmap BLOB NOT NULL)",
+    "CREATE TABLE alerts(alert_id TEXT PRIMARY KEY, record TEXT NOT NULL, checksum BLOB NOT NULL)",
+    """CREATE TABLE audit(
+    seq INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    alert_id TEXT,
+    radius_km REAL,
+    count INTEGER,
+    detail TEXT,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL)""",
+    "CREATE INDEX audit_by_alert ON audit(alert_id, seq)",
+)
+_METADATA_TABLES = ("pushes", "alerts", "audit")
+
+_PUSH_COLUMNS = ("log_seq, push_id, alert_id, seq, kind, radius_km, created_at, count, meta, "
+                 "audience_sha256, audience_bytes, prev, checksum, acked_at, purged_at, state_sum")
+_AUDIT_COLUMNS = "seq, at, actor, action, alert_id, radius_km, count, detail, prev_hash, hash"
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    """One logged push.  ``audience`` is a :class:`FrozenBitMap` of device keys.
+
+    ``count`` is the audience size, kept after a purge.  ``audience`` is None
+    only when the caller asked for records without audiences.
+    """
+
+    push_id: str
+    alert_id: str
+    seq: int
+    kind: str
+    radius_km: float
+    created_at: _dt.datetime
+    audience: FrozenBitMap | None
+    meta: dict
+    acked: bool
+    count: int
+    purged: bool = False
+
+
+# ---------------------------------------------------------------------------
+# canonical encodings and checksums
+# ---------------------------------------------------------------------------
+
+def _canon(obj) -> str:
+    """Canonical JSON: sorted keys, no spaces, floats by repr, NaN refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+
+
+def _iso(when: _dt.datetime) -> str:
+    return when.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _now_iso() -> str:
+    return _iso(_dt.datetime.now(_dt.timezone.utc))
+
+
+def _push_checksum(push_id, alert_id, seq, kind, radius_km, created_at, count, meta,
+                   digest: bytes, nbytes, prev: bytes) -> bytes:
+    doc = ["geotarget.push/1", push_id, alert_id, seq, kind, radius_km, created_at, count, meta,
+           digest.hex(), nbytes, prev.hex()]
+    return hashlib.sha256(_canon(doc).encode()).digest()
+
+
+def _state_sum(checksum: bytes, acked_at, purged_at) -> bytes:
+    doc = ["geotarget.push-state/1", checksum.hex(), acked_at, purged_at]
+    return hashlib.sha256(_canon(doc).encode()).digest()
+
+
+def _alert_checksum(alert_id, record_text) -> bytes:
+    return hashlib.sha256(_canon(["geotarget.alert/1", alert_id, record_text]).encode()).digest()
+
+
+def _audit_hash(prev_hash: str, entry: dict) -> str:
+    return hashlib.sha256((prev_hash + _canon(entry)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# validation at the public boundary
+# ---------------------------------------------------------------------------
+
+def _check_id(value, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_json_dict(value, name: str) -> str:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        return _canon(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be JSON-serialisable with finite numbers: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# file-level checks, before SQLite opens anything
+# ---------------------------------------------------------------------------
+
+_DB_MAGIC = b"SQLite format 3\x00"
+_WAL_MAGICS = (0x377F0682, 0x377F0683)  # bit 0 set: checksum words are big-endian
+_WAL_VERSION = 3007000
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=4)
+def _wal_powers(n: int):
+    """``M**j mod 2**32`` for j = n-1 .. 0 and ``M**n``, M = [[1, 1], [1, 2]].
+
+    SQLite's WAL checksum steps ``s1 += x + s2; s2 += y + s1`` over 32-bit word
+    pairs.  That is the affine map ``s' = M s + (x, x + y)`` mod 2**32, so a
+    whole frame is ``M**n s0 + sum_i M**(n-1-i) b_i``: one matrix product per
+    frame in NumPy instead of a Python loop over every word.  uint64 products
+    and sums wrap mod 2**64, which is harmless because 2**32 divides 2**64.
+    """
+    powers = np.empty((n + 1, 4), dtype=np.uint64)
+    a, b, c, d = 1, 0, 0, 1
+    for j in range(n + 1):
+        powers[j] = (a, b, c, d)
+        a, b, c, d = (a + c) & 0xFFFFFFFF, (b + d) & 0xFFFFFFFF, (a + 2 * c) & 0xFFFFFFFF, (b + 2 * d) & 0xFFFFFFFF
+    rev = np.ascontiguousarray(powers[n - 1::-1].T)  # row r: entry r of M**(n-1-i), i = 0..n-1
+    return rev, tuple(int(v) for v in powers[n])
+
+
+def _wal_checksum_py(data: bytes, s1: int, s2: int, big_endian: bool):
+    """The WAL checksum in plain Python (used for the 24-byte header and as the test oracle)."""
+    fmt = ">" if big_endian else "<"
+    words = struct.unpack(f"{fmt}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s1 = (s1 + words[i] + s2) & 0xFFFFFFFF
+        s2 = (s2 + words[i + 1] + s1) & 0xFFFFFFFF
+    return s1, s2
+
+
+def _frame_checksums(frames: np.ndarray, seeds: np.ndarray, big_endian: bool) -> np.ndarray:
+    """Checksum of each frame (first 8 header bytes + page) from its seed, shape (F, 2)."""
+    body = np.concatenate([frames[:, :8], frames[:, 24:]], axis=1)
+    words = body.view(">u4" if big_endian else "<u4").astype(np.uint64)
+    x = words[:, 0::2]
+    y = (x + words[:, 1::2]) & _U32
+    n = x.shape[1]
+    rev, (p, q, r, s) = _wal_powers(n)
+    c1 = x @ rev[0] + y @ rev[1]
+    c2 = x @ rev[2] + y @ rev[3]
+    s1 = seeds[:, 0]
+    s2 = seeds[:, 1]
+    out = np.empty((frames.shape[0], 2), dtype=np.uint64)
+    out[:, 0] = (np.uint64(p) * s1 + np.uint64(q) * s2 + c1) & _U32
+    out[:, 1] = (np.uint64(r) * s1 + np.uint64(s) * s2 + c2) & _U32
+    return out
+
+
+@dataclass(frozen=True)
+class _WalState:
+    frames: int           # frames SQLite will use (up to the last valid commit frame)
+    db_pages: int         # database size in pages after that commit
+    pages: frozenset      # page numbers held by those frames
+
+
+def _scan_wal(wal_path: str, page_size: int):
+    """Validate a WAL file the way SQLite recovers it, and tell a torn tail from corruption.
+
+    Returns None when the WAL holds no committed frame, else a :class:`_WalState`.
+    Raises :class:`CorruptFileError` when damage precedes frames that were
+    provably committed after it (see the module docstring).
+    """
+    try:
+        with open(wal_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) < 32:
+        return None  # a WAL torn while its header was first written has no frames
+    magic, version, wal_page_size, _ckpt, salt1, salt2, hs1, hs2 = struct.unpack(">8I", data[:32])
+    frame_size = 24 + page_size
+    nframes = (len(data) - 32) // frame_size
+    big_endian = bool(magic & 1)
+    header_ok = (magic in _WAL_MAGICS and version == _WAL_VERSION and wal_page_size == page_size
+                 and _wal_checksum_py(data[:24], 0, 0, big_endian) == (hs1, hs2))
+    if not header_ok:
+        # SQLite writes the 32-byte header in one write, before any frame of
+        # that generation: a bad header in front of whole frames is damage,
+        # and SQLite would silently ignore every frame behind it.
+        if nframes:
+            raise CorruptFileError(
+                f"{wal_path}: the WAL header is damaged but {nframes} frame(s) follow it")
+        return None
+    if nframes == 0:
+        return None
+    frames = np.frombuffer(data, dtype=np.uint8, count=nframes * frame_size, offset=32)
+    frames = frames.reshape(nframes, frame_size)
+    head = frames[:, :24].copy().view(">u4").astype(np.uint64)  # (F, 6)
+    pgno, commit = head[:, 0], head[:, 1]
+    salt_ok = (head[:, 2] == salt1) & (head[:, 3] == salt2)
+    stored = head[:, 4:6]
+    seeds = np.empty_like(stored)
+    seeds[0] = (hs1, hs2)
+    seeds[1:] = stored[:-1]
+    # Each frame is checked against the stored checksum of the frame before it
+    # ("locally valid"); inside SQLite's valid prefix that equals its chain.
+    local_ok = np.zeros(nframes, dtype=bool)
+    idx = np.flatnonzero(salt_ok & (pgno != 0))
+    for start in range(0, idx.size, 1024):  # bounded memory for a large WAL
+        sel = idx[start:start + 1024]
+        sums = _frame_checksums(frames[sel], seeds[sel], big_endian)
+        local_ok[sel] = (sums == stored[sel]).all(axis=1)
+    bad = np.flatnonzero(~local_ok)
+    first_bad = int(bad[0]) if bad.size else nframes
+    if first_bad < nframes:
+        later_commits = np.flatnonzero(salt_ok[first_bad:] & (commit[first_bad:] != 0))
+        if later_commits.size:
+            c = first_bad + int(later_commits[0])
+            after = np.flatnonzero(local_ok[c + 1:])
+            if after.size:
+                raise CorruptFileError(
+                    f"{wal_path}: WAL frame {first_bad} is damaged, yet intact frame "
+                    f"{c + 1 + int(after[0])} was written after commit frame {c}: corruption in "
+                    f"the middle of the WAL, not a torn tail (later transactions would be lost)")
+    commits = np.flatnonzero(commit[:first_bad] != 0)
+    if commits.size == 0:
+        return None
+    used = int(commits[-1]) + 1
+    return _WalState(frames=used, db_pages=int(commit[used - 1]),
+                     pages=frozenset(int(p) for p in np.unique(pgno[:used])))
+
+
+def _check_files(path: str) -> None:
+    """Header, WAL and length checks on the raw files; raises CorruptFileError."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or head[:16] != _DB_MAGIC:
+        raise CorruptFileError(
+            f"{path}: not a recipient log ({size} bytes, no SQLite header); truncated or foreign file")
+    page_size = struct.unpack(">H", head[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise CorruptFileError(f"{path}: invalid page size {page_size} in the file header")
+    if head[18:20] != b"\x02\x02":
+        raise CorruptFileError(f"{path}: the file header does not mark WAL mode (bytes 18-19 = "
+                               f"{head[18:20].hex()}); damaged or not a recipient log")
+    if struct.unpack(">I", head[68:72])[0] != APPLICATION_ID:
+        raise CorruptFileError(f"{path}: application id {head[68:72].hex()} is not a geotarget "
+                               f"recipient log's")
+    wal = _scan_wal(path + "-wal", page_size)
+    if wal is not None:
+        needed = (p for p in range(size // page_size + 1, wal.db_pages + 1) if p not in wal.pages)
+        missing = next(needed, None)
+        if missing is not None:
+            raise CorruptFileError(
+                f"{path}: the file is {size} bytes but page {missing} of {wal.db_pages} is neither "
+                f"in it nor in the WAL: the database file is truncated")
+        return
+    change_counter, npages = struct.unpack(">II", head[24:32])
+    valid_for = struct.unpack(">I", head[92:96])[0]
+    if change_counter != valid_for or npages == 0:
+        raise CorruptFileError(f"{path}: the header's page count is not valid (change counter "
+                               f"{change_counter}, valid-for {valid_for}); damaged header")
+    if size < npages * page_size:
+        raise CorruptFileError(f"{path}: the file is {size} bytes but its header says "
+                               f"{npages} pages of {page_size}: the database file is truncated")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# the log
+# ---------------------------------------------------------------------------
+
+class RecipientLog:
+    """Durable, append-only log of pushes, alert state and the audit trail.
+
+    ``path`` is the SQLite file (created if missing); an existing directory
+    means ``<dir>/recipients.sqlite``.  Thread-safe: every call takes one
+    lock, and :meth:`transaction` holds it for the whole block.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        try:
+            p = os.fspath(path)
+        except TypeError:
+            raise InvalidInputError(f"path must be a str or os.PathLike, got {path!r}") from None
+        if not isinstance(p, str):
+            p = os.fsdecode(p)
+        if os.path.isdir(p):
+            p = os.path.join(p, FILENAME)
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise InvalidInputError(f"path={p!r}: directory {parent!r} does not exist")
+        self._path = p
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._conn = None
+        if not os.path.exists(p):
+            _create(p)
+        self._conn = self._connect()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        state = "open" if self._conn is not None else "closed"
+        return f"RecipientLog({self._path!r}, {state})"
+
+    def __enter__(self) -> "RecipientLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Checkpoint and close; the WAL is folded into the file and removed.  Idempotent."""
+        with self._lock:
+            if self._conn is None:
+                return
+            if self._depth:
+                raise GeotargetError(f"{self._path}: close() called inside a transaction")
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except sqlite3.DatabaseError as exc:
+                raise self._db_error(exc) from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        # Everything SQLite would act on is validated first: once connected, a
+        # close would checkpoint the WAL into the file.
+        _check_files(self._path)
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
+                                   timeout=5.0)
+        except sqlite3.DatabaseError as exc:
+            raise self._db_error(exc) from exc
+        try:
+            # Before the first read, so SQLite never creates a -shm file.
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                raise CorruptFileError(f"{self._path}: journal mode is {mode!r}, expected 'wal'")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
+            # Takes the exclusive lock for the life of the connection.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_schema(conn)
+            finally:
+                conn.execute("ROLLBACK")
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise self._db_error(exc) from exc
+            raise
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise CorruptFileError(f"{self._path}: schema version {version}; this geotarget reads "
+                                   f"version {SCHEMA_VERSION}")
+        encoding = conn.execute("PRAGMA encoding").fetchone()[0]
+        if encoding != "UTF-8":
+            raise CorruptFileError(f"{self._path}: text encoding {encoding!r}, expected 'UTF-8'")
+        have = sorted(r[0] for r in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"))
+        if have != sorted(_SCHEMA):
+            raise CorruptFileError(f"{self._path}: the schema is not a recipient log's")
+        for table in _METADATA_TABLES:
+            rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({table})")]
+            if rows != ["ok"]:
+                raise CorruptFileError(f"{self._path}: integrity check of table {table!r} "
+                                       f"failed: {'; '.join(rows[:5])}")
+
+    def _db_error(self, exc: sqlite3.DatabaseError) -> Exception:
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        text = str(exc)
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
+            return InvalidInputError(f"path={self._path!r} is held by another process; a recipient "
+                                     f"log has one owner at a time ({text})")
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM",
+                            "SQLITE_READONLY", "SQLITE_NOMEM")) or any(
+                                m in text for m in ("disk I/O error", "disk is full",
+                                                    "unable to open", "readonly database")):
+            return OSError(f"{self._path}: {text}")
+        return CorruptFileError(f"{self._path}: {text}")
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Hold the lock on an open log and turn SQLite errors into typed ones."""
+        with self._lock:
+            if self._conn is None:
+                raise GeotargetError(f"{self._path}: the recipient log is closed")
+            try:
+                yield self._conn
+            except sqlite3.DatabaseError as exc:
+                raise self._db_error(exc) from exc
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group the calls in the block into one atomic commit, fsynced when the block ends.
+
+        Outside a transaction every mutating call commits (and fsyncs) on its
+        own.  Blocks nest (as savepoints); an exception rolls the block back
+        and propagates.  Other threads wait until the outermost block ends.
+        """
+        with self._guard() as conn:
+            depth = self._depth
+            conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT s{depth}")
+            self._depth = depth + 1
+            try:
+                yield self
+            except BaseException:
+                self._depth = depth
+                if conn.in_transaction:  # SQLite may already have rolled back (I/O errors)
+                    if depth == 0:
+                        conn.execute("ROLLBACK")
+                    else:
+                        conn.execute(f"ROLLBACK TO s{depth}")
+                        conn.execute(f"RELEASE s{depth}")
+                raise
+            self._depth = depth
+            try:
+                conn.execute("COMMIT" if depth == 0 else f"RELEASE s{depth}")
+            except BaseException:
+                if depth == 0 and conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- alerts -------------------------------------------------------------
+
+    def save_alert(self, alert_id: str, record: dict) -> None:
+        """Store the engine's state of one alert (JSON-able), replacing any earlier one."""
+        alert_id = _check_id(alert_id, "alert_id")
+        text = _check_json_dict(record, "record")
+        with self.transaction() as log:
+            log._conn.execute("INSERT OR REPLACE INTO alerts(alert_id, record, checksum) VALUES(?,?,?)",
+                              (alert_id, text, _alert_checksum(alert_id, text)))
+
+    def _decode_alert(self, alert_id, text, checksum) -> dict:
+        try:
+            if _alert_checksum(alert_id, text) != checksum:
+                raise ValueError("checksum mismatch")
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("record is not an object")
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptFileError(f"{self._path}: alert record {alert_id!r}: {exc}") from None
+        return record
+
+    def alerts(self) -> dict[str, dict]:
+        """Every saved alert record, by alert id."""
+        with self._guard() as conn:
+            rows = conn.execute("SELECT alert_id, record, checksum FROM alerts ORDER BY alert_id").fetchall()
+        return {r[0]: self._decode_alert(*r) for r in rows}
+
+    def alert(self, alert_id: str) -> dict:
+        alert_id = _check_id(alert_id, "alert_id")
+        with self._guard() as conn:
+            row = conn.execute("SELECT alert_id, record, checksum FROM alerts WHERE alert_id=?",
+                               (alert_id,)).fetchone()
+        if row is None:
+            raise UnknownAlertError(f"alert_id={alert_id!r}: no such alert in {self._path}")
+        return self._decode_alert(*row)
+
+    def _known_alert(self, conn, alert_id: str) -> None:
+        if (conn.execute("SELECT 1 FROM alerts WHERE alert_id=?", (alert_id,)).fetchone() is None
+                and conn.execute("SELECT 1 FROM pushes WHERE alert_id=? LIMIT 1",
+                                 (alert_id,)).fetchone() is None):
+            raise UnknownAlertError(f"alert_id={alert_id!r}: no such alert in {self._path}")
+
+    # -- pushes -------------------------------------------------------------
+
+    def _decode(self, row, audience: bool) -> PushRecord:
+        (log_seq, push_id, alert_id, seq, kind, radius, created, count, meta, digest, nbytes,
+         prev, checksum, acked_at, purged_at, state_sum) = row
+        where = f"{self._path}: push {push_id!r} (log row {log_seq})"
+        try:
+            if _push_checksum(push_id, alert_id, seq, kind, radius, created, count, meta,
+                              digest, nbytes, prev) != checksum:
+                raise ValueError("record checksum mismatch")
+            if _state_sum(checksum, acked_at, purged_at) != state_sum:
+                raise ValueError("acknowledged/purged state checksum mismatch")
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}")
+            created_at = _dt.datetime.fromisoformat(created)
+            meta_obj = json.loads(meta)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CorruptFileError(f"{where}: {exc}") from None
+        bm = None
+        if audience:
+            if purged_at is not None:
+                raise AlertStateError(
+                    f"the audience of push {push_id!r} (alert {alert_id!r}) was purged at "
+                    f"{purged_at} under the retention setting; its {count} recipients are no "
+                    f"longer stored")
+            bm = self._read_audience(log_seq, digest, nbytes, count, where)
+        return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
+                          created_at=created_at, audience=bm, meta=meta_obj,
+                          acked=acked_at is not None, count=count, purged=purged_at is not None)
+
+    def _read_audience(self, log_seq, digest, nbytes, count, where) -> FrozenBitMap:
+        row = self._conn.execute("SELECT bitmap FROM audiences WHERE log_seq=?", (log_seq,)).fetchone()
+        if row is None:
+            raise CorruptFileError(f"{where}: its audience row is missing")
+        blob = row[0]
+        if not isinstance(blob, bytes) or len(blob) != nbytes or hashlib.sha256(blob).digest() != digest:
+            raise CorruptFileError(f"{where}: audience bytes do not match their SHA-256 digest")
+        try:
+            bm = FrozenBitMap.deserialize(blob)
+        except Exception as exc:  # pyroaring raises ValueError or its own errors on bad bytes
+            raise CorruptFileError(f"{where}: audience bitmap does not decode: {exc}") from None
+        if len(bm) != count:
+            raise CorruptFileError(f"{where}: audience holds {len(bm)} keys, the record says {count}")
+        return bm
+
+    def _rows(self, conn, where: str = "", params=()):
+        return conn.execute(f"SELECT {_PUSH_COLUMNS} FROM pushes {where}", params).fetchall()
+
+    def _notified(self, conn, alert_id: str) -> BitMap:
+        rows = self._rows(conn, "WHERE alert_id=? AND kind IN (?,?,?) ORDER BY seq",
+                          (alert_id, *NEW_DEVICE_KINDS))
+        return BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows))
+
+    def append_push(self, *, push_id: str, alert_id: str, seq: int, kind: str, radius_km: float,
+                    created_at: _dt.datetime, audience: AbstractBitMap, meta: dict) -> PushRecord:
+        """Log one push durably (fsynced before returning, or at the end of the transaction).
+
+        Re-appending a logged ``push_id`` with an identical record returns the
+        stored record; with any difference it raises :class:`AlertStateError`,
+        as does a ``seq`` other than the alert's next one (0, 1, 2, ...), an
+        alert/expand/topup audience that overlaps the devices already notified,
+        or an update/closure/retraction audience other than exactly them.
+        """
+        push_id = _check_id(push_id, "push_id")
+        alert_id = _check_id(alert_id, "alert_id")
+        seq = _check_count(seq, "seq")
+        if kind not in KINDS:
+            raise InvalidInputError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+        radius = check_radius(radius_km)
+        created = _iso(check_aware(created_at, "created_at"))
+        if not isinstance(audience, AbstractBitMap):
+            raise InvalidInputError(f"audience must be a pyroaring BitMap of 32-bit device keys, "
+                                    f"got {type(audience).__name__}")
+        meta_text = _check_json_dict(meta, "meta")
+        # The heavy part runs before taking the lock.
+        bm = BitMap(audience)
+        bm.run_optimize()
+        blob = bm.serialize()
+        digest = hashlib.sha256(blob).digest()
+        count = len(bm)
+        with self.transaction() as log:
+            conn = log._conn
+            row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM pushes WHERE push_id=?",
+                               (push_id,)).fetchone()
+            if row is not None:
+                stored = self._decode(row, True)
+                diff = [name for name, a, b in (
+                    ("alert_id", stored.alert_id, alert_id), ("seq", stored.seq, seq),
+                    ("kind", stored.kind, kind), ("radius_km", stored.radius_km, radius),
+                    ("created_at", _iso(stored.created_at), created),
+                    ("meta", _canon(stored.meta), meta_text), ("audience", stored.audience, bm))
+                    if a != b]
+                if diff:
+                    raise AlertStateError(f"push_id={push_id!r} is already logged with a different "
+                                          f"{', '.join(diff)}; a push id names one record forever")
+                return stored
+            last = conn.execute("SELECT max(seq) FROM pushes WHERE alert_id=?", (alert_id,)).fetchone()[0]
+            expected = 0 if last is None else last + 1
+            if seq != expected:
+                raise AlertStateError(f"seq={seq} for alert {alert_id!r}: the next push of that "
+                                      f"alert must have seq {expected}")
+            notified = self._notified(conn, alert_id)
+            if kind in NEW_DEVICE_KINDS:
+                overlap = bm.intersection_cardinality(notified)
+                if overlap:
+                    raise AlertStateError(
+                        f"{kind} push {push_id!r} of alert {alert_id!r} reaches {overlap} devices "
+                        f"already notified; a device receives an alert at most once")
+            elif bm != notified:
+                raise AlertStateError(
+                    f"{kind} push {push_id!r} of alert {alert_id!r} has {count} recipients but must "
+                    f"go to exactly the {len(notified)} devices notified so far "
+                    f"({len(bm - notified)} extra, {len(notified - bm)} missing)")
+            prev = conn.execute("SELECT checksum FROM pushes ORDER BY log_seq DESC LIMIT 1").fetchone()
+            prev = _ZERO_HASH if prev is None else prev[0]
+            checksum = _push_checksum(push_id, alert_id, seq, kind, radius, created, count,
+                                      meta_text, digest, len(blob), prev)
+            cur = conn.execute(
+                f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?)",
+                (push_id, alert_id, seq, kind, radius, created, count, meta_text, digest, len(blob),
+                 prev, checksum, _state_sum(checksum, None, None)))
+            conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (cur.lastrowid, blob))
+        return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
+                          created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
+                          meta=json.loads(meta_text), acked=False, count=count)
+
+    def push(self, push_id: str) -> PushRecord:
+        push_id = _check_id(push_id, "push_id")
+        with self._guard() as conn:
+            rows = self._rows(conn, "WHERE push_id=?", (push_id,))
+            if not rows:
+                raise UnknownPushError(f"push_id={push_id!r}: no such push in {self._path}")
+            return self._decode(rows[0], True)
+
+    def pushes(self, alert_id: str | None = None, *, audiences: bool = True) -> list[PushRecord]:
+        """Logged pushes ordered by (alert, seq); one alert's, or all.
+
+        ``audiences=False`` skips reading the bitmaps (``audience`` is None), which
+        also lists pushes whose audiences were purged.
+        """
+        with self._guard() as conn:
+            if alert_id is None:
+                rows = self._rows(conn, "ORDER BY alert_id, seq")
+            else:
+                alert_id = _check_id(alert_id, "alert_id")
+                self._known_alert(conn, alert_id)
+                rows = self._rows(conn, "WHERE alert_id=? ORDER BY seq", (alert_id,))
+            return [self._decode(r, audiences) for r in rows]
+
+    def notified(self, alert_id: str) -> BitMap:
+        """Union of the alert/expand/topup audiences of the alert: the closure audience."""
+        alert_id = _check_id(alert_id, "alert_id")
+        with self._guard() as conn:
+            self._known_alert(conn, alert_id)
+            return self._notified(conn, alert_id)
+
+    def ack(self, push_id: str) -> bool:
+        """Record durably that the dispatcher took the push; True if it was not acknowledged yet."""
+        push_id = _check_id(push_id, "push_id")
+        with self.transaction() as log:
+            rows = self._rows(log._conn, "WHERE push_id=?", (push_id,))
+            if not rows:
+                raise UnknownPushError(f"push_id={push_id!r}: no such push in {self._path}")
+            if self._decode(rows[0], False).acked:
+                return False
+            checksum, purged_at = rows[0][12], rows[0][14]
+            at = _now_iso()
+            log._conn.execute("UPDATE pushes SET acked_at=?, state_sum=? WHERE push_id=?",
+                              (at, _state_sum(checksum, at, purged_at), push_id))
+        return True
+
+    def unacked(self) -> list[PushRecord]:
+        """Logged but unacknowledged pushes, in log order: the outbox to offer again."""
+        with self._guard() as conn:
+            # Every row is decoded, not filtered in SQL: a damaged acked_at must
+            # fail its checksum rather than hide a push from the outbox.
+            metas = [(r, self._decode(r, False)) for r in self._rows(conn, "ORDER BY log_seq")]
+            return [self._decode(r, True) for r, rec in metas if not rec.acked]
+
+    def purge_audiences(self, alert_id: str, *, actor: str = "retention") -> int:
+        """Drop the stored audiences of a closed alert once its retention period is over.
+
+        Counts, digests of the dropped bytes and the audit stay; the purge is
+        audited.  The alert must have a closure or retraction push and every
+        push must be acknowledged (else :class:`AlertStateError`).  Returns the
+        number of audiences dropped (0 when already purged).
+        """
+        alert_id = _check_id(alert_id, "alert_id")
+        actor = _check_id(actor, "actor")
+        with self.transaction() as log:
+            conn = log._conn
+            log._known_alert(conn, alert_id)
+            rows = self._rows(conn, "WHERE alert_id=? ORDER BY seq", (alert_id,))
+            recs = [self._decode(r, False) for r in rows]
+            if not any(r.kind in ("closure", "retraction") for r in recs):
+                raise AlertStateError(f"alert {alert_id!r} is not closed (no closure or retraction "
+                                      f"push); its audiences are still needed")
+            pending = [r.push_id for r in recs if not r.acked]
+            if pending:
+                raise AlertStateError(f"alert {alert_id!r} has unacknowledged pushes {pending}; "
+                                      f"they must be delivered before their audiences are purged")
+            todo = [(row, rec) for row, rec in zip(rows, recs) if not rec.purged]
+            if not todo:
+                return 0
+            at = _now_iso()
+            for row, rec in todo:
+                log_seq, checksum, acked_at = row[0], row[12], row[13]
+                conn.execute("UPDATE pushes SET purged_at=?, state_sum=? WHERE log_seq=?",
+                             (at, _state_sum(checksum, acked_at, at), log_seq))
+                conn.execute("DELETE FROM audiences WHERE log_seq=?", (log_seq,))
+            log.audit("purge_audiences", actor=actor, alert_id=alert_id,
+                      count=sum(rec.count for _, rec in todo),
+                      detail={"pushes": [rec.push_id for _, rec in todo]})
+        if self._depth == 0:
+            # Old WAL frames still hold the bitmap pages; fold and cut the WAL.
+            with self._guard() as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return len(todo)
+
+    # -- audit trail --------------------------------------------------------
+
+    def audit(self, action: str, *, actor: str, alert_id: str | None = None,
+              radius_km: float | None = None, count: int | None = None,
+              at: _dt.datetime | None = None, detail: dict | None = None) -> str:
+        """Append one entry to the hash-chained audit trail; returns its hash.
+
+        Holds who, what, when, the alert, the radius and the count.  No API here
+        takes device coordinates; ``detail`` is alert metadata (it may hold the
+        alert centre, which is where the child went missing, not a device).
+        """
+        action = _check_id(action, "action")
+        actor = _check_id(actor, "actor")
+        if alert_id is not None:
+            alert_id = _check_id(alert_id, "alert_id")
+        radius = None if radius_km is None else check_radius(radius_km)
+        count = None if count is None else _check_count(count, "count")
+        when = _now_iso() if at is None else _iso(check_aware(at, "at"))
+        detail_text = None if detail is None else _check_json_dict(detail, "detail")
+        with self.transaction() as log:
+            conn = log._conn
+            last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev_hash = (0, _AUDIT_GENESIS) if last is None else (last[0] + 1, last[1])
+            entry = {"seq": seq, "at": when, "actor": actor, "action": action, "alert_id": alert_id,
+                     "radius_km": radius, "count": count,
+                     "detail": None if detail_text is None else json.loads(detail_text)}
+            digest = _audit_hash(prev_hash, entry)
+            conn.execute(f"INSERT INTO audit({_AUDIT_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                         (seq, when, actor, action, alert_id, radius, count, detail_text,
+                          prev_hash, digest))
+        return digest
+
+    def _decode_audit(self, row) -> dict:
+        seq, at, actor, action, alert_id, radius, count, detail, prev_hash, digest = row
+        try:
+            entry = {"seq": seq, "at": at, "actor": actor, "action": action, "alert_id": alert_id,
+                     "radius_km": radius, "count": count,
+                     "detail": None if detail is None else json.loads(detail)}
+            if not isinstance(prev_hash, str) or _audit_hash(prev_hash, entry) != digest:
+                raise ValueError("hash mismatch")
+        except (TypeError, ValueError) as exc:
+            raise CorruptFileError(f"{self._path}: audit entry {seq}: {exc}") from None
+        entry["prev_hash"] = prev_hash
+        entry["hash"] = digest
+        return entry
+
+    def _audit_chain(self, entries: list[dict]) -> None:
+        prev = _AUDIT_GENESIS
+        for i, e in enumerate(entries):
+            if e["seq"] != i or e["prev_hash"] != prev:
+                raise CorruptFileError(f"{self._path}: audit entry {e['seq']} breaks the hash "
+                                       f"chain (expected seq {i} after hash {prev[:12]}...)")
+            prev = e["hash"]
+
+    def audit_entries(self, alert_id: str | None = None) -> list[dict]:
+        """Audit entries in order (all, or one alert's); each hash is re-checked.
+
+        Keys: seq, at (UTC ISO string), actor, action, alert_id, radius_km,
+        count, detail, prev_hash, hash.
+        """
+        with self._guard() as conn:
+            if alert_id is None:
+                rows = conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()
+            else:
+                alert_id = _check_id(alert_id, "alert_id")
+                rows = conn.execute(f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE alert_id=? "
+                                    f"ORDER BY seq", (alert_id,)).fetchall()
+        entries = [self._decode_audit(r) for r in rows]
+        if alert_id is None:
+            self._audit_chain(entries)
+        return entries
+
+    # -- whole-log checks and sizes -----------------------------------------
+
+    def verify(self) -> None:
+        """Check everything; raise :class:`CorruptFileError` naming the first bad record.
+
+        Full SQLite integrity check, every push checksum and the push chain,
+        every stored audience (digest, decoding, cardinality) and the delivery
+        rules between them, every alert checksum and the audit hash chain.
+        """
+        with self._guard() as conn:
+            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            if rows != ["ok"]:
+                raise CorruptFileError(f"{self._path}: integrity check failed: {'; '.join(rows[:5])}")
+            prev = _ZERO_HASH
+            next_seq: dict[str, int] = {}
+            notified: dict[str, BitMap] = {}
+            stored = 0
+            for row in self._rows(conn, "ORDER BY log_seq"):
+                rec = self._decode(row, False)
+                where = f"{self._path}: push {rec.push_id!r} (log row {row[0]})"
+                if row[11] != prev:
+                    raise CorruptFileError(f"{where}: breaks the push chain (a push before it is "
+                                           f"missing or was altered)")
+                prev = row[12]
+                if rec.seq != next_seq.get(rec.alert_id, 0):
+                    raise CorruptFileError(f"{where}: seq {rec.seq} out of order for alert "
+                                           f"{rec.alert_id!r}")
+                next_seq[rec.alert_id] = rec.seq + 1
+                if rec.purged:
+                    notified[rec.alert_id] = None
+                    continue
+                stored += 1
+                bm = self._read_audience(row[0], row[9], row[10], row[7], where)
+                seen = notified.setdefault(rec.alert_id, BitMap())
+                if seen is None:
+                    raise CorruptFileError(f"{where}: audience kept after earlier ones were purged")
+                if rec.kind in NEW_DEVICE_KINDS:
+                    if not bm.isdisjoint(seen):
+                        raise CorruptFileError(f"{where}: reaches devices already notified")
+                    seen |= bm
+                elif bm != seen:
+                    raise CorruptFileError(f"{where}: {rec.kind} audience differs from the union "
+                                           f"of devices notified before it")
+            orphans = conn.execute("SELECT count(*) FROM audiences").fetchone()[0] - stored
+            if orphans:
+                raise CorruptFileError(f"{self._path}: {orphans} audience row(s) belong to no "
+                                       f"logged push")
+            for r in conn.execute("SELECT alert_id, record, checksum FROM alerts").fetchall():
+                self._decode_alert(*r)
+            self._audit_chain([self._decode_audit(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()])
+
+    def stats(self) -> dict:
+        """Sizes: pushes, recipients logged, audience bytes, bytes on disk, bytes per recipient."""
+        with self._guard() as conn:
+            n, acked, purged, recipients, kept = conn.execute(
+                "SELECT count(*), count(acked_at), count(purged_at), coalesce(sum(count), 0), "
+                "coalesce(sum(CASE WHEN purged_at IS NULL THEN audience_bytes END), 0) "
+                "FROM pushes").fetchone()
+            alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
+            audits = conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+        on_disk = sum(os.path.getsize(p) for p in (self._path, self._path + "-wal")
+                      if os.path.exists(p))
+        return {"pushes": n, "acked": acked, "purged": purged, "alerts": alerts,
+                "audit_entries": audits, "recipients_logged": recipients,
+                "audience_bytes": kept, "bytes_on_disk": on_disk,
+                "bytes_per_recipient": on_disk / recipients if recipients else None}
+
+
+def _create(path: str) -> None:
+    """Build an empty log under a temporary name, then link it into place atomically."""
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".creating", dir=parent)
+    os.close(fd)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()  # checkpoints: the file alone now holds the whole log
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces a log another process just created
+        except FileExistsError:
+            pass
+        _fsync_dir(parent)
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
