@@ -44,7 +44,9 @@ Earth, and it must come back in milliseconds for tens of millions of devices.
 
 5. **No Python on the query path.**  Kernels are ``nogil``, take clean
    contiguous arrays (validation lives in ``geotarget/index.py``), and return
-   NumPy arrays of runs.  Gathers run over both cores with OpenMP where it is
+   NumPy arrays of runs.  The build's array of (x, y, z, key) records *is* the
+   serving layout (16 bytes a device), plus a contiguous copy of the keys
+   (4 bytes) so that materialising an audience is ``memcpy`` of key ranges.  Gathers run over both cores with OpenMP where it is
    available.
 
 Every kernel names its NumPy equivalent in its docstring; the tests compare the
@@ -350,18 +352,14 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
     return bounds_arr, depth
 
 
-def split_points(const GtPoint[::1] pts, float[:, ::1] xyz, uint32_t[::1] keys):
-    """Split array-of-structs points into contiguous ``xyz`` and ``keys``.
+def copy_keys(const GtPoint[::1] pts, uint32_t[::1] keys):
+    """Copy the key of every point into a contiguous array (the gather source of ``fill``).
 
-    In numpy, this operation is equivalent to
-    ``xyz[:] = np.stack([pts["x"], pts["y"], pts["z"]], 1); keys[:] = pts["key"]``.
+    In numpy, this operation is equivalent to ``keys[:] = pts["key"]``.
     """
     cdef Py_ssize_t i, n = pts.shape[0]
     with nogil:
         for i in prange(n, schedule="static"):
-            xyz[i, 0] = pts[i].x
-            xyz[i, 1] = pts[i].y
-            xyz[i, 2] = pts[i].z
             keys[i] = pts[i].key
 
 
@@ -370,7 +368,7 @@ def split_points(const GtPoint[::1] pts, float[:, ::1] xyz, uint32_t[::1] keys):
 # ---------------------------------------------------------------------------
 
 cdef struct QueryCtx:
-    const float* xyz          # (n, 3) leaf-ordered unit vectors
+    const GtPoint* pts        # (n,) leaf-ordered unit vectors (+ key)
     const uint32_t* keys      # (n,) leaf-ordered device keys
     const float* bounds       # (nnodes, 6)
     const double* lat         # store latitude by key (exact re-check)
@@ -441,9 +439,9 @@ cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     cdef bint inside
     cdef uint32_t k
     for r in range(s, e):
-        dx = q.xyz[3 * r] - q.fx
-        dy = q.xyz[3 * r + 1] - q.fy
-        dz = q.xyz[3 * r + 2] - q.fz
+        dx = q.pts[r].x - q.fx
+        dy = q.pts[r].y - q.fy
+        dz = q.pts[r].z - q.fz
         d2 = dx * dx + dy * dy + dz * dz
         if d2 <= q.flo2:
             inside = True
@@ -528,7 +526,7 @@ cdef void _query(QueryCtx* q) noexcept nogil:
         top += 2
 
 
-def query(const float[:, ::1] xyz, const uint32_t[::1] keys, const float[:, ::1] bounds,
+def query(const GtPoint[::1] pts, const uint32_t[::1] keys, const float[:, ::1] bounds,
           int depth, const double[::1] lat, const double[::1] lon,
           double clat, double clon, double radius_km,
           const uint32_t[::1] seen=None, int64_t seen_min=-1,
@@ -552,8 +550,8 @@ def query(const float[:, ::1] xyz, const uint32_t[::1] keys, const float[:, ::1]
     cdef vector[int64_t] runs
     cdef double phi, lam, cp, half, T, lo, hi
     cdef int code
-    q.n = xyz.shape[0]
-    q.xyz = &xyz[0, 0] if q.n > 0 else NULL
+    q.n = pts.shape[0]
+    q.pts = &pts[0] if q.n > 0 else NULL
     q.keys = &keys[0] if q.n > 0 else NULL
     q.bounds = &bounds[0, 0]
     q.lat = &lat[0] if lat.shape[0] > 0 else NULL

@@ -8,7 +8,7 @@ On disk an index lives next to its store, in the same directory::
 
     store.arrow     the DeviceStore generation (Arrow IPC)
     index.json      format version, n, depth, leaf size, generation
-    xyz.npy         float32 (n, 3)  unit vectors in leaf order
+    points.npy      (x, y, z float32, key uint32) records in leaf order
     keys.npy        uint32  (n,)    device key of each leaf-ordered row
     bounds.npy      float32 (2^(depth+1)-1, 6)  node boxes
     seen.npy        uint32  (n,)    last-seen epoch seconds, leaf order
@@ -36,7 +36,8 @@ FORMAT_VERSION = 1
 #: Boundary leaves test every point; internal nodes cost a box test (~6 flops
 #: and a branch).  32 points per leaf balances the two on measured data.
 DEFAULT_LEAF_SIZE = 32
-_ARRAYS = {"xyz": np.float32, "keys": np.uint32, "bounds": np.float32, "seen": np.uint32, "app": np.int8}
+_ARRAYS = {"points": _kernels.POINT_DTYPE, "keys": np.dtype(np.uint32), "bounds": np.dtype(np.float32),
+           "seen": np.dtype(np.uint32), "app": np.dtype(np.int8)}
 
 
 def _readonly(a):
@@ -51,9 +52,9 @@ class SpatialIndex:
     Built indexes are read-only: every array has ``writeable=False``.
     """
 
-    def __init__(self, store, xyz, keys, bounds, depth, seen, app, leaf_size, path=None):
+    def __init__(self, store, points, keys, bounds, depth, seen, app, leaf_size, path=None):
         self.store = store
-        self.xyz = _readonly(xyz)
+        self.points = _readonly(points)
         self.keys = _readonly(keys)
         self.bounds = _readonly(bounds)
         self.depth = int(depth)
@@ -81,16 +82,23 @@ class SpatialIndex:
             step("unit vectors")
             bounds, depth = _kernels.build_tree(pts, int(leaf_size))
             step("KD partition")
-            xyz = np.empty((n, 3), dtype=np.float32)
             keys = np.empty(n, dtype=np.uint32)
             if n:
-                _kernels.split_points(pts, xyz, keys)
-            del pts
-            step("columns")
-            seen = np.clip(store.last_seen_s[keys], 0, 2**32 - 1).astype(np.uint32)
-            app = np.ascontiguousarray(store.app_codes[keys], dtype=np.int8)
+                _kernels.copy_keys(pts, keys)
+            step("keys")
+            seen = np.empty(n, dtype=np.uint32)
+            app = np.empty(n, dtype=np.int8)
+            if n:
+                idx = keys.astype(np.int64)
+                tmp = np.empty(n, dtype=np.int64)
+                _kernels.take(store.last_seen_s, idx, tmp)
+                np.clip(tmp, 0, 2**32 - 1, out=tmp)
+                seen[:] = tmp
+                del tmp
+                _kernels.take(store.app_codes, idx, app)
+                del idx
             step("filters")
-        return cls(store, xyz, keys, bounds, depth, seen, app, leaf_size)
+        return cls(store, pts, keys, bounds, depth, seen, app, leaf_size)
 
     # -- queries ------------------------------------------------------------
 
@@ -110,7 +118,7 @@ class SpatialIndex:
         return clat, clon, r, seen_min, codes
 
     def _run(self, clat, clon, r, seen_min, codes, emit):
-        return _kernels.query(self.xyz, self.keys, self.bounds, self.depth,
+        return _kernels.query(self.points, self.keys, self.bounds, self.depth,
                               self.store.lat, self.store.lon, clat, clon, r,
                               self.seen, seen_min, self.app, codes, emit)
 
@@ -142,7 +150,7 @@ class SpatialIndex:
     @property
     def nbytes(self) -> int:
         """Serving memory of positions, index and keys (filters excluded)."""
-        return int(self.xyz.nbytes + self.keys.nbytes + self.bounds.nbytes)
+        return int(self.points.nbytes + self.keys.nbytes + self.bounds.nbytes)
 
     @property
     def nbytes_with_filters(self) -> int:
@@ -197,7 +205,7 @@ class SpatialIndex:
                 f"store has {len(store)} rows of generation {store.generation}")
         if not isinstance(depth, int) or not 0 <= depth <= 31:
             raise CorruptFileError(f"{d / INDEX_META}: bad depth {depth!r}")
-        expected = {"xyz": (n, 3), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,)}
+        expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,)}
         arrays = {}
         for name, dtype in _ARRAYS.items():
             try:
@@ -209,7 +217,7 @@ class SpatialIndex:
                     f"{d / (name + '.npy')}: expected {np.dtype(dtype)} {expected[name]}, "
                     f"found {a.dtype} {a.shape}")
             arrays[name] = a
-        return cls(store, arrays["xyz"], arrays["keys"], arrays["bounds"], depth,
+        return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
                    arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d)
 
 

@@ -148,7 +148,7 @@ def test_audience_set_algebra_is_ring_difference():
 def test_built_index_is_read_only(tmp_path):
     lat, lon = _uniform(1000, 14)
     index = gt.SpatialIndex.build(_store(lat, lon))
-    for arr in (index.xyz, index.keys, index.bounds, index.seen, index.app):
+    for arr in (index.points, index.keys, index.bounds, index.seen, index.app):
         with pytest.raises(ValueError):
             arr[0] = 0
     for arr in (index.store.lat, index.store.lon, index.store.device_id):
@@ -157,7 +157,7 @@ def test_built_index_is_read_only(tmp_path):
     index.save(tmp_path / "idx")
     opened = gt.SpatialIndex.open(tmp_path / "idx")
     with pytest.raises(ValueError):
-        opened.xyz[0, 0] = 1.0
+        opened.points[0] = opened.points[1]
     with pytest.raises(ValueError):
         opened.store.lat[0] = 1.0
 
@@ -167,9 +167,9 @@ def test_save_open_round_trip_is_exact(tmp_path):
     index = gt.SpatialIndex.build(_store(lat, lon, app=np.where(np.arange(5000) % 2, "a", "b")))
     index.save(tmp_path / "idx")
     opened = gt.SpatialIndex.open(tmp_path / "idx")
-    for name in ("xyz", "keys", "bounds", "seen", "app"):
+    for name in ("points", "keys", "bounds", "seen", "app"):
         np.testing.assert_array_equal(getattr(opened, name), getattr(index, name))
-    assert isinstance(opened.xyz, np.memmap)
+    assert isinstance(opened.points, np.memmap)
     for r in (10, 1000, 10000):
         np.testing.assert_array_equal(opened.within(5, 5, r).keys(), index.within(5, 5, r).keys())
 
@@ -183,8 +183,8 @@ def test_corrupt_index_files_raise(tmp_path, damage):
     elif damage == "bad meta":
         (d / "index.json").write_text("{not json")
     elif damage == "truncated npy":
-        data = (d / "xyz.npy").read_bytes()
-        (d / "xyz.npy").write_bytes(data[: len(data) // 2])
+        data = (d / "points.npy").read_bytes()
+        (d / "points.npy").write_bytes(data[: len(data) // 2])
     elif damage == "wrong shape":
         np.save(d / "keys.npy", np.zeros(999, np.uint32))
     else:

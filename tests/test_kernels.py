@@ -162,15 +162,36 @@ def test_gather_rows_matches_take():
     np.testing.assert_array_equal(out, np.take(src, idx))
 
 
-def test_split_points_matches_reference():
+def test_copy_keys_matches_reference():
     rng = np.random.default_rng(4)
     pts = np.empty(257, dtype=_kernels.POINT_DTYPE)
-    _kernels.fill_points(rng.uniform(-90, 90, 257), rng.uniform(-180, 180, 257), pts)
-    xyz = np.empty((257, 3), np.float32)
+    _kernels.fill_points(rng.uniform(-90, 90, 257), rng.uniform(-180, 180, 257), pts,
+                         rng.permutation(257).astype(np.uint32))
     keys = np.empty(257, np.uint32)
-    _kernels.split_points(pts, xyz, keys)
-    np.testing.assert_array_equal(xyz, np.stack([pts["x"], pts["y"], pts["z"]], 1))
+    _kernels.copy_keys(pts, keys)
     np.testing.assert_array_equal(keys, pts["key"])
+
+
+def test_take_matches_numpy():
+    rng = np.random.default_rng(5)
+    idx = rng.integers(0, 1000, 3000)
+    for dtype in (np.uint64, np.int64, np.float64, np.int8, np.uint32):
+        src = rng.integers(-100, 100, 1000).astype(dtype)
+        out = np.empty(3000, dtype=dtype)
+        _kernels.take(src, idx, out)
+        np.testing.assert_array_equal(out, src[idx])
+
+
+def test_sort_ids_matches_argsort():
+    rng = np.random.default_rng(6)
+    for ids in (rng.integers(0, 2**63, 5000, dtype=np.int64).astype(np.uint64),
+                rng.integers(0, 50, 5000).astype(np.uint64),          # many duplicates
+                np.arange(5000, dtype=np.uint64)[::-1].copy(),
+                np.array([], dtype=np.uint64), np.array([2**64 - 1, 0], dtype=np.uint64)):
+        s, rows = _kernels.sort_ids(ids)
+        order = np.argsort(ids, kind="stable")
+        np.testing.assert_array_equal(s, ids[order])
+        np.testing.assert_array_equal(rows, order)
 
 
 @pytest.mark.parametrize("n,leaf", [(0, 32), (1, 32), (32, 32), (33, 32), (1000, 1), (10**6, 32)])
