@@ -76,10 +76,62 @@ cdef extern from * nogil:
     struct GtPoint { float x; float y; float z; uint32_t key; };
     struct GtIdKey { uint64_t id; uint32_t key; };
 
-    /* Sort (id, key) pairs by id; libstdc++'s parallel mode uses every core. */
-    static inline void gt_sort_ids(GtIdKey* first, int64_t n) {
-        GT_PAR_NS::sort(first, first + n, [](const GtIdKey& a, const GtIdKey& b) {
-            return a.id < b.id || (a.id == b.id && a.key < b.key); });
+    #include <vector>
+    #include <memory>
+    /* Sort ids carrying their row numbers.  One counting pass and one stable
+       scatter into up to 2^16 buckets by the top bits of (id - min), then each
+       bucket is sorted on its own, in cache, in parallel.  Device ids are
+       hashes in practice, so buckets are small and even; a skewed id space
+       only makes some buckets larger, never the result wrong. */
+    static void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows) {
+        if (n == 0) return;
+        uint64_t lo = ids[0], hi = ids[0];
+        #pragma omp parallel for reduction(min:lo) reduction(max:hi)
+        for (int64_t i = 0; i < n; i++) { if (ids[i] < lo) lo = ids[i]; if (ids[i] > hi) hi = ids[i]; }
+        uint64_t span = hi - lo;
+        int bits = span ? 64 - __builtin_clzll(span) : 0;
+        int shift = bits > 16 ? bits - 16 : 0;
+        int64_t nb = (int64_t)(span >> shift) + 1;
+        int nt = 1;
+        #ifdef _OPENMP
+        nt = omp_get_max_threads();
+        #endif
+        std::vector<int64_t> counts((size_t)nt * nb, 0);
+        /* new[] without () leaves the memory untouched: no serial zeroing pass */
+        std::unique_ptr<GtIdKey[]> tmp(new GtIdKey[(size_t)n]);
+        #pragma omp parallel num_threads(nt)
+        {
+            int t = 0;
+            #ifdef _OPENMP
+            t = omp_get_thread_num();
+            #endif
+            int64_t s = n * t / nt, e = n * (t + 1) / nt;
+            int64_t* c = &counts[(size_t)t * nb];
+            for (int64_t i = s; i < e; i++) c[(ids[i] - lo) >> shift]++;
+            #pragma omp barrier
+            #pragma omp single
+            {
+                int64_t acc = 0;
+                for (int64_t b = 0; b < nb; b++)
+                    for (int u = 0; u < nt; u++) {
+                        int64_t v = counts[(size_t)u * nb + b]; counts[(size_t)u * nb + b] = acc; acc += v; }
+            }
+            for (int64_t i = s; i < e; i++) {
+                int64_t pos = c[(ids[i] - lo) >> shift]++;
+                tmp[pos].id = ids[i]; tmp[pos].key = (uint32_t)i;
+            }
+        }
+        /* after the scatter, counts[(nt-1)*nb + b] is the end of bucket b */
+        #pragma omp parallel for schedule(dynamic, 64)
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t e = counts[(size_t)(nt - 1) * nb + b];
+            int64_t s = b ? counts[(size_t)(nt - 1) * nb + b - 1] : 0;
+            if (e - s > 1)
+                std::sort(tmp.get() + s, tmp.get() + e, [](const GtIdKey& a, const GtIdKey& b) {
+                    return a.id < b.id || (a.id == b.id && a.key < b.key); });
+        }
+        #pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) { out_ids[i] = tmp[i].id; out_rows[i] = tmp[i].key; }
     }
 
     /* Ties are broken by key so that the partition (and hence every leaf's
@@ -126,10 +178,7 @@ cdef extern from * nogil:
         float y
         float z
         uint32_t key
-    ctypedef struct GtIdKey:
-        uint64_t id
-        uint32_t key
-    void gt_sort_ids(GtIdKey* first, int64_t n)
+    void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
     void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis)
     void gt_nth_element_par(GtPoint* first, int64_t nth, int64_t n, int axis)
     int gt_clz64(uint64_t v)
@@ -147,7 +196,6 @@ EARTH_RADIUS_KM = EARTH_R
 CHORD_GUARD = GUARD
 
 POINT_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("key", "<u4")])
-IDKEY_DTYPE = np.dtype({"names": ["id", "key"], "formats": ["<u8", "<u4"], "offsets": [0, 8], "itemsize": 16})
 
 
 def max_threads():
@@ -667,13 +715,12 @@ def sort_ids(const cnp.uint64_t[::1] ids):
     In numpy, this operation is equivalent to
     ``rows = np.argsort(ids, kind="stable"); sorted_ids = ids[rows]``.
     """
-    cdef Py_ssize_t i, n = ids.shape[0]
-    pairs = np.empty(n, dtype=IDKEY_DTYPE)
-    cdef GtIdKey[::1] pv = pairs
-    with nogil:
-        for i in prange(n, schedule="static"):
-            pv[i].id = ids[i]
-            pv[i].key = <uint32_t>i
-        if n > 1:
-            gt_sort_ids(&pv[0], n)
-    return np.ascontiguousarray(pairs["id"]), np.ascontiguousarray(pairs["key"])
+    cdef Py_ssize_t n = ids.shape[0]
+    sorted_ids = np.empty(n, dtype=np.uint64)
+    rows = np.empty(n, dtype=np.uint32)
+    cdef cnp.uint64_t[::1] so = sorted_ids
+    cdef uint32_t[::1] ro = rows
+    if n:
+        with nogil:
+            gt_sort_ids(&ids[0], n, &so[0], &ro[0])
+    return sorted_ids, rows
