@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from .geo import check_coordinates
 
 STORE_FILE = "store.arrow"
 ID_INDEX_FILE = "id_index.npy"
+ID_SORTED_FILE = "id_sorted.npy"
 FORMAT_VERSION = 1
 _META_KEY = b"geotarget.store"
 #: Keys are uint32 and 2^32 - 1 is reserved as "no key".
@@ -268,6 +270,51 @@ class DeviceStore:
             raise CorruptFileError(f"{path}: cannot read Parquet: {exc}") from None
         return cls.from_table(table, generation=generation)
 
+    @classmethod
+    def write_chunks(cls, directory, chunks, n: int, app_names, *, generation=1, progress=None):
+        """Ingest ``n`` devices from an iterator of column chunks straight to disk.
+
+        Each chunk is a mapping with ``device_id``, ``lat``, ``lon``, ``app``
+        (int8 codes into ``app_names``) and ``last_seen`` (epoch seconds).
+        Every chunk is validated like :meth:`from_arrays` and written in its
+        own spatial order, so keys stay spatially coherent without a global
+        sort; duplicates across chunks are caught when the id index is built.
+        Memory stays bounded by one chunk.
+        """
+        from .progress import bar
+        app_names = list(app_names)
+        writer = StoreWriter(directory, n, app_names, generation)
+        start = 0
+        try:
+            with bar(n, "ingest", unit="dev", enabled=progress, unit_scale=True) as b:
+                for chunk in chunks:
+                    ids = _check_ids(chunk["device_id"])
+                    m = ids.shape[0]
+                    lat, lon = check_coordinates(chunk["lat"], chunk["lon"])
+                    if lat.shape[0] != m:
+                        raise InvalidInputError(f"lat has {lat.shape[0]} rows but device_id has {m}")
+                    codes = np.asarray(chunk["app"])
+                    if codes.shape != (m,) or not np.issubdtype(codes.dtype, np.integer):
+                        raise InvalidInputError(f"app must be {m} integer codes, got {codes.dtype} {codes.shape}")
+                    bad = (codes < 0) | (codes >= len(app_names))
+                    if bad.any():
+                        i = int(np.flatnonzero(bad)[0])
+                        raise InvalidInputError(f"app[{start + i}] = {codes[i]} is not a code of app_names")
+                    seen = _check_last_seen(chunk["last_seen"], m)
+                    if start + m > n:
+                        raise InvalidInputError(f"chunks hold more than n={n} rows")
+                    order = _spatial_order(lat, lon)
+                    writer.write(start, _take(ids, order), _take(lat, order), _take(lon, order),
+                                 _take(codes.astype(np.int8), order), _take(seen, order))
+                    start += m
+                    b.update(m)
+            if start != n:
+                raise InvalidInputError(f"chunks held {start} rows, expected n={n}")
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
     # -- basic facts ------------------------------------------------------
 
     def __len__(self):
@@ -410,11 +457,9 @@ class DeviceStore:
             os.fsync(fh.fileno())
         os.replace(tmp, d / STORE_FILE)
         if self._id_index is not None:
-            tmp = d / (ID_INDEX_FILE + ".tmp.npy")
-            np.save(tmp, np.asarray(self._id_index))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, d / ID_INDEX_FILE)
+            sorted_ids, order = self._ids_sorted()
+            _save_npy(d / ID_SORTED_FILE, sorted_ids)
+            _save_npy(d / ID_INDEX_FILE, order)
         _fsync_dir(d)
         self.path = d
         return d
@@ -427,8 +472,8 @@ class DeviceStore:
         if not f.exists():
             raise CorruptFileError(f"{d}: no {STORE_FILE} here; is this a geotarget store directory?")
         try:
-            source = pa.memory_map(str(f), "r")
-            reader = pa.ipc.open_file(source)
+            mm = _map_file(f)
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mm)))
             schema = reader.schema
             meta = json.loads((schema.metadata or {}).get(_META_KEY, b"null"))
             if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
@@ -465,14 +510,186 @@ class DeviceStore:
                 raise CorruptFileError(f"{d / ID_INDEX_FILE}: {exc}") from None
             if id_index.shape != (batch.num_rows,) or id_index.dtype != np.uint32:
                 raise CorruptFileError(f"{d / ID_INDEX_FILE}: shape/dtype do not match the store")
+        sorted_ids = None
+        if id_index is not None and (d / ID_SORTED_FILE).exists():
+            try:
+                sorted_ids = np.load(d / ID_SORTED_FILE, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise CorruptFileError(f"{d / ID_SORTED_FILE}: {exc}") from None
+            if sorted_ids.shape != (batch.num_rows,) or sorted_ids.dtype != np.uint64:
+                raise CorruptFileError(f"{d / ID_SORTED_FILE}: shape/dtype do not match the store")
         store = cls(ids, lat, lon, codes, names, seen, generation=meta["generation"], path=d,
                     _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
+        store._sorted_ids = sorted_ids
+        store._mmap = mm
         return store
+
+    def release(self) -> None:
+        """Drop this process's resident pages of a memory-mapped store.
+
+        The data stays in the page cache and on disk and is faulted back on
+        the next access; this only keeps a one-off full scan (an index build)
+        from counting the whole file in the process's RSS.
+        """
+        mm = getattr(self, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def build_id_index(self):
         """Compute (and keep) the device-id lookup permutation, so that :meth:`save` stores it."""
         self._ids_sorted()
         return self
+
+
+def _map_file(path: Path) -> mmap.mmap:
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise CorruptFileError(f"{path}: empty file")
+        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, fsynced, atomically renamed into place."""
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.asarray(array))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _SparseSink:
+    """A write-only file for pyarrow that turns large (column body) writes into holes.
+
+    The store writer first lays out an Arrow IPC file of the right size with
+    pyarrow (so the format is pyarrow's, not ours), writing metadata for real
+    and skipping the all-zero column bodies, then fills the bodies with pwrite.
+    """
+
+    def __init__(self, path):
+        self.f = open(path, "wb")
+        self.pos = 0
+        self.closed = False
+
+    def write(self, data):
+        mv = memoryview(data)
+        n = mv.nbytes
+        if n >= (1 << 16):
+            self.f.seek(n, 1)
+        else:
+            self.f.write(mv)
+        self.pos += n
+        return n
+
+    def tell(self):
+        return self.pos
+
+    def flush(self):
+        self.f.flush()
+
+    def writable(self):
+        return True
+
+    def close(self):
+        if not self.closed:
+            self.f.truncate(self.pos)
+            self.f.close()
+            self.closed = True
+
+
+class StoreWriter:
+    """Write a store generation of ``n`` rows to disk chunk by chunk, in bounded memory.
+
+    Rows are written with ``pwrite`` straight into the Arrow IPC file, so a
+    400 M-row generation never exists in anonymous memory.
+    """
+
+    _COLS = (("device_id", np.uint64), ("lat", np.float64), ("lon", np.float64),
+             ("app", np.int8), ("last_seen", np.int64))
+
+    def __init__(self, directory, n: int, app_names, generation: int = 1):
+        if n > MAX_DEVICES:
+            raise InvalidInputError(f"n={n} exceeds the {MAX_DEVICES} key space")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n = int(n)
+        self.app_names = [str(a) for a in app_names]
+        if not self.app_names or len(self.app_names) > MAX_APPS:
+            raise InvalidInputError(f"app_names: between 1 and {MAX_APPS} apps, got {len(self.app_names)}")
+        self.generation = int(generation)
+        self.tmp = self.dir / (STORE_FILE + ".tmp")
+        meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "generation": self.generation,
+                                       "rows": self.n}).encode()}
+        schema = SCHEMA.with_metadata(meta)
+        zeros = {dt: np.zeros(self.n, dtype=dt) for dt in (np.uint64, np.float64, np.int8, np.int64)}
+        cols = [pa.array(zeros[np.uint64]), pa.array(zeros[np.float64]), pa.array(zeros[np.float64]),
+                pa.DictionaryArray.from_arrays(pa.array(zeros[np.int8]), pa.array(self.app_names, pa.string())),
+                pa.array(zeros[np.int64]).view(pa.timestamp("s", tz="UTC"))]
+        sink = _SparseSink(self.tmp)
+        with pa.PythonFile(sink, mode="w") as f, pa.ipc.new_file(f, schema) as w:
+            w.write_batch(pa.record_batch(cols, schema=schema))
+        del zeros, cols
+        mm = _map_file(self.tmp)
+        try:
+            buf = pa.py_buffer(mm)
+            batch = pa.ipc.open_file(pa.BufferReader(buf)).get_batch(0)
+            arrays = [batch.column(i) for i in range(5)]
+            arrays[3] = arrays[3].indices
+            self.offsets = [a.buffers()[1].address - buf.address for a in arrays]
+            del batch, arrays, buf
+        finally:
+            mm.close()
+        self.fd = os.open(self.tmp, os.O_WRONLY)
+        self.written = 0
+
+    def write(self, start: int, device_id, lat, lon, app, last_seen) -> None:
+        """Write rows ``[start, start + len(device_id))`` (clean arrays; validated by the caller)."""
+        m = len(device_id)
+        if start < 0 or start + m > self.n:
+            raise InvalidInputError(f"rows [{start}, {start + m}) fall outside [0, {self.n})")
+        for (name, dtype), off, arr in zip(self._COLS, self.offsets, (device_id, lat, lon, app, last_seen)):
+            a = np.ascontiguousarray(arr, dtype=dtype)
+            if a.shape != (m,):
+                raise InvalidInputError(f"{name} has shape {a.shape}, expected ({m},)")
+            view = memoryview(a).cast("B")
+            pos = off + start * a.itemsize
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:done + (1 << 30)], pos + done)
+        self.written += m
+
+    def finish(self, id_index: bool = True) -> "DeviceStore":
+        """Check ids are unique, fsync, move into place with the id lookup files, and open."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        sorted_ids = order = None
+        if id_index and self.n:
+            mm = _map_file(self.tmp)
+            try:
+                ids = np.frombuffer(mm, dtype=np.uint64, count=self.n, offset=self.offsets[0])
+                sorted_ids, order = _kernels.sort_ids(ids)
+                del ids
+            finally:
+                mm.close()
+            dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+            if dup.size:
+                raise InvalidInputError(f"device_id {sorted_ids[dup[0]]} appears twice (rows "
+                                        f"{order[dup[0]]} and {order[dup[0] + 1]})")
+        for stale in (ID_INDEX_FILE, ID_SORTED_FILE):
+            (self.dir / stale).unlink(missing_ok=True)
+        if sorted_ids is not None:
+            _save_npy(self.dir / ID_SORTED_FILE, sorted_ids)
+            _save_npy(self.dir / ID_INDEX_FILE, order)
+            del sorted_ids, order
+        os.replace(self.tmp, self.dir / STORE_FILE)
+        _fsync_dir(self.dir)
+        return DeviceStore.open(self.dir)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
 
 
 def _geoparquet_points(table: pa.Table):

@@ -207,3 +207,57 @@ def test_lookup_finds_every_device(points):
     k = s.lookup(ids)
     assert (k >= 0).all() and len(set(k.tolist())) == len(points)
     assert (s.lookup(np.array([2, 10**15], np.uint64)) == -1).all()
+
+
+def _chunks(ids, lat, lon, size, app=None, seen=None):
+    for s in range(0, len(ids), size):
+        yield {"device_id": ids[s:s + size], "lat": lat[s:s + size], "lon": lon[s:s + size],
+               "app": (app if app is not None else np.zeros(len(ids), np.int8))[s:s + size],
+               "last_seen": (seen if seen is not None else np.full(len(ids), 1_700_000_000))[s:s + size]}
+
+
+def test_write_chunks_streams_a_generation_to_disk(tmp_path):
+    ids, lat, lon = _arrays(10_000, 7)
+    app = (np.arange(10_000) % 3).astype(np.int8)
+    seen = np.arange(10_000) + 1_700_000_000
+    s = gt.DeviceStore.write_chunks(tmp_path, _chunks(ids, lat, lon, 3000, app, seen), 10_000,
+                                    ["amap", "qq", "weibo"])
+    assert len(s) == 10_000 and s.generation == 1 and s.app_names == ("amap", "qq", "weibo")
+    k = s.lookup(ids)
+    assert sorted(k.tolist()) == list(range(10_000))
+    np.testing.assert_array_equal(s.lat[k], lat)
+    np.testing.assert_array_equal(s.lon[k], lon)
+    np.testing.assert_array_equal(s.app_codes[k], app)
+    np.testing.assert_array_equal(s.last_seen_s[k], seen)
+    # each chunk keeps its rows: chunk 0's devices hold keys 0..2999
+    assert set(k[:3000].tolist()) == set(range(3000))
+    reopened = gt.DeviceStore.open(tmp_path)
+    np.testing.assert_array_equal(reopened.lookup(ids), k)
+    assert reopened._id_index is not None            # the id lookup was saved, not recomputed
+    s.release()
+    np.testing.assert_array_equal(s.lat[k], lat)      # released pages fault back in
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("duplicate across chunks", "appears twice"),
+    ("nan in second chunk", r"lat\[\d+\]"),
+    ("short", "expected n="),
+    ("bad app code", r"app\[\d+\]"),
+])
+def test_write_chunks_refuses_bad_input_and_leaves_nothing(tmp_path, damage, msg):
+    ids, lat, lon = _arrays(6000, 8)
+    n = 6000
+    app = None
+    if damage == "duplicate across chunks":
+        ids[4500] = ids[10]
+    elif damage == "nan in second chunk":
+        lat[3500] = np.nan
+    elif damage == "short":
+        n = 7000
+    else:
+        app = np.zeros(6000, np.int8)
+        app[5000] = 3
+    with pytest.raises(InvalidInputError, match=msg):
+        gt.DeviceStore.write_chunks(tmp_path, _chunks(ids, lat, lon, 3000, app), n, ["amap"])
+    assert not (tmp_path / "store.arrow.tmp").exists()
+    assert not (tmp_path / "store.arrow").exists()
