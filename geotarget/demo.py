@@ -1,0 +1,461 @@
+"""``geotarget demo``: the whole job, end to end, on a realistic national population.
+
+What it does, in simulated time (China Standard Time, +08:00)::
+
+    population   ~20 M devices over China's real cities, 25 partner apps
+    index        KD-tree over the devices
+    officers     a county officer of a real district, a city-level superior, the ministry
+    08:25        the county officer reports a missing child (missing since 08:10)
+    08:31        the superior approves: the alert is published
+    08:32        tick -> alert   100 km  (t <= 1 h)
+    09:15        tick -> expand  200 km  (1 h < t <= 2 h)
+    10:20        tick -> expand  300 km  (2 h < t <= 3 h)
+    10:50        locations refresh (2 % of devices move, new devices appear) -> topup 300 km
+    11:15        tick -> expand  500 km  (t > 3 h)
+    13:05        the child is found -> closure to exactly everyone notified
+
+Every push is acknowledged after its CAP message is written, as a dispatcher
+would.  The report then checks, from the pushes it received and not from the
+engine's bookkeeping, that the closure audience is exactly the union of the
+ring pushes, that no device got two ring pushes, and (against a brute-force
+NumPy haversine scan) that every device now within the last radius was
+notified.
+
+Timings per push: ``query`` is :meth:`SpatialIndex.within` for the push's
+circle, timed by the demo right after the engine call (same circle, same
+location-age cutoff); ``log`` is the durable write (the log's outermost
+transactions, fsync included), timed by a :class:`RecipientLog` subclass;
+``engine`` is the whole ``tick``/``refresh``/``close`` call.  The rest of
+``engine`` is the ring difference (bitmaps) and the CAP rendering.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pyroaring import BitMap
+
+from .authority import Authority, Officer
+from .engine import AlertEngine, Push
+from .errors import InvalidInputError
+from .index import SpatialIndex, within_reference
+from .log import RecipientLog
+from .population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
+from .schedule import RadiusSchedule
+
+__all__ = ["run_demo", "format_report", "demo_officers", "DEFAULT_DEVICES", "DEFAULT_CITY"]
+
+DEFAULT_DEVICES = 20_000_000
+DEFAULT_CITY = "Hangzhou"
+DEFAULT_WORKDIR = "geotarget_demo"
+CST = _dt.timezone(_dt.timedelta(hours=8), "CST")
+#: The child went missing ten minutes after the population's snapshot time.
+MISSING_SINCE = DEFAULT_NOW.astimezone(CST) + _dt.timedelta(minutes=10)
+#: Devices silent for longer than this are not targeted (their location is stale).
+MAX_LOCATION_AGE = _dt.timedelta(hours=24)
+#: Share of devices that report a new location at the refresh, and of new devices.
+MOVED_SHARE = 0.02
+NEW_SHARE = 0.002
+
+# A real county-level district under the big cities (GB/T 2260); other cities
+# fall back to their "urban districts" code XXYY01 (市辖区).
+_DISTRICTS = {
+    "110000": ("110101", "Dongcheng District"), "120000": ("120101", "Heping District"),
+    "310000": ("310101", "Huangpu District"), "500000": ("500103", "Yuzhong District"),
+    "330100": ("330102", "Shangcheng District"), "320100": ("320102", "Xuanwu District"),
+    "440100": ("440104", "Yuexiu District"), "440300": ("440303", "Luohu District"),
+    "510100": ("510104", "Jinjiang District"), "420100": ("420102", "Jiang'an District"),
+    "610100": ("610102", "Xincheng District"), "620100": ("620102", "Chengguan District"),
+}
+
+FILES = {"log": "recipients.sqlite", "cap": "cap", "map": "alert_map.png", "index": "index"}
+
+
+def _minutes(m: int) -> _dt.timedelta:
+    return _dt.timedelta(minutes=m)
+
+
+def demo_officers(c: dict) -> tuple[list[Officer], dict]:
+    """The officers for city ``c``: a county officer, a superior, the ministry.
+
+    Returns the officers and ``{"county": (officer, district name), "superior": officer}``.
+    """
+    code = c["adcode"]
+    if code in _DISTRICTS:
+        district, dname = _DISTRICTS[code]
+    elif code[4:] != "00":          # a county-level city under its province
+        district, dname = code, c["name_en"]
+    elif code[2:] == "0000":        # a municipality: XX0101
+        district, dname = code[:2] + "0101", f"urban districts of {c['name_en']}"
+    else:
+        district, dname = code[:4] + "01", f"urban districts of {c['name_en']}"
+    if code[2:] == "0000" or code[4:] != "00":
+        superior = Officer(f"P-{code[:2]}0000", level="province", division=code[:2] + "0000",
+                           name=f"{c['province_en']} Public Security Department")
+    else:
+        superior = Officer(f"S-{code}", level="city", division=code,
+                           name=f"{c['name_en']} Public Security Bureau")
+    county = Officer(f"C-{district}", level="county", division=district, name=f"{dname} police")
+    ministry = Officer("MPS-000000", level="ministry", division="000000", name="Ministry of Public Security")
+    return [county, superior, ministry], {"county": (county, dname), "superior": superior}
+
+
+class _TimedLog(RecipientLog):
+    """A RecipientLog that adds up the wall time of its outermost transactions.
+
+    Every durable write of the engine (push, alert state, audit) happens in one
+    outer transaction, so this is the log's share of a push, fsync included.
+    """
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.write_s = 0.0
+        self._outer = 0
+
+    @contextlib.contextmanager
+    def transaction(self):
+        outer = self._outer == 0
+        self._outer += 1
+        t0 = time.perf_counter()
+        try:
+            with super().transaction() as log:
+                yield log
+        finally:
+            self._outer -= 1
+            if outer:
+                self.write_s += time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class Row:
+    """One push, as the report shows it."""
+
+    seq: int
+    push_id: str
+    kind: str
+    at: _dt.datetime
+    elapsed_min: float
+    radius_km: float
+    recipients: int
+    reached: int
+    by_app: dict
+    query_ms: float | None
+    log_ms: float
+    engine_ms: float
+    cap: str
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["at"] = self.at.isoformat()
+        return d
+
+
+def _moves(store, seed: int, at: _dt.datetime):
+    """A location refresh: 2 % of devices report again (most nearby, some in another city),
+    and 0.2 % new devices appear, drawn like the population."""
+    rng = np.random.default_rng([seed, 7])
+    n = len(store)
+    k = rng.choice(n, max(1, int(n * MOVED_SHARE)), replace=False) if n else np.empty(0, np.int64)
+    m = k.size
+    lat = np.array(store.lat[k], dtype=np.float64)
+    lon = np.array(store.lon[k], dtype=np.float64)
+    # 70 %: a local move of a few km; 30 %: a trip to another city, chosen by population
+    travel = rng.random(m) < 0.3
+    t = cities()
+    w = t.column("population").to_numpy().astype(np.float64)
+    dest = rng.choice(len(w), int(travel.sum()), p=w / w.sum())
+    lat[travel] = t.column("lat").to_numpy()[dest] + rng.normal(0, 0.08, dest.size)
+    lon[travel] = t.column("lon").to_numpy()[dest] + rng.normal(0, 0.08, dest.size)
+    local = ~travel
+    step_km = rng.gamma(2.0, 2.5, int(local.sum()))
+    bearing = rng.uniform(0, 2 * np.pi, step_km.size)
+    lat[local] += step_km * np.cos(bearing) / 111.2
+    lon[local] += step_km * np.sin(bearing) / (111.2 * np.cos(np.radians(lat[local])))
+    np.clip(lat, -90.0, 90.0, out=lat)
+    lon = (lon + 180.0) % 360.0 - 180.0
+    ids = np.array(store.device_id[k], dtype=np.uint64)
+    apps = np.asarray(store.app_names, dtype=object)[store.app_codes[k]]
+    # new installs: a second population, minus any id that happens to exist already
+    fresh = generate_arrays(max(1, int(n * NEW_SHARE)), seed=seed + 1_000_003, progress=False)
+    keep = store.lookup(fresh["device_id"]) < 0
+    keep &= ~np.isin(fresh["device_id"], ids)
+    ids = np.concatenate([ids, fresh["device_id"][keep]])
+    lat = np.concatenate([lat, fresh["lat"][keep]])
+    lon = np.concatenate([lon, fresh["lon"][keep]])
+    apps = np.concatenate([apps, np.asarray(PARTNER_APPS, dtype=object)[fresh["app"][keep]]])
+    seen = _dt.datetime.fromtimestamp(int(at.timestamp()), _dt.timezone.utc)
+    return store.with_updates(ids, lat, lon, last_seen=seen, app=apps), m, int(keep.sum())
+
+
+def _clean(work: Path) -> None:
+    """Remove what an earlier demo run left under the demo's own file names."""
+    for name in (FILES["log"], FILES["log"] + "-wal", FILES["log"] + "-journal", FILES["map"]):
+        with contextlib.suppress(FileNotFoundError):
+            (work / name).unlink()
+    cap = work / FILES["cap"]
+    if cap.is_dir():
+        for f in cap.glob("GT-*.xml"):
+            f.unlink()
+
+
+def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAULT_CITY,
+             workdir: str | os.PathLike = DEFAULT_WORKDIR, draw_map: bool = True,
+             progress: bool | None = None, echo: Callable[[str], Any] | None = print) -> dict:
+    """Run the demo; return a JSON-able result (see :func:`format_report`).
+
+    ``echo`` receives one line per step as it happens (``None``: silent).
+    Bad arguments raise :class:`InvalidInputError` before any work is done.
+    """
+    say = echo or (lambda _s: None)
+    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
+        raise InvalidInputError(f"devices must be a positive integer, got {devices!r}")
+    devices = int(devices)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+    c = find_city(city)
+    work = Path(os.fspath(workdir))
+    if work.exists() and not work.is_dir():
+        raise InvalidInputError(f"workdir={str(work)!r} exists and is not a directory")
+    work.mkdir(parents=True, exist_ok=True)
+    _clean(work)
+    (work / FILES["cap"]).mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name):
+        t0 = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - t0
+
+    say(f"geotarget demo: {devices:,} devices (seed {seed}), a missing child in {c['name_en']} "
+        f"({c['province_en']}), files in {work}/")
+
+    # 1-2. population and index ------------------------------------------------
+    with timed("population"):
+        store = population(devices, seed=seed, progress=progress)
+    say(f"[1/6] population  {len(store):,} devices around {cities().num_rows} real cities, "
+        f"{len(store.app_names)} partner apps  ({timings['population']:.1f} s)")
+    with timed("index"):
+        index = SpatialIndex.build(store, progress=progress)
+    say(f"[2/6] index       KD-tree over {len(index):,} unit vectors, rows in leaf order  "
+        f"({timings['index']:.1f} s)")
+
+    # 3. officers, report, approval -------------------------------------------
+    officers, roles = demo_officers(c)
+    county, dname = roles["county"]
+    superior = roles["superior"]
+    log = _TimedLog(work / FILES["log"])
+    engine = AlertEngine(index, log=log, authority=Authority(officers),
+                         schedule=RadiusSchedule.default(), max_location_age=MAX_LOCATION_AGE)
+    t0 = MISSING_SINCE
+    details = {
+        "headline": f"{c['name_zh']}儿童失踪:女童,6岁,身穿红色外套",
+        "description": f"{t0:%H:%M} 前后在{c['name_zh']}走失。如有线索请立即拨打110。",
+        "instruction": "请留意身边儿童,发现线索立即报警(110),切勿自行处置。",
+        "city": c["name_en"],
+    }
+    alert = engine.report(county.officer_id, lat=c["lat"], lon=c["lon"], missing_since=t0,
+                          division=county.division, details=details, now=t0 + _minutes(15))
+    engine.approve(alert.id, superior.officer_id, now=t0 + _minutes(21))
+    say(f"[3/6] officers    {county.officer_id} ({county.level}, {dname}) reports alert {alert.id} "
+        f"at {t0 + _minutes(15):%H:%M}; {superior.officer_id} ({superior.level}) approves at "
+        f"{t0 + _minutes(21):%H:%M}")
+
+    # 4. rings, with a refresh between 300 and 500 km --------------------------
+    rows: list[Row] = []
+    received: list[Push] = []
+    reached = 0
+
+    def handle(pushes: list[Push], now, engine_s: float, log_s: float, idx) -> None:
+        nonlocal reached
+        for p in pushes:
+            q_ms = None
+            if p.kind in ("alert", "expand", "topup"):
+                q0 = time.perf_counter()
+                idx.within(alert.lat, alert.lon, p.radius_km, seen_since=now - MAX_LOCATION_AGE)
+                q_ms = (time.perf_counter() - q0) * 1e3
+                reached += len(p)
+            cap_path = work / FILES["cap"] / f"{p.push_id}.xml"
+            cap_path.write_text(p.cap_xml, encoding="utf-8")
+            engine.ack(p.push_id)  # handed on: a restarted engine will not offer it again
+            received.append(p)
+            rows.append(Row(p.seq, p.push_id, p.kind, now, (now - t0).total_seconds() / 60,
+                            p.radius_km, len(p), reached, p.audience.counts_by_app(), q_ms,
+                            log_s * 1e3 / max(1, len(pushes)), engine_s * 1e3 / max(1, len(pushes)),
+                            str(cap_path)))
+
+    def call(fn, *args):
+        log.write_s = 0.0
+        e0 = time.perf_counter()
+        out = fn(*args)
+        return out, time.perf_counter() - e0, log.write_s
+
+    refresh = None
+    with timed("rings"):
+        for minutes in (22, 65, 130):
+            now = t0 + _minutes(minutes)
+            pushes, es, ls = call(engine.tick, now)
+            handle(pushes, now, es, ls, engine.index)
+        now = t0 + _minutes(160)
+        r0 = time.perf_counter()
+        new_store, moved, fresh = _moves(store, seed, now)
+        new_index = SpatialIndex.build(new_store, progress=progress)
+        refresh = (moved, fresh, time.perf_counter() - r0)
+        pushes, es, ls = call(engine.refresh, new_index, now)
+        handle(pushes, now, es, ls, new_index)
+        now = t0 + _minutes(185)
+        pushes, es, ls = call(engine.tick, now)
+        handle(pushes, now, es, ls, engine.index)
+        last_ring_at = now
+    say(f"[4/6] rings       {len(rows)} pushes: "
+        + ", ".join(f"{r.kind} {r.radius_km:g} km at {r.at:%H:%M}" for r in rows)
+        + f"; refresh at {t0 + _minutes(160):%H:%M}: {refresh[0]:,} devices moved, {refresh[1]:,} new, "
+        f"index rebuilt in {refresh[2]:.1f} s")
+
+    # 5. the child is found ------------------------------------------------------
+    now = t0 + _minutes(295)
+    closure, es, ls = call(engine.close, alert.id, county.officer_id, "lost", now)
+    handle([closure], now, es, ls, engine.index)
+    say(f"[5/6] closure     child found at {now:%H:%M} (outcome: lost); closure to "
+        f"{len(closure):,} devices")
+
+    # the check, from the pushes received --------------------------------------
+    with timed("check"):
+        rings = [p for p in received if p.kind in ("alert", "expand", "topup")]
+        ring_sets = [BitMap(p.audience.keys()) for p in rings]
+        union = BitMap.union(BitMap(), *ring_sets)
+        disjoint = sum(len(b) for b in ring_sets) == len(union)
+        closure_keys = closure.audience.keys()
+        equal = len(closure_keys) == len(union) and bool(
+            np.array_equal(closure_keys, np.asarray(union.to_array(), dtype=np.uint32)))
+        final = engine.index.store
+        last_r = max((p.radius_km for p in rings), default=0.0)
+        now_inside = within_reference(final, alert.lat, alert.lon, last_r,
+                                      seen_since=last_ring_at - MAX_LOCATION_AGE)
+        inside_bm = BitMap(now_inside)
+        covered = inside_bm.issubset(union)
+        moved_away = len(union - inside_bm)
+        log.verify()
+        audit = len(log.audit_entries())
+    check = {"closure_equals_union": equal, "rings_disjoint": disjoint, "union": len(union),
+             "closure": int(len(closure_keys)), "ring_pushes": len(rings),
+             "last_radius_km": last_r, "within_last_radius_now": len(inside_bm),
+             "within_last_radius_all_notified": bool(covered), "notified_outside_now": moved_away,
+             "log_verified": True, "audit_entries": audit}
+    check["ok"] = bool(equal and disjoint and covered)
+
+    # 6. files: index and map ----------------------------------------------------
+    index_dir = work / FILES["index"]
+    with timed("save_index"):
+        engine.index.save(index_dir)
+    map_path = None
+    if draw_map:
+        from .maps import draw_alert_map
+        with timed("map"):
+            map_path = draw_alert_map(engine.index, engine.alert(alert.id), received, work / FILES["map"],
+                                      seed=seed)
+        say(f"[6/6] map         {map_path}  ({timings['map']:.1f} s)")
+    else:
+        say("[6/6] map         skipped (--no-map)")
+    log.close()
+    timings["total"] = time.perf_counter() - t_start
+    return {
+        "devices": len(store), "devices_final": len(final), "seed": seed,
+        "city": c, "district": {"division": county.division, "name": dname},
+        "officers": [o.to_dict() for o in officers],
+        "alert_id": alert.id, "missing_since": t0.isoformat(),
+        "max_location_age_h": MAX_LOCATION_AGE.total_seconds() / 3600,
+        "refresh": {"moved": refresh[0], "new": refresh[1], "at": (t0 + _minutes(160)).isoformat()},
+        "pushes": [r.to_dict() for r in rows],
+        "check": check,
+        "files": {"workdir": str(work), "cap": [r.cap for r in rows], "map": str(map_path) if map_path else None,
+                  "log": str(work / FILES["log"]), "index": str(index_dir)},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+# ---------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _elapsed(minutes: float) -> str:
+    m = int(round(minutes))
+    return f"{m // 60}:{m % 60:02d}"
+
+
+def _short(n: int) -> str:
+    from .maps import compact_count
+    return compact_count(n)
+
+
+def format_report(result: dict, top_apps: int = 3) -> str:
+    """The push table, the CHECK line and where the files are (at most 100 columns)."""
+    rows = result["pushes"]
+    totals: dict[str, int] = {}
+    for r in rows:
+        if r["kind"] in ("alert", "expand", "topup"):
+            for a, v in r["by_app"].items():
+                totals[a] = totals.get(a, 0) + v
+    apps = [a for a, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top_apps]]
+    head = (f"{'#':>2} {'t':>5} {'kind':<8}{'km':>5} {'recipients':>11} {'reached':>11}"
+            + "".join(f" {a[:7]:>7}" for a in apps) + f" {'other':>7} {'query':>6} {'log':>6} {'engine':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        other = r["recipients"] - sum(r["by_app"].get(a, 0) for a in apps)
+        lines.append(
+            f"{r['seq']:>2} {_elapsed(r['elapsed_min']):>5} {r['kind']:<8}{r['radius_km']:>5g} "
+            f"{r['recipients']:>11,} {r['reached']:>11,}"
+            + "".join(f" {_short(r['by_app'].get(a, 0)):>7}" for a in apps)
+            + f" {_short(other):>7} {_ms(r['query_ms']):>6} {_ms(r['log_ms']):>6} {_ms(r['engine_ms']):>7}")
+    ck = result["check"]
+    out = [
+        f"alert {result['alert_id']}: missing since {result['missing_since'][11:16]} CST in "
+        f"{result['city']['name_en']}; t = time since then (h:mm); devices silent for "
+        f"> {result['max_location_age_h']:g} h are skipped",
+        "",
+        *lines,
+        "times in ms: query = index.within for the ring's circle; log = durable (fsynced) write;",
+        "engine = the whole tick/refresh/close call (query + ring difference + CAP + log)",
+        "",
+        ("CHECK " + ("OK" if ck["ok"] else "FAILED") + f": closure audience ({ck['closure']:,}) "
+         + ("==" if ck["closure_equals_union"] else "!=")
+         + f" union of the {ck['ring_pushes']} ring pushes ({ck['union']:,}); "
+         + ("no device got two ring pushes" if ck["rings_disjoint"] else "SOME DEVICE GOT TWO RING PUSHES")),
+        ("CHECK " + ("OK" if ck["within_last_radius_all_notified"] else "FAILED")
+         + f": all {ck['within_last_radius_now']:,} devices now within {ck['last_radius_km']:g} km "
+         f"(NumPy haversine scan) were notified; {ck['notified_outside_now']:,} notified devices"),
+        f"      have since left the circle and got the closure too; log and audit chain "
+        f"({ck['audit_entries']} entries) verified",
+        "",
+        "files:",
+        f"  CAP 1.2 messages  {Path(result['files']['cap'][0]).parent}/<push_id>.xml "
+        f"({len(result['files']['cap'])} files)" if result["files"]["cap"] else "  CAP: none",
+        f"  map               {result['files']['map']}" if result["files"]["map"] else "  map               (skipped)",
+        f"  recipient log     {result['files']['log']}",
+        f"  store + index     {result['files']['index']}/  "
+        f"(generation 2, {result['devices_final']:,} devices)",
+        "",
+        f"try:  geotarget alert show {result['alert_id']} --log {result['files']['log']}",
+        f"      geotarget map --log {result['files']['log']} --index {result['files']['index']} "
+        f"--alert {result['alert_id']}",
+        f"total {result['timings_s']['total']:.1f} s",
+    ]
+    return "\n".join(out)
+
+
+def report_json(result: dict) -> str:
+    return json.dumps(result, indent=2, ensure_ascii=False, default=str)
