@@ -250,16 +250,31 @@ def test_app_frequencies_follow_the_weights(sample):
 
 
 @settings(deadline=None)
-@given(st.lists(st.floats(0.001, 1000.0), min_size=1, max_size=40))
-def test_alias_table_reproduces_the_weights(weights):
-    """On an evenly spaced grid of uniforms the alias draw hits each category
-    in proportion to its weight, up to the grid's granularity."""
-    prob, alias = P._alias_table(weights)
-    n = 200_000
-    u = (np.arange(n) + 0.5) / n
-    counts = np.bincount(P._alias_draw(u, prob, alias), minlength=len(weights))
-    expect = np.asarray(weights) / np.sum(weights) * n
-    assert (np.abs(counts - expect) <= 2 * len(weights) + 1).all()
+@given(weights=st.lists(st.floats(1e-9, 1000.0), min_size=1, max_size=60),
+       bits=st.integers(1, 12), seed=st.integers(0, 2**32))
+def test_sampler_is_exactly_the_inverse_cdf(weights, bits, seed):
+    """The guide table only accelerates ``searchsorted``: same category for
+    every u, including the cumulative weights themselves, their neighbours
+    and the slot edges, where an off-by-one would hide."""
+    sampler = P._Sampler(weights, bits)
+    cdf = sampler.cdf
+    edges = np.arange(1 << bits) / (1 << bits)
+    u = np.concatenate([
+        np.random.default_rng(seed).random(5_000), edges, np.nextafter(edges[1:], 0), [0.0],
+        cdf[:-1], np.nextafter(cdf[:-1], 0), np.nextafter(cdf[:-1], 1),
+    ])
+    u = u[(u >= 0) & (u < 1)]
+    np.testing.assert_array_equal(sampler.draw(u), np.searchsorted(cdf, u, side="right"))
+
+
+def test_category_weights_follow_the_census():
+    """City categories carry population share; the rural boxes RURAL_SHARE."""
+    tb = P._tables()
+    pop = P.cities().column("population").to_numpy()
+    nc = pop.size
+    city_share = tb.weights[:nc] + tb.weights[nc: 2 * nc]
+    np.testing.assert_allclose(city_share, pop / pop.sum() * (1 - P.RURAL_SHARE), rtol=1e-12)
+    assert abs(tb.weights[2 * nc:].sum() - P.RURAL_SHARE) < 1e-12
 
 
 # ---------------------------------------------------------------------------
