@@ -698,7 +698,12 @@ ctypedef fused gather_t:
     cnp.uint32_t
 
 
-def take(const gather_t[::1] src, const cnp.int64_t[::1] idx, gather_t[::1] out):
+ctypedef fused index_t:
+    cnp.int64_t
+    cnp.uint32_t
+
+
+def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
     """``out[i] = src[idx[i]]`` over both cores (indices must be in range).
 
     In numpy, this operation is equivalent to ``np.take(src, idx, out=out)``.
@@ -724,3 +729,22 @@ def sort_ids(const cnp.uint64_t[::1] ids):
         with nogil:
             gt_sort_ids(&ids[0], n, &so[0], &ro[0])
     return sorted_ids, rows
+
+
+def gather_seen(const cnp.int64_t[::1] last_seen, const uint32_t[::1] keys, uint32_t[::1] out):
+    """Last-seen seconds per leaf-ordered row, clipped to the uint32 clock (1970..2106).
+
+    In numpy, this operation is equivalent to
+    ``out[:] = np.clip(last_seen[keys], 0, 2**32 - 1)``.
+    """
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef cnp.int64_t v
+    cdef cnp.int64_t top = 4294967295  # the u32 clock ends in 2106
+    with nogil:
+        for i in prange(n, schedule="static"):
+            v = last_seen[keys[i]]
+            if v < 0:
+                v = 0
+            elif v > top:
+                v = top
+            out[i] = <uint32_t>v

@@ -79,6 +79,8 @@ class SpatialIndex:
             pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
             if n:
                 _kernels.fill_points(lat, lon, pts)
+            del lat, lon
+            store.release()  # a memory-mapped store's pages need not stay resident
             step("unit vectors")
             bounds, depth = _kernels.build_tree(pts, int(leaf_size))
             step("KD partition")
@@ -89,14 +91,9 @@ class SpatialIndex:
             seen = np.empty(n, dtype=np.uint32)
             app = np.empty(n, dtype=np.int8)
             if n:
-                idx = keys.astype(np.int64)
-                tmp = np.empty(n, dtype=np.int64)
-                _kernels.take(store.last_seen_s, idx, tmp)
-                np.clip(tmp, 0, 2**32 - 1, out=tmp)
-                seen[:] = tmp
-                del tmp
-                _kernels.take(store.app_codes, idx, app)
-                del idx
+                _kernels.gather_seen(store.last_seen_s, keys, seen)
+                _kernels.take(store.app_codes, keys, app)
+            store.release()
             step("filters")
         return cls(store, pts, keys, bounds, depth, seen, app, leaf_size)
 

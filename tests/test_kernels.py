@@ -182,6 +182,18 @@ def test_take_matches_numpy():
         np.testing.assert_array_equal(out, src[idx])
 
 
+def test_take_with_uint32_indices_and_gather_seen():
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 500, 2000).astype(np.uint32)
+    src = rng.integers(-10, 2**33, 500)
+    out = np.empty(2000, np.int64)
+    _kernels.take(src, keys, out)
+    np.testing.assert_array_equal(out, src[keys])
+    seen = np.empty(2000, np.uint32)
+    _kernels.gather_seen(src, keys, seen)
+    np.testing.assert_array_equal(seen, np.clip(src[keys], 0, 2**32 - 1))
+
+
 def test_sort_ids_matches_argsort():
     rng = np.random.default_rng(6)
     for ids in (rng.integers(0, 2**63, 5000, dtype=np.int64).astype(np.uint64),
