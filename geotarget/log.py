@@ -144,6 +144,9 @@ _SCHEMA = (
 )
 _METADATA_TABLES = ("pushes", "alerts", "audit")
 
+# SQLite's own failures; a damaged schema can make even its error message undecodable.
+_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+
 _PUSH_COLUMNS = ("log_seq, push_id, alert_id, seq, kind, radius_km, created_at, count, meta, "
                  "audience_sha256, audience_bytes, prev, checksum, acked_at, purged_at, state_sum")
 _AUDIT_COLUMNS = "seq, at, actor, action, alert_id, radius_km, count, detail, prev_hash, hash"
@@ -338,23 +341,32 @@ def _scan_wal(wal_path: str, page_size: int):
     seeds[1:] = stored[:-1]
     # Each frame is checked against the stored checksum of the frame before it
     # ("locally valid"); inside SQLite's valid prefix that equals its chain.
-    local_ok = np.zeros(nframes, dtype=bool)
-    idx = np.flatnonzero(salt_ok & (pgno != 0))
+    cand = salt_ok & (pgno != 0)
+    sums = np.zeros_like(stored)
+    idx = np.flatnonzero(cand)
     for start in range(0, idx.size, 1024):  # bounded memory for a large WAL
         sel = idx[start:start + 1024]
-        sums = _frame_checksums(frames[sel], seeds[sel], big_endian)
-        local_ok[sel] = (sums == stored[sel]).all(axis=1)
+        sums[sel] = _frame_checksums(frames[sel], seeds[sel], big_endian)
+    local_ok = cand & (sums == stored).all(axis=1)
     bad = np.flatnonzero(~local_ok)
     first_bad = int(bad[0]) if bad.size else nframes
     if first_bad < nframes:
         later_commits = np.flatnonzero(salt_ok[first_bad:] & (commit[first_bad:] != 0))
         if later_commits.size:
             c = first_bad + int(later_commits[0])
-            after = np.flatnonzero(local_ok[c + 1:])
-            if after.size:
+            tail = np.arange(c + 1, nframes)
+            tail = tail[cand[tail]]
+            intact = local_ok[tail]
+            # After a frame whose stored checksum itself is damaged, the next
+            # frame chains from the checksum its intact content recomputes to.
+            retry = tail[~intact & cand[tail - 1]]
+            if retry.size:
+                alt = _frame_checksums(frames[retry], sums[retry - 1], big_endian)
+                intact[~intact & cand[tail - 1]] = (alt == stored[retry]).all(axis=1)
+            if intact.any():
                 raise CorruptFileError(
                     f"{wal_path}: WAL frame {first_bad} is damaged, yet intact frame "
-                    f"{c + 1 + int(after[0])} was written after commit frame {c}: corruption in "
+                    f"{int(tail[intact][0])} was written after commit frame {c}: corruption in "
                     f"the middle of the WAL, not a torn tail (later transactions would be lost)")
     commits = np.flatnonzero(commit[:first_bad] != 0)
     if commits.size == 0:
@@ -417,11 +429,13 @@ class RecipientLog:
     """Durable, append-only log of pushes, alert state and the audit trail.
 
     ``path`` is the SQLite file (created if missing); an existing directory
-    means ``<dir>/recipients.sqlite``.  Thread-safe: every call takes one
-    lock, and :meth:`transaction` holds it for the whole block.
+    means ``<dir>/recipients.sqlite``.  ``timeout`` is how long to wait for a
+    previous owner (another process) to let go before :class:`InvalidInputError`.
+    Thread-safe: every call takes one lock, and :meth:`transaction` holds it
+    for the whole block.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0):
         try:
             p = os.fspath(path)
         except TypeError:
@@ -433,7 +447,10 @@ class RecipientLog:
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent):
             raise InvalidInputError(f"path={p!r}: directory {parent!r} does not exist")
+        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self._path = p
+        self._timeout = float(timeout)
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
@@ -467,7 +484,7 @@ class RecipientLog:
             conn, self._conn = self._conn, None
             try:
                 conn.close()
-            except sqlite3.DatabaseError as exc:
+            except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
     def _connect(self) -> sqlite3.Connection:
@@ -476,8 +493,8 @@ class RecipientLog:
         _check_files(self._path)
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
-                                   timeout=5.0)
-        except sqlite3.DatabaseError as exc:
+                                   timeout=self._timeout)
+        except _SQLITE_ERRORS as exc:
             raise self._db_error(exc) from exc
         try:
             # Before the first read, so SQLite never creates a -shm file.
@@ -496,7 +513,7 @@ class RecipientLog:
                 conn.execute("ROLLBACK")
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, sqlite3.DatabaseError):
+            if isinstance(exc, _SQLITE_ERRORS):
                 raise self._db_error(exc) from exc
             raise
         return conn
@@ -519,7 +536,9 @@ class RecipientLog:
                 raise CorruptFileError(f"{self._path}: integrity check of table {table!r} "
                                        f"failed: {'; '.join(rows[:5])}")
 
-    def _db_error(self, exc: sqlite3.DatabaseError) -> Exception:
+    def _db_error(self, exc: Exception) -> Exception:
+        if isinstance(exc, UnicodeDecodeError):
+            return CorruptFileError(f"{self._path}: undecodable text in the file ({exc})")
         name = getattr(exc, "sqlite_errorname", "") or ""
         text = str(exc)
         if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in text:
@@ -540,7 +559,7 @@ class RecipientLog:
                 raise GeotargetError(f"{self._path}: the recipient log is closed")
             try:
                 yield self._conn
-            except sqlite3.DatabaseError as exc:
+            except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
     @contextlib.contextmanager
