@@ -1,0 +1,4 @@
+"""``python -m geotarget``: the command line (see :mod:`geotarget.cli`)."""
+from .cli import main
+
+raise SystemExit(main())
