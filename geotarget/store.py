@@ -361,20 +361,30 @@ class DeviceStore:
         if len(self) == 0:
             return np.full(ids.shape, -1, dtype=np.int64)
         sorted_ids, order = self._ids_sorted()
-        pos = np.searchsorted(sorted_ids, ids)
-        pos_c = np.minimum(pos, len(sorted_ids) - 1)
-        found = sorted_ids[pos_c] == ids
-        return np.where(found, order[pos_c].astype(np.int64), -1)
+        # Querying in id order walks the (possibly memory-mapped) sorted ids
+        # front to back instead of jumping around them.
+        q = np.argsort(ids) if ids.size > 1 else np.zeros(ids.size, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, ids[q]), len(sorted_ids) - 1)
+        found = sorted_ids[pos] == ids[q]
+        out = np.empty(ids.shape, dtype=np.int64)
+        out[q] = np.where(found, order[pos].astype(np.int64), -1)
+        return out
 
     # -- generations ------------------------------------------------------
 
-    def with_updates(self, device_id, lat, lon, last_seen=None, app=None):
+    def with_updates(self, device_id, lat, lon, last_seen=None, app=None, *, directory=None,
+                     progress=None):
         """A new generation with these locations.
 
         Devices already in the store keep their keys and get the new
         location; new devices are appended with new keys (in spatial order
         among themselves).  ``self`` is unchanged and keeps serving.
+
+        With ``directory`` the new generation is streamed to disk in bounded
+        memory (the 400 M-device path) and returned memory-mapped.
         """
+        if directory is not None:
+            return self._with_updates_to_disk(directory, device_id, lat, lon, last_seen, app, progress)
         ids = _check_ids(device_id)
         n_up = ids.shape[0]
         lat, lon = check_coordinates(lat, lon)
@@ -419,6 +429,74 @@ class DeviceStore:
             id_index = self._id_index
         return DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
                            generation=self.generation + 1, _id_index=id_index)
+
+    def _with_updates_to_disk(self, directory, device_id, lat, lon, last_seen, app, progress,
+                              chunk_rows: int = 1 << 24):
+        from .progress import bar
+        ids = _check_ids(device_id)
+        m = ids.shape[0]
+        lat, lon = check_coordinates(lat, lon)
+        if lat.shape[0] != m:
+            raise InvalidInputError(f"lat has {lat.shape[0]} rows but device_id has {m}")
+        names = list(self.app_names)
+        codes = None
+        if app is not None:
+            codes, names = _check_app(app, m, names)
+        seen = _check_last_seen(last_seen, m)
+        keys = self.lookup(ids)
+        old = keys >= 0
+        new = np.flatnonzero(~old)
+        if new.size and codes is None:
+            codes, names = _check_app(None, m, names)
+        n_old, n_new = len(self), int(new.size)
+        if n_old + n_new > MAX_DEVICES:
+            raise InvalidInputError(f"device_id: {n_old + n_new} devices would exceed the key space")
+        upd = np.flatnonzero(old)
+        upd = upd[np.argsort(keys[upd], kind="stable")]
+        upd_keys = keys[upd]
+        new = new[_spatial_order(lat[new], lon[new])] if n_new else new
+        writer = StoreWriter(directory, n_old + n_new, names, self.generation + 1)
+        try:
+            with bar(n_old + n_new, "new generation", unit="dev", enabled=progress, unit_scale=True) as b:
+                for s0 in range(0, n_old, chunk_rows):
+                    e0 = min(n_old, s0 + chunk_rows)
+                    cols = [np.array(c[s0:e0]) for c in
+                            (self.device_id, self.lat, self.lon, self.app_codes, self.last_seen_s)]
+                    a, z = np.searchsorted(upd_keys, [s0, e0])
+                    rows, at = upd[a:z], upd_keys[a:z] - s0
+                    cols[1][at], cols[2][at], cols[4][at] = lat[rows], lon[rows], seen[rows]
+                    if codes is not None:
+                        cols[3][at] = codes[rows]
+                    writer.write(s0, *cols)
+                    del cols
+                    self.release()
+                    b.update(e0 - s0)
+                if n_new:
+                    writer.write(n_old, ids[new], lat[new], lon[new], codes[new], seen[new])
+                    b.update(n_new)
+            store = writer.finish(id_index=False)
+        except BaseException:
+            writer.abort()
+            raise
+        # Ids of existing devices do not change, so the new id index is the
+        # old one with the new ids merged in (no re-sort of the whole store).
+        old_sorted, old_order = self._ids_sorted()
+        # new device j was written at row (key) n_old + j, in spatial order
+        o = np.argsort(ids[new])
+        new_ids = ids[new][o]
+        new_keys = (np.arange(n_new, dtype=np.int64) + n_old).astype(np.uint32)[o]
+        pos = np.searchsorted(old_sorted, new_ids) + np.arange(n_new)
+        merged_ids = np.empty(n_old + n_new, dtype=np.uint64)
+        merged_keys = np.empty(n_old + n_new, dtype=np.uint32)
+        mask = np.ones(n_old + n_new, dtype=bool)
+        mask[pos] = False
+        merged_ids[pos], merged_keys[pos] = new_ids, new_keys
+        merged_ids[mask], merged_keys[mask] = old_sorted, old_order
+        d = Path(directory)
+        _save_npy(d / ID_SORTED_FILE, merged_ids)
+        _save_npy(d / ID_INDEX_FILE, merged_keys)
+        _fsync_dir(d)
+        return DeviceStore.open(d)
 
     # -- Arrow I/O --------------------------------------------------------
 

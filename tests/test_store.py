@@ -261,3 +261,26 @@ def test_write_chunks_refuses_bad_input_and_leaves_nothing(tmp_path, damage, msg
         gt.DeviceStore.write_chunks(tmp_path, _chunks(ids, lat, lon, 3000, app), n, ["amap"])
     assert not (tmp_path / "store.arrow.tmp").exists()
     assert not (tmp_path / "store.arrow").exists()
+
+
+@pytest.mark.parametrize("with_app", [False, True])
+def test_with_updates_to_disk_equals_in_memory(tmp_path, with_app):
+    ids, lat, lon = _arrays(20_000, 9)
+    base = gt.DeviceStore.write_chunks(tmp_path / "g1", _chunks(ids, lat, lon, 7000), 20_000, ["amap"])
+    rng = np.random.default_rng(10)
+    up = np.concatenate([rng.choice(ids, 3000, replace=False), np.arange(900, dtype=np.uint64) + 10**13])
+    rng.shuffle(up)
+    ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
+    useen = np.full(len(up), 1_800_000_000)
+    app = rng.choice(["amap", "didi"], len(up)) if with_app else None
+    mem = base.with_updates(up, ulat, ulon, last_seen=useen, app=app)
+    disk = base.with_updates(up, ulat, ulon, last_seen=useen, app=app, directory=tmp_path / "g2")
+    assert disk.generation == mem.generation == 2 and len(disk) == len(mem) == 20_900
+    assert disk.app_names == mem.app_names
+    for col in ("device_id", "lat", "lon", "app_codes", "last_seen_s"):
+        np.testing.assert_array_equal(getattr(disk, col), getattr(mem, col))
+    everyone = np.concatenate([ids, up])
+    np.testing.assert_array_equal(disk.lookup(everyone), mem.lookup(everyone))
+    reopened = gt.DeviceStore.open(tmp_path / "g2")
+    np.testing.assert_array_equal(reopened.lookup(everyone), mem.lookup(everyone))
+    np.testing.assert_array_equal(base.lat, gt.DeviceStore.open(tmp_path / "g1").lat)  # old generation intact
