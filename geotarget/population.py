@@ -21,7 +21,7 @@ report directly to their province (362 rows).  Sources:
   a few small county-level entries are rounded.
 
 A device belongs to a city with probability proportional to the city's
-population and sits at a random bearing from the seat, at a distance drawn
+population and sits in a uniformly random direction from the seat, at a distance drawn
 from one of two components, both "exponential surface density" (the radial
 distance is Gamma(2) times a scale):
 
@@ -50,14 +50,21 @@ column)``, and every column is drawn row by row, so:
   ``generate_arrays(n)`` for ``m < n``;
 * blocks are independent, so two threads fill them (NumPy releases the GIL
   in its random generators and ufuncs);
-* nothing larger than one block is allocated besides the output columns.
+* nothing larger than two blocks is allocated besides the output columns
+  (a block wholly inside the requested range is written in place).
 
 Device ids are ``mix(row + offset(seed))`` with the splitmix64 finaliser,
 a bijection of 64-bit integers: ids are unique across the whole population
 without any global check.
 
-Cities are drawn with Walker's alias method (one uniform, two gathers: about
-four times faster than ``searchsorted`` over the cumulative weights).
+Cities and apps are drawn by inverse CDF, through a guide table (see
+``_Sampler``): exact, and about four times faster than ``searchsorted``.
+The offset from the seat needs no trigonometry: see ``_block_rows``.
+
+``population()`` ingests through ``DeviceStore.from_arrays`` and attaches the
+app codes afterwards, finding each stored row's generated row by inverting
+the id mix (``row_of``), because the store's name-based app path costs a
+Python string per device.
 """
 from __future__ import annotations
 
@@ -427,6 +434,7 @@ class _Filler:
     def __init__(self, seed: int, n: int, now_s: int, pool: ThreadPoolExecutor | None):
         self.seed, self.n, self.now_s, self.pool = seed, n, now_s, pool
         self._kept: tuple[int, dict] | None = None
+        _tables()  # build the shared tables once, before the worker threads need them
 
     def fill(self, start: int, stop: int, out: dict, offset: int = 0, tick=None) -> None:
         if stop <= start:
