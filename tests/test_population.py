@@ -192,6 +192,7 @@ def test_ids_unique_over_several_blocks():
     assert np.unique(ids).size == ids.size
 
 
+@settings(deadline=None)
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=50))
 def test_id_mix_is_a_bijection(values):
     x = np.array(values, dtype=np.uint64)
