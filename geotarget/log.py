@@ -191,20 +191,44 @@ def _now_iso() -> str:
     return _iso(_dt.datetime.now(_dt.timezone.utc))
 
 
+def _framed_sha256(tag: bytes, *fields) -> bytes:
+    """SHA-256 over type-tagged, length-prefixed fields.
+
+    Cheaper than JSON for the kilobytes of CAP XML in ``meta``, and as exact: a
+    value whose type changed on disk (an integer read back as a float, a blob
+    as text) no longer matches.
+    """
+    h = hashlib.sha256(tag)
+    for v in fields:
+        if v is None:
+            b = b"n"
+        elif isinstance(v, str):
+            b = b"s" + v.encode()
+        elif isinstance(v, bytes):
+            b = b"b" + v
+        elif isinstance(v, float):
+            b = b"f" + v.hex().encode()
+        elif isinstance(v, int) and not isinstance(v, bool):
+            b = b"i" + str(v).encode()
+        else:
+            raise TypeError(f"unexpected stored value of type {type(v).__name__}")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.digest()
+
+
 def _push_checksum(push_id, alert_id, seq, kind, radius_km, created_at, count, meta,
-                   digest: bytes, nbytes, prev: bytes) -> bytes:
-    doc = ["geotarget.push/1", push_id, alert_id, seq, kind, radius_km, created_at, count, meta,
-           digest.hex(), nbytes, prev.hex()]
-    return hashlib.sha256(_canon(doc).encode()).digest()
+                   digest, nbytes, prev) -> bytes:
+    return _framed_sha256(b"geotarget.push/1", push_id, alert_id, seq, kind, radius_km, created_at,
+                          count, meta, digest, nbytes, prev)
 
 
-def _state_sum(checksum: bytes, acked_at, purged_at) -> bytes:
-    doc = ["geotarget.push-state/1", checksum.hex(), acked_at, purged_at]
-    return hashlib.sha256(_canon(doc).encode()).digest()
+def _state_sum(checksum, acked_at, purged_at) -> bytes:
+    return _framed_sha256(b"geotarget.push-state/1", checksum, acked_at, purged_at)
 
 
 def _alert_checksum(alert_id, record_text) -> bytes:
-    return hashlib.sha256(_canon(["geotarget.alert/1", alert_id, record_text]).encode()).digest()
+    return _framed_sha256(b"geotarget.alert/1", alert_id, record_text)
 
 
 def _audit_hash(prev_hash: str, entry: dict) -> str:

@@ -849,7 +849,7 @@ class LogMachine(RuleBasedStateMachine):
         log.verify()
 
 
-LogMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
+LogMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.filter_too_much])
 test_log_state_machine = LogMachine.TestCase

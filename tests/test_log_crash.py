@@ -215,7 +215,7 @@ def test_a_wal_torn_at_any_offset_shows_exactly_the_committed_prefix(tmp_path, c
     for frame_start in range(ends[-3], len(wal) + 1, FRAME):
         offsets |= {frame_start - 1, frame_start, frame_start + 1, frame_start + 24}
         # ... and some offsets inside each of their frames.
-        offsets |= set((frame_start + rng.integers(1, FRAME, 3)).tolist())
+        offsets |= set((frame_start + rng.integers(1, FRAME, 2)).tolist())
     # ... each commit's end, and a sample everywhere else.
     offsets |= {e + d for e in ends for d in (-1, 0, 1)}
     offsets |= set(rng.integers(0, len(wal), 25).tolist())
@@ -225,7 +225,8 @@ def test_a_wal_torn_at_any_offset_shows_exactly_the_committed_prefix(tmp_path, c
         path = _open_image(tmp_path, db, wal[:off], f"t{i}")
         with RecipientLog(path) as log:
             assert _snapshot(log) == _state_at(states, off), f"WAL torn at byte {off}"
-            log.verify()
+            if i % 5 == 0:
+                log.verify()
 
 
 def test_a_bit_flip_before_the_last_transaction_of_the_wal_is_corruption(tmp_path, crash_image):
