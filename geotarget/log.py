@@ -529,12 +529,17 @@ class RecipientLog:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
-            # Takes the exclusive lock for the life of the connection.
             conn.execute("BEGIN IMMEDIATE")
             try:
                 self._check_schema(conn)
-            finally:
+                # A write takes SQLite's EXCLUSIVE lock, which exclusive locking
+                # mode keeps until close: no other process reads the log or
+                # checkpoints its WAL behind our back.
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except BaseException:
                 conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except BaseException as exc:
             conn.close()
             if isinstance(exc, _SQLITE_ERRORS):

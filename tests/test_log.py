@@ -328,9 +328,13 @@ def test_concurrent_threads_each_append_their_own_alert(log):
 
 def test_a_second_owner_is_refused_while_the_log_is_open(tmp_path):
     with RecipientLog(tmp_path) as log:
-        _push(log, audience=[1])
         with pytest.raises(InvalidInputError, match="held by another"):
             RecipientLog(tmp_path, timeout=0.05)
+        # not even a plain reader gets in, before or after the first push
+        for _ in range(2):
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                sqlite3.connect(log.path, timeout=0.05).execute("SELECT count(*) FROM pushes").fetchall()
+            _push(log, audience=[1])
     with RecipientLog(tmp_path) as log:
         assert len(log.pushes()) == 1
 
