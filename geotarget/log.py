@@ -529,17 +529,13 @@ class RecipientLog:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute(f"PRAGMA journal_size_limit={_JOURNAL_SIZE_LIMIT}")
-            conn.execute("BEGIN IMMEDIATE")
+            # SQLite's EXCLUSIVE lock, which exclusive locking mode keeps until
+            # close: no other process reads the log or checkpoints its WAL.
+            conn.execute("BEGIN EXCLUSIVE")
             try:
                 self._check_schema(conn)
-                # A write takes SQLite's EXCLUSIVE lock, which exclusive locking
-                # mode keeps until close: no other process reads the log or
-                # checkpoints its WAL behind our back.
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            except BaseException:
+            finally:
                 conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         except BaseException as exc:
             conn.close()
             if isinstance(exc, _SQLITE_ERRORS):
