@@ -136,32 +136,46 @@ cdef extern from * nogil:
 
     /* Ties are broken by key so that the partition (and hence every leaf's
        membership) does not depend on the input order or the thread count. */
-    static inline void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis) {
-        GtPoint* mid = first + nth; GtPoint* last = first + n;
-        if (axis == 0) {
-            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.x < b.x || (a.x == b.x && a.key < b.key); });
-        } else if (axis == 1) {
-            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.y < b.y || (a.y == b.y && a.key < b.key); });
-        } else {
-            std::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.z < b.z || (a.z == b.z && a.key < b.key); });
-        }
+    /* Exact selection for large ranges.  A deterministic sample brackets the
+       target rank between two pivots; one pass partitions around them (the
+       bulk of the work, streaming), then nth_element runs only on the thin
+       middle band.  Same result as std::nth_element (the order is total: value,
+       then key), about half the memory traffic on ranges that do not fit in
+       cache.  `par` lets the partitions use every core (top of the tree). */
+    template <int AXIS> static inline bool gt_less(const GtPoint& a, const GtPoint& b) {
+        float va = AXIS == 0 ? a.x : (AXIS == 1 ? a.y : a.z);
+        float vb = AXIS == 0 ? b.x : (AXIS == 1 ? b.y : b.z);
+        return va < vb || (va == vb && a.key < b.key);
     }
-    /* The same, for the top of the tree where one range spans all cores. */
-    static inline void gt_nth_element_par(GtPoint* first, int64_t nth, int64_t n, int axis) {
-        GtPoint* mid = first + nth; GtPoint* last = first + n;
-        if (axis == 0) {
-            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.x < b.x || (a.x == b.x && a.key < b.key); });
-        } else if (axis == 1) {
-            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.y < b.y || (a.y == b.y && a.key < b.key); });
-        } else {
-            GT_PAR_NS::nth_element(first, mid, last, [](const GtPoint& a, const GtPoint& b) {
-                return a.z < b.z || (a.z == b.z && a.key < b.key); });
+    template <int AXIS> static void gt_select_axis(GtPoint* first, int64_t nth, int64_t n, bool par) {
+        const int64_t S = 4096;
+        if (n < (int64_t)1 << 18) {
+            std::nth_element(first, first + nth, first + n, gt_less<AXIS>);
+            return;
         }
+        std::vector<GtPoint> sample((size_t)S);  /* heap: this recurses inside OpenMP threads */
+        for (int64_t i = 0; i < S; i++) sample[i] = first[(i * n) / S + (n / S) / 2];
+        std::sort(sample.begin(), sample.end(), gt_less<AXIS>);
+        int64_t r = (nth * S) / n, d = 96;   /* ~3 standard deviations of the sample rank */
+        GtPoint lo = sample[r - d < 0 ? 0 : r - d];
+        GtPoint hi = sample[r + d >= S ? S - 1 : r + d];
+        GtPoint* a; GtPoint* b;
+        if (par) {
+            a = GT_PAR_NS::partition(first, first + n, [&](const GtPoint& p) { return gt_less<AXIS>(p, lo); });
+            b = GT_PAR_NS::partition(a, first + n, [&](const GtPoint& p) { return !gt_less<AXIS>(hi, p); });
+        } else {
+            a = std::partition(first, first + n, [&](const GtPoint& p) { return gt_less<AXIS>(p, lo); });
+            b = std::partition(a, first + n, [&](const GtPoint& p) { return !gt_less<AXIS>(hi, p); });
+        }
+        GtPoint* mid = first + nth;
+        if (mid < a) std::nth_element(first, mid, a, gt_less<AXIS>);
+        else if (mid < b) std::nth_element(a, mid, b, gt_less<AXIS>);
+        else std::nth_element(b, mid, first + n, gt_less<AXIS>);
+    }
+    static inline void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par) {
+        if (axis == 0) gt_select_axis<0>(first, nth, n, par);
+        else if (axis == 1) gt_select_axis<1>(first, nth, n, par);
+        else gt_select_axis<2>(first, nth, n, par);
     }
     static inline int gt_clz64(uint64_t v) { return __builtin_clzll(v); }
     #ifdef _OPENMP
@@ -179,8 +193,7 @@ cdef extern from * nogil:
         float z
         uint32_t key
     void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
-    void gt_nth_element(GtPoint* first, int64_t nth, int64_t n, int axis)
-    void gt_nth_element_par(GtPoint* first, int64_t nth, int64_t n, int axis)
+    void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
     int gt_clz64(uint64_t v)
     int gt_max_threads()
     int GT_HAVE_OPENMP
@@ -332,7 +345,7 @@ cdef void _build_node(GtPoint* pts, float* bounds, int64_t n, int depth,
         return
     mid = _node_start(2 * j + 1, level + 1, n)
     if e - s > 1:
-        gt_nth_element(pts + s, mid - s, e - s, _widest_axis(box))
+        gt_select(pts + s, mid - s, e - s, _widest_axis(box), 0)
     _build_node(pts, bounds, n, depth, 2 * node + 1, level + 1)
     _build_node(pts, bounds, n, depth, 2 * node + 2, level + 1)
 
@@ -384,7 +397,7 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
                     _bbox_par(p + s, e - s, bounds + 6 * node)
                     mid = _node_start(2 * j + 1, level + 1, n)
                     if e - s > 1:
-                        gt_nth_element_par(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node))
+                        gt_select(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node), 1)
                 continue
             for j in prange(count, schedule="dynamic"):
                 node = count - 1 + j
@@ -393,7 +406,7 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
                 _bbox(p + s, e - s, bounds + 6 * node)
                 mid = _node_start(2 * j + 1, level + 1, n)
                 if e - s > 1:
-                    gt_nth_element(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node))
+                    gt_select(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node), 0)
         count = <int64_t>1 << cut
         for j in prange(count, schedule="dynamic"):
             _build_node(p, bounds, n, depth, count - 1 + j, cut)

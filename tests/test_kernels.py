@@ -212,3 +212,24 @@ def test_tree_depth_is_minimal(n, leaf):
     assert -(-n // (1 << depth)) <= leaf
     if depth:
         assert -(-n // (1 << (depth - 1))) > leaf
+
+
+def test_build_tree_large_ranges_use_sampled_select_exactly():
+    """Ranges above 2^18 points take the sample-bracketed select; membership must not change."""
+    rng = np.random.default_rng(12)
+    n = 300_000
+    lat, lon = rng.uniform(20, 45, n), rng.uniform(80, 125, n)
+    lat[::5] = 30.0            # heavy ties on one axis exercise the key tie-break
+    lon[::11] = 100.0
+    pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat, lon, pts)
+    xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).copy()
+    keys = pts["key"].copy()
+    order, ref_bounds, ref_depth = build_tree_reference(xyz, keys, 256)
+    bounds, depth = _kernels.build_tree(pts, 256)
+    assert depth == ref_depth
+    np.testing.assert_array_equal(bounds, ref_bounds)
+    starts = (np.arange((1 << depth) + 1, dtype=np.int64) * n) >> depth
+    for j in range(1 << depth):
+        s, e = starts[j], starts[j + 1]
+        np.testing.assert_array_equal(np.sort(pts["key"][s:e]), np.sort(keys[order[s:e]]))
