@@ -849,7 +849,7 @@ class RecipientLog:
         """
         alert_id = _check_id(alert_id, "alert_id")
         actor = _check_id(actor, "actor")
-        with self.transaction() as log:
+        with self._guard(), self.transaction() as log:
             conn = log._conn
             log._known_alert(conn, alert_id)
             rows = self._rows(conn, "WHERE alert_id=? ORDER BY seq", (alert_id,))
@@ -862,21 +862,21 @@ class RecipientLog:
                 raise AlertStateError(f"alert {alert_id!r} has unacknowledged pushes {pending}; "
                                       f"they must be delivered before their audiences are purged")
             todo = [(row, rec) for row, rec in zip(rows, recs) if not rec.purged]
-            if not todo:
-                return 0
             at = _now_iso()
             for row, rec in todo:
                 log_seq, checksum, acked_at = row[0], row[12], row[13]
                 conn.execute("UPDATE pushes SET purged_at=?, state_sum=? WHERE log_seq=?",
                              (at, _state_sum(checksum, acked_at, at), log_seq))
                 conn.execute("DELETE FROM audiences WHERE log_seq=?", (log_seq,))
-            log.audit("purge_audiences", actor=actor, alert_id=alert_id,
-                      count=sum(rec.count for _, rec in todo),
-                      detail={"pushes": [rec.push_id for _, rec in todo]})
-        if self._depth == 0:
-            # Old WAL frames still hold the bitmap pages; fold and cut the WAL.
+            if todo:
+                log.audit("purge_audiences", actor=actor, alert_id=alert_id,
+                          count=sum(rec.count for _, rec in todo),
+                          detail={"pushes": [rec.push_id for _, rec in todo]})
+        if todo:
             with self._guard() as conn:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                if self._depth == 0:
+                    # Old WAL frames still hold the bitmap pages: fold them in and cut the WAL.
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(todo)
 
     # -- audit trail --------------------------------------------------------

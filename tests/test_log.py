@@ -603,6 +603,9 @@ def test_purged_keys_leave_the_file(tmp_path):
         raw = open(tmp_path / FILENAME, "rb").read() + open(str(tmp_path / FILENAME) + "-wal", "rb").read()
         assert blob[-200:] in raw
         log.purge_audiences("A")
+        assert os.path.getsize(log.path + "-wal") == 0  # old frames held the keys too
+        raw = open(tmp_path / FILENAME, "rb").read()
+        assert blob[-200:] not in raw and blob[:200] not in raw
     raw = open(tmp_path / FILENAME, "rb").read()
     assert blob[-200:] not in raw and blob[:200] not in raw
 
