@@ -7,7 +7,7 @@ Verbs
 ``ingest``                Parquet or CSV into a store directory
 ``build``                 the spatial index of a store directory (written next to the store)
 ``query``                 devices within a circle: counts by app, or ids to Parquet
-``alert report|approve|tick|refresh|close|retract|show``   the alert lifecycle on a recipient log
+``alert report|approve|tick|refresh|update|close|retract|show``   the alert lifecycle on a log
 ``stats``                 published, found, recovery rate, outcomes
 ``audit verify|list``     check the log and its hash-chained audit trail; list the trail
 ``bench``                 in-process timings of within/count on an index
@@ -245,6 +245,16 @@ def _store_summary(store, path, seconds: dict) -> dict:
             "apps": list(store.app_names), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
+def _check_store_dir(path) -> Path:
+    """Refuse an output directory that cannot be one, before any long work starts."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise InvalidInputError(f"--store {str(d)!r} exists and is not a directory")
+    if not d.parent.is_dir():
+        raise InvalidInputError(f"--store {str(d)!r}: directory {str(d.parent)!r} does not exist")
+    return d
+
+
 def _maybe_build(store, directory, seconds: dict, build: bool):
     if not build:
         return
@@ -258,6 +268,7 @@ def _maybe_build(store, directory, seconds: dict, build: bool):
 def cmd_generate(args) -> int:
     from .population import population
 
+    _check_store_dir(args.store)
     seconds = {}
     t0 = time.perf_counter()
     store = population(args.devices, seed=args.seed)
@@ -320,6 +331,7 @@ def cmd_ingest(args) -> int:
     from .store import DeviceStore
 
     path = Path(args.input)
+    _check_store_dir(args.store)
     seconds = {}
     t0 = time.perf_counter()
     table = _read_table(path, args.format)
@@ -502,21 +514,11 @@ def cmd_alert(args) -> int:
     action = args.action
     if action == "show":
         return _alert_show(args)
-    engine = _engine(args, officers_required=action in ("report", "approve", "close", "retract"))
+    engine = _engine(args, officers_required=action in ("report", "approve", "update", "close", "retract"))
     try:
         now = _now(args)
         if action == "report":
-            details = {}
-            if args.details:
-                try:
-                    details = json.loads(args.details)
-                except ValueError as exc:
-                    raise InvalidInputError(f"--details is not valid JSON: {exc}") from None
-                if not isinstance(details, dict):
-                    raise InvalidInputError(f"--details must be a JSON object, got {args.details!r}")
-            for key in ("headline", "description", "instruction"):
-                if getattr(args, key):
-                    details[key] = getattr(args, key)
+            details = _details(args)
             officer = engine.authority.officer(args.officer)
             division = args.division or officer.division
             alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
@@ -548,6 +550,12 @@ def cmd_alert(args) -> int:
             # tops every open alert up with devices now inside and never notified
             pushes = engine.tick(now)
             pushes += engine.refresh(engine.index, now)
+        elif action == "update":
+            details = _details(args)
+            if not details:
+                raise InvalidInputError("alert update needs --headline, --description, --instruction "
+                                        "or --details")
+            pushes = [engine.update(args.alert_id, args.officer, details, now=now)]
         elif action == "close":
             pushes = [engine.close(args.alert_id, args.officer, outcome=args.outcome, now=now)]
         else:  # retract
@@ -564,6 +572,21 @@ def cmd_alert(args) -> int:
         return EXIT_OK
     finally:
         engine.log.close()
+
+
+def _details(args) -> dict:
+    details = {}
+    if args.details:
+        try:
+            details = json.loads(args.details)
+        except ValueError as exc:
+            raise InvalidInputError(f"--details is not valid JSON: {exc}") from None
+        if not isinstance(details, dict):
+            raise InvalidInputError(f"--details must be a JSON object, got {args.details!r}")
+    for key in ("headline", "description", "instruction"):
+        if getattr(args, key):
+            details[key] = getattr(args, key)
+    return details
 
 
 def _alert_show(args) -> int:
@@ -885,21 +908,27 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--ack", action="store_true",
                         help="acknowledge the pushes (handed on); otherwise they are offered again")
 
+    def texts(ap):
+        ap.add_argument("--headline")
+        ap.add_argument("--description")
+        ap.add_argument("--instruction")
+        ap.add_argument("--details", metavar="JSON", help="more details as a JSON object")
+
     ap = action("report", "report a missing child (published at once unless approval is needed)",
                 alert_id=False)
     ap.add_argument("--lat", type=float, required=True)
     ap.add_argument("--lon", type=float, required=True)
     ap.add_argument("--missing-since", required=True, metavar="ISO")
     ap.add_argument("--division", metavar="CODE", help="6-digit division (default: the officer's)")
-    ap.add_argument("--headline")
-    ap.add_argument("--description")
-    ap.add_argument("--instruction")
-    ap.add_argument("--details", metavar="JSON", help="more details as a JSON object")
+    texts(ap)
     action("approve", "approve a pending report")
     handoff(action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
                    alert_id=False, officer=False))
     handoff(action("refresh", "top up open alerts with devices now inside (after a new --index generation)",
                    alert_id=False, officer=False))
+    ap = action("update", "new details, to everyone notified so far")
+    texts(ap)
+    handoff(ap)
     ap = action("close", "the child is found (or the search ends): closure to everyone notified")
     ap.add_argument("--outcome", required=True, metavar="OUTCOME",
                     help="rescued_trafficking, runaway, lost, drowned, killed, accident, "

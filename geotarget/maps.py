@@ -15,10 +15,11 @@ ellipse on the ground and would cut through devices the alert did reach.  The
 panels use an equirectangular projection with aspect ``1 / cos(latitude)``,
 so circles near the centre look round.
 
-Density is drawn from a random sample (1.5 M rows by default): hexbin cost is
-linear in points and a 20 M-point hexbin takes longer than the rest of the
-demo.  Cell counts are scaled back by ``n / sample`` so the colour bar reads
-as devices per cell.
+Density is drawn from a random sample (1.5 M rows per panel by default):
+hexbin cost is linear in points and a 20 M-point hexbin takes longer than the
+rest of the demo.  Cell counts are scaled back by ``n / sample`` and divided
+by the cell's area on the ground, so both panels (different cell sizes) share
+one colour bar in devices per km^2.
 
 Chinese names are not drawn: the Agg backend has no CJK font unless one is
 installed, and missing glyphs would print as boxes.
@@ -163,17 +164,35 @@ def _frame(ax, lon0, lon1, lat0, lat1):
         s.set_color("#999999")
 
 
-def _hexbin(ax, lat, lon, scale, extent, gridsize, cmap, vmax=None):
+def _hexbin(ax, lat, lon, scale, extent, gridsize, cmap):
+    """Hexbin of the sample, recoloured as devices per km^2 (so panels of different cell
+    sizes share one colour scale).  Returns the collection, or None without points."""
     from matplotlib.colors import LogNorm
 
     if lat.size == 0:
         return None
     hb = ax.hexbin(lon, lat, gridsize=gridsize, extent=extent, mincnt=1, cmap=cmap,
-                   linewidths=0, norm=LogNorm(), zorder=1)
-    counts = hb.get_array() * scale
-    hb.set_array(counts)
-    hb.set_norm(LogNorm(vmin=max(scale, 1.0), vmax=vmax or max(counts.max(), scale * 10)))
+                   linewidths=0.15, edgecolors="face", norm=LogNorm(), zorder=1)
+    v = hb.get_paths()[0].vertices
+    area_deg2 = 0.5 * abs(np.dot(v[:-1, 0], v[1:, 1]) - np.dot(v[1:, 0], v[:-1, 1]))
+    cell_lat = hb.get_offsets()[:, 1]
+    km2 = area_deg2 * (math.pi / 180.0 * EARTH_RADIUS_KM) ** 2 * np.cos(np.radians(cell_lat))
+    hb.set_array(hb.get_array() * scale / np.maximum(km2, 1e-9))
     return hb
+
+
+def _share_norm(collections) -> None:
+    from matplotlib.colors import LogNorm
+
+    arrays = [c.get_array() for c in collections if c is not None and c.get_array().size]
+    if not arrays:
+        return
+    lo = min(float(a.min()) for a in arrays)
+    hi = max(float(a.max()) for a in arrays)
+    norm = LogNorm(vmin=lo, vmax=max(hi, lo * 10))
+    for c in collections:
+        if c is not None:
+            c.set_norm(norm)
 
 
 def _label_cities(fig, ax, zoom, clat, clon, taken, halo, limit: int = 12) -> None:
@@ -290,6 +309,7 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
     _frame(ax1, *zoom)
     hb0 = _hexbin(ax0, s_lat, s_lon, s_scale, tuple(over), (170, 90), dens_cmap)
     hb1 = _hexbin(ax1, z_lat, z_lon, z_scale, tuple(zoom), (110, 70), dens_cmap)
+    _share_norm([hb0, hb1])
 
     halo = [pe.withStroke(linewidth=3, foreground="white")]
     k = len(rings)
@@ -353,8 +373,8 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
         cb = fig.colorbar(hb, ax=[ax0, ax1], orientation="horizontal", shrink=0.45, aspect=45)
         scale_note = ""
         if s_scale > 1 or z_scale > 1:
-            scale_note = " (estimated from a random sample)"
-        cb.set_label(f"devices per hexagonal cell{scale_note}", fontsize=9)
+            scale_note = "; estimated from a random sample"
+        cb.set_label(f"devices per km² (hexagonal cells{scale_note})", fontsize=9)
         cb.ax.tick_params(labelsize=8)
 
     _label_cities(fig, ax1, zoom, clat, clon, labels, halo)

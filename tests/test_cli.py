@@ -1,0 +1,475 @@
+"""The command line, driven as a user drives it: ``python -m geotarget ...`` in a subprocess.
+
+Small data (20 000 generated devices) keeps the file fast.  Every verb has a
+success path checked against the library's own oracles (``within_reference``,
+the log) and at least one refused input (exit 2, one line on stderr, no
+traceback).  The refused and usage-error cases are independent, so they run
+concurrently in one fixture (with the read-only commands) and each case is
+then asserted by its own test.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+import geotarget
+from geotarget.geo import haversine_km
+from geotarget.index import SpatialIndex, within_reference
+from geotarget.log import RecipientLog
+from geotarget.population import city, generate_arrays
+
+# The subprocess must import the geotarget these tests imported: the directory
+# that holds the package goes first on its path.  For an in-place build that is
+# the repository; after ``pip install .`` it is site-packages (already on the path).
+PKG_PARENT = str(Path(geotarget.__file__).resolve().parent.parent)
+HZ = city("Hangzhou")
+T = "2026-11-23T{}:00+08:00"
+OFFICERS = [
+    {"officer_id": "C-330102", "level": "county", "division": "330102", "name": "Shangcheng"},
+    {"officer_id": "S-330100", "level": "city", "division": "330100"},
+    {"officer_id": "MPS", "level": "ministry", "division": "000000"},
+]
+
+
+def run(*args, cwd, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PKG_PARENT, env.get("PYTHONPATH")) if p)
+    env.pop("GEOTARGET_PROGRESS", None)  # stderr is a pipe: bars must stay silent by themselves
+    env["MPLBACKEND"] = "Agg"
+    return subprocess.run([sys.executable, "-m", "geotarget", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(*args, cwd):
+    p = run(*args, cwd=cwd)
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr
+    return p
+
+
+def ok_json(*args, cwd):
+    return json.loads(ok(*args, "--json", cwd=cwd).stdout)
+
+
+# ---------------------------------------------------------------------------
+# fixtures: a generated world, ingest inputs, an alert's whole life
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "officers.json").write_text(json.dumps(OFFICERS))
+    return d
+
+
+@pytest.fixture(scope="module")
+def world(work):
+    p = ok("generate", "--devices", "20k", "--store", "st", "--build", "--json", cwd=work)
+    assert "%|" not in p.stderr  # no tqdm bar: stderr is not a terminal
+    return json.loads(p.stdout)
+
+
+@pytest.fixture(scope="module")
+def source(work):
+    """A device table with ids above 2**63 (uint64 must survive CSV) and timestamps."""
+    cols = generate_arrays(3000, seed=5)
+    ids = cols["device_id"]
+    assert (ids >= 2**63).any()
+    apps = np.array(["amap", "alipay", "weibo"])[np.arange(ids.size) % 3]
+    seen = pa.array(cols["last_seen"], pa.int64()).cast(pa.timestamp("s", tz="UTC"))
+    table = pa.table({"device_id": pa.array(ids, pa.uint64()), "lat": cols["lat"], "lon": cols["lon"],
+                      "app": apps.astype(object), "last_seen": seen})
+    pacsv.write_csv(table, work / "devices.csv")
+    pq.write_table(table, work / "devices.parquet")
+    return table
+
+
+@pytest.fixture(scope="module")
+def lifecycle(work, world):
+    """Report -> approve -> tick (not acked) -> tick --ack (replay + expand) -> close --ack."""
+    common = ("--log", "log.sqlite", "--index", "st", "--officers", "officers.json")
+    rep = ok_json("alert", "report", *common, "--officer", "C-330102", "--lat", HZ["lat"], "--lon",
+                  HZ["lon"], "--missing-since", T.format("08:10"), "--now", T.format("08:25"),
+                  "--headline", "Missing girl, 6, red coat", cwd=work)
+    aid = rep["alert_id"]
+    app = ok_json("alert", "approve", aid, *common, "--officer", "S-330100", "--now", T.format("08:31"),
+                  cwd=work)
+    t1 = ok_json("alert", "tick", *common, "--now", T.format("08:32"), cwd=work)
+    t2 = ok_json("alert", "tick", *common, "--now", T.format("09:32"), "--out", "outbox", "--ack", cwd=work)
+    close = ok_json("alert", "close", aid, *common, "--officer", "C-330102", "--outcome", "lost",
+                    "--now", T.format("12:00"), "--out", "outbox", "--ack", cwd=work)
+    return {"id": aid, "report": rep, "approve": app, "tick1": t1, "tick2": t2, "close": close}
+
+
+def keys_of(path) -> set:
+    return set(pq.read_table(path).column("key").to_numpy().tolist())
+
+
+# ---------------------------------------------------------------------------
+# plumbing
+# ---------------------------------------------------------------------------
+
+def test_subprocess_imports_the_tested_package(work):
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT)
+    p = subprocess.run([sys.executable, "-c", "import geotarget; print(geotarget.__file__)"], cwd=work,
+                       env=env, capture_output=True, text=True)
+    assert Path(p.stdout.strip()).resolve() == Path(geotarget.__file__).resolve()
+
+
+# ---------------------------------------------------------------------------
+# generate, ingest, build, query
+# ---------------------------------------------------------------------------
+
+def test_generate_writes_an_indexed_store(work, world):
+    assert world["devices"] == 20_000 and world["indexed"]
+    index = SpatialIndex.open(work / "st")
+    assert len(index) == 20_000 and "amap" in index.store.app_names
+
+
+def test_ingest_csv_and_parquet_agree_with_the_source(work, source):
+    a = ok_json("ingest", "devices.csv", "--store", "s_csv", "--build", cwd=work)
+    b = ok_json("ingest", "devices.parquet", "--store", "s_pq", cwd=work)
+    assert a["devices"] == b["devices"] == source.num_rows
+    assert not b["indexed"]
+    built = ok_json("build", "--store", "s_pq", cwd=work)
+    assert built["devices"] == source.num_rows
+    ids = source.column("device_id").to_numpy()
+    for d in ("s_csv", "s_pq"):
+        store = SpatialIndex.open(work / d).store
+        assert np.array_equal(np.sort(store.device_id), np.sort(ids))  # uint64 ids intact
+        assert set(store.app_names) == {"amap", "alipay", "weibo"}
+    lat, lon = source.column("lat").to_numpy(), source.column("lon").to_numpy()
+    want = int((haversine_km(HZ["lat"], HZ["lon"], lat, lon) <= 300).sum())
+    for d in ("s_csv", "s_pq"):
+        q = ok_json("query", "--index", d, "--lat", HZ["lat"], "--lon", HZ["lon"], "--radius", 300, cwd=work)
+        assert q["count"] == want and sum(q["by_app"].values()) == want
+
+
+def test_query_counts_and_parquet_match_the_reference(work, world):
+    index = SpatialIndex.open(work / "st")
+    store = index.store
+    ref = within_reference(store, HZ["lat"], HZ["lon"], 250)
+    q = ok_json("query", "--index", "st", "--lat", HZ["lat"], "--lon", HZ["lon"], "--radius", 250,
+                "--out", "ids.parquet", cwd=work)
+    assert q["count"] == ref.size > 0
+    t = pq.read_table(work / "ids.parquet")
+    assert t.column_names == ["device_id", "key", "app"]
+    assert np.array_equal(np.sort(t.column("key").to_numpy()), ref)
+    assert np.array_equal(np.sort(t.column("device_id").to_numpy()), np.sort(store.device_id[ref]))
+    by_app = {a: int(n) for a, n in zip(*np.unique(
+        np.asarray(store.app_names)[store.app_codes[ref]], return_counts=True))}
+    assert q["by_app"] == by_app
+    assert t.column("app").to_pylist() == [store.app_names[c] for c in store.app_codes[t.column("key").to_numpy()]]
+
+
+def test_query_filters_by_app_and_last_seen(work, world):
+    store = SpatialIndex.open(work / "st").store
+    since = dt.datetime(2026, 11, 22, 12, tzinfo=dt.timezone.utc)
+    ref = within_reference(store, HZ["lat"], HZ["lon"], 400, seen_since=since, apps=["amap", "qq"])
+    q = ok_json("query", "--index", "st", "--lat", HZ["lat"], "--lon", HZ["lon"], "--radius", 400,
+                "--seen-since", "2026-11-22T12:00:00Z", "--apps", "amap,qq", cwd=work)
+    assert q["count"] == ref.size > 0
+    assert set(q["by_app"]) <= {"amap", "qq"}
+
+
+def test_query_prints_a_readable_summary(work, world):
+    out = ok("query", "--index", "st", "--lat", HZ["lat"], "--lon", HZ["lon"], "--radius", 100, cwd=work).stdout
+    assert re.match(r"[\d,]+ devices within 100 km of ", out)
+    assert "amap" in out
+
+
+# ---------------------------------------------------------------------------
+# the alert lifecycle
+# ---------------------------------------------------------------------------
+
+def test_alert_lifecycle_pushes(work, lifecycle):
+    aid = lifecycle["id"]
+    assert lifecycle["report"]["status"] == "pending"
+    assert lifecycle["approve"]["status"] == "open" and lifecycle["approve"]["approved_by"] == "S-330100"
+    (first,) = lifecycle["tick1"]["pushes"]
+    assert first["kind"] == "alert" and first["radius_km"] == 100 and not first["acked"]
+    # the unacknowledged push is offered again, under the same id, before the expansion
+    replay, expand = lifecycle["tick2"]["pushes"]
+    assert replay["push_id"] == first["push_id"] and replay["replayed"]
+    assert expand["kind"] == "expand" and expand["radius_km"] == 200 and not expand["replayed"]
+    (closure,) = lifecycle["close"]["pushes"]
+    assert closure["kind"] == "closure"
+    index = SpatialIndex.open(work / "st")
+    ring100 = set(within_reference(index.store, HZ["lat"], HZ["lon"], 100).tolist())
+    ring200 = set(within_reference(index.store, HZ["lat"], HZ["lon"], 200).tolist())
+    assert keys_of(work / "outbox" / f"{aid}.0.parquet") == ring100
+    assert keys_of(work / "outbox" / f"{aid}.1.parquet") == ring200 - ring100
+    assert keys_of(work / "outbox" / f"{aid}.2.parquet") == ring200
+    assert closure["recipients"] == len(ring200)
+    for i in range(3):
+        assert (work / "outbox" / f"{aid}.{i}.xml").read_text().startswith("<?xml")
+
+
+def test_alert_show(batch, lifecycle):
+    aid = lifecycle["id"]
+    doc = json.loads(passed(batch["show-json"]))
+    assert doc["alert"]["status"] == "closed" and doc["alert"]["outcome"] == "lost"
+    assert [p["kind"] for p in doc["pushes"]] == ["alert", "expand", "closure"]
+    assert all(p["acked"] for p in doc["pushes"])
+    assert sum(doc["pushes"][2]["by_app"].values()) == doc["pushes"][2]["recipients"]
+    assert f"alert {aid}  status closed (outcome lost)" in passed(batch["show-text"])
+    listing = json.loads(passed(batch["show-list"]))
+    assert [a["alert_id"] for a in listing["alerts"]] == [aid]
+
+
+def test_stats_and_audit(batch, lifecycle):
+    s = json.loads(passed(batch["stats-json"]))
+    assert (s["published"], s["found"], s["open"], s["recovery_rate"]) == (1, 1, 0, 1.0)
+    assert s["by_outcome"]["lost"] == 1
+    assert "100.00 % (found / published)" in passed(batch["stats-text"])
+    v = json.loads(passed(batch["audit-verify"]))
+    assert v["ok"] and v["pushes"] == 3
+    entries = json.loads(passed(batch["audit-list"]))["entries"]
+    assert [e["action"] for e in entries][:4] == ["report", "approve", "alert", "expand"]
+    assert all(e["alert_id"] == lifecycle["id"] for e in entries)
+
+
+def test_bench_times_every_radius(work, batch):
+    doc = json.loads(passed(batch["bench"]))
+    store = SpatialIndex.open(work / "st").store
+    assert [r["radius_km"] for r in doc["rows"]] == [50.0, 300.0]
+    for r in doc["rows"]:
+        assert r["devices"] == within_reference(store, HZ["lat"], HZ["lon"], r["radius_km"]).size
+        assert r["count_ms"] >= 0 and r["within_fill_ms"] >= 0
+
+
+def test_map_draws_a_valid_png(work, batch):
+    assert "m.png" in passed(batch["map"])
+    check_png(work / "m.png")
+
+
+def check_png(path):
+    """PNG signature, chunk CRCs, a non-trivial IHDR and a closing IEND."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc
+        kinds.append(kind)
+        if kind == b"IHDR":
+            w, h = struct.unpack(">II", body[:8])
+            assert w >= 800 and h >= 400
+        pos += 12 + length
+    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND" and b"IDAT" in kinds
+
+
+def test_refresh_tops_up_and_retraction_reaches_everyone(work, world):
+    """A ministry report (no approval), a ring, a new generation via ingest --base, a top-up."""
+    common = ("--log", "log2.sqlite", "--officers", "officers.json")
+    aid = ok_json("alert", "report", *common, "--index", "st", "--officer", "MPS", "--lat", HZ["lat"],
+                  "--lon", HZ["lon"], "--division", "330102", "--missing-since", T.format("08:00"),
+                  "--now", T.format("08:05"), cwd=work)["alert_id"]
+    (ring,) = ok_json("alert", "tick", *common, "--index", "st", "--now", T.format("08:10"),
+                      "--out", "out2", "--ack", cwd=work)["pushes"]
+    store = SpatialIndex.open(work / "st").store
+    rng = np.random.default_rng(3)
+    far = np.flatnonzero(haversine_km(HZ["lat"], HZ["lon"], store.lat, store.lon) > 150)[:40]
+    ids = np.concatenate([store.device_id[far], np.arange(25, dtype=np.uint64) + 7])
+    lat = HZ["lat"] + rng.uniform(-0.3, 0.3, ids.size)
+    lon = HZ["lon"] + rng.uniform(-0.3, 0.3, ids.size)
+    upd = pa.table({"device_id": pa.array(ids, pa.uint64()), "lat": lat, "lon": lon,
+                    "last_seen": pa.array(np.full(ids.size, 1795391400), pa.int64())})
+    pacsv.write_csv(upd, work / "moves.csv")
+    gen2 = ok_json("ingest", "moves.csv", "--base", "st", "--store", "st2", "--build", cwd=work)
+    assert gen2["generation"] == 2 and gen2["devices"] == 20_000 + 25
+    (topup,) = ok_json("alert", "refresh", *common, "--index", "st2", "--now", T.format("08:20"),
+                       "--out", "out2", "--ack", cwd=work)["pushes"]
+    assert topup["kind"] == "topup" and topup["radius_km"] == 100
+    s2 = SpatialIndex.open(work / "st2").store
+    now_in = set(within_reference(s2, HZ["lat"], HZ["lon"], 100).tolist())
+    first = keys_of(work / "out2" / f"{ring['push_id']}.parquet")
+    assert keys_of(work / "out2" / f"{topup['push_id']}.parquet") == now_in - first
+    assert topup["recipients"] == 65
+    (update,) = ok_json("alert", "update", aid, *common, "--index", "st2", "--officer", "MPS",
+                        "--description", "seen near the station", "--now", T.format("08:25"), "--ack",
+                        cwd=work)["pushes"]
+    assert update["kind"] == "update" and update["recipients"] == len(first | now_in)
+    (retraction,) = ok_json("alert", "retract", aid, *common, "--index", "st2", "--officer", "MPS",
+                            "--reason", "duplicate report", "--now", T.format("08:30"), "--out", "out2",
+                            cwd=work)["pushes"]
+    assert retraction["kind"] == "retraction"
+    assert keys_of(work / "out2" / f"{retraction['push_id']}.parquet") == first | now_in
+
+
+# ---------------------------------------------------------------------------
+# the demo
+# ---------------------------------------------------------------------------
+
+def test_demo_runs_end_to_end(work):
+    p = ok("demo", "--devices", "50k", "--workdir", "demo", cwd=work)
+    out = p.stdout
+    assert "%|" not in p.stderr
+    checks = [line for line in out.splitlines() if line.startswith("CHECK")]
+    assert len(checks) == 3 and all(c.startswith("CHECK OK") for c in checks)
+    m = re.search(r"closure audience \(([\d,]+)\) == union of the 5 ring pushes \(([\d,]+)\); "
+                  r"no device got two ring pushes", checks[0])
+    assert m and m.group(1) == m.group(2)
+    table = out[out.index(" #     t kind"):out.index("times in ms")].splitlines()
+    assert all(len(line) <= 100 for line in table)
+    assert [line.split()[2] for line in table[2:]] == ["alert", "expand", "expand", "topup", "expand", "closure"]
+    d = work / "demo"
+    caps = sorted((d / "cap").glob("GT-*.xml"))
+    assert len(caps) == 6 and all(c.read_text().startswith("<?xml") for c in caps)
+    check_png(d / "alert_map.png")
+    assert (d / "index" / "index.json").exists() and (d / "index" / "store.arrow").exists()
+    with RecipientLog(d / "recipients.sqlite") as log:
+        log.verify()
+        (aid,) = log.alerts()
+        kinds = [r.kind for r in log.pushes(aid, audiences=False)]
+        assert kinds == ["alert", "expand", "expand", "topup", "expand", "closure"]
+        assert not log.unacked()
+        union = log.notified(aid)
+        closure = log.pushes(aid)[-1].audience
+        assert closure == union and len(union) == int(m.group(1).replace(",", ""))
+
+
+# ---------------------------------------------------------------------------
+# refused input (exit 2) and usage errors (exit 1)
+# ---------------------------------------------------------------------------
+
+ALERT = "{aid}"
+BAD = {
+    # case: (arguments, a fragment the one-line reason must contain)
+    "demo-unknown-city": (["demo", "--city", "Atlantis", "--workdir", "d_bad"], "Atlantis"),
+    "generate-store-is-a-file": (["generate", "--devices", "1000", "--store", "officers.json"], "officers.json"),
+    "ingest-missing-file": (["ingest", "nope.csv", "--store", "s_bad"], "nope.csv"),
+    "ingest-latitude-out-of-range": (["ingest", "bad.csv", "--store", "s_bad2"], "lat"),
+    "build-not-a-store": (["build", "--store", "outbox"], "store.arrow"),
+    "query-negative-radius": (["query", "--index", "st", "--lat", 30, "--lon", 120, "--radius", -5], "radius"),
+    "query-naive-time": (["query", "--index", "st", "--lat", 30, "--lon", 120, "--radius", 5,
+                          "--seen-since", "2026-11-23T08:00"], "offset"),
+    "report-outside-jurisdiction": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
+                                     "officers.json", "--officer", "C-330102", "--division", "330103",
+                                     "--lat", 30.2, "--lon", 120.2, "--missing-since", T.format("08:00")],
+                                    "outside their jurisdiction"),
+    "report-bad-officers-file": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
+                                  "devices.csv", "--officer", "C-330102", "--lat", 30.2, "--lon", 120.2,
+                                  "--missing-since", T.format("08:00")], "officer_id,level,division"),
+    "approve-closed-alert": (["alert", "approve", ALERT, "--log", "{log}", "--index", "st", "--officers",
+                              "officers.json", "--officer", "S-330100"], "not pending"),
+    "tick-no-log": (["alert", "tick", "--log", "nolog.sqlite", "--index", "st"], "no recipient log"),
+    "refresh-no-log": (["alert", "refresh", "--log", "nolog.sqlite", "--index", "st"], "no recipient log"),
+    "close-other-outcome": (["alert", "close", ALERT, "--log", "{log}", "--index", "st", "--officers",
+                             "officers.json", "--officer", "C-330102", "--outcome", "runaway"],
+                            "already closed"),
+    "close-without-officers": (["alert", "close", ALERT, "--log", "{log}", "--index", "st",
+                                "--officer", "C-330102", "--outcome", "lost"], "--officers"),
+    "retract-closed-alert": (["alert", "retract", ALERT, "--log", "{log}", "--index", "st", "--officers",
+                              "officers.json", "--officer", "C-330102"], "cannot be retracted"),
+    "show-unknown-alert": (["alert", "show", "GT-nope", "--log", "{log}"], "GT-nope"),
+    "stats-bad-division": (["stats", "--log", "{log}", "--division", "12345"], "12345"),
+    "audit-verify-tampered": (["audit", "verify", "--log", "{tampered}"], "audit"),
+    "bench-bad-radii": (["bench", "--index", "st", "--radii", "a,b"], "radii"),
+    "map-unknown-alert": (["map", "--log", "{log}", "--index", "st", "--alert", "GT-nope"], "GT-nope"),
+}
+USAGE = {
+    "no-verb": [],
+    "unknown-verb": ["frobnicate"],
+    "missing-required": ["query", "--index", "st"],
+    "not-a-number": ["query", "--index", "st", "--lat", "abc", "--lon", 1, "--radius", 1],
+    "bad-count": ["demo", "--devices", "12x"],
+}
+
+
+READS = {
+    # read-only commands on the lifecycle's log, run alongside the refused cases
+    "show-json": ["alert", "show", ALERT, "--log", "{log}", "--index", "st", "--json"],
+    "show-text": ["alert", "show", ALERT, "--log", "{log}"],
+    "show-list": ["alert", "show", "--log", "{log}", "--json"],
+    "stats-json": ["stats", "--log", "{log}", "--json"],
+    "stats-text": ["stats", "--log", "{log}"],
+    "audit-verify": ["audit", "verify", "--log", "{log}", "--json"],
+    "audit-list": ["audit", "list", "--log", "{log}", "--alert", ALERT, "--json"],
+    "bench": ["bench", "--index", "st", "--city", "Hangzhou", "--radii", "50,300", "--repeat", 2, "--json"],
+    "map": ["map", "--log", "{log}", "--index", "st", "--alert", ALERT, "--out", "m.png"],
+}
+
+
+def passed(p) -> str:
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    assert "Traceback" not in p.stderr
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def batch(work, lifecycle):
+    """Run the independent commands concurrently.
+
+    A recipient log has one owner at a time, so every command that opens one
+    gets its own copy (a shared one would be refused as "held by another
+    process", and a refused case could pass for the wrong reason).
+    """
+    (work / "bad.csv").write_text("device_id,lat,lon\n1,30.0,120.0\n2,95.0,120.0\n")
+    aid = lifecycle["id"]
+    tampered = work / "tampered.sqlite"
+    shutil.copy(work / "log.sqlite", tampered)
+    con = sqlite3.connect(tampered)
+    con.execute("UPDATE audit SET actor='someone-else' WHERE seq=1")
+    con.commit()
+    con.close()
+
+    def prepare(name, args):
+        log = work / f"copy-{name}.sqlite"
+        shutil.copy(work / "log.sqlite", log)
+        return [str(a).format(aid=aid, log=log.name, tampered=tampered.name) for a in args]
+
+    jobs = {name: prepare(name, args) for name, (args, _) in BAD.items()}
+    jobs.update({name: prepare(name, args) for name, args in READS.items()})
+    jobs.update({f"usage:{name}": args for name, args in USAGE.items()})
+    # the slowest (matplotlib) first, so the pool's tail is short
+    order = sorted(jobs, key=lambda k: k != "map")
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(order, pool.map(lambda k: run(*jobs[k], cwd=work, timeout=120), order)))
+    return results
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_refused_input_exits_2_with_one_line(batch, case):
+    p = batch[case]
+    assert p.returncode == 2, f"{case}: exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geotarget: error: ")
+    assert BAD[case][1] in lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(USAGE))
+def test_usage_errors_exit_1(batch, case):
+    p = batch[f"usage:{case}"]
+    assert p.returncode == 1, f"{case}: exit {p.returncode}\n{p.stderr}"
+    assert "Traceback" not in p.stderr and "usage: geotarget" in p.stderr
+
+
+def test_refused_actions_change_nothing(work, batch, lifecycle):
+    with RecipientLog(work / "log.sqlite") as log:
+        want_pushes = [r.push_id for r in log.pushes(lifecycle["id"], audiences=False)]
+        want_audit = [e["hash"] for e in log.audit_entries()]
+    for case in ("close-other-outcome", "retract-closed-alert", "approve-closed-alert"):
+        with RecipientLog(work / f"copy-{case}.sqlite") as log:
+            assert [r.push_id for r in log.pushes(lifecycle["id"], audiences=False)] == want_pushes
+            assert [e["hash"] for e in log.audit_entries()] == want_audit
+    assert not (work / "s_bad2").exists() or not any((work / "s_bad2").iterdir())
