@@ -32,8 +32,9 @@ every commit fsyncs the WAL before it returns.  ``path`` names that file; if
 ``path`` is an existing directory the file is ``<path>/recipients.sqlite``.
 A new log is built under a temporary name and linked into place, so a file at
 ``path`` is always a complete, empty-or-better log.  The connection runs in
-EXCLUSIVE locking mode: one process owns the log (a second one gets
-:class:`InvalidInputError`), and no ``-shm`` file exists, so a crashed
+EXCLUSIVE locking mode and holds SQLite's exclusive lock from open to close:
+one process owns the log (a second one gets :class:`InvalidInputError`; plain
+SQLite readers are locked out too), and no ``-shm`` file exists, so a crashed
 process never leaves shared state behind.
 
 Torn tails versus corruption
@@ -59,7 +60,9 @@ the WAL as above, the file length against the page count, the schema version
 catches an index that disagrees with its rows.  What :meth:`RecipientLog.verify`
 adds (reads everything): a full ``integrity_check``, every push checksum, the
 push chain, every audience (digest, decoding, cardinality, the delivery
-rules), every alert checksum and the whole audit chain.
+rules), every alert checksum and the whole audit chain.  Like any hash chain
+without an outside anchor, the chains cannot tell their newest entries being
+cut off from those entries never having been written.
 
 Retention
 ---------
