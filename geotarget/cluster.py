@@ -32,7 +32,10 @@ every query out to the shards whose region can touch the circle.
 * **Serving.**  One actor per shard memory-maps its directory
   (:meth:`SpatialIndex.open`): a restarted actor re-opens the files and
   rebuilds nothing, in well under a second.  An actor answers with a uint32
-  NumPy array of *global* keys; Ray puts arrays over 100 KB in the node's
+  NumPy array of *global* keys, copied run by run (``memcpy``) from
+  ``leaf_global_keys.npy``, the global key of each row in the shard's leaf
+  order: the shard's query costs what the single index's ``fill`` costs, with
+  no gather through ``global_keys``.  Ray puts arrays over 100 KB in the node's
   shared-memory object store and the driver maps them without a copy.  The
   driver concatenates the parts into one audience over the full store (kept
   memory-mapped from ``directory/full``), so ``device_ids()`` and
@@ -51,8 +54,9 @@ On disk (``directory``)::
 
     shards.json          manifest: format, generation, n, leaf size, per-shard n and box
     full/store.arrow     the full store generation (audiences resolve keys here)
-    shard-000/           a SpatialIndex directory of the shard's sub-store, plus
-        global_keys.npy  uint32 (n_shard,) shard key -> global key
+    shard-000/               a SpatialIndex directory of the shard's sub-store, plus
+        global_keys.npy      uint32 (n_shard,) shard key -> global key
+        leaf_global_keys.npy uint32 (n_shard,) global key of each leaf-ordered row
 
 Ray is an optional extra (``pip install geotarget[ray]``); nothing else in
 geotarget imports this module.  For a multi-host cluster ``directory`` must be
@@ -85,6 +89,7 @@ from .store import DeviceStore, _fsync_dir
 MANIFEST = "shards.json"
 FULL_DIR = "full"
 GLOBAL_KEYS = "global_keys.npy"
+LEAF_KEYS = "leaf_global_keys.npy"
 FORMAT = "geotarget.sharded"
 FORMAT_VERSION = 1
 #: Padding of a shard's float64 box, unit-sphere units (~6 mm): covers the
@@ -204,14 +209,22 @@ class ShardServer:
             raise CorruptFileError(
                 f"{path}: shard {shard} should be generation {generation} with {n} devices, "
                 f"found generation {self.index.generation} with {len(self.index)}")
-        try:
-            gk = np.load(Path(path) / GLOBAL_KEYS, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as exc:
-            raise CorruptFileError(f"{Path(path) / GLOBAL_KEYS}: {exc}") from None
-        if gk.dtype != np.uint32 or gk.shape != (n,) or (n and int(gk[-1]) >= n_total):
-            raise CorruptFileError(f"{Path(path) / GLOBAL_KEYS}: expected {n} uint32 keys below {n_total}")
-        self.global_keys = gk.view(np.ndarray)
+        self.global_keys = self._keys(Path(path) / GLOBAL_KEYS, n, n_total)
+        self.leaf_keys = self._keys(Path(path) / LEAF_KEYS, n, n_total)
         self.served = 0
+
+    @staticmethod
+    def _keys(f: Path, n: int, n_total: int) -> np.ndarray:
+        try:
+            k = np.load(f, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise CorruptFileError(f"{f}: {exc}") from None
+        # A full range check (one read of n_shard * 4 bytes, which also warms
+        # the pages): a key out of range would send the driver's gathers astray.
+        if k.dtype != np.uint32 or k.shape != (n,) or not k.flags.c_contiguous or (
+                n and int(k.max()) >= n_total):
+            raise CorruptFileError(f"{f}: expected {n} uint32 keys below {n_total}, found {k.dtype} {k.shape}")
+        return k.view(np.ndarray)
 
     def info(self) -> dict:
         return {"shard": self.shard, "pid": os.getpid(), "n": len(self.index),
@@ -221,9 +234,13 @@ class ShardServer:
         """Global keys (uint32, in the shard's index order) of the shard's devices in the circle."""
         self.served += 1
         aud = self.index.within(lat, lon, radius_km, seen_since=seen_since, apps=apps)
-        local = np.empty(len(aud), dtype=np.uint32)
-        aud.fill(local)
-        return np.take(self.global_keys, local)
+        out = np.empty(len(aud), dtype=np.uint32)
+        runs = aud.runs
+        if runs.shape[0]:
+            offsets = np.zeros(runs.shape[0], dtype=np.int64)
+            np.cumsum(runs[:-1, 1] - runs[:-1, 0], out=offsets[1:])
+            _kernels.gather_runs_u32(self.leaf_keys, runs, offsets, out)
+        return out
 
     def count(self, lat, lon, radius_km, seen_since, apps) -> int:
         self.served += 1
@@ -375,12 +392,16 @@ class ShardedIndex:
         entry = {"path": path.name, "n": int(rows.shape[0]), "lo": None, "hi": None}
         if rows.shape[0] == 0:
             return entry
-        SpatialIndex.build(sub, leaf_size=leaf_size).save(path)
-        tmp = path / (GLOBAL_KEYS + ".tmp.npy")
-        np.save(tmp, rows.astype(np.uint32))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path / GLOBAL_KEYS)
+        index = SpatialIndex.build(sub, leaf_size=leaf_size)
+        index.save(path)
+        global_keys = rows.astype(np.uint32)
+        for name, arr in ((GLOBAL_KEYS, global_keys), (LEAF_KEYS, global_keys[index.keys])):
+            tmp = path / (name + ".tmp.npy")
+            np.save(tmp, arr)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path / name)
+        del index
         _fsync_dir(path)
         xyz = unit_vectors(sub.lat, sub.lon)
         entry["lo"] = (xyz.min(axis=0) - BOX_PAD).tolist()

@@ -174,12 +174,8 @@ def test_layout_manifest_and_open(world):
     for s in m["shards"]:
         d = sharded.directory / s["path"]
         assert (d / "index.json").exists() and (d / "store.arrow").exists() and (d / "global_keys.npy").exists()
-    with ShardedIndex.open(sharded.directory, actor_cpus=CPUS) as again:
-        assert again.store.path is not None  # memory-mapped full store
-        for lat, lon, r in [(31.23, 121.47, 500.0), (89.9, 0.0, 1000.0)]:
-            np.testing.assert_array_equal(again.within(lat, lon, r).keys(), single.within(lat, lon, r).keys())
-    with pytest.raises(ShardUnavailableError):
-        again.within(0, 0, 10)  # closed
+        assert s["n"] == sharded.info()[m["shards"].index(s)]["n"]
+    assert (sharded.directory / "full" / "store.arrow").exists()
 
 
 def test_corrupt_manifest_is_rejected_before_any_actor(tmp_path):
@@ -203,6 +199,20 @@ def test_shard_server_refuses_another_generation(world):
     ShardServer(path, 0, sharded.generation, n, len(sharded))  # the right one opens (plain Python, no Ray)
     with pytest.raises(CorruptFileError, match="generation"):
         ShardServer(path, 0, sharded.generation + 1, n, len(sharded))
+
+
+@pytest.mark.parametrize("name", ["global_keys.npy", "leaf_global_keys.npy"])
+def test_shard_server_rejects_out_of_range_keys(world, tmp_path, name):
+    import shutil
+    _, sharded = world
+    info = sharded.info()[2]
+    d = tmp_path / "shard"
+    shutil.copytree(info["path"], d)
+    keys = np.load(d / name)
+    keys[len(keys) // 2] = len(sharded)  # one past the last global key
+    np.save(d / name, keys)
+    with pytest.raises(CorruptFileError, match=name):
+        ShardServer(str(d), 2, sharded.generation, info["n"], len(sharded))
 
 
 # -- bad input ---------------------------------------------------------------------
@@ -283,17 +293,22 @@ def test_restart_reopens_rebuilds_nothing(world):
     assert {p: p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()} == files
 
 
-def test_dead_shard_and_timeout_raise_shard_unavailable(world):
+def test_open_from_disk_then_lose_shards(world):
+    """Open saved shards; a shard gone for good, or too slow, raises ShardUnavailableError."""
     single, sharded = world
     with ShardedIndex.open(sharded.directory, actor_cpus=CPUS, timeout=30) as idx:
+        assert idx.store.path is not None and idx.generation == single.store.generation  # memory-mapped
+        for lat, lon, r in [(31.23, 121.47, 500.0), (89.9, 0.0, 1000.0), (0.0, -180.0, 3000.0)]:
+            np.testing.assert_array_equal(idx.within(lat, lon, r).keys(), single.within(lat, lon, r).keys())
         victim = int(idx.shards_for(*CLUSTERS[0][:2], 0.0)[0])
         ray.kill(idx.actors[victim], no_restart=True)
         with pytest.raises(ShardUnavailableError, match="gone"):
             idx.within(*CLUSTERS[0][:2], 100.0)
         # a circle that needs no dead shard is still answered
-        for lat, lon, r in [(*c[:2], 10.0) for c in CLUSTERS]:
-            if victim not in idx.shards_for(lat, lon, r).tolist():
-                np.testing.assert_array_equal(idx.within(lat, lon, r).keys(), single.within(lat, lon, r).keys())
+        spared = [(*c[:2], 10.0) for c in CLUSTERS if victim not in idx.shards_for(c[0], c[1], 10.0).tolist()]
+        assert spared
+        for lat, lon, r in spared:
+            np.testing.assert_array_equal(idx.within(lat, lon, r).keys(), single.within(lat, lon, r).keys())
         # a restarting shard that does not answer in time: an error, not a hang
         other = next(i for i in range(idx.shards) if i != victim)
         target = next(c for c in CLUSTERS if other in idx.shards_for(c[0], c[1], 1.0).tolist())
@@ -304,6 +319,8 @@ def test_dead_shard_and_timeout_raise_shard_unavailable(world):
         idx.timeout = 30.0
         np.testing.assert_array_equal(idx.within(target[0], target[1], 1.0).keys(),
                                       single.within(target[0], target[1], 1.0).keys())
+    with pytest.raises(ShardUnavailableError, match="closed"):
+        idx.within(0, 0, 10)
 
 
 # -- the engine on a sharded index ---------------------------------------------------
@@ -334,12 +351,12 @@ def moved_store(store, seed=1, new=400):
 
 @pytest.fixture(scope="module")
 def hz(ray_session, tmp_path_factory):
-    """Two generations, each as a SpatialIndex and as a 3-shard ShardedIndex."""
+    """Two generations, each as a SpatialIndex and as a ShardedIndex (3 shards, then 2)."""
     s1 = hz_store()
     s2 = moved_store(s1)
     d = tmp_path_factory.mktemp("hz")
     with ShardedIndex.build(s1, shards=3, directory=d / "gen1", actor_cpus=CPUS) as sh1, \
-            ShardedIndex.build(s2, shards=3, directory=d / "gen2", actor_cpus=CPUS) as sh2:
+            ShardedIndex.build(s2, shards=2, directory=d / "gen2", actor_cpus=CPUS) as sh2:
         yield gt.SpatialIndex.build(s1), gt.SpatialIndex.build(s2), sh1, sh2
 
 
