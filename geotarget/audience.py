@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from pyroaring import BitMap
+from pyroaring import AbstractBitMap, BitMap
 
 from . import _kernels
 
@@ -164,7 +164,7 @@ class Audience:
     def _other(self, other) -> BitMap:
         if isinstance(other, Audience):
             return other.bitmap()
-        if isinstance(other, BitMap):
+        if isinstance(other, AbstractBitMap):  # BitMap or a log's FrozenBitMap
             return other
         return NotImplemented
 

@@ -166,7 +166,8 @@ class AlertEngine:
         return idx.within(alert.lat, alert.lon, radius, seen_since=seen)
 
     def _references(self, alert: Alert):
-        return [(self.sender, r.push_id, r.created_at) for r in self.log.pushes(alert.alert_id)]
+        return [(self.sender, r.push_id, r.created_at)
+                for r in self.log.pushes(alert.alert_id, audiences=False)]
 
     def _emit(self, alert: Alert, kind: str, radius: float, audience, now: _dt.datetime,
               actor: str, extra: dict | None = None) -> Push:
@@ -285,7 +286,7 @@ class AlertEngine:
             if newly:
                 rec = self.log.push(push_id)
                 self.log.audit("ack", actor="dispatcher", alert_id=rec.alert_id, radius_km=rec.radius_km,
-                               count=len(rec.audience), detail={"push_id": push_id})
+                               count=rec.count, detail={"push_id": push_id})
             return newly
 
     def _follow(self, alert: Alert, kind: str, officer_id: str, now: _dt.datetime) -> Push:

@@ -89,6 +89,7 @@ from dataclasses import dataclass
 import numpy as np
 from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
+from ._fs import fsync_dir as _fsync_dir
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      UnknownAlertError, UnknownPushError)
 from .geo import check_aware, check_radius
@@ -440,12 +441,6 @@ def _check_files(path: str) -> None:
                                f"{npages} pages of {page_size}: the database file is truncated")
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import _kernels
+from ._fs import fsync_dir as _fsync_dir
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_coordinates
 
@@ -66,12 +67,6 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
