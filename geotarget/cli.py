@@ -992,6 +992,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GeotargetError as exc:
         sys.stderr.write(f"geotarget: error: {_one_line(exc)}\n")
         return EXIT_REFUSED
+    except BrokenPipeError:
+        # the reader went away (``| head``): not a failure of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as exc:
         # a file the user named cannot be read or written
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""

