@@ -761,3 +761,34 @@ def gather_seen(const cnp.int64_t[::1] last_seen, const uint32_t[::1] keys, uint
             elif v > top:
                 v = top
             out[i] = <uint32_t>v
+
+
+def consecutive_ranges(const uint32_t[::1] keys):
+    """Maximal runs of consecutive ascending keys, as int64 ``(m, 2)`` ``[start, end)``.
+
+    In numpy, this operation is equivalent to::
+
+        cut = np.flatnonzero(np.diff(keys.astype(np.int64)) != 1) + 1
+        starts = keys[np.r_[0, cut]]; ends = keys[np.r_[cut - 1, len(keys) - 1]] + 1
+    """
+    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
+    cdef uint32_t kmax = 0xFFFFFFFF  # k + 1 wraps there; the key space ends
+    with nogil:
+        for i in range(1, n):
+            if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
+                m += 1
+    if n:
+        m += 1
+    out = np.empty((m, 2), dtype=np.int64)
+    cdef cnp.int64_t[:, ::1] o = out
+    cdef Py_ssize_t j = 0
+    if n:
+        with nogil:
+            o[0, 0] = keys[0]
+            for i in range(1, n):
+                if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
+                    o[j, 1] = <cnp.int64_t>keys[i - 1] + 1
+                    j += 1
+                    o[j, 0] = keys[i]
+            o[j, 1] = <cnp.int64_t>keys[n - 1] + 1
+    return out

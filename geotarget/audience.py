@@ -9,6 +9,8 @@ questions; no Python list appears on either path.
 """
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
@@ -17,9 +19,25 @@ from . import _kernels
 
 
 def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
+    """A roaring bitmap of keys given in any order.
+
+    Audiences are mostly long runs of consecutive keys (keys are assigned in
+    spatial order), so they go in as ranges; short-run input goes through
+    pyroaring's buffer path (``array('I')``; a NumPy array would be iterated
+    element by element, ~7x slower).
+    """
     bm = BitMap()
-    if keys.size:
-        bm.update(np.ascontiguousarray(keys, dtype=np.uint32))
+    keys = np.ascontiguousarray(keys, dtype=np.uint32)
+    if keys.size == 0:
+        return bm
+    ranges = _kernels.consecutive_ranges(keys)
+    if ranges.shape[0] * 16 <= keys.size:
+        for start, end in ranges:
+            bm.add_range(start, end)
+    else:
+        buf = array("I")
+        buf.frombytes(keys.tobytes())
+        bm.update(buf)
     return bm
 
 
@@ -158,7 +176,8 @@ class Audience:
     def bitmap(self) -> BitMap:
         """The keys as a roaring bitmap (cached; do not mutate)."""
         if self._bitmap is None:
-            self._bitmap = _bitmap_from_keys(self.keys())
+            # roaring takes keys in any order; no sort needed
+            self._bitmap = _bitmap_from_keys(self._unordered_keys())
         return self._bitmap
 
     def _other(self, other) -> BitMap:

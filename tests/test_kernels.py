@@ -233,3 +233,26 @@ def test_build_tree_large_ranges_use_sampled_select_exactly():
     for j in range(1 << depth):
         s, e = starts[j], starts[j + 1]
         np.testing.assert_array_equal(np.sort(pts["key"][s:e]), np.sort(keys[order[s:e]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 200),
+                  elements=st.one_of(st.integers(0, 40), st.just(2**32 - 1), st.just(2**32 - 2))))
+def test_consecutive_ranges_matches_reference(keys):
+    got = _kernels.consecutive_ranges(keys)
+    if len(keys) == 0:
+        assert got.shape == (0, 2)
+        return
+    k = keys.astype(np.int64)
+    cut = np.flatnonzero(np.diff(k) != 1) + 1
+    ref = np.stack([k[np.r_[0, cut]], k[np.r_[cut - 1, len(k) - 1]] + 1], axis=1)
+    np.testing.assert_array_equal(got, ref)
+
+
+@settings(max_examples=50, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 3000), elements=st.integers(0, 5000)))
+def test_audience_bitmap_from_any_key_order(keys):
+    from geotarget.audience import _bitmap_from_keys
+    assert set(_bitmap_from_keys(keys)) == set(keys.tolist())
+    runs = np.sort(np.unique(keys))
+    assert set(_bitmap_from_keys(runs)) == set(runs.tolist())
