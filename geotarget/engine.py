@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,6 +106,8 @@ class Push:
     audience: Audience
     cap_xml: str
     created_at: _dt.datetime
+    #: Wall time this process spent on the push (``query_ms``, ``log_ms``); empty on a replay.
+    timings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.audience)
@@ -156,9 +159,10 @@ class AlertEngine:
     def _audience(self, bm) -> Audience:
         return Audience(store=self._store(), bitmap=bm)
 
-    def _to_push(self, rec: PushRecord) -> Push:
+    def _to_push(self, rec: PushRecord, timings: dict | None = None) -> Push:
         return Push(rec.alert_id, rec.seq, rec.kind, rec.radius_km, rec.push_id,
-                    self._audience(rec.audience), rec.meta.get("cap_xml", ""), rec.created_at)
+                    self._audience(rec.audience), rec.meta.get("cap_xml", ""), rec.created_at,
+                    timings or {})
 
     def _query(self, alert: Alert, radius: float, now: _dt.datetime, index=None) -> Audience:
         idx = index or self.index
@@ -170,8 +174,9 @@ class AlertEngine:
                 for r in self.log.pushes(alert.alert_id, audiences=False)]
 
     def _emit(self, alert: Alert, kind: str, radius: float, audience, now: _dt.datetime,
-              actor: str, extra: dict | None = None) -> Push:
+              actor: str, extra: dict | None = None, query_ms: float | None = None) -> Push:
         """Log the push (with the alert's new state and an audit entry) durably, then return it."""
+        t0 = time.perf_counter()
         bm = audience.bitmap() if isinstance(audience, Audience) else audience
         seq = alert.next_seq
         push_id = f"{alert.alert_id}.{seq}"
@@ -196,7 +201,10 @@ class AlertEngine:
             self.log.audit(kind, actor=actor, alert_id=alert.alert_id, radius_km=radius,
                            count=len(bm), at=now, detail={"push_id": push_id})
         self._alerts[alert.alert_id] = updated
-        return self._to_push(rec)
+        timings = {"log_ms": (time.perf_counter() - t0) * 1e3}
+        if query_ms is not None:
+            timings["query_ms"] = query_ms
+        return self._to_push(rec, timings)
 
     def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None):
         with self.log.transaction():
@@ -261,23 +269,27 @@ class AlertEngine:
                     continue
                 radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
                 if alert.next_seq == 0:
-                    out.append(self._emit(alert, "alert", radius, self._query(alert, radius, now),
-                                          now, "engine"))
+                    t0 = time.perf_counter()
+                    aud = self._query(alert, radius, now)
+                    out.append(self._emit(alert, "alert", radius, aud, now, "engine",
+                                          query_ms=(time.perf_counter() - t0) * 1e3))
                 elif radius > alert.radius_km:
                     out.extend(self._ring(alert, "expand", radius, now, self.index))
             return out
 
     def _ring(self, alert: Alert, kind: str, radius: float, now: _dt.datetime, index,
-              audience: Audience | None = None) -> list[Push]:
+              audience: Audience | None = None, query_ms: float | None = None) -> list[Push]:
+        t0 = time.perf_counter()
         aud = audience if audience is not None else self._query(alert, radius, now, index)
         new = aud.bitmap() - self.log.notified(alert.alert_id)
+        query_ms = (query_ms or 0.0) + (time.perf_counter() - t0) * 1e3
         if len(new) == 0:
             # Nothing to send, but the ring is done: remember the radius so the
             # next tick does not ask again, and keep the decision in the audit.
             updated = dataclasses.replace(alert, radius_km=max(radius, alert.radius_km))
             self._save(updated, f"{kind}-empty", "engine", now, {"radius_km": radius})
             return []
-        return [self._emit(alert, kind, radius, new, now, "engine")]
+        return [self._emit(alert, kind, radius, new, now, "engine", query_ms=query_ms)]
 
     def ack(self, push_id: str) -> bool:
         """The dispatcher has handed the push on; it will not be offered again."""
@@ -361,12 +373,18 @@ class AlertEngine:
                     continue
                 radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
                 todo.append((alert, radius))
+            def target(ar):
+                t0 = time.perf_counter()
+                aud = self._query(ar[0], ar[1], now, new_index)
+                aud.bitmap()  # roaring build off the lock-step loop, in parallel too
+                return aud, (time.perf_counter() - t0) * 1e3
+
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                auds = list(pool.map(lambda ar: self._query(ar[0], ar[1], now, new_index), todo))
+                auds = list(pool.map(target, todo))
             out: list[Push] = []
-            for (alert, radius), aud in zip(todo, auds):
+            for (alert, radius), (aud, q_ms) in zip(todo, auds):
                 kind = "expand" if radius > alert.radius_km else "topup"
-                out.extend(self._ring(self._alerts[alert.alert_id], kind, radius, now, new_index, aud))
+                out.extend(self._ring(self._alerts[alert.alert_id], kind, radius, now, new_index, aud, q_ms))
             return out
 
     # -- reading ------------------------------------------------------------

@@ -77,6 +77,7 @@ def test_full_lifecycle(world, tmp_path):
     eng.approve(alert.id, "city-1", now=T0 + dt.timedelta(minutes=30))
     p1 = eng.tick(T0 + dt.timedelta(minutes=30))
     assert [p.kind for p in p1] == ["alert"] and p1[0].radius_km == 100
+    assert set(p1[0].timings) == {"query_ms", "log_ms"} and p1[0].timings["log_ms"] > 0
     assert keyset(p1[0]) == oracle(world, *HZ, 100)
     assert eng.tick(T0 + dt.timedelta(minutes=30)) == []          # idempotent
     assert eng.tick(T0 + dt.timedelta(minutes=59)) == []          # still 100 km
@@ -132,6 +133,7 @@ def test_outbox_replays_unacked_after_reopen(world, tmp_path):
     eng2 = engine_for(world, tmp_path / "log")
     replay = eng2.tick(T0 + dt.timedelta(minutes=90))
     assert [p.push_id for p in replay] == [p2.push_id]
+    assert replay[0].timings == {}                                   # a replay did no new work
     assert keyset(replay[0]) == keyset(p2)
     assert eng2.tick(T0 + dt.timedelta(minutes=90)) == []            # offered once per engine
     closure = eng2.close(a.id, "city-1", outcome="runaway", now=T0 + dt.timedelta(hours=2))
