@@ -2,9 +2,9 @@
 
 Why and how
 -----------
-One machine serves 400 M devices (DESIGN §5), but a national platform also
-wants to spread its index over several hosts: to survive the loss of one and
-to add cores for many simultaneous alerts.  This module splits one store
+One machine is meant to serve 400 M devices (DESIGN §5), but a national
+platform also wants its index on several hosts: to survive the loss of one,
+and to add memory and cores for many simultaneous alerts.  This module splits one store
 generation into K spatial partitions, serves each from a Ray actor, and fans
 every query out to the shards whose region can touch the circle.
 
@@ -31,14 +31,15 @@ every query out to the shards whose region can touch the circle.
 
 * **Serving.**  One actor per shard memory-maps its directory
   (:meth:`SpatialIndex.open`): a restarted actor re-opens the files and
-  rebuilds nothing, in well under a second.  An actor answers with a uint32
+  rebuilds nothing, so a restart costs a Ray worker start, not a build.  An actor answers with a uint32
   NumPy array of *global* keys, copied run by run (``memcpy``) from
   ``leaf_global_keys.npy``, the global key of each row in the shard's leaf
   order: the shard's query costs what the single index's ``fill`` costs, with
   no gather through ``global_keys``.  Ray puts arrays over 100 KB in the node's
   shared-memory object store and the driver maps them without a copy.  The
-  driver concatenates the parts into one audience over the full store (kept
-  memory-mapped from ``directory/full``), so ``device_ids()`` and
+  driver concatenates the parts (one copy, so that a kept audience does not
+  pin object-store memory) into one audience over the full store (kept
+  memory-mapped from ``directory/full``), so ``keys()``, ``device_ids()`` and
   ``by_app()`` work as for any audience.
 
 * **Faults.**  Actors restart without limit (``max_restarts=-1``) and a call
@@ -48,7 +49,8 @@ every query out to the shards whose region can touch the circle.
   :class:`ShardUnavailableError`.  A query never hangs and never returns a
   partial audience.
 
-* **Validation** happens once, in the driver, before any remote call.
+* **Validation** happens in the driver, before any remote call; a bad
+  argument never reaches an actor.
 
 On disk (``directory``)::
 
@@ -106,9 +108,6 @@ DEFAULT_TASK_RETRIES = 3
 #: short-lived (a 90 M-device audience is 360 MB), so keep it modest.
 DEFAULT_OBJECT_STORE = 512 * 2**20
 MAX_SHARDS = 1024
-
-log = logging.getLogger(__name__)
-
 
 class ShardUnavailableError(GeotargetError, RuntimeError):
     """A shard did not answer in time, or its actor is gone for good."""
@@ -506,13 +505,9 @@ class ShardedIndex:
         Keys are rows of the full store; the audience resolves ids and apps there.
         """
         args = self._args(lat, lon, radius_km, seen_since, apps)
-        parts = [p for p in self._fanout("within", args) if p.shape[0]]
-        if not parts:
-            keys = np.empty(0, dtype=np.uint32)
-        elif len(parts) == 1:
-            keys = parts[0]  # read-only view of the object store; Audience only reads it
-        else:
-            keys = np.concatenate(parts)
+        parts = self._fanout("within", args)
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
+        del parts  # releases the object-store buffers
         return _key_audience(keys, self.store)
 
     def count(self, lat, lon, radius_km, seen_since=None, apps=None) -> int:
