@@ -160,7 +160,10 @@ def load_officers(path) -> "Authority":  # noqa: F821 - imported lazily
     p = Path(path)
     if not p.is_file():
         raise InvalidInputError(f"--officers {str(p)!r}: no such file")
-    text = p.read_text(encoding="utf-8-sig")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"--officers {str(p)!r} is not UTF-8 text: {exc}") from None
     if p.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         need = {"officer_id", "level", "division"}
@@ -170,9 +173,11 @@ def load_officers(path) -> "Authority":  # noqa: F821 - imported lazily
                 f"--officers {str(p)!r}: a CSV needs a header officer_id,level,division[,name] and rows")
         officers = []
         for i, r in enumerate(rows, start=2):
+            if None in r:
+                raise InvalidInputError(f"--officers {str(p)!r} line {i}: more fields than the header")
             extra = set(r) - need - {"name"}
-            if extra - {None}:
-                raise InvalidInputError(f"--officers {str(p)!r} line {i}: unknown column(s) {sorted(extra)}")
+            if extra:
+                raise InvalidInputError(f"--officers {str(p)!r}: unknown column(s) {sorted(extra)}")
             try:
                 officers.append(Officer((r["officer_id"] or "").strip(), (r["level"] or "").strip(),
                                         (r["division"] or "").strip(), (r.get("name") or "").strip()))
