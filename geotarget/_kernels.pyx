@@ -203,6 +203,9 @@ DEF EARTH_R = 6371.0088
 DEF DEG2RAD = 0.017453292519943295
 # Guard band in chord units (unit sphere).  See the essay, point 4.
 DEF GUARD = 2e-6
+# Below this many elements a gather runs on the calling thread: waking the
+# OpenMP team costs more than copying (milliseconds on a loaded machine).
+DEF PARALLEL_MIN = 1 << 18
 
 HAVE_OPENMP = bool(GT_HAVE_OPENMP)
 EARTH_RADIUS_KM = EARTH_R
@@ -686,21 +689,15 @@ def gather_runs_u32(const uint32_t[::1] src, const int64_t[:, ::1] runs,
     ``out[:total] = np.concatenate([src[s:e] for s, e in runs])``.
     """
     cdef Py_ssize_t i, k = runs.shape[0]
+    cdef int64_t total = offsets[k - 1] + runs[k - 1, 1] - runs[k - 1, 0] if k else 0
     with nogil:
-        for i in prange(k, schedule="guided"):
-            if runs[i, 1] > runs[i, 0]:
+        if total < PARALLEL_MIN:
+            for i in range(k):
                 memcpy(&out[offsets[i]], &src[runs[i, 0]], (runs[i, 1] - runs[i, 0]) * sizeof(uint32_t))
-
-
-def gather_rows(const cnp.uint64_t[::1] src, const uint32_t[::1] idx, cnp.uint64_t[::1] out):
-    """``out[i] = src[idx[i]]`` over both cores.
-
-    In numpy, this operation is equivalent to ``np.take(src, idx, out=out)``.
-    """
-    cdef Py_ssize_t i, n = idx.shape[0]
-    with nogil:
-        for i in prange(n, schedule="static"):
-            out[i] = src[idx[i]]
+        else:
+            for i in prange(k, schedule="guided"):
+                if runs[i, 1] > runs[i, 0]:
+                    memcpy(&out[offsets[i]], &src[runs[i, 0]], (runs[i, 1] - runs[i, 0]) * sizeof(uint32_t))
 
 
 ctypedef fused gather_t:
@@ -723,8 +720,12 @@ def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
     """
     cdef Py_ssize_t i, n = idx.shape[0]
     with nogil:
-        for i in prange(n, schedule="static"):
-            out[i] = src[idx[i]]
+        if n < PARALLEL_MIN:
+            for i in range(n):
+                out[i] = src[idx[i]]
+        else:
+            for i in prange(n, schedule="static"):
+                out[i] = src[idx[i]]
 
 
 def sort_ids(const cnp.uint64_t[::1] ids):

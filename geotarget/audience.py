@@ -145,7 +145,7 @@ class Audience:
         """Sorted uint64 device ids (one gather over both cores, one sort)."""
         keys = self._unordered_keys()
         out = np.empty(keys.shape[0], dtype=np.uint64)
-        _kernels.gather_rows(self._store.device_id, keys, out)
+        _kernels.take(self._store.device_id, keys, out)
         out.sort()
         return out
 

@@ -153,15 +153,6 @@ def test_gather_runs_matches_concatenate(cloud, data):
         assert np.all(r[1:, 0] > r[:-1, 1])
 
 
-def test_gather_rows_matches_take():
-    rng = np.random.default_rng(3)
-    src = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)
-    idx = rng.integers(0, 1000, 5000).astype(np.uint32)
-    out = np.empty(5000, dtype=np.uint64)
-    _kernels.gather_rows(src, idx, out)
-    np.testing.assert_array_equal(out, np.take(src, idx))
-
-
 def test_copy_keys_matches_reference():
     rng = np.random.default_rng(4)
     pts = np.empty(257, dtype=_kernels.POINT_DTYPE)
@@ -174,10 +165,11 @@ def test_copy_keys_matches_reference():
 
 def test_take_matches_numpy():
     rng = np.random.default_rng(5)
-    idx = rng.integers(0, 1000, 3000)
-    for dtype in (np.uint64, np.int64, np.float64, np.int8, np.uint32):
+    for n_idx in (3000, 300_000):  # serial and OpenMP paths
+      idx = rng.integers(0, 1000, n_idx)
+      for dtype in (np.uint64, np.int64, np.float64, np.int8, np.uint32):
         src = rng.integers(-100, 100, 1000).astype(dtype)
-        out = np.empty(3000, dtype=dtype)
+        out = np.empty(n_idx, dtype=dtype)
         _kernels.take(src, idx, out)
         np.testing.assert_array_equal(out, src[idx])
 
