@@ -108,32 +108,6 @@ def demo_officers(c: dict) -> tuple[list[Officer], dict]:
     return [county, superior, ministry], {"county": (county, dname), "superior": superior}
 
 
-class _TimedLog(RecipientLog):
-    """A RecipientLog that adds up the wall time of its outermost transactions.
-
-    Every durable write of the engine (push, alert state, audit) happens in one
-    outer transaction, so this is the log's share of a push, fsync included.
-    """
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.write_s = 0.0
-        self._outer = 0
-
-    @contextlib.contextmanager
-    def transaction(self):
-        outer = self._outer == 0
-        self._outer += 1
-        t0 = time.perf_counter()
-        try:
-            with super().transaction() as log:
-                yield log
-        finally:
-            self._outer -= 1
-            if outer:
-                self.write_s += time.perf_counter() - t0
-
-
 @dataclasses.dataclass
 class Row:
     """One push, as the report shows it."""
@@ -266,7 +240,7 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
     officers, roles = demo_officers(c)
     county, dname = roles["county"]
     superior = roles["superior"]
-    log = _TimedLog(work / FILES["log"])
+    log = RecipientLog(work / FILES["log"])
     engine = AlertEngine(index, log=log, authority=Authority(officers),
                          schedule=RadiusSchedule.default(), max_location_age=MAX_LOCATION_AGE)
     t0 = MISSING_SINCE
@@ -289,49 +263,45 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
     received: list[Push] = []
     reached = 0
 
-    def handle(pushes: list[Push], now, engine_s: float, log_s: float, idx) -> None:
+    def handle(pushes: list[Push], now, engine_s: float) -> None:
         nonlocal reached
         for p in pushes:
-            q_ms = None
             if p.kind in ("alert", "expand", "topup"):
-                q0 = time.perf_counter()
-                idx.within(alert.lat, alert.lon, p.radius_km, seen_since=now - MAX_LOCATION_AGE)
-                q_ms = (time.perf_counter() - q0) * 1e3
                 reached += len(p)
             cap_path = work / FILES["cap"] / f"{p.push_id}.xml"
             cap_path.write_text(p.cap_xml, encoding="utf-8")
             engine.ack(p.push_id)  # handed on: a restarted engine will not offer it again
             received.append(p)
+            # the engine's own split: query (ring + difference with the notified) and durable log
             rows.append(Row(p.seq, p.push_id, p.kind, now, (now - t0).total_seconds() / 60,
-                            p.radius_km, len(p), reached, p.audience.counts_by_app(), q_ms,
-                            log_s * 1e3 / max(1, len(pushes)), engine_s * 1e3 / max(1, len(pushes)),
-                            str(cap_path)))
+                            p.radius_km, len(p), reached, p.audience.counts_by_app(),
+                            p.timings.get("query_ms"), p.timings.get("log_ms", 0.0),
+                            engine_s * 1e3 / max(1, len(pushes)), str(cap_path)))
 
     def call(fn, *args):
-        log.write_s = 0.0
         e0 = time.perf_counter()
         out = fn(*args)
-        return out, time.perf_counter() - e0, log.write_s
+        return out, time.perf_counter() - e0
 
     refresh = None
     with timed("rings"):
         for minutes in (22, 65, 130):
             now = t0 + _minutes(minutes)
-            pushes, es, ls = call(engine.tick, now)
-            handle(pushes, now, es, ls, engine.index)
+            pushes, es = call(engine.tick, now)
+            handle(pushes, now, es)
         now = t0 + _minutes(160)
         r0 = time.perf_counter()
         new_store, moved, fresh = _moves(store, seed, now)
         new_index = SpatialIndex.build(new_store, progress=progress)
         refresh = (moved, fresh, time.perf_counter() - r0)
-        pushes, es, ls = call(engine.refresh, new_index, now)
-        handle(pushes, now, es, ls, new_index)
+        pushes, es = call(engine.refresh, new_index, now)
+        handle(pushes, now, es)
         # the engine serves the new generation; let the first one go (~1 GB at 20 M)
         n_first = len(store)
         del store, index, new_store, new_index
         now = t0 + _minutes(185)
-        pushes, es, ls = call(engine.tick, now)
-        handle(pushes, now, es, ls, engine.index)
+        pushes, es = call(engine.tick, now)
+        handle(pushes, now, es)
         last_ring_at = now
     say(f"[4/6] rings       " + " -> ".join(
         f"{r.radius_km:g} km" if r.kind != "topup" else "topup" for r in rows) + f" ({len(rows)} pushes)")
@@ -340,8 +310,8 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
 
     # 5. the child is found ------------------------------------------------------
     now = t0 + _minutes(295)
-    closure, es, ls = call(engine.close, alert.id, county.officer_id, "lost", now)
-    handle([closure], now, es, ls, engine.index)
+    closure, es = call(engine.close, alert.id, county.officer_id, "lost", now)
+    handle([closure], now, es)
     say(f"[5/6] closure     child found at {now:%H:%M} (outcome: lost); closure to "
         f"{len(closure):,} devices")
 
