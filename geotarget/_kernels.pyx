@@ -438,6 +438,7 @@ cdef struct QueryCtx:
     const double* lat         # store latitude by key (exact re-check)
     const double* lon
     const uint32_t* seen      # (n,) leaf-ordered last-seen seconds, or NULL
+    const uint32_t* seen_bounds  # (nnodes, 2) min/max last-seen per node, or NULL
     const int8_t* app         # (n,) leaf-ordered app codes, or NULL
     int64_t n
     int depth
@@ -575,9 +576,20 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             dmax2 += t * t
         if dmin2 > q.hi2:
             continue
+        if q.filter_seen and q.seen_bounds != NULL and q.seen_bounds[2 * node + 1] < q.seen_min:
+            continue  # every device here was last seen before the cutoff
         if dmax2 <= q.lo2:
-            _emit_range(q, s, e)
-            continue
+            if not (q.filter_seen or q.filter_app):
+                _emit(q, s, e)
+                continue
+            if (not q.filter_app and q.seen_bounds != NULL
+                    and q.seen_bounds[2 * node] >= q.seen_min):
+                _emit(q, s, e)  # inside, and every device here is recent enough
+                continue
+            if level == q.depth or q.seen_bounds == NULL or q.filter_app:
+                _emit_range(q, s, e)
+                continue
+            # mixed ages: let the children decide (their boxes are inside too)
         if level == q.depth:
             _leaf(q, s, e)
             continue
@@ -594,7 +606,8 @@ def query(const GtPoint[::1] pts, const uint32_t[::1] keys, const float[:, ::1] 
           int depth, const double[::1] lat, const double[::1] lon,
           double clat, double clon, double radius_km,
           const uint32_t[::1] seen=None, int64_t seen_min=-1,
-          const int8_t[::1] app=None, object app_codes=None, bint emit=True):
+          const int8_t[::1] app=None, object app_codes=None, bint emit=True,
+          const uint32_t[:, ::1] seen_bounds=None):
     """Rows within ``radius_km`` of (clat, clon), as sorted disjoint runs.
 
     Returns ``(runs, count, exact_checks)`` where ``runs`` is int64 ``(k, 2)``
@@ -654,6 +667,7 @@ def query(const GtPoint[::1] pts, const uint32_t[::1] keys, const float[:, ::1] 
     q.filter_seen = seen is not None and seen_min >= 0
     q.seen = &seen[0] if (seen is not None and seen.shape[0] > 0) else NULL
     q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
+    q.seen_bounds = &seen_bounds[0, 0] if (seen_bounds is not None and seen_bounds.shape[0] > 0) else NULL
     q.filter_app = app is not None and app_codes is not None
     q.app = &app[0] if (app is not None and app.shape[0] > 0) else NULL
     q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
@@ -792,4 +806,44 @@ def consecutive_ranges(const uint32_t[::1] keys):
                     j += 1
                     o[j, 0] = keys[i]
             o[j, 1] = <cnp.int64_t>keys[n - 1] + 1
+    return out
+
+
+def node_seen_bounds(const uint32_t[::1] seen, int depth):
+    """Per-node (min, max) of last-seen seconds over each node's rows, uint32 ``(nnodes, 2)``.
+
+    In numpy, this operation is equivalent to, for every node i at level L, j = i + 1 - 2^L::
+
+        s, e = (j * n) >> L, ((j + 1) * n) >> L
+        out[i] = (seen[s:e].min(), seen[s:e].max())      # (2^32-1, 0) for an empty node
+    """
+    cdef int64_t n = seen.shape[0]
+    cdef int64_t nnodes = (<int64_t>2 << depth) - 1
+    cdef int64_t leaves = <int64_t>1 << depth
+    cdef int64_t j, s, e, r, node
+    cdef int level
+    cdef uint32_t lo, hi, a, b
+    out = np.empty((nnodes, 2), dtype=np.uint32)
+    cdef uint32_t[:, ::1] o = out
+    with nogil:
+        for j in prange(leaves, schedule="static"):
+            s = _node_start(j, depth, n)
+            e = _node_start(j + 1, depth, n)
+            lo = 0xFFFFFFFF
+            hi = 0
+            for r in range(s, e):
+                if seen[r] < lo:
+                    lo = seen[r]
+                if seen[r] > hi:
+                    hi = seen[r]
+            o[leaves - 1 + j, 0] = lo
+            o[leaves - 1 + j, 1] = hi
+        for level in range(depth - 1, -1, -1):
+            for node in range((<int64_t>1 << level) - 1, (<int64_t>2 << level) - 1):
+                a = o[2 * node + 1, 0]
+                b = o[2 * node + 2, 0]
+                o[node, 0] = a if a < b else b
+                a = o[2 * node + 1, 1]
+                b = o[2 * node + 2, 1]
+                o[node, 1] = a if a > b else b
     return out

@@ -12,6 +12,8 @@ On disk an index lives next to its store, in the same directory::
     keys.npy        uint32  (n,)    device key of each leaf-ordered row
     bounds.npy      float32 (2^(depth+1)-1, 6)  node boxes
     seen.npy        uint32  (n,)    last-seen epoch seconds, leaf order
+    seen_bounds.npy uint32  (nnodes, 2)  min/max last-seen per node (whole subtrees pass
+                                    or fail a ``seen_since`` filter without a per-point test)
     app.npy         int8    (n,)    app code, leaf order
 
 All of them are memory-mapped read-only by :meth:`SpatialIndex.open`.
@@ -37,7 +39,7 @@ FORMAT_VERSION = 1
 #: and a branch).  32 points per leaf balances the two on measured data.
 DEFAULT_LEAF_SIZE = 32
 _ARRAYS = {"points": _kernels.POINT_DTYPE, "keys": np.dtype(np.uint32), "bounds": np.dtype(np.float32),
-           "seen": np.dtype(np.uint32), "app": np.dtype(np.int8)}
+           "seen": np.dtype(np.uint32), "app": np.dtype(np.int8), "seen_bounds": np.dtype(np.uint32)}
 
 
 def _readonly(a):
@@ -52,7 +54,8 @@ class SpatialIndex:
     Built indexes are read-only: every array has ``writeable=False``.
     """
 
-    def __init__(self, store, points, keys, bounds, depth, seen, app, leaf_size, path=None):
+    def __init__(self, store, points, keys, bounds, depth, seen, app, leaf_size, path=None,
+                 seen_bounds=None):
         self.store = store
         self.points = _readonly(points)
         self.keys = _readonly(keys)
@@ -62,6 +65,9 @@ class SpatialIndex:
         self.app = _readonly(app)
         self.leaf_size = int(leaf_size)
         self.path = path
+        if seen_bounds is None:
+            seen_bounds = _kernels.node_seen_bounds(np.ascontiguousarray(self.seen), self.depth)
+        self.seen_bounds = _readonly(seen_bounds)
 
     # -- build ------------------------------------------------------------
 
@@ -117,7 +123,7 @@ class SpatialIndex:
     def _run(self, clat, clon, r, seen_min, codes, emit):
         return _kernels.query(self.points, self.keys, self.bounds, self.depth,
                               self.store.lat, self.store.lon, clat, clon, r,
-                              self.seen, seen_min, self.app, codes, emit)
+                              self.seen, seen_min, self.app, codes, emit, self.seen_bounds)
 
     def within(self, lat, lon, radius_km, seen_since=None, apps=None) -> Audience:
         """Devices whose haversine distance to (lat, lon) is <= ``radius_km``.
@@ -151,7 +157,7 @@ class SpatialIndex:
 
     @property
     def nbytes_with_filters(self) -> int:
-        return self.nbytes + int(self.seen.nbytes + self.app.nbytes)
+        return self.nbytes + int(self.seen.nbytes + self.app.nbytes + self.seen_bounds.nbytes)
 
     def __repr__(self):
         return (f"SpatialIndex(n={len(self):,}, depth={self.depth}, leaf_size={self.leaf_size}, "
@@ -202,7 +208,8 @@ class SpatialIndex:
                 f"store has {len(store)} rows of generation {store.generation}")
         if not isinstance(depth, int) or not 0 <= depth <= 31:
             raise CorruptFileError(f"{d / INDEX_META}: bad depth {depth!r}")
-        expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,)}
+        expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,),
+                    "seen_bounds": ((2 << depth) - 1, 2)}
         arrays = {}
         for name, dtype in _ARRAYS.items():
             try:
@@ -215,7 +222,8 @@ class SpatialIndex:
                     f"found {a.dtype} {a.shape}")
             arrays[name] = a
         return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
-                   arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d)
+                   arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d,
+                   seen_bounds=arrays["seen_bounds"])
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

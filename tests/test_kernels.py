@@ -248,3 +248,42 @@ def test_audience_bitmap_from_any_key_order(keys):
     assert set(_bitmap_from_keys(keys)) == set(keys.tolist())
     runs = np.sort(np.unique(keys))
     assert set(_bitmap_from_keys(runs)) == set(runs.tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 500), elements=st.integers(0, 2**32 - 1)),
+       st.sampled_from([1, 3, 16]))
+def test_node_seen_bounds_matches_reference(seen, leaf):
+    n = len(seen)
+    depth = _kernels.tree_depth(n, leaf)
+    got = _kernels.node_seen_bounds(seen, depth)
+    for i in range((2 << depth) - 1):
+        level = int(np.floor(np.log2(i + 1)))
+        j = i + 1 - (1 << level)
+        s, e = (j * n) >> level, ((j + 1) * n) >> level
+        ref = (seen[s:e].min(), seen[s:e].max()) if e > s else (2**32 - 1, 0)
+        assert tuple(got[i]) == ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(cloud=point_clouds(max_n=400), clat=any_lat, clon=any_lon, r=radii,
+       mode=st.sampled_from(["by latitude", "random", "all old", "all new"]),
+       cut=st.integers(0, 100), leaf=st.sampled_from([1, 4, 32]))
+def test_seen_since_filter_equals_scan(cloud, clat, clon, r, mode, cut, leaf):
+    """Whole subtrees pass or fail the age filter by their bounds; the result is still the scan's."""
+    import datetime as dt
+    lat, lon = cloud
+    base = 1_700_000_000
+    if mode == "by latitude":        # age follows position: whole subtrees are old or new
+        seen = base + ((lat + 90) / 180 * 100).astype(np.int64)
+    elif mode == "random":
+        seen = base + np.random.default_rng(len(lat)).integers(0, 100, len(lat))
+    else:
+        seen = np.full(len(lat), base + (0 if mode == "all old" else 100))
+    store = gt.DeviceStore.from_arrays(np.arange(len(lat), dtype=np.uint64), lat, lon, last_seen=seen)
+    index = gt.SpatialIndex.build(store, leaf_size=leaf)
+    since = dt.datetime.fromtimestamp(base + cut, dt.timezone.utc)
+    got = index.within(clat, clon, r, seen_since=since).keys()
+    ref = within_reference(store, clat, clon, r, seen_since=since)
+    np.testing.assert_array_equal(got, ref)
+    assert index.count(clat, clon, r, seen_since=since) == len(ref)
