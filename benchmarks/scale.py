@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import resource
@@ -104,13 +103,6 @@ def parse_count(text: str) -> int:
     if value < 1000 or value != int(value):
         raise argparse.ArgumentTypeError(f"device count must be an integer >= 1000, got {text!r}")
     return int(value)
-
-
-def human_count(n: int) -> str:
-    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= size and n % (size // 10 or 1) == 0:
-            return f"{n / size:g}{unit}"
-    return f"{n:,}"
 
 
 def peak_rss() -> int:
@@ -543,13 +535,18 @@ def phase_retarget(a) -> dict:
     now = t_end + dt.timedelta(minutes=1)
     pushes, secs, cpu = timed_cpu(engine.refresh, idx2, now)
     sizes = [len(p) for p in pushes]
+    # the engine's own per-push split, where it reports one (Push.timings, ms)
+    split: dict[str, float] = {}
+    for p in pushes:
+        for k, v in (getattr(p, "timings", None) or {}).items():
+            split[k] = split.get(k, 0.0) + v / 1e3
     kinds: dict[str, int] = {}
     for p in pushes:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     out = {"n_g1": len(idx1), "n_g2": len(idx2), "alerts": len(plan), "setup_seconds": setup_s,
            "setup_pushes": setup_pushes, "radii_km": sorted(radii.values()),
            "devices_notified_before": reached_before, "seconds": secs, "cpu_seconds": cpu, "pushes": len(pushes),
-           "kinds": kinds, "devices": int(sum(sizes)),
+           "kinds": kinds, "devices": int(sum(sizes)), "engine_split_seconds": split,
            "devices_per_push": {"min": min(sizes, default=0), "median": float(np.median(sizes)) if sizes else 0,
                                 "max": max(sizes, default=0)},
            "cities": [{k: p[k] for k in ("city", "adcode", "lat", "lon")} | {"radius_km": radii[p["alert_id"]]}
@@ -560,8 +557,8 @@ def phase_retarget(a) -> dict:
     out["queries_alone_seconds"] = timed(lambda: [idx2.within(*x) for x in q])[1]
     out["recipients_at_refresh"] = int(sum(idx2.count(*x) for x in q))
     if a.diagnose:
-        auds = [idx2.within(*x) for x in q]
-        out["diagnose_bitmaps_s"] = timed(lambda: [x.bitmap() for x in auds])[1]
+        # one audience at a time: all 50 key arrays at once would be 4 B per device inside each circle
+        out["diagnose_bitmaps_s"] = sum(timed(idx2.within(*x).bitmap)[1] for x in q)
         out["diagnose_notified_s"] = timed(lambda: [log.notified(p["alert_id"]) for p in plan])[1]
     _, out["log_verify_seconds"] = timed(log.verify)
     out["log_stats"] = log.stats()
@@ -636,6 +633,10 @@ def machine() -> dict:
     try:
         info["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                             capture_output=True, text=True, timeout=10).stdout.strip()
+        # library files that differ from that commit: the numbers are for the working tree
+        info["git_modified"] = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "geotarget", "setup.py"],
+            capture_output=True, text=True, timeout=10).stdout.split()[1::2]
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -709,7 +710,9 @@ def measures(res: dict, n: int) -> list[dict]:
             add(p, "serving memory with seen/app filters", b["bytes_per_device_with_filters"], "B/device")
     s = res.get("serve")
     if s and "error" not in s:
-        add("serve", "SpatialIndex.open", s["open_seconds"], "s", 1.0)
+        add("serve", "SpatialIndex.open", s["open_seconds"], "s", 1.0, "page cache not dropped")
+        add("serve", "dense_500km: first within + fill after open", s["queries"]["dense_500km"]["first_within_fill_s"],
+            "s", note="after the dense 100 km queries; pages faulting in")
         for q, v in s["queries"].items():
             dense500 = q == "dense_500km"
             add("serve", f"{q}: within + fill, best of {s['repeat']}", v["within_fill_best_s"], "s",
@@ -750,6 +753,8 @@ def measures(res: dict, n: int) -> list[dict]:
     if t and "error" not in t:
         add("retarget", f"engine.refresh, {t['alerts']} alerts", t["seconds"], "s", 5.0,
             note=f"{t['pushes']} pushes {t['kinds']}, {t['devices']:,} devices; {cpu_note(t['cpu_seconds'])}")
+        for k, v in t.get("engine_split_seconds", {}).items():
+            add("retarget", f"  engine's own split: {k.removesuffix('_ms')} (summed over pushes)", v, "s")
         add("retarget", "  the 50 queries alone (context)", t["queries_alone_seconds"], "s",
             note=f"{t['recipients_at_refresh']:,} devices inside the 50 circles")
         add("retarget", "setup: 50 reports and their rings", t["setup_seconds"], "s",
@@ -785,7 +790,9 @@ def markdown(report: dict) -> str:
              f"at start), load average {mc.get('load_average_at_start')} at start, "
              f"{report.get('load_average_at_end')} at end",
              f"- command: `{report['command']}`",
-             f"- commit {mc.get('git_commit', '?')}, Python {mc.get('python')}, numpy {mc['versions']['numpy']}, "
+             f"- commit {mc.get('git_commit', '?')}"
+             + (f" with uncommitted changes to {', '.join(mc['git_modified'])}" if mc.get("git_modified") else "")
+             + f", Python {mc.get('python')}, numpy {mc['versions']['numpy']}, "
              f"pyarrow {mc['versions']['pyarrow']}",
              f"- workdir {report['workdir']}: {fmt_bytes(report.get('workdir_bytes'))} on disk"
              + ("" if report.get("keep", True) else " (data removed after the run)"), ""]
@@ -845,6 +852,8 @@ def run_parent(a) -> int:
         return 2
     print(f"scale.py: {a.devices:,} devices, phases {','.join(phases)}, workdir {wd} "
           f"({fmt_bytes(disk['free_bytes'])} free, ~{fmt_bytes(disk['need_bytes'])} to write)", file=sys.stderr)
+    if a.dry_run:
+        return 0
     status = 0
     for phase in phases:
         print(f"scale.py: phase {phase} ...", file=sys.stderr, flush=True)
@@ -926,6 +935,8 @@ def main(argv=None) -> int:
                     help="also time the parts of refresh and retarget (app validation, lookup, bitmaps)")
     ap.add_argument("--disk-factor", type=float, default=1.25,
                     help="refuse unless free disk >= this x the bytes the phases will write")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the disk and print the plan, run nothing, write no report")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase:
