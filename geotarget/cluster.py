@@ -281,7 +281,7 @@ def _check_positive(value, name):
     except (TypeError, ValueError):
         raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
     if not (math.isfinite(v) and v > 0):
-        raise InvalidInputError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise InvalidInputError(f"{name} must be a positive finite number, got {value!r}")
     return v
 
 
@@ -308,15 +308,11 @@ class ShardedIndex:
     call :meth:`close`, to stop the actors (and Ray, if it started Ray).
     """
 
-    def __init__(self, store: DeviceStore, directory: Path, manifest: dict, *, address=None,
-                 timeout=DEFAULT_TIMEOUT, start_timeout=DEFAULT_START_TIMEOUT, actor_cpus=None,
-                 task_retries=DEFAULT_TASK_RETRIES, ray_init=None):
-        self.timeout = _check_positive(timeout, "timeout")
-        start_timeout = _check_positive(start_timeout, "start_timeout")
-        if actor_cpus is not None:
-            actor_cpus = _check_positive(actor_cpus, "actor_cpus")
-        if int(task_retries) < 0:
-            raise InvalidInputError(f"task_retries must be >= 0, got {task_retries!r}")
+    def __init__(self, store: DeviceStore, directory: Path, manifest: dict, *, address=None, **options):
+        opts = self._options(**options)
+        self.timeout = opts["timeout"]
+        start_timeout, actor_cpus, task_retries = opts["start_timeout"], opts["actor_cpus"], opts["task_retries"]
+        ray_init = opts["ray_init"]
         self.store = store
         self.directory = directory
         self.manifest = manifest
@@ -338,14 +334,42 @@ class ShardedIndex:
             self.actor_cpus = actor_cpus
             paths = [directory / s["path"] if s["n"] else None for s in shards]
             meta = [{"generation": manifest["generation"], "n": s["n"]} for s in shards]
-            self._actors = _start_actors(paths, meta, manifest["n"], actor_cpus, int(task_retries))
-            self._infos = self._gather([(i, a.info.remote()) for i, a in enumerate(self._actors)
-                                        if a is not None], start_timeout, "start")
+            self._actors = _start_actors(paths, meta, manifest["n"], actor_cpus, task_retries)
+            try:
+                self._infos = self._gather([(i, a.info.remote()) for i, a in enumerate(self._actors)
+                                            if a is not None], start_timeout, "start")
+            except ShardUnavailableError as exc:
+                raise ShardUnavailableError(
+                    f"{exc} (each actor asks for {actor_cpus:g} CPU; the cluster has "
+                    f"{ray.available_resources().get('CPU', 0):g} of "
+                    f"{ray.cluster_resources().get('CPU', 0):g} free; see actor_cpus=)") from exc
         except BaseException:
             self.close()
             raise
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a query waits for its shards before :class:`ShardUnavailableError`."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value) -> None:
+        self._timeout = _check_positive(value, "timeout")
+
     # -- construction -------------------------------------------------------
+
+    @staticmethod
+    def _options(timeout=DEFAULT_TIMEOUT, start_timeout=DEFAULT_START_TIMEOUT, actor_cpus=None,
+                 task_retries=DEFAULT_TASK_RETRIES, ray_init=None) -> dict:
+        """Checked serving options (before any file is written or any actor started)."""
+        if isinstance(task_retries, bool) or not isinstance(task_retries, (int, np.integer)) or task_retries < 0:
+            raise InvalidInputError(f"task_retries must be an integer >= 0, got {task_retries!r}")
+        if ray_init is not None and not isinstance(ray_init, dict):
+            raise InvalidInputError(f"ray_init must be a dict of ray.init arguments, got {ray_init!r}")
+        return {"timeout": _check_positive(timeout, "timeout"),
+                "start_timeout": _check_positive(start_timeout, "start_timeout"),
+                "actor_cpus": None if actor_cpus is None else _check_positive(actor_cpus, "actor_cpus"),
+                "task_retries": int(task_retries), "ray_init": ray_init}
 
     @classmethod
     def build(cls, store: DeviceStore, *, shards: int = 4, directory, address=None,
@@ -363,6 +387,7 @@ class ShardedIndex:
             raise InvalidInputError(f"shards must be an integer in [1, {MAX_SHARDS}], got {shards!r}")
         if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) or not 1 <= leaf_size <= 4096:
             raise InvalidInputError(f"leaf_size must be an integer in [1, 4096], got {leaf_size!r}")
+        cls._options(**options)
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         n = len(store)
@@ -410,6 +435,7 @@ class ShardedIndex:
     @classmethod
     def open(cls, directory, *, address=None, **options) -> "ShardedIndex":
         """Start actors over shards saved by :meth:`build` (memory-mapped; nothing is rebuilt)."""
+        cls._options(**options)
         d = Path(directory)
         try:
             manifest = json.loads((d / MANIFEST).read_text())

@@ -237,13 +237,22 @@ def test_bad_input_raises_before_any_remote_call(world, args, kw):
     assert sum(s["served"] for s in sharded.info()) == before
 
 
-def test_bad_build_arguments(world, tmp_path):
+def test_bad_build_arguments_and_timeout(world, tmp_path):
     single, _ = world
     for kw in ({"shards": 0}, {"shards": 2.5}, {"leaf_size": 0}):
         with pytest.raises(InvalidInputError):
             ShardedIndex.build(single.store, directory=tmp_path / "x", **{"shards": 2, **kw})
     with pytest.raises(InvalidInputError, match="store"):
         ShardedIndex.build(single, shards=2, directory=tmp_path / "y")
+    for kw in ({"timeout": 0}, {"actor_cpus": -0.5}, {"task_retries": -1}, {"start_timeout": float("inf")}):
+        with pytest.raises(InvalidInputError, match=next(iter(kw))):
+            ShardedIndex.build(single.store, shards=2, directory=tmp_path / "z", **kw)
+        assert not (tmp_path / "z").exists()  # rejected before any work
+    _, sharded = world
+    for bad in (0, -1.0, float("nan"), "soon"):
+        with pytest.raises(InvalidInputError, match="timeout"):
+            sharded.timeout = bad
+    assert sharded.timeout == 30.0
 
 
 # -- faults ------------------------------------------------------------------------
