@@ -94,38 +94,56 @@ def _check_ids(device_id) -> np.ndarray:
 
 
 def _check_app(app, n: int, names: list[str] | None = None):
-    """Return (codes int8, names) with ``names`` extended by any new app."""
+    """Return (codes int8, names) with ``names`` extended by any new app.
+
+    Names go through pyarrow's hash-based dictionary encoding (C++), so a
+    40 M-row batch of app names costs a second, not a sort of Python strings.
+    """
+    import pyarrow.compute as pc
     names = list(names) if names is not None else []
-    if app is None:
-        if DEFAULT_APP not in names:
-            names.append(DEFAULT_APP)
-        return np.full(n, names.index(DEFAULT_APP), dtype=np.int8), names
-    if isinstance(app, str):
-        app = [app] * n
-    if isinstance(app, (pa.ChunkedArray, pa.Array)):
-        if app.null_count:
-            i = int(np.flatnonzero(app.is_null().to_numpy(zero_copy_only=False))[0])
-            raise InvalidInputError(f"app[{i}] is null")
-        app = np.asarray(app.to_pylist() if not pa.types.is_dictionary(app.type)
-                         else app.cast(pa.string()).to_pylist(), dtype=object)
-    arr = np.asarray(app, dtype=object)
-    if arr.ndim != 1:
-        raise InvalidInputError(f"app must be 1-D, got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise InvalidInputError(f"app has {arr.shape[0]} rows but device_id has {n}")
-    uniq, inverse = np.unique(arr.astype(str), return_inverse=True) if n else (np.array([], str), np.array([], np.int64))
-    for i, name in enumerate(uniq):
+    if app is None or isinstance(app, str):
+        name = DEFAULT_APP if app is None else app
+        if not name:
+            raise InvalidInputError("app must be a non-empty name")
+        if name not in names:
+            names.append(name)
+        if len(names) > MAX_APPS:
+            raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
+        return np.full(n, names.index(name), dtype=np.int8), names
+    if isinstance(app, pa.ChunkedArray):
+        app = app.combine_chunks()
+    if not isinstance(app, pa.Array):
+        arr = np.asarray(app)
+        if arr.ndim != 1:
+            raise InvalidInputError(f"app must be 1-D, got shape {arr.shape}")
+        try:
+            app = pa.array(arr if arr.dtype.kind in "OUS" else arr.astype(str), type=pa.string())
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"app must be names (strings): {exc}") from None
+    if len(app) != n:
+        raise InvalidInputError(f"app has {len(app)} rows but device_id has {n}")
+    if app.null_count:
+        i = int(np.flatnonzero(app.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InvalidInputError(f"app[{i}] is null")
+    if not pa.types.is_dictionary(app.type):
+        app = pc.dictionary_encode(app)
+    indices = app.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    dict_names = app.dictionary.cast(pa.string()).to_pylist()
+    mapping = np.full(max(len(dict_names), 1), -1, dtype=np.int64)
+    used = np.zeros(len(dict_names), dtype=bool)
+    used[np.unique(indices)] = True
+    for i, name in enumerate(dict_names):
+        if not used[i]:
+            continue
         if not name or name in ("None", "nan"):
-            row = int(np.flatnonzero(inverse == i)[0])
-            raise InvalidInputError(f"app[{row}] = {arr[row]!r} is not an app name")
-    mapping = np.empty(len(uniq), dtype=np.int64)
-    for i, name in enumerate(uniq):
+            row = int(np.flatnonzero(indices == i)[0])
+            raise InvalidInputError(f"app[{row}] = {name!r} is not an app name")
         if name not in names:
             names.append(str(name))
         mapping[i] = names.index(name)
     if len(names) > MAX_APPS:
         raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
-    return mapping[inverse].astype(np.int8), names
+    return mapping[indices].astype(np.int8), names
 
 
 def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.ndarray:
@@ -394,7 +412,8 @@ class DeviceStore:
         n_total = len(self) + n_new
         if n_total > MAX_DEVICES:
             raise InvalidInputError(f"device_id: {n_total} devices would exceed the key space")
-        if n_new and codes is None:
+        app_given = codes is not None
+        if n_new and codes is None:  # new devices need an app; moved ones keep theirs
             codes, names = _check_app(None, n_up, names)
         order_new = np.flatnonzero(new)
         if n_new:
@@ -414,11 +433,13 @@ class DeviceStore:
         new_lat = grow(self.lat, lat, np.float64)
         new_lon = grow(self.lon, lon, np.float64)
         new_seen = grow(self.last_seen_s, seen, np.int64)
-        if codes is None:
+        if app_given:
+            new_app = grow(self.app_codes, codes, np.int8)
+        else:
             new_app = np.empty(n_total, dtype=np.int8)
             new_app[: len(self)] = self.app_codes
-        else:
-            new_app = grow(self.app_codes, codes, np.int8)
+            if n_new:
+                new_app[len(self):] = codes[order_new]
         id_index = None
         if n_new == 0 and self._id_index is not None:
             id_index = self._id_index
@@ -441,7 +462,8 @@ class DeviceStore:
         keys = self.lookup(ids)
         old = keys >= 0
         new = np.flatnonzero(~old)
-        if new.size and codes is None:
+        app_given = codes is not None
+        if new.size and codes is None:  # new devices need an app; moved ones keep theirs
             codes, names = _check_app(None, m, names)
         n_old, n_new = len(self), int(new.size)
         if n_old + n_new > MAX_DEVICES:
@@ -460,7 +482,7 @@ class DeviceStore:
                     a, z = np.searchsorted(upd_keys, [s0, e0])
                     rows, at = upd[a:z], upd_keys[a:z] - s0
                     cols[1][at], cols[2][at], cols[4][at] = lat[rows], lon[rows], seen[rows]
-                    if codes is not None:
+                    if app_given:
                         cols[3][at] = codes[rows]
                     writer.write(s0, *cols)
                     del cols

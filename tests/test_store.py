@@ -284,3 +284,31 @@ def test_with_updates_to_disk_equals_in_memory(tmp_path, with_app):
     reopened = gt.DeviceStore.open(tmp_path / "g2")
     np.testing.assert_array_equal(reopened.lookup(everyone), mem.lookup(everyone))
     np.testing.assert_array_equal(base.lat, gt.DeviceStore.open(tmp_path / "g1").lat)  # old generation intact
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_with_updates_without_app_keeps_moved_devices_apps_gh_scale_report(tmp_path, to_disk):
+    """Regression: a batch with new devices and app=None reset moved devices' apps to 'default'."""
+    ids, lat, lon = _arrays(1000, 11)
+    app = np.where(np.arange(1000) % 2, "amap", "weibo")
+    base = gt.DeviceStore.from_arrays(ids, lat, lon, app=app)
+    moved = ids[:100]
+    batch = np.concatenate([moved, np.arange(10, dtype=np.uint64) + 10**14])
+    kw = {"directory": tmp_path / "g2"} if to_disk else {}
+    if to_disk:
+        base.save(tmp_path / "g1")
+        base = gt.DeviceStore.open(tmp_path / "g1")
+    g2 = base.with_updates(batch, np.zeros(110), np.zeros(110), **kw)
+    k = g2.lookup(ids)
+    assert [g2.app_names[c] for c in g2.app_codes[k]] == app.tolist()
+    assert {g2.app_names[c] for c in g2.app_codes[g2.lookup(batch[100:])]} == {"default"}
+
+
+@pytest.mark.parametrize("form", ["list", "numpy unicode", "numpy object", "arrow string", "arrow dictionary"])
+def test_app_column_forms_agree(form):
+    names = ["amap", "qq", "amap", "didi", "qq"]
+    app = {"list": names, "numpy unicode": np.array(names), "numpy object": np.array(names, dtype=object),
+           "arrow string": pa.array(names), "arrow dictionary": pa.array(names).dictionary_encode()}[form]
+    s = gt.DeviceStore.from_arrays(np.arange(5, dtype=np.uint64), np.zeros(5), np.arange(5.0), app=app)
+    k = s.lookup(np.arange(5, dtype=np.uint64))
+    assert [s.app_names[c] for c in s.app_codes[k]] == names
