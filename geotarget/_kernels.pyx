@@ -431,6 +431,37 @@ def copy_keys(const GtPoint[::1] pts, uint32_t[::1] keys):
 # query
 # ---------------------------------------------------------------------------
 
+cdef struct Thresholds:
+    bint everything
+    double lo2, hi2           # node tests (float64)
+    float flo2, fhi2          # point tests (float32)
+
+
+cdef Thresholds _thresholds(double radius_km) noexcept nogil:
+    """Squared-chord thresholds around ``T = 2 sin(r / 2R)``, widened by the guard band.
+
+    Below ``lo2`` a point is surely inside, above ``hi2`` surely outside; in
+    between the float64 haversine decides.  float32 rounding of the thresholds
+    never widens the sure bands.
+    """
+    cdef Thresholds t
+    cdef double half = radius_km / (2.0 * EARTH_R)
+    # Cap of angular radius r/R; beyond half the circumference it is the sphere.
+    t.everything = half >= 1.5707963267948966
+    cdef double T = 2.0 * sin(half) if not t.everything else 2.0
+    cdef double lo = T - GUARD
+    cdef double hi = T + GUARD
+    t.lo2 = lo * lo if lo > 0 else -1.0
+    t.hi2 = hi * hi
+    t.flo2 = <float>t.lo2
+    t.fhi2 = <float>t.hi2
+    if <double>t.flo2 > t.lo2:
+        t.flo2 = <float>(t.lo2 * (1.0 - 1e-7))
+    if <double>t.fhi2 < t.hi2:
+        t.fhi2 = <float>(t.hi2 * (1.0 + 1e-7))
+    return t
+
+
 cdef struct QueryCtx:
     const GtPoint* pts        # (n,) leaf-ordered unit vectors (+ key)
     const uint32_t* keys      # (n,) leaf-ordered device keys
@@ -625,7 +656,7 @@ def query(const GtPoint[::1] pts, const uint32_t[::1] keys, const float[:, ::1] 
     """
     cdef QueryCtx q
     cdef vector[int64_t] runs
-    cdef double phi, lam, cp, half, T, lo, hi
+    cdef double phi, lam, cp
     cdef int code
     q.n = pts.shape[0]
     q.pts = &pts[0] if q.n > 0 else NULL
@@ -649,21 +680,9 @@ def query(const GtPoint[::1] pts, const uint32_t[::1] keys, const float[:, ::1] 
     q.cx = q.fx
     q.cy = q.fy
     q.cz = q.fz
-    # Cap of angular radius r/R; beyond half the circumference it is the sphere.
-    half = radius_km / (2.0 * EARTH_R)
-    q.everything = half >= 1.5707963267948966
-    T = 2.0 * sin(half) if not q.everything else 2.0
-    lo = T - GUARD
-    hi = T + GUARD
-    q.lo2 = lo * lo if lo > 0 else -1.0
-    q.hi2 = hi * hi
-    q.flo2 = <float>q.lo2
-    q.fhi2 = <float>q.hi2
-    # float32 rounding of the thresholds must never widen the sure bands.
-    if <double>q.flo2 > q.lo2:
-        q.flo2 = <float>(q.lo2 * (1.0 - 1e-7))
-    if <double>q.fhi2 < q.hi2:
-        q.fhi2 = <float>(q.hi2 * (1.0 + 1e-7))
+    cdef Thresholds th = _thresholds(radius_km)
+    q.everything = th.everything
+    q.lo2, q.hi2, q.flo2, q.fhi2 = th.lo2, th.hi2, th.flo2, th.fhi2
     q.filter_seen = seen is not None and seen_min >= 0
     q.seen = &seen[0] if (seen is not None and seen.shape[0] > 0) else NULL
     q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
@@ -847,3 +866,45 @@ def node_seen_bounds(const uint32_t[::1] seen, int depth):
                 b = o[2 * node + 2, 1]
                 o[node, 1] = a if a > b else b
     return out
+
+
+def points_within(const GtPoint[::1] pts, const double[::1] lat, const double[::1] lon,
+                  double clat, double clon, double radius_km):
+    """Keys of the given points (``pts[i].key`` indexes ``lat``/``lon``) within the circle.
+
+    The same two-threshold float32 chord test and float64 haversine re-check as
+    :func:`query`, over a flat list instead of a tree: used to re-target only
+    the devices that changed between two generations.
+
+    In numpy, this operation is equivalent to
+    ``pts["key"][haversine_km(clat, clon, lat[pts["key"]], lon[pts["key"]]) <= radius_km]``.
+    """
+    cdef Py_ssize_t i, m = 0, n = pts.shape[0]
+    cdef double phi = clat * DEG2RAD, lam = clon * DEG2RAD, cp = cos(phi)
+    cdef float fx = <float>(cp * cos(lam)), fy = <float>(cp * sin(lam)), fz = <float>sin(phi)
+    cdef Thresholds th = _thresholds(radius_km)
+    cdef bint everything = th.everything
+    cdef float flo2 = th.flo2, fhi2 = th.fhi2
+    cdef float dx, dy, dz, d2
+    cdef uint32_t k
+    out = np.empty(n, dtype=np.uint32)
+    cdef uint32_t[::1] o = out
+    with nogil:
+        for i in range(n):
+            if everything:
+                o[m] = pts[i].key
+                m += 1
+                continue
+            dx = pts[i].x - fx
+            dy = pts[i].y - fy
+            dz = pts[i].z - fz
+            d2 = dx * dx + dy * dy + dz * dz
+            if d2 <= flo2:
+                o[m] = pts[i].key
+                m += 1
+            elif d2 <= fhi2:
+                k = pts[i].key
+                if _haversine_km(clat, clon, lat[k], lon[k]) <= radius_km:
+                    o[m] = k
+                    m += 1
+    return out[:m].copy()

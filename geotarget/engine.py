@@ -27,13 +27,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
+from . import _kernels
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
 from .errors import AlertStateError, InvalidInputError, UnknownAlertError
-from .geo import check_aware, check_point
+from .geo import check_aware, check_point, epoch_seconds
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
 from .stats import AlertRecord, check_outcome, compute
@@ -356,9 +358,14 @@ class AlertEngine:
         """Switch to a newer index generation and top up every open alert.
 
         The open alerts are re-targeted as a batch over ``workers`` threads (the
-        query kernels release the GIL).  Each alert gets one push: ``expand``
-        if its radius grew meanwhile, else ``topup``, with only devices never
-        notified for it.
+        kernels release the GIL).  Each alert gets one push: ``expand`` if its
+        radius grew meanwhile (a full ring query), else ``topup``, with only
+        devices never notified for it.
+
+        When the new generation says which keys it changed since the current
+        one (``store.changed_keys``), a top-up tests only those devices: a
+        device whose record did not change was already inside or outside the
+        same circle, and its age only grows, so it cannot be new to the ring.
         """
         now = check_aware(now, "now")
         if new_index.store.generation < self.index.store.generation or len(new_index.store) < len(self.index.store):
@@ -366,6 +373,11 @@ class AlertEngine:
                 f"new_index is generation {new_index.store.generation} with {len(new_index.store)} devices; "
                 f"it must not be older than the current generation {self.index.store.generation}")
         with self._lock:
+            store = new_index.store
+            delta = None
+            if (getattr(store, "changed_keys", None) is not None
+                    and store.parent_generation == self.index.store.generation):
+                delta = self._delta_points(store)
             self.index = new_index
             todo = []
             for alert in self._alerts.values():
@@ -373,10 +385,19 @@ class AlertEngine:
                     continue
                 radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
                 todo.append((alert, radius))
+
             def target(ar):
+                alert, radius = ar
                 t0 = time.perf_counter()
-                aud = self._query(ar[0], ar[1], now, new_index)
-                aud.bitmap()  # roaring build off the lock-step loop, in parallel too
+                if delta is not None and radius <= alert.radius_km:
+                    keys = _kernels.points_within(delta, store.lat, store.lon, alert.lat, alert.lon, radius)
+                    if self.max_location_age is not None:
+                        cutoff = epoch_seconds(now - self.max_location_age)
+                        keys = keys[store.last_seen_s[keys] >= cutoff]
+                    aud = Audience.from_keys(keys, store)
+                else:
+                    aud = self._query(alert, radius, now, new_index)
+                aud.bitmap()  # roaring build in the worker thread too
                 return aud, (time.perf_counter() - t0) * 1e3
 
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
@@ -386,6 +407,19 @@ class AlertEngine:
                 kind = "expand" if radius > alert.radius_km else "topup"
                 out.extend(self._ring(self._alerts[alert.alert_id], kind, radius, now, new_index, aud, q_ms))
             return out
+
+    @staticmethod
+    def _delta_points(store) -> np.ndarray:
+        """Unit vectors of the devices a generation changed, keyed by device key."""
+        keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
+        pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
+        if keys.size:
+            lat = np.empty(keys.shape[0], dtype=np.float64)
+            lon = np.empty(keys.shape[0], dtype=np.float64)
+            _kernels.take(store.lat, keys, lat)
+            _kernels.take(store.lon, keys, lon)
+            _kernels.fill_points(lat, lon, pts, keys)
+        return pts
 
     # -- reading ------------------------------------------------------------
 

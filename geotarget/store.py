@@ -43,6 +43,8 @@ from .geo import check_coordinates
 STORE_FILE = "store.arrow"
 ID_INDEX_FILE = "id_index.npy"
 ID_SORTED_FILE = "id_sorted.npy"
+#: ``changed_since_<parent generation>.npy``: keys this generation changed (uint32, sorted)
+CHANGED_PREFIX = "changed_since_"
 FORMAT_VERSION = 1
 _META_KEY = b"geotarget.store"
 #: Keys are uint32 and 2^32 - 1 is reserved as "no key".
@@ -222,6 +224,10 @@ class DeviceStore:
         self._id_index = _id_index
         self._sorted_ids = None
         self._table = _table
+        #: Keys whose row differs from generation ``parent_generation`` (moved, re-seen or new),
+        #: sorted; None when unknown (a first ingest, or a store saved without it).
+        self.changed_keys: np.ndarray | None = None
+        self.parent_generation: int | None = None
 
     # -- constructors -----------------------------------------------------
 
@@ -443,8 +449,15 @@ class DeviceStore:
         id_index = None
         if n_new == 0 and self._id_index is not None:
             id_index = self._id_index
-        return DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
-                           generation=self.generation + 1, _id_index=id_index)
+        out = DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
+                          generation=self.generation + 1, _id_index=id_index)
+        out._set_changed(np.concatenate([keys[old], np.arange(len(self), n_total)]), self.generation)
+        return out
+
+    def _set_changed(self, keys, parent: int) -> None:
+        changed = np.unique(np.asarray(keys, dtype=np.uint32))
+        changed.flags.writeable = False
+        self.changed_keys, self.parent_generation = changed, int(parent)
 
     def _with_updates_to_disk(self, directory, device_id, lat, lon, last_seen, app, progress,
                               chunk_rows: int = 1 << 24):
@@ -512,6 +525,9 @@ class DeviceStore:
         d = Path(directory)
         _save_npy(d / ID_SORTED_FILE, merged_ids)
         _save_npy(d / ID_INDEX_FILE, merged_keys)
+        changed = np.unique(np.concatenate([keys[old].astype(np.uint32),
+                                            np.arange(n_old, n_old + n_new, dtype=np.uint32)]))
+        _save_npy(d / f"{CHANGED_PREFIX}{self.generation}.npy", changed)
         _fsync_dir(d)
         return DeviceStore.open(d)
 
@@ -555,6 +571,10 @@ class DeviceStore:
             sorted_ids, order = self._ids_sorted()
             _save_npy(d / ID_SORTED_FILE, sorted_ids)
             _save_npy(d / ID_INDEX_FILE, order)
+        for stale in d.glob(f"{CHANGED_PREFIX}*.npy"):
+            stale.unlink()
+        if self.changed_keys is not None:
+            _save_npy(d / f"{CHANGED_PREFIX}{self.parent_generation}.npy", self.changed_keys)
         _fsync_dir(d)
         self.path = d
         return d
@@ -617,6 +637,17 @@ class DeviceStore:
                     _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
         store._sorted_ids = sorted_ids
         store._mmap = mm
+        found = sorted(d.glob(f"{CHANGED_PREFIX}*.npy"))
+        if len(found) == 1:
+            try:
+                parent = int(found[0].stem[len(CHANGED_PREFIX):])
+                changed = np.load(found[0], mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise CorruptFileError(f"{found[0]}: {exc}") from None
+            if changed.dtype != np.uint32 or changed.ndim != 1 or (
+                    changed.size and int(changed[-1]) >= batch.num_rows):
+                raise CorruptFileError(f"{found[0]}: not a sorted key list of this store")
+            store.changed_keys, store.parent_generation = changed, parent
         return store
 
     def release(self) -> None:
@@ -772,6 +803,8 @@ class StoreWriter:
                                         f"{order[dup[0]]} and {order[dup[0] + 1]})")
         for stale in (ID_INDEX_FILE, ID_SORTED_FILE):
             (self.dir / stale).unlink(missing_ok=True)
+        for stale in self.dir.glob(f"{CHANGED_PREFIX}*.npy"):
+            stale.unlink()
         if sorted_ids is not None:
             _save_npy(self.dir / ID_SORTED_FILE, sorted_ids)
             _save_npy(self.dir / ID_INDEX_FILE, order)

@@ -322,3 +322,33 @@ class EngineModel(RuleBasedStateMachine):
 SMALL = make_world(n=3000, seed=7)
 TestEngineModel = EngineModel.TestCase
 TestEngineModel.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
+
+
+@pytest.mark.parametrize("max_age_h", [None, 2])
+def test_refresh_with_changed_keys_equals_full_retarget(world, tmp_path, max_age_h):
+    """The delta path (only devices a generation changed) gives the full query's top-ups."""
+    age = dt.timedelta(hours=max_age_h) if max_age_h else None
+    results = []
+    for mode in ("delta", "full"):
+        eng = engine_for(world, tmp_path / f"log-{mode}", max_location_age=age)
+        a = eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
+        eng.tick(T0 + dt.timedelta(minutes=30))
+        new_index = moved(world, frac=0.2, seed=5, new=2000)
+        assert new_index.store.parent_generation == world.store.generation
+        if mode == "full":
+            new_index.store.changed_keys = None          # forces a full query per alert
+        tops = eng.refresh(new_index, T0 + dt.timedelta(minutes=40))
+        results.append([(p.kind, p.radius_km, set(p.audience.keys().tolist())) for p in tops])
+        eng.log.close()
+    assert results[0] == results[1] and results[0] and results[0][0][0] == "topup"
+
+
+def test_refresh_across_a_skipped_generation_falls_back_to_full_query(world, tmp_path):
+    eng = engine_for(world, tmp_path / "log")
+    eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
+    eng.tick(T0)
+    g2 = moved(world, frac=0.1, seed=8, new=100)
+    g3 = moved(g2, frac=0.1, seed=9, new=100)          # its changed_keys are relative to g2, not g1
+    tops = eng.refresh(g3, T0 + dt.timedelta(minutes=10))
+    seen = set(eng.pushes(eng.alerts()[0].alert_id)[0].audience.keys().tolist())
+    assert set().union(*(set(p.audience.keys().tolist()) for p in tops)) == oracle(g3, *HZ, 100) - seen

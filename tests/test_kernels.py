@@ -287,3 +287,20 @@ def test_seen_since_filter_equals_scan(cloud, clat, clon, r, mode, cut, leaf):
     ref = within_reference(store, clat, clon, r, seen_since=since)
     np.testing.assert_array_equal(got, ref)
     assert index.count(clat, clon, r, seen_since=since) == len(ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(cloud=point_clouds(max_n=300), clat=any_lat, clon=any_lon, r=radii, data=st.data())
+def test_points_within_matches_reference(cloud, clat, clon, r, data):
+    lat, lon = cloud
+    n = len(lat)
+    subset = np.array(sorted(data.draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=n))) if n else [],
+                      dtype=np.uint32)
+    pts = np.empty(len(subset), dtype=_kernels.POINT_DTYPE)
+    if len(subset):
+        _kernels.fill_points(lat[subset], lon[subset], pts, subset)
+    got = _kernels.points_within(pts, lat, lon, clat, clon, r)
+    ref = subset[haversine_km(clat, clon, lat[subset], lon[subset]) <= r] if len(subset) else subset
+    extra, missed = np.setdiff1d(got, ref), np.setdiff1d(ref, got)
+    d = haversine_km(clat, clon, lat, lon)
+    assert np.all(np.abs(d[extra] - r) <= 1e-6) and np.all(np.abs(d[missed] - r) <= 1e-6)
