@@ -165,7 +165,7 @@ def test_copy_keys_matches_reference():
 
 def test_take_matches_numpy():
     rng = np.random.default_rng(5)
-    for n_idx in (3000, 300_000):  # serial and OpenMP paths
+    for n_idx in (3000, 5_000_000):  # serial and OpenMP paths (threshold 2^22)
       idx = rng.integers(0, 1000, n_idx)
       for dtype in (np.uint64, np.int64, np.float64, np.int8, np.uint32):
         src = rng.integers(-100, 100, 1000).astype(dtype)
@@ -304,3 +304,17 @@ def test_points_within_matches_reference(cloud, clat, clon, r, data):
     extra, missed = np.setdiff1d(got, ref), np.setdiff1d(ref, got)
     d = haversine_km(clat, clon, lat, lon)
     assert np.all(np.abs(d[extra] - r) <= 1e-6) and np.all(np.abs(d[missed] - r) <= 1e-6)
+
+
+@pytest.mark.parametrize("total", [1000, 5_000_000])   # serial and OpenMP paths (threshold 2^22)
+def test_gather_runs_both_paths(total):
+    rng = np.random.default_rng(13)
+    src = rng.integers(0, 2**32, total + 10_000, dtype=np.uint64).astype(np.uint32)
+    cuts = np.sort(rng.choice(np.arange(1, total + 10_000), 199, replace=False))
+    edges = np.r_[0, cuts, total + 10_000]
+    runs = np.stack([edges[:-1], edges[1:]], 1)[::2].astype(np.int64).copy()
+    lengths = runs[:, 1] - runs[:, 0]
+    offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
+    out = np.empty(int(lengths.sum()), np.uint32)
+    _kernels.gather_runs_u32(src, runs, offsets, out)
+    np.testing.assert_array_equal(out, np.concatenate([src[a:b] for a, b in runs]))
