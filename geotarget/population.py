@@ -61,10 +61,9 @@ Cities and apps are drawn by inverse CDF, through a guide table (see
 ``_Sampler``): exact, and about four times faster than ``searchsorted``.
 The offset from the seat needs no trigonometry: see ``_block_rows``.
 
-``population()`` ingests through ``DeviceStore.from_arrays`` and attaches the
-app codes afterwards, finding each stored row's generated row by inverting
-the id mix (``row_of``), because the store's name-based app path costs a
-Python string per device.
+``population()`` ingests through ``DeviceStore.from_arrays``, with the apps
+as a pyarrow dictionary array over :data:`PARTNER_APPS`.  ``row_of`` inverts
+the id mix: it gives the generated row of any device id.
 """
 from __future__ import annotations
 
@@ -550,16 +549,14 @@ def population(n: int, seed: int = 0, progress=None, now: _dt.datetime | None = 
 
     n, seed, _ = _check_args(n, seed, now)
     cols = generate_arrays(n, seed=seed, progress=progress, now=now)
-    # DeviceStore.from_arrays validates and orders the rows.  App names go in
-    # afterwards: its name path (``_check_app``) builds a Python string per row
-    # (about 2.6 us/row, 50 s at 20 M).  The row order it chose is recovered
-    # from the ids themselves, which are a bijection of the row number.
+    # a dictionary array hands the store codes and names without a string per row
     store = DeviceStore.from_arrays(cols["device_id"], cols["lat"], cols["lon"],
-                                    app=None, last_seen=cols["last_seen"])
-    rows = row_of(store.device_id, seed)
-    codes = cols["app"][rows]
-    return DeviceStore(store.device_id, store.lat, store.lon, codes, PARTNER_APPS,
-                       store.last_seen_s, generation=store.generation)
+                                    app=app_array(cols["app"]), last_seen=cols["last_seen"])
+    if store.app_names != PARTNER_APPS:  # codes must mean the same apps as PARTNER_APPS
+        rows = row_of(store.device_id, seed)
+        store = DeviceStore(store.device_id, store.lat, store.lon, cols["app"][rows], PARTNER_APPS,
+                            store.last_seen_s, generation=store.generation)
+    return store
 
 
 def row_of(device_id, seed: int = 0) -> np.ndarray:

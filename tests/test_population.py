@@ -325,6 +325,15 @@ def test_population_store_matches_the_arrays():
     np.testing.assert_array_equal(store.last_seen_s[keys], cols["last_seen"])
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_population_keeps_partner_app_codes_when_few_apps_occur(n):
+    """A small population uses few apps; its codes still index PARTNER_APPS."""
+    store = P.population(n, seed=2)
+    cols = P.generate_arrays(n, seed=2)
+    assert store.app_names == P.PARTNER_APPS
+    np.testing.assert_array_equal(store.app_codes[store.lookup(cols["device_id"])], cols["app"])
+
+
 def test_app_array_round_trips():
     codes = np.array([0, 3, 24, 3], dtype=np.int8)
     arr = P.app_array(codes)
