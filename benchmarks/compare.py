@@ -29,7 +29,7 @@ peer's copy of the coordinates is counted, as geotarget's unit vectors are.
 
 Usage::
 
-    python benchmarks/compare.py                 # 20 M devices (about 3-4 minutes)
+    python benchmarks/compare.py                 # 20 M devices (about 5 minutes)
     python benchmarks/compare.py --devices 2M    # a quick run
     python benchmarks/compare.py --json out.json --peers balltree,brute
 """
