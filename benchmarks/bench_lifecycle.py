@@ -20,12 +20,7 @@ import time
 
 import geotarget as gt
 from geotarget import population
-
-
-def parse_count(text: str) -> int:
-    t = text.strip().lower().replace("_", "")
-    mult = {"k": 1e3, "m": 1e6, "b": 1e9}.get(t[-1:], 1)
-    return int(float(t[:-1] if t[-1:] in "kmb" else t) * mult)
+from geotarget.cli import parse_count
 
 
 def main(argv=None) -> int:

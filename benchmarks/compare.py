@@ -48,6 +48,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from geotarget.cli import parse_count  # noqa: E402
 import geotarget  # noqa: E402
 from geotarget import _kernels  # noqa: E402
 from geotarget.geo import EARTH_RADIUS_KM, haversine_km, unit_vectors  # noqa: E402
@@ -77,22 +78,6 @@ TARGETS = {
 # ---------------------------------------------------------------------------
 # helpers shared with test_bench_core.py
 # ---------------------------------------------------------------------------
-
-def parse_count(text: str) -> int:
-    """``"20M"``, ``"2m"``, ``"500k"``, ``"2e6"`` or ``"20000000"`` as an int."""
-    t = str(text).strip().lower().replace("_", "").replace(",", "")
-    mult = 1
-    if t and t[-1] in "kmg":
-        mult = {"k": 10**3, "m": 10**6, "g": 10**9}[t[-1]]
-        t = t[:-1]
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a device count: {text!r} (use e.g. 20M, 500k)") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"device count must be a positive integer, got {text!r}")
-    return int(value)
-
 
 def chord(radius_km: float) -> float:
     """Straight-line distance on the unit sphere for a great-circle radius."""
