@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from geotarget import population  # noqa: E402
+from geotarget.cli import parse_count as _parse_count  # noqa: E402
 from geotarget.geo import EARTH_RADIUS_KM, haversine_km  # noqa: E402
 from geotarget.index import SpatialIndex  # noqa: E402
 from geotarget.progress import bar, want_progress  # noqa: E402
@@ -91,19 +92,11 @@ T0 = population.DEFAULT_NOW
 # ---------------------------------------------------------------------------
 
 def parse_count(text: str) -> int:
-    """``"400M"``, ``"2m"``, ``"200k"``, ``"2e6"`` or ``"20000000"`` as an int."""
-    t = str(text).strip().lower().replace("_", "").replace(",", "")
-    mult = 1
-    if t and t[-1] in "kmg":
-        mult = {"k": 10**3, "m": 10**6, "g": 10**9}[t[-1]]
-        t = t[:-1]
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a device count: {text!r} (use e.g. 400M, 2M, 200k)") from None
-    if value < 1000 or value != int(value):
+    """``"400M"``, ``"2m"``, ``"200k"``, ``"2e6"`` as an int of at least 1000 (the CLI's parser)."""
+    value = _parse_count(text)
+    if value < 1000:
         raise argparse.ArgumentTypeError(f"device count must be an integer >= 1000, got {text!r}")
-    return int(value)
+    return value
 
 
 def peak_rss() -> int:

@@ -338,22 +338,32 @@ cdef inline int _widest_axis(const float* box) noexcept nogil:
     return 2
 
 
-cdef void _build_node(GtPoint* pts, float* bounds, int64_t n, int depth,
-                      int64_t node, int level) noexcept nogil:
-    """Build the subtree rooted at ``node`` (depth-first, cache-friendly)."""
+cdef void _split_node(GtPoint* pts, float* bounds, int64_t n, int depth, int64_t node, int level,
+                      bint par) noexcept nogil:
+    """Box one node; unless it is a leaf, partition its rows at the median of its widest axis.
+
+    ``par`` spreads the work of this one node over every core (the top of the tree).
+    """
     cdef int64_t j = node + 1 - (<int64_t>1 << level)
     cdef int64_t s = _node_start(j, level, n)
     cdef int64_t e = _node_start(j + 1, level, n)
-    cdef int64_t mid
     cdef float* box = bounds + 6 * node
-    _bbox(pts + s, e - s, box)
-    if level == depth:
+    if par:
+        _bbox_par(pts + s, e - s, box)
+    else:
+        _bbox(pts + s, e - s, box)
+    if level == depth or e - s <= 1:
         return
-    mid = _node_start(2 * j + 1, level + 1, n)
-    if e - s > 1:
-        gt_select(pts + s, mid - s, e - s, _widest_axis(box), 0)
-    _build_node(pts, bounds, n, depth, 2 * node + 1, level + 1)
-    _build_node(pts, bounds, n, depth, 2 * node + 2, level + 1)
+    gt_select(pts + s, _node_start(2 * j + 1, level + 1, n) - s, e - s, _widest_axis(box), par)
+
+
+cdef void _build_node(GtPoint* pts, float* bounds, int64_t n, int depth,
+                      int64_t node, int level) noexcept nogil:
+    """Build the subtree rooted at ``node`` (depth-first, cache-friendly)."""
+    _split_node(pts, bounds, n, depth, node, level, False)
+    if level < depth:
+        _build_node(pts, bounds, n, depth, 2 * node + 1, level + 1)
+        _build_node(pts, bounds, n, depth, 2 * node + 2, level + 1)
 
 
 def tree_depth(int64_t n, int leaf_size):
@@ -364,7 +374,7 @@ def tree_depth(int64_t n, int leaf_size):
     return depth
 
 
-def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
+def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=True):
     """Reorder ``pts`` in place into KD leaf order and return node boxes.
 
     Returns ``(bounds, depth)`` where ``bounds`` is float32 ``(2^(depth+1)-1, 6)``
@@ -381,7 +391,7 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
     cdef float* bounds = &bview[0, 0]
     cdef GtPoint* p = &pts[0] if n > 0 else NULL
     cdef int level, cut
-    cdef int64_t j, count, s, e, mid, node
+    cdef int64_t j, count
     if n == 0:
         bounds_arr[:] = np.array([1e30, 1e30, 1e30, -1e30, -1e30, -1e30], dtype=np.float32)  # empty box
         return bounds_arr, depth
@@ -397,22 +407,10 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=False):
             if parallel_top and count < gt_max_threads():
                 # Fewer ranges than cores: let each partition use every core.
                 for j in range(count):
-                    node = count - 1 + j
-                    s = _node_start(j, level, n)
-                    e = _node_start(j + 1, level, n)
-                    _bbox_par(p + s, e - s, bounds + 6 * node)
-                    mid = _node_start(2 * j + 1, level + 1, n)
-                    if e - s > 1:
-                        gt_select(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node), 1)
-                continue
-            for j in prange(count, schedule="dynamic"):
-                node = count - 1 + j
-                s = _node_start(j, level, n)
-                e = _node_start(j + 1, level, n)
-                _bbox(p + s, e - s, bounds + 6 * node)
-                mid = _node_start(2 * j + 1, level + 1, n)
-                if e - s > 1:
-                    gt_select(p + s, mid - s, e - s, _widest_axis(bounds + 6 * node), 0)
+                    _split_node(p, bounds, n, depth, count - 1 + j, level, True)
+            else:
+                for j in prange(count, schedule="dynamic"):
+                    _split_node(p, bounds, n, depth, count - 1 + j, level, False)
         count = <int64_t>1 << cut
         for j in prange(count, schedule="dynamic"):
             _build_node(p, bounds, n, depth, count - 1 + j, cut)
