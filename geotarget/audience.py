@@ -22,22 +22,73 @@ def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
     """A roaring bitmap of keys given in any order.
 
     Audiences are mostly long runs of consecutive keys (keys are assigned in
-    spatial order), so they go in as ranges; short-run input goes through
+    spatial order), so they are turned into ranges and written straight into
+    roaring's portable serialisation as run containers (NumPy, no per-range
+    Python call), then deserialised by CRoaring.  Short-run input goes through
     pyroaring's buffer path (``array('I')``; a NumPy array would be iterated
-    element by element, ~7x slower).
+    element by element).
     """
-    bm = BitMap()
     keys = np.ascontiguousarray(keys, dtype=np.uint32)
     if keys.size == 0:
-        return bm
+        return BitMap()
     ranges = _kernels.consecutive_ranges(keys)
-    if ranges.shape[0] * 16 <= keys.size:
-        for start, end in ranges:
-            bm.add_range(start, end)
-    else:
-        buf = array("I")
-        buf.frombytes(keys.tobytes())
-        bm.update(buf)
+    if ranges.shape[0] * 4 <= keys.size:
+        return _bitmap_from_ranges(ranges)
+    bm = BitMap()
+    buf = array("I")
+    buf.frombytes(keys.tobytes())
+    bm.update(buf)
+    return bm
+
+
+_SERIAL_COOKIE = 12347       # RoaringFormatSpec: "has run containers"
+_NO_OFFSET_THRESHOLD = 4     # below this many containers the offset header is omitted
+
+
+def _bitmap_from_ranges(ranges: np.ndarray) -> BitMap:
+    """Roaring bitmap of disjoint ``[start, end)`` ranges (any order), via the portable format."""
+    r = ranges[np.argsort(ranges[:, 0], kind="stable")]
+    start, end = r[:, 0], r[:, 1]
+    # merge ranges that touch (consecutive in key order though not in input order)
+    new_group = np.ones(len(r), dtype=bool)
+    new_group[1:] = start[1:] != end[:-1]
+    idx = np.flatnonzero(new_group)
+    start = start[idx]
+    end = np.r_[end[idx[1:] - 1], end[-1]]
+    # split at container (2^16) boundaries
+    first, last = start >> 16, (end - 1) >> 16
+    pieces = last - first + 1
+    owner = np.repeat(np.arange(len(start)), pieces)
+    k = np.arange(owner.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    high = first[owner] + k
+    p_start = np.maximum(start[owner], high << 16)
+    p_end = np.minimum(end[owner], (high + 1) << 16)
+    # containers: one per distinct high 16 bits, each a run container
+    bounds = np.flatnonzero(np.r_[True, high[1:] != high[:-1]])
+    c_key = high[bounds]
+    c_runs = np.diff(np.r_[bounds, high.size])
+    c_card = np.add.reduceat(p_end - p_start, bounds)
+    size = c_key.size
+    runflags = np.zeros((size + 7) // 8, dtype=np.uint8)
+    np.bitwise_or.at(runflags, np.arange(size) // 8, (1 << (np.arange(size) % 8)).astype(np.uint8))
+    descriptive = np.empty(2 * size, dtype="<u2")
+    descriptive[0::2] = c_key
+    descriptive[1::2] = c_card - 1
+    header = 4 + runflags.size + 4 * size + (4 * size if size >= _NO_OFFSET_THRESHOLD else 0)
+    c_bytes = 2 + 4 * c_runs
+    body = np.empty(int(c_bytes.sum()) // 2, dtype="<u2")
+    pos = np.r_[0, np.cumsum(c_bytes // 2)[:-1]]
+    body[pos] = c_runs
+    run_at = np.repeat(pos + 1, c_runs) + 2 * (np.arange(high.size) - np.repeat(bounds, c_runs))
+    body[run_at] = p_start & 0xFFFF
+    body[run_at + 1] = p_end - p_start - 1
+    parts = [np.array([_SERIAL_COOKIE | ((size - 1) << 16)], dtype="<u4").tobytes(),
+             runflags.tobytes(), descriptive.tobytes()]
+    if size >= _NO_OFFSET_THRESHOLD:
+        parts.append((header + np.r_[0, np.cumsum(c_bytes)[:-1]]).astype("<u4").tobytes())
+    parts.append(body.tobytes())
+    bm = BitMap.deserialize(b"".join(parts))
+    bm.run_optimize()
     return bm
 
 

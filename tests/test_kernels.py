@@ -318,3 +318,25 @@ def test_gather_runs_both_paths(total):
     out = np.empty(int(lengths.sum()), np.uint32)
     _kernels.gather_runs_u32(src, runs, offsets, out)
     np.testing.assert_array_equal(out, np.concatenate([src[a:b] for a, b in runs]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 5, 2**16 - 3, 2**16, 3 * 2**16 - 1, 2**31, 2**32 - 70_000]),
+                          st.integers(0, 70_000), st.integers(1, 140_000)), min_size=1, max_size=12),
+       st.randoms(use_true_random=False))
+def test_bitmap_from_ranges_is_the_union(spec, rnd):
+    """Ranges across 2^16 container boundaries, touching and shuffled, serialised as run containers."""
+    from pyroaring import BitMap
+    from geotarget.audience import _bitmap_from_keys
+    keys = set()
+    for base, off, length in spec:
+        a = min(base + off, 2**32 - 1)
+        keys.update(range(a, min(a + length, 2**32)))
+    k = np.array(sorted(keys), dtype=np.uint32)
+    blocks = np.split(k, np.sort(rnd.sample(range(1, len(k)), min(5, len(k) - 1))) if len(k) > 1 else [])
+    rnd.shuffle(blocks)
+    shuffled = np.concatenate(blocks)          # runs in any order, as an index hands them out
+    bm = _bitmap_from_keys(shuffled)
+    ref = BitMap()
+    ref.update(k)
+    assert bm == ref and len(bm) == len(k)
