@@ -593,15 +593,34 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         _emit(q, run_start, e)
 
 
+cdef inline void _box_dist2(const float* b, double cx, double cy, double cz,
+                            double* dmin2, double* dmax2) noexcept nogil:
+    """Squared distance from a point to the nearest and the farthest point of a box."""
+    cdef double c, lo, hi, t
+    cdef int axis
+    dmin2[0] = 0.0
+    dmax2[0] = 0.0
+    for axis in range(3):
+        c = cx if axis == 0 else (cy if axis == 1 else cz)
+        lo = b[axis]
+        hi = b[axis + 3]
+        if c < lo:
+            t = lo - c
+            dmin2[0] += t * t
+        elif c > hi:
+            t = c - hi
+            dmin2[0] += t * t
+        t = c - lo if c - lo > hi - c else hi - c
+        dmax2[0] += t * t
+
+
 cdef void _query(QueryCtx* q) noexcept nogil:
     cdef int64_t stack_node[64]
     cdef int stack_level[64]
     cdef int top = 0
     cdef int64_t node, j, s, e
     cdef int level
-    cdef const float* b
-    cdef double lo, hi, c, dmin2, dmax2, t
-    cdef int axis
+    cdef double dmin2, dmax2
     if q.n == 0:
         return
     if q.everything:
@@ -619,27 +638,8 @@ cdef void _query(QueryCtx* q) noexcept nogil:
         e = _node_start(j + 1, level, q.n)
         if e <= s:
             continue
-        b = q.bounds + 6 * node
         q.nodes += 1
-        dmin2 = 0.0
-        dmax2 = 0.0
-        for axis in range(3):
-            if axis == 0:
-                c = q.cx
-            elif axis == 1:
-                c = q.cy
-            else:
-                c = q.cz
-            lo = b[axis]
-            hi = b[axis + 3]
-            if c < lo:
-                t = lo - c
-                dmin2 += t * t
-            elif c > hi:
-                t = c - hi
-                dmin2 += t * t
-            t = c - lo if c - lo > hi - c else hi - c
-            dmax2 += t * t
+        _box_dist2(q.bounds + 6 * node, q.cx, q.cy, q.cz, &dmin2, &dmax2)
         if dmin2 > q.hi2:
             continue
         if q.filter_seen and q.seen_bounds != NULL and q.seen_bounds[2 * node + 1] < q.seen_min:
@@ -922,43 +922,71 @@ def node_seen_bounds(const uint32_t[::1] seen, int depth):
     return out
 
 
-def points_within(const GtPoint[::1] pts, const double[::1] lat, const double[::1] lon,
+def block_bounds(const GtPoint[::1] pts, int block):
+    """Boxes of consecutive blocks of ``block`` points, float32 ``(ceil(n / block), 6)``.
+
+    In numpy, this operation is equivalent to, for each block b::
+
+        p = pts[b * block:(b + 1) * block]
+        out[b] = [p["x"].min(), p["y"].min(), p["z"].min(), p["x"].max(), p["y"].max(), p["z"].max()]
+    """
+    cdef Py_ssize_t b, n = pts.shape[0]
+    cdef Py_ssize_t nb = (n + block - 1) // block
+    out = np.empty((nb, 6), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    with nogil:
+        for b in prange(nb, schedule="static"):
+            _bbox(&pts[b * block], min(n, (b + 1) * block) - b * block, &o[b, 0])
+    return out
+
+
+def points_within(const GtPoint[::1] pts, const float[:, ::1] blocks, int block,
+                  const double[::1] lat, const double[::1] lon,
                   double clat, double clon, double radius_km):
     """Keys of the given points (``pts[i].key`` indexes ``lat``/``lon``) within the circle.
 
-    The same two-threshold float32 chord test and float64 haversine re-check as
-    :func:`query`, over a flat list instead of a tree: used to re-target only
-    the devices that changed between two generations.
+    The same box tests, two-threshold float32 chord test and float64
+    haversine re-check as :meth:`Tree.query`, over a flat list cut into
+    blocks with boxes (``block_bounds``): used to re-target only the devices
+    that changed between two generations.  Keys come out in input order.
 
     In numpy, this operation is equivalent to
     ``pts["key"][haversine_km(clat, clon, lat[pts["key"]], lon[pts["key"]]) <= radius_km]``.
     """
-    cdef Py_ssize_t i, m = 0, n = pts.shape[0]
+    cdef Py_ssize_t i, b, s, e, m = 0, n = pts.shape[0], nb = blocks.shape[0]
     cdef double phi = clat * DEG2RAD, lam = clon * DEG2RAD, cp = cos(phi)
     cdef float fx = <float>(cp * cos(lam)), fy = <float>(cp * sin(lam)), fz = <float>sin(phi)
     cdef Thresholds th = _thresholds(radius_km)
-    cdef bint everything = th.everything
     cdef float flo2 = th.flo2, fhi2 = th.fhi2
+    cdef double dmin2, dmax2
     cdef float dx, dy, dz, d2
     cdef uint32_t k
     out = np.empty(n, dtype=np.uint32)
     cdef uint32_t[::1] o = out
     with nogil:
-        for i in range(n):
-            if everything:
-                o[m] = pts[i].key
-                m += 1
-                continue
-            dx = pts[i].x - fx
-            dy = pts[i].y - fy
-            dz = pts[i].z - fz
-            d2 = dx * dx + dy * dy + dz * dz
-            if d2 <= flo2:
-                o[m] = pts[i].key
-                m += 1
-            elif d2 <= fhi2:
-                k = pts[i].key
-                if _haversine_km(clat, clon, lat[k], lon[k]) <= radius_km:
-                    o[m] = k
+        for b in range(nb):
+            s = b * block
+            e = min(n, s + block)
+            if not th.everything:
+                _box_dist2(&blocks[b, 0], fx, fy, fz, &dmin2, &dmax2)
+                if dmin2 > th.hi2:
+                    continue
+            if th.everything or dmax2 <= th.lo2:
+                for i in range(s, e):
+                    o[m] = pts[i].key
                     m += 1
+                continue
+            for i in range(s, e):
+                dx = pts[i].x - fx
+                dy = pts[i].y - fy
+                dz = pts[i].z - fz
+                d2 = dx * dx + dy * dy + dz * dz
+                if d2 <= flo2:
+                    o[m] = pts[i].key
+                    m += 1
+                elif d2 <= fhi2:
+                    k = pts[i].key
+                    if _haversine_km(clat, clon, lat[k], lon[k]) <= radius_km:
+                        o[m] = k
+                        m += 1
     return out[:m].copy()

@@ -44,6 +44,8 @@ from .stats import AlertRecord, check_outcome, compute
 RING_KINDS = ("alert", "expand", "topup")
 FOLLOW_KINDS = ("update", "closure", "retraction")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
+#: Changed devices per box when re-targeting a refresh (see ``_delta_points``).
+_DELTA_BLOCK = 1024
 
 
 def _iso(t: _dt.datetime | None) -> str | None:
@@ -390,7 +392,8 @@ class AlertEngine:
                 alert, radius = ar
                 t0 = time.perf_counter()
                 if delta is not None and radius <= alert.radius_km:
-                    keys = _kernels.points_within(delta, store.lat, store.lon, alert.lat, alert.lon, radius)
+                    keys = _kernels.points_within(delta[0], delta[1], _DELTA_BLOCK, store.lat, store.lon,
+                                                  alert.lat, alert.lon, radius)
                     if self.max_location_age is not None:
                         cutoff = epoch_seconds(now - self.max_location_age)
                         keys = keys[store.last_seen_s[keys] >= cutoff]
@@ -409,8 +412,13 @@ class AlertEngine:
             return out
 
     @staticmethod
-    def _delta_points(store) -> np.ndarray:
-        """Unit vectors of the devices a generation changed, keyed by device key."""
+    def _delta_points(store):
+        """Unit vectors of the devices a generation changed (keyed by device key), and block boxes.
+
+        Changed keys come in key order, which is spatial order within each
+        ingest batch, so blocks of consecutive changed devices are compact and
+        a circle skips most of them by their box.
+        """
         keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
         pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
         if keys.size:
@@ -419,7 +427,7 @@ class AlertEngine:
             _kernels.take(store.lat, keys, lat)
             _kernels.take(store.lon, keys, lon)
             _kernels.fill_points(lat, lon, pts, keys)
-        return pts
+        return pts, _kernels.block_bounds(pts, _DELTA_BLOCK)
 
     # -- reading ------------------------------------------------------------
 

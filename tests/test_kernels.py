@@ -299,7 +299,8 @@ def test_points_within_matches_reference(cloud, clat, clon, r, data):
     pts = np.empty(len(subset), dtype=_kernels.POINT_DTYPE)
     if len(subset):
         _kernels.fill_points(lat[subset], lon[subset], pts, subset)
-    got = _kernels.points_within(pts, lat, lon, clat, clon, r)
+    block = data.draw(st.sampled_from([1, 3, 64]))
+    got = _kernels.points_within(pts, _kernels.block_bounds(pts, block), block, lat, lon, clat, clon, r)
     ref = subset[haversine_km(clat, clon, lat[subset], lon[subset]) <= r] if len(subset) else subset
     extra, missed = np.setdiff1d(got, ref), np.setdiff1d(ref, got)
     d = haversine_km(clat, clon, lat, lon)
@@ -340,3 +341,17 @@ def test_bitmap_from_ranges_is_the_union(spec, rnd):
     ref = BitMap()
     ref.update(k)
     assert bm == ref and len(bm) == len(k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cloud=point_clouds(max_n=300), block=st.sampled_from([1, 7, 64]))
+def test_block_bounds_matches_reference(cloud, block):
+    lat, lon = cloud
+    pts = np.empty(len(lat), dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat, lon, pts)
+    got = _kernels.block_bounds(pts, block)
+    assert got.shape == ((len(lat) + block - 1) // block, 6)
+    for b in range(got.shape[0]):
+        p = pts[b * block:(b + 1) * block]
+        ref = [p["x"].min(), p["y"].min(), p["z"].min(), p["x"].max(), p["y"].max(), p["z"].max()]
+        np.testing.assert_array_equal(got[b], np.array(ref, dtype=np.float32))
