@@ -352,3 +352,40 @@ def test_refresh_across_a_skipped_generation_falls_back_to_full_query(world, tmp
     tops = eng.refresh(g3, T0 + dt.timedelta(minutes=10))
     seen = set(eng.pushes(eng.alerts()[0].alert_id)[0].audience.keys().tolist())
     assert set().union(*(set(p.audience.keys().tolist()) for p in tops)) == oracle(g3, *HZ, 100) - seen
+
+
+def test_tick_and_ack_from_several_threads(world, tmp_path):
+    """Dispatch threads tick and ack concurrently: every push is offered once, rings stay disjoint."""
+    import threading
+    eng = engine_for(world, tmp_path / "log")
+    centres = [(30.27, 120.15), (29.5, 121.0), (31.0, 119.0), (30.0, 120.5)]
+    ids = [eng.report("city-1", lat=la, lon=lo, division="330100", missing_since=T0, now=T0).id
+           for la, lo in centres]
+    offered, lock, errors = [], threading.Lock(), []
+    times = [T0 + dt.timedelta(minutes=m) for m in range(0, 240, 7)]
+
+    def dispatcher(offset):
+        try:
+            for now in times[offset::2] + times:
+                for p in eng.tick(now):
+                    with lock:
+                        offered.append(p)
+                    eng.ack(p.push_id)
+        except Exception as exc:  # surfaced below; a thread must not die silently
+            errors.append(exc)
+
+    threads = [threading.Thread(target=dispatcher, args=(i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    push_ids = [p.push_id for p in offered]
+    assert len(push_ids) == len(set(push_ids)), "a push was offered twice"
+    assert not eng.log.unacked()
+    for aid in ids:
+        rings = [set(p.audience.keys().tolist()) for p in offered if p.alert_id == aid]
+        assert sum(map(len, rings)) == len(set().union(*rings)), "a device got the alert twice"
+        assert set().union(*rings) == oracle(world, *centres[ids.index(aid)], 500)
+        closure = eng.close(aid, "city-1", outcome="lost", now=T0 + dt.timedelta(hours=5))
+        assert set(closure.audience.keys().tolist()) == set().union(*rings)
