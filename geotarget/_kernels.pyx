@@ -990,3 +990,17 @@ def points_within(const GtPoint[::1] pts, const float[:, ::1] blocks, int block,
                         o[m] = k
                         m += 1
     return out[:m].copy()
+
+
+def set_bits(const uint32_t[::1] keys, cnp.uint64_t[::1] words):
+    """Set bit ``k`` of a little-endian bitset for every key.
+
+    In numpy, this operation is equivalent to
+    ``np.bitwise_or.at(words, keys >> 6, np.uint64(1) << (keys & 63))``.
+    """
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint32_t k
+    with nogil:
+        for i in range(n):
+            k = keys[i]
+            words[k >> 6] |= (<uint64_t>1) << (k & 63)

@@ -355,3 +355,38 @@ def test_block_bounds_matches_reference(cloud, block):
         p = pts[b * block:(b + 1) * block]
         ref = [p["x"].min(), p["y"].min(), p["z"].min(), p["x"].max(), p["y"].max(), p["z"].max()]
         np.testing.assert_array_equal(got[b], np.array(ref, dtype=np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.one_of(st.integers(0, 300_000), st.integers(0, 70_000)), max_size=20_000),
+       st.randoms(use_true_random=False))
+def test_bitmap_from_sorted_matches_set(keys, rnd):
+    """Array and bitmap containers written from sorted keys (the scattered-keys path)."""
+    from pyroaring import BitMap
+    from geotarget.audience import _bitmap_from_keys, _bitmap_from_sorted
+    if not keys:
+        return
+    assert _bitmap_from_sorted(np.array(sorted(keys), dtype=np.uint32)) == BitMap(sorted(keys))
+    k = list(keys)
+    rnd.shuffle(k)
+    assert _bitmap_from_keys(np.array(k, dtype=np.uint32)) == BitMap(sorted(keys))
+
+
+def test_bitmap_from_keys_dense_and_sparse_containers():
+    from pyroaring import BitMap
+    from geotarget.audience import _bitmap_from_keys
+    rng = np.random.default_rng(14)
+    dense = rng.choice(3 * 65536 + 100, 150_000, replace=False)                # > 4096 per container
+    sparse = rng.choice(np.arange(2**20, 2**28), 70_000, replace=False)       # < 4096 per container
+    k = rng.permutation(np.concatenate([dense, sparse])).astype(np.uint32)
+    assert _bitmap_from_keys(k) == BitMap(np.sort(k))
+
+
+def test_set_bits_matches_reference():
+    rng = np.random.default_rng(15)
+    keys = rng.choice(10_000, 3000, replace=False).astype(np.uint32)
+    words = np.zeros(10_000 // 64 + 1, np.uint64)
+    _kernels.set_bits(keys, words)
+    ref = np.zeros_like(words)
+    np.bitwise_or.at(ref, keys >> 6, np.uint64(1) << (keys & 63).astype(np.uint64))
+    np.testing.assert_array_equal(words, ref)
