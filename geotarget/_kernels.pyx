@@ -515,6 +515,16 @@ cdef inline void _emit(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         q.runs.push_back(e)
 
 
+cdef inline void _track(QueryCtx* q, int64_t* run_start, int64_t r, bint inside) noexcept nogil:
+    """Extend the open run with row ``r`` if it is inside, else close the run (if any)."""
+    if inside:
+        if run_start[0] < 0:
+            run_start[0] = r
+    elif run_start[0] >= 0:
+        _emit(q, run_start[0], r)
+        run_start[0] = -1
+
+
 cdef inline void _emit_range(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     cdef int64_t r, run_start
     if not (q.filter_seen or q.filter_app):
@@ -522,12 +532,7 @@ cdef inline void _emit_range(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         return
     run_start = -1
     for r in range(s, e):
-        if _passes(q, r):
-            if run_start < 0:
-                run_start = r
-        elif run_start >= 0:
-            _emit(q, run_start, r)
-            run_start = -1
+        _track(q, &run_start, r, _passes(q, r))
     if run_start >= 0:
         _emit(q, run_start, e)
 
@@ -583,12 +588,7 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
             inside = _haversine_km(q.clat, q.clon, q.lat[k], q.lon[k]) <= q.radius
         if inside and (q.filter_seen or q.filter_app):
             inside = _passes(q, r)
-        if inside:
-            if run_start < 0:
-                run_start = r
-        elif run_start >= 0:
-            _emit(q, run_start, r)
-            run_start = -1
+        _track(q, &run_start, r, inside)
     if run_start >= 0:
         _emit(q, run_start, e)
 

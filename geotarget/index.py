@@ -31,7 +31,7 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from .store import DeviceStore, _fsync_dir
+from .store import DeviceStore, _fsync_dir, load_npy
 
 INDEX_META = "index.json"
 FORMAT_VERSION = 1
@@ -211,17 +211,7 @@ class SpatialIndex:
             raise CorruptFileError(f"{d / INDEX_META}: bad depth {depth!r}")
         expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,),
                     "seen_bounds": ((2 << depth) - 1, 2)}
-        arrays = {}
-        for name, dtype in _ARRAYS.items():
-            try:
-                a = np.load(d / f"{name}.npy", mmap_mode="r")
-            except (ValueError, OSError, EOFError) as exc:
-                raise CorruptFileError(f"{d / (name + '.npy')}: {exc}") from None
-            if a.dtype != dtype or a.shape != expected[name] or not a.flags.c_contiguous:
-                raise CorruptFileError(
-                    f"{d / (name + '.npy')}: expected {np.dtype(dtype)} {expected[name]}, "
-                    f"found {a.dtype} {a.shape}")
-            arrays[name] = a
+        arrays = {name: load_npy(d / f"{name}.npy", dtype, expected[name]) for name, dtype in _ARRAYS.items()}
         return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
                    arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d,
                    seen_bounds=arrays["seen_bounds"])

@@ -617,22 +617,11 @@ class DeviceStore:
             seen = batch.column(4).view(pa.int64()).to_numpy(zero_copy_only=True)
         except pa.ArrowException as exc:
             raise CorruptFileError(f"{f}: columns are not plain buffers: {exc}") from None
-        id_index = None
+        id_index = sorted_ids = None
         if (d / ID_INDEX_FILE).exists():
-            try:
-                id_index = np.load(d / ID_INDEX_FILE, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise CorruptFileError(f"{d / ID_INDEX_FILE}: {exc}") from None
-            if id_index.shape != (batch.num_rows,) or id_index.dtype != np.uint32:
-                raise CorruptFileError(f"{d / ID_INDEX_FILE}: shape/dtype do not match the store")
-        sorted_ids = None
-        if id_index is not None and (d / ID_SORTED_FILE).exists():
-            try:
-                sorted_ids = np.load(d / ID_SORTED_FILE, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise CorruptFileError(f"{d / ID_SORTED_FILE}: {exc}") from None
-            if sorted_ids.shape != (batch.num_rows,) or sorted_ids.dtype != np.uint64:
-                raise CorruptFileError(f"{d / ID_SORTED_FILE}: shape/dtype do not match the store")
+            id_index = load_npy(d / ID_INDEX_FILE, np.uint32, (batch.num_rows,))
+            if (d / ID_SORTED_FILE).exists():
+                sorted_ids = load_npy(d / ID_SORTED_FILE, np.uint64, (batch.num_rows,))
         store = cls(ids, lat, lon, codes, names, seen, generation=meta["generation"], path=d,
                     _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
         store._sorted_ids = sorted_ids
@@ -672,6 +661,17 @@ def _map_file(path: Path) -> mmap.mmap:
         if os.fstat(fh.fileno()).st_size == 0:
             raise CorruptFileError(f"{path}: empty file")
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def load_npy(path: Path, dtype, shape) -> np.ndarray:
+    """Memory-map a ``.npy`` file, or raise CorruptFileError unless it has this dtype and shape."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
+    if a.dtype != np.dtype(dtype) or a.shape != tuple(shape) or not a.flags.c_contiguous:
+        raise CorruptFileError(f"{path}: expected {np.dtype(dtype)} {tuple(shape)}, found {a.dtype} {a.shape}")
+    return a
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
