@@ -31,12 +31,22 @@ CLUSTERS = [(31.23, 121.47, 0.5), (89.6, 40.0, 0.3), (-89.5, -100.0, 0.4), (0.5,
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One private local Ray for the whole file (2 CPUs, no dashboard, a small object store)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
-             logging_level="WARNING", log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_session(tmp_path_factory):
+    """One private local Ray for the whole file (2 CPUs, no dashboard, a small object store).
+
+    Ray puts the driver's working directory first on its workers' ``sys.path``.
+    Started from a source checkout, workers would import the uncompiled source
+    tree instead of the installed package, so Ray starts from a scratch directory.
+    """
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-cwd"))
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
+                 logging_level="WARNING", log_to_driver=False)
+        yield
+        ray.shutdown()
+    finally:
+        os.chdir(cwd)
 
 
 def globe_and_clusters(n_uniform=20_000, n_cluster=4_000, seed=0):
