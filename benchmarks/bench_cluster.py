@@ -44,8 +44,8 @@ except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
 sys.path.insert(0, HERE)
+import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
 from compare import CENTRES, best_of, load_average, parse_count, rss_bytes  # noqa: E402
 
 from geotarget.index import SpatialIndex  # noqa: E402

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from pyroaring import BitMap
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
 from geotarget.log import RecipientLog  # noqa: E402
 
 UTC = dt.timezone.utc

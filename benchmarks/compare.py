@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
 from geotarget.cli import parse_count  # noqa: E402
 import geotarget  # noqa: E402
 from geotarget import _kernels  # noqa: E402

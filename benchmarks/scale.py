@@ -53,8 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
+import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from geotarget import population  # noqa: E402
 from geotarget.cli import parse_count as _parse_count  # noqa: E402
