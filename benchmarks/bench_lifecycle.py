@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 
-import geotarget as gt
-from geotarget import population
-from geotarget.cli import parse_count
+import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
+import geotarget as gt  # noqa: E402
+from geotarget import population  # noqa: E402
+from geotarget.cli import parse_count  # noqa: E402
 
 
 def main(argv=None) -> int:
