@@ -206,7 +206,8 @@ def test_tree_depth_is_minimal(n, leaf):
         assert -(-n // (1 << (depth - 1))) > leaf
 
 
-def test_build_tree_large_ranges_use_sampled_select_exactly():
+@pytest.mark.parametrize("parallel_top", [False, True])
+def test_build_tree_large_ranges_use_sampled_select_exactly(parallel_top):
     """Ranges above 2^18 points take the sample-bracketed select; membership must not change."""
     rng = np.random.default_rng(12)
     n = 300_000
@@ -218,7 +219,7 @@ def test_build_tree_large_ranges_use_sampled_select_exactly():
     xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).copy()
     keys = pts["key"].copy()
     order, ref_bounds, ref_depth = build_tree_reference(xyz, keys, 256)
-    bounds, depth = _kernels.build_tree(pts, 256)
+    bounds, depth = _kernels.build_tree(pts, 256, parallel_top)
     assert depth == ref_depth
     np.testing.assert_array_equal(bounds, ref_bounds)
     starts = (np.arange((1 << depth) + 1, dtype=np.int64) * n) >> depth
