@@ -86,7 +86,7 @@ from .errors import CorruptFileError, GeotargetError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import DEFAULT_LEAF_SIZE, SpatialIndex
 from .progress import bar
-from .store import DeviceStore, _fsync_dir
+from .store import DeviceStore, _fsync_dir, load_json
 
 MANIFEST = "shards.json"
 FULL_DIR = "full"
@@ -437,12 +437,7 @@ class ShardedIndex:
         """Start actors over shards saved by :meth:`build` (memory-mapped; nothing is rebuilt)."""
         cls._options(**options)
         d = Path(directory)
-        try:
-            manifest = json.loads((d / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise CorruptFileError(f"{d}: no {MANIFEST}; is this a sharded geotarget index?") from None
-        except (ValueError, OSError) as exc:
-            raise CorruptFileError(f"{d / MANIFEST}: {exc}") from None
+        manifest = load_json(d / MANIFEST, "a sharded geotarget index")
         cls._check_manifest(d, manifest)
         store = DeviceStore.open(d / manifest["full"])
         if len(store) != manifest["n"] or store.generation != manifest["generation"]:

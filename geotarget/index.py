@@ -31,7 +31,7 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from .store import DeviceStore, _fsync_dir, load_npy
+from .store import DeviceStore, _fsync_dir, load_json, load_npy
 
 INDEX_META = "index.json"
 FORMAT_VERSION = 1
@@ -193,12 +193,7 @@ class SpatialIndex:
     def open(cls, directory) -> "SpatialIndex":
         """Memory-map a saved index and its store (cost independent of n)."""
         d = Path(directory)
-        try:
-            meta = json.loads((d / INDEX_META).read_text())
-        except FileNotFoundError:
-            raise CorruptFileError(f"{d}: no {INDEX_META}; is this a geotarget index directory?") from None
-        except (ValueError, OSError) as exc:
-            raise CorruptFileError(f"{d / INDEX_META}: {exc}") from None
+        meta = load_json(d / INDEX_META, "a geotarget index directory")
         if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
             raise CorruptFileError(f"{d / INDEX_META}: unknown index format {meta!r}")
         store = DeviceStore.open(d)

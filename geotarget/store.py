@@ -663,6 +663,16 @@ def _map_file(path: Path) -> mmap.mmap:
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
 
 
+def load_json(path: Path, what: str):
+    """Parse a small JSON metadata file, or raise CorruptFileError saying which file is missing or bad."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CorruptFileError(f"{Path(path).parent}: no {Path(path).name}; is this {what}?") from None
+    except (ValueError, OSError) as exc:
+        raise CorruptFileError(f"{path}: {exc}") from None
+
+
 def load_npy(path: Path, dtype, shape) -> np.ndarray:
     """Memory-map a ``.npy`` file, or raise CorruptFileError unless it has this dtype and shape."""
     try:

@@ -40,9 +40,14 @@ def ray_session(tmp_path_factory):
     """
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("ray-cwd"))
+    # ... and workers get the directory of the package this process imported
+    # (site-packages after `pip install .`, the checkout after an in-place build).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(gt.__file__)))
+    pythonpath = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
-                 logging_level="WARNING", log_to_driver=False)
+                 logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
         yield
         ray.shutdown()
     finally:
