@@ -177,7 +177,6 @@ cdef extern from * nogil:
         else if (axis == 1) gt_select_axis<1>(first, nth, n, par);
         else gt_select_axis<2>(first, nth, n, par);
     }
-    static inline int gt_clz64(uint64_t v) { return __builtin_clzll(v); }
     #ifdef _OPENMP
     #include <omp.h>
     static inline int gt_max_threads(void) { return omp_get_max_threads(); }
@@ -194,7 +193,6 @@ cdef extern from * nogil:
         uint32_t key
     void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
-    int gt_clz64(uint64_t v)
     int gt_max_threads()
     int GT_HAVE_OPENMP
 

@@ -40,9 +40,8 @@ from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
 from .stats import AlertRecord, check_outcome, compute
 
-#: Kinds whose audience is new devices only, and kinds that go to everyone notified.
+#: Kinds whose audience is new devices only (update, closure, retraction go to everyone notified).
 RING_KINDS = ("alert", "expand", "topup")
-FOLLOW_KINDS = ("update", "closure", "retraction")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
 #: Changed devices per box when re-targeting a refresh (see ``_delta_points``).
 _DELTA_BLOCK = 1024
@@ -157,11 +156,8 @@ class AlertEngine:
     def _schedule_of(self, alert: Alert) -> RadiusSchedule:
         return RadiusSchedule.from_dict(alert.schedule)
 
-    def _store(self):
-        return self.index.store
-
     def _audience(self, bm) -> Audience:
-        return Audience(store=self._store(), bitmap=bm)
+        return Audience(store=self.index.store, bitmap=bm)
 
     def _to_push(self, rec: PushRecord, timings: dict | None = None) -> Push:
         return Push(rec.alert_id, rec.seq, rec.kind, rec.radius_km, rec.push_id,

@@ -650,11 +650,6 @@ class DeviceStore:
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
 
-    def build_id_index(self):
-        """Compute (and keep) the device-id lookup permutation, so that :meth:`save` stores it."""
-        self._ids_sorted()
-        return self
-
 
 def _map_file(path: Path) -> mmap.mmap:
     with open(path, "rb") as fh:
