@@ -1,4 +1,4 @@
-"""Build the compiled hot path (``geotarget._kernels``).
+"""Build the compiled hot path (``geotarget._kernels`` and ``geotarget._store_kernels``).
 
 OpenMP is used when the compiler supports it.  ``GEOTARGET_OPENMP=0`` turns it
 off; the kernels then run single-threaded but give identical results.
@@ -37,19 +37,24 @@ def _openmp_flags():
 
 omp_compile, omp_link = _openmp_flags()
 
-ext = Extension(
-    "geotarget._kernels",
-    ["geotarget/_kernels.pyx"],
-    language="c++",
-    include_dirs=[np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"] + omp_compile,
-    extra_link_args=omp_link,
-)
+def _extension(name):
+    return Extension(
+        f"geotarget.{name}",
+        [f"geotarget/{name}.pyx"],
+        language="c++",
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"] + omp_compile,
+        extra_link_args=omp_link,
+    )
+
+
+# _kernels: the index and query hot path; _store_kernels: id lookups and merges for generations
+extensions = [_extension("_kernels"), _extension("_store_kernels")]
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        extensions,
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,
