@@ -26,17 +26,21 @@ and its cost does not grow with the number of devices.
 """
 from __future__ import annotations
 
+import collections
 import datetime as _dt
+import errno
 import json
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from . import _kernels
+from . import _kernels, _store_kernels
 from ._fs import fsync_dir as _fsync_dir
+from ._fs import start_writeback as _start_writeback
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_coordinates
 
@@ -64,6 +68,25 @@ SCHEMA = pa.schema([
 ])
 
 
+#: Set to a dict to collect wall seconds per step of the next on-disk ``with_updates``
+#: (``benchmarks/scale.py --diagnose`` does); None costs nothing.
+update_step_seconds: dict | None = None
+
+
+class _Laps:
+    def __init__(self):
+        import time
+        self._clock = time.perf_counter
+        self.out = update_step_seconds
+        self.t = self._clock()
+
+    def __call__(self, step: str) -> None:
+        if self.out is not None:
+            t = self._clock()
+            self.out[step] = self.out.get(step, 0.0) + t - self.t
+            self.t = t
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     a.flags.writeable = False
     return a
@@ -75,7 +98,12 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 # column validation (public boundary)
 # ---------------------------------------------------------------------------
 
-def _check_ids(device_id) -> np.ndarray:
+def _check_ids(device_id, *, sort: bool = False):
+    """Validated uint64 ids; with ``sort``, ``(ids, sorted ids, their rows)``.
+
+    ``sort`` does the duplicate check with the row-carrying parallel sort,
+    whose result a caller that needs the ids in order (a new generation) keeps.
+    """
     arr = np.asarray(device_id)
     if arr.ndim != 1:
         raise InvalidInputError(f"device_id must be 1-D, got shape {arr.shape}")
@@ -85,6 +113,15 @@ def _check_ids(device_id) -> np.ndarray:
         i = int(np.flatnonzero(arr < 0)[0])
         raise InvalidInputError(f"device_id[{i}] = {arr[i]} is negative; ids are uint64")
     ids = np.ascontiguousarray(arr, dtype=np.uint64)
+    if sort:
+        if ids.size > MAX_DEVICES:  # rows are carried as uint32
+            raise InvalidInputError(f"device_id: {ids.size} ids exceed the {MAX_DEVICES} key space")
+        s, rows = _kernels.sort_ids(ids)
+        dup = s[1:] == s[:-1]
+        if dup.any():
+            i = int(rows[1:][dup].min())
+            raise InvalidInputError(f"device_id[{i}] = {ids[i]} is a duplicate within this batch")
+        return ids, s, rows
     if ids.size > 1:
         s = np.sort(ids)  # SIMD sort; the row-carrying sort only runs to name the culprit
         if (s[1:] == s[:-1]).any():
@@ -132,8 +169,8 @@ def _check_app(app, n: int, names: list[str] | None = None):
     indices = app.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     dict_names = app.dictionary.cast(pa.string()).to_pylist()
     mapping = np.full(max(len(dict_names), 1), -1, dtype=np.int64)
-    used = np.zeros(len(dict_names), dtype=bool)
-    used[np.unique(indices)] = True
+    # bincount, not np.unique: NumPy 2.4's hash-based unique takes seconds on millions of ints
+    used = np.bincount(indices, minlength=len(dict_names)) > 0
     for i, name in enumerate(dict_names):
         if not used[i]:
             continue
@@ -377,16 +414,30 @@ class DeviceStore:
     def lookup(self, device_id) -> np.ndarray:
         """Keys (int64) of the given device ids; -1 where the device is unknown."""
         ids = np.ascontiguousarray(device_id, dtype=np.uint64)
+        shape, ids = ids.shape, ids.reshape(-1)
         if len(self) == 0:
-            return np.full(ids.shape, -1, dtype=np.int64)
-        sorted_ids, order = self._ids_sorted()
+            return np.full(shape, -1, dtype=np.int64)
         # Querying in id order walks the (possibly memory-mapped) sorted ids
-        # front to back instead of jumping around them.
-        q = np.argsort(ids) if ids.size > 1 else np.zeros(ids.size, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(sorted_ids, ids[q]), len(sorted_ids) - 1)
-        found = sorted_ids[pos] == ids[q]
-        out = np.empty(ids.shape, dtype=np.int64)
-        out[q] = np.where(found, order[pos].astype(np.int64), -1)
+        # front to back instead of jumping around them.  The parallel bucket
+        # sort pays for its 2^16-bucket set-up only on large batches.
+        if (1 << 16) <= ids.size <= MAX_DEVICES:
+            q, rows = _kernels.sort_ids(ids)
+        else:
+            rows = np.argsort(ids, kind="stable")
+            q = ids[rows]
+        out = np.empty(ids.size, dtype=np.int64)
+        out[rows] = self._lookup_sorted(q)
+        return out.reshape(shape)
+
+    def _lookup_sorted(self, sorted_queries: np.ndarray) -> np.ndarray:
+        """Keys (int64, -1 where unknown) of ids given in ascending order."""
+        out = np.empty(sorted_queries.shape[0], dtype=np.int64)
+        if len(self) == 0:
+            out[:] = -1
+            return out
+        sorted_ids, order = self._ids_sorted()
+        _store_kernels.lookup_sorted(sorted_ids, np.ascontiguousarray(order, dtype=np.uint32),
+                                     sorted_queries, out)
         return out
 
     # -- generations ------------------------------------------------------
@@ -455,14 +506,16 @@ class DeviceStore:
         return out
 
     def _set_changed(self, keys, parent: int) -> None:
-        changed = np.unique(np.asarray(keys, dtype=np.uint32))
+        changed = _sorted_unique(np.asarray(keys, dtype=np.uint32))
         changed.flags.writeable = False
         self.changed_keys, self.parent_generation = changed, int(parent)
 
     def _with_updates_to_disk(self, directory, device_id, lat, lon, last_seen, app, progress,
-                              chunk_rows: int = 1 << 24):
+                              chunk_rows: int = 1 << 22):
         from .progress import bar
-        ids = _check_ids(device_id)
+        lap = _Laps()
+        ids, q_ids, q_rows = _check_ids(device_id, sort=True)
+        lap("validate ids (parallel sort, duplicates)")
         m = ids.shape[0]
         lat, lon = check_coordinates(lat, lon)
         if lat.shape[0] != m:
@@ -472,64 +525,121 @@ class DeviceStore:
         if app is not None:
             codes, names = _check_app(app, m, names)
         seen = _check_last_seen(last_seen, m)
-        keys = self.lookup(ids)
-        old = keys >= 0
-        new = np.flatnonzero(~old)
         app_given = codes is not None
-        if new.size and codes is None:  # new devices need an app; moved ones keep theirs
+        n_old = len(self)
+        lap("validate coordinates, app, last_seen")
+        key_of_q = self._lookup_sorted(q_ids)  # the batch in id order: one forward walk of the index
+        lap("lookup (galloping walk of the id index)")
+        found = key_of_q >= 0
+        n_new = m - int(np.count_nonzero(found))
+        if n_new and codes is None:  # new devices need an app; moved ones keep theirs
             codes, names = _check_app(None, m, names)
-        n_old, n_new = len(self), int(new.size)
         if n_old + n_new > MAX_DEVICES:
             raise InvalidInputError(f"device_id: {n_old + n_new} devices would exceed the key space")
-        upd = np.flatnonzero(old)
-        upd = upd[np.argsort(keys[upd], kind="stable")]
-        upd_keys = keys[upd]
-        new = new[_spatial_order(lat[new], lon[new])] if n_new else new
-        writer = StoreWriter(directory, n_old + n_new, names, self.generation + 1)
+        # Movers in key order, so output chunk [s, e) patches one contiguous
+        # slice of them; their values are gathered once, then read front to back.
+        upd_keys, perm = _kernels.sort_ids(key_of_q[found].view(np.uint64))
+        upd_rows = q_rows[found][perm]
+        del perm
+        patches = {1: _take(lat, upd_rows), 2: _take(lon, upd_rows), 4: _take(seen, upd_rows)}
+        if app_given:
+            patches[3] = _take(codes, upd_rows)
+        del upd_rows
+        lap("movers to key order, gather their values")
+        # New devices: in batch order (as the in-memory path sees them), then
+        # spatially, at keys n_old, n_old + 1, ...
+        new_q = ~found
+        del found, key_of_q
+        new_rows = np.sort(q_rows[new_q])
+        if n_new:
+            new_rows = new_rows[_spatial_order(lat[new_rows], lon[new_rows])]
+        new_keys = np.arange(n_old, n_old + n_new, dtype=np.uint32)
+        changed = np.concatenate([upd_keys.astype(np.uint32), new_keys])  # both parts sorted, disjoint
+        # the id-index additions: new ids in id order, with their keys
+        key_of_row = np.empty(m, dtype=np.uint32)
+        key_of_row[new_rows] = new_keys
+        add_ids = q_ids[new_q]
+        add_keys = key_of_row[q_rows[new_q]]
+        del key_of_row, new_q, q_ids, q_rows
+        n_total = n_old + n_new
+        at_key = upd_keys.astype(np.int64)
+        del upd_keys
+        lap("new devices: spatial order, keys, changed keys")
+
+        d = Path(directory)
+        writer = StoreWriter(d, n_total, names, self.generation + 1)
+        source = _OldColumns(self)
+        io = _BackgroundIO()
+        bufs = _BufferPool()
+        staged = []
         try:
-            with bar(n_old + n_new, "new generation", unit="dev", enabled=progress, unit_scale=True) as b:
+            with bar(n_total, "new generation", unit="dev", enabled=progress, unit_scale=True) as b:
+                lo = 0
                 for s0 in range(0, n_old, chunk_rows):
                     e0 = min(n_old, s0 + chunk_rows)
-                    cols = [np.array(c[s0:e0]) for c in
-                            (self.device_id, self.lat, self.lon, self.app_codes, self.last_seen_s)]
-                    a, z = np.searchsorted(upd_keys, [s0, e0])
-                    rows, at = upd[a:z], upd_keys[a:z] - s0
-                    cols[1][at], cols[2][at], cols[4][at] = lat[rows], lon[rows], seen[rows]
-                    if app_given:
-                        cols[3][at] = codes[rows]
-                    writer.write(s0, *cols)
-                    del cols
-                    self.release()
+                    hi = int(np.searchsorted(at_key, e0))
+                    at = at_key[lo:hi] - s0
+                    jobs = []
+                    for c in (0, 1, 2, 3, 4):
+                        if c not in patches:  # device_id, and app unless given: a plain copy
+                            jobs.append((source.copy_job(c, s0, e0, writer), None))
+                            continue
+                        buf = bufs.get(source.dtype(c), e0 - s0)
+                        source.read(c, s0, e0, buf)
+                        buf[at] = patches[c][lo:hi]
+                        jobs.append((writer.write_job(c, s0, buf), buf))
+                    io.submit(_run_jobs, jobs, bufs)
+                    lo = hi
+                    if not source.direct:
+                        self.release()
                     b.update(e0 - s0)
                 if n_new:
-                    writer.write(n_old, ids[new], lat[new], lon[new], codes[new], seen[new])
+                    cols = (ids[new_rows], lat[new_rows], lon[new_rows], codes[new_rows], seen[new_rows])
+                    io.submit(_run_jobs, [(writer.write_job(c, n_old, a), None) for c, a in enumerate(cols)], None)
                     b.update(n_new)
-            store = writer.finish(id_index=False)
+            lap("store.arrow: read + patch chunks (I/O thread writing behind)")
+            # The new id index is the old one with the new ids merged in (ids of
+            # existing devices never change): one forward pass, chunk by chunk.
+            old_sorted, old_order = self._ids_sorted()
+            f_ids = _NpyWriter(d / ID_SORTED_FILE, np.uint64, n_total)
+            f_keys = _NpyWriter(d / ID_INDEX_FILE, np.uint32, n_total)
+            staged += [f_ids, f_keys]
+            j = 0
+            for i0 in range(0, max(n_old, 1), chunk_rows):
+                i1 = min(n_old, i0 + chunk_rows)
+                # new ids below a[i1 - 1] go in this chunk; ties cannot occur (new ids are not in a)
+                j1 = n_new if i1 == n_old else int(np.searchsorted(add_ids, old_sorted[i1 - 1]))
+                size = (i1 - i0) + (j1 - j)
+                out_ids, out_keys = bufs.get(np.uint64, size), bufs.get(np.uint32, size)
+                _store_kernels.merge_sorted(old_sorted[i0:i1], np.ascontiguousarray(old_order[i0:i1], np.uint32),
+                                            add_ids[j:j1], add_keys[j:j1], out_ids, out_keys)
+                io.submit(_run_jobs, [(f_ids.write_job(i0 + j, out_ids), out_ids),
+                                      (f_keys.write_job(i0 + j, out_keys), out_keys)], bufs)
+                j = j1
+            f_changed = _NpyWriter(d / f"{CHANGED_PREFIX}{self.generation}.npy", np.uint32, changed.size)
+            staged.append(f_changed)
+            io.submit(_run_jobs, [(f_changed.write_job(0, changed), None)], None)
+            lap("id index: merge chunks (I/O thread writing behind)")
+            io.drain()
+            lap("wait for the I/O thread")
+            for f in staged:
+                f.close()
+            source.close()
+            lap("fsync id files")
+            out = writer.finish(id_index=False, staged=[(f.tmp, f.path) for f in staged])
+            lap("fsync store.arrow, renames, open")
+            return out
         except BaseException:
+            io.abort()
+            source.close()
+            for f in staged:
+                f.abort()
             writer.abort()
             raise
-        # Ids of existing devices do not change, so the new id index is the
-        # old one with the new ids merged in (no re-sort of the whole store).
-        old_sorted, old_order = self._ids_sorted()
-        # new device j was written at row (key) n_old + j, in spatial order
-        o = np.argsort(ids[new])
-        new_ids = ids[new][o]
-        new_keys = (np.arange(n_new, dtype=np.int64) + n_old).astype(np.uint32)[o]
-        pos = np.searchsorted(old_sorted, new_ids) + np.arange(n_new)
-        merged_ids = np.empty(n_old + n_new, dtype=np.uint64)
-        merged_keys = np.empty(n_old + n_new, dtype=np.uint32)
-        mask = np.ones(n_old + n_new, dtype=bool)
-        mask[pos] = False
-        merged_ids[pos], merged_keys[pos] = new_ids, new_keys
-        merged_ids[mask], merged_keys[mask] = old_sorted, old_order
-        d = Path(directory)
-        _save_npy(d / ID_SORTED_FILE, merged_ids)
-        _save_npy(d / ID_INDEX_FILE, merged_keys)
-        changed = np.unique(np.concatenate([keys[old].astype(np.uint32),
-                                            np.arange(n_old, n_old + n_new, dtype=np.uint32)]))
-        _save_npy(d / f"{CHANGED_PREFIX}{self.generation}.npy", changed)
-        _fsync_dir(d)
-        return DeviceStore.open(d)
+        finally:
+            io.shutdown()
+            _drop_pages(self._sorted_ids)
+            _drop_pages(self._id_index)
 
     # -- Arrow I/O --------------------------------------------------------
 
@@ -587,7 +697,8 @@ class DeviceStore:
         if not f.exists():
             raise CorruptFileError(f"{d}: no {STORE_FILE} here; is this a geotarget store directory?")
         try:
-            mm = _map_file(f)
+            identity: list = []
+            mm = _map_file(f, identity)
             reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mm)))
             schema = reader.schema
             meta = json.loads((schema.metadata or {}).get(_META_KEY, b"null"))
@@ -626,6 +737,9 @@ class DeviceStore:
                     _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
         store._sorted_ids = sorted_ids
         store._mmap = mm
+        # which file the columns map, so a new generation can copy column
+        # bytes from it kernel-side only if store.arrow was not replaced since
+        store._file_identity = tuple(identity)
         found = sorted(d.glob(f"{CHANGED_PREFIX}*.npy"))
         if len(found) == 1:
             try:
@@ -651,11 +765,28 @@ class DeviceStore:
             mm.madvise(mmap.MADV_DONTNEED)
 
 
-def _map_file(path: Path) -> mmap.mmap:
+def _map_file(path: Path, identity: list | None = None) -> mmap.mmap:
+    """Map ``path`` read-only; ``identity`` (a list) receives the file's (st_dev, st_ino)."""
     with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size == 0:
+        st = os.fstat(fh.fileno())
+        if st.st_size == 0:
             raise CorruptFileError(f"{path}: empty file")
+        if identity is not None:
+            identity[:] = [st.st_dev, st.st_ino]
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` by sort and compare (NumPy 2.4's hash-based unique is ~30x slower
+    on millions of distinct ints: 12 s for 4 M uint32)."""
+    s = np.sort(a)
+    if s.size > 1:
+        keep = np.empty(s.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(s[1:], s[:-1], out=keep[1:])
+        if not keep.all():
+            s = s[keep]
+    return s
 
 
 def load_json(path: Path, what: str):
@@ -686,6 +817,224 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _pwrite_all(fd: int, arr: np.ndarray, pos: int) -> None:
+    view = memoryview(np.ascontiguousarray(arr)).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + (1 << 30)], pos + done)
+
+
+def _pread_into(fd: int, buf: np.ndarray, pos: int) -> None:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
+        if got == 0:
+            raise CorruptFileError(f"store file ended early: read {done} of {len(view)} bytes at {pos}")
+        done += got
+
+
+def _drop_pages(arr) -> None:
+    """Drop this process's resident pages of a memory-mapped .npy (see DeviceStore.release)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (ValueError, OSError):  # closed, or a platform without it
+            pass
+
+
+def _stage_npy(path: Path, array: np.ndarray):
+    """Write ``array`` as ``path`` + ".tmp" (fsynced, not yet renamed); return (tmp, path).
+
+    The ".tmp" suffix keeps half-written files out of the ``*.npy`` globs that open uses.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(array))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp, path
+
+
+class _NpyWriter:
+    """A 1-D ``.npy`` file of ``n`` elements, written in pieces at any offset, staged as ``path.tmp``."""
+
+    def __init__(self, path: Path, dtype, n: int):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), int(n)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(self.tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n,)})
+            self.data_offset = fh.tell()
+            fh.truncate(self.data_offset + self.n * self.dtype.itemsize)
+        self.fd = os.open(self.tmp, os.O_WRONLY)
+
+    def write_job(self, start: int, arr: np.ndarray):
+        a = np.ascontiguousarray(arr, dtype=self.dtype)
+        if start < 0 or start + a.shape[0] > self.n:
+            raise ValueError(f"{self.path.name}: rows [{start}, {start + a.shape[0]}) outside [0, {self.n})")
+        pos = self.data_offset + start * self.dtype.itemsize
+
+        def job():
+            _pwrite_all(self.fd, a, pos)
+            _start_writeback(self.fd, pos, a.nbytes)
+        return job
+
+    def close(self) -> None:
+        """fsync and close (the file stays staged under its .tmp name)."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+class _BufferPool:
+    """Reusable chunk buffers: a fresh 32 MB array costs ~8 k page faults at first touch,
+    which over a 13 GB generation adds up to seconds."""
+
+    def __init__(self):
+        self._free: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, dtype, n: int) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        with self._lock:
+            free = self._free.setdefault(dtype, [])
+            for i, b in enumerate(free):
+                if b.shape[0] >= n:
+                    return free.pop(i)[:n]
+        return np.empty(n, dtype=dtype)
+
+    def put(self, view: np.ndarray) -> None:
+        base = view.base if isinstance(view.base, np.ndarray) else view
+        with self._lock:
+            self._free.setdefault(base.dtype, []).append(base)
+
+
+def _run_jobs(jobs, pool) -> None:
+    for job, buf in jobs:
+        job()
+        if buf is not None and pool is not None:
+            pool.put(buf)
+
+
+class _BackgroundIO:
+    """One thread doing a new generation's file I/O, in submission order.
+
+    pread, pwrite, copy_file_range and fsync release the GIL, so the disk
+    works while the calling thread reads and patches the next chunk.  At most
+    ``depth`` batches wait, which bounds the buffers in flight.
+    """
+
+    def __init__(self, depth: int = 3):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="geotarget-io")
+        self._pending: collections.deque = collections.deque()
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()  # re-raises the I/O thread's error here
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def abort(self) -> None:
+        """Cancel what has not started and wait for what has (its file must not close under it)."""
+        from concurrent.futures import wait
+        for f in self._pending:
+            f.cancel()
+        wait(list(self._pending))
+        self._pending.clear()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _OldColumns:
+    """The old generation's columns, as the source of a new one.
+
+    When the store maps a store.arrow that has not been replaced since it was
+    opened, column bytes come from that file: pread into a buffer for the
+    columns that get patched, copy_file_range for the unchanged ones (the
+    kernel copies page cache to page cache, no pass through Python).  Either
+    way the old mapping gains no resident pages.  Otherwise they come from
+    the arrays.
+    """
+
+    def __init__(self, store: "DeviceStore"):
+        self.arrays = (store.device_id, store.lat, store.lon, store.app_codes, store.last_seen_s)
+        self.fd, self.offsets, self.direct = -1, None, False
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        mm, ident = getattr(store, "_mmap", None), getattr(store, "_file_identity", None)
+        if mm is None or not ident or store.path is None or len(store) == 0:
+            return
+        try:
+            fd = os.open(Path(store.path) / STORE_FILE, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+            offs = [a.ctypes.data - base for a in self.arrays]
+            ok = ((st.st_dev, st.st_ino) == tuple(ident) and st.st_size == len(mm)
+                  and all(0 <= o and o + a.nbytes <= len(mm) for o, a in zip(offs, self.arrays)))
+        except (ValueError, OSError):  # a closed mapping
+            ok = False
+        if ok:
+            self.fd, self.offsets, self.direct = fd, offs, True
+        else:
+            os.close(fd)
+
+    def dtype(self, c: int):
+        return self.arrays[c].dtype
+
+    def read(self, c: int, s0: int, e0: int, buf: np.ndarray) -> None:
+        if self.direct:
+            _pread_into(self.fd, buf, self.offsets[c] + s0 * buf.itemsize)
+        else:
+            np.copyto(buf, self.arrays[c][s0:e0])
+
+    def copy_job(self, c: int, s0: int, e0: int, writer: "StoreWriter"):
+        """A job that copies rows [s0, e0) of column ``c`` to the same rows of the new file."""
+        if not (self.direct and self.kernel_copy):
+            return writer.write_job(c, s0, self.arrays[c][s0:e0])
+        isz = self.arrays[c].itemsize
+        src, dst, n = self.offsets[c] + s0 * isz, writer.offsets[c] + s0 * isz, (e0 - s0) * isz
+
+        def job():
+            done = 0
+            while done < n and self.kernel_copy:
+                try:
+                    got = os.copy_file_range(self.fd, writer.fd, n - done, src + done, dst + done)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.kernel_copy = False  # this kernel or filesystem cannot; copy through memory
+                    break
+                if got == 0:
+                    raise CorruptFileError(f"store file ended early while copying column {c}")
+                done += got
+            if done < n:
+                rest = self.arrays[c][s0:e0].view(np.uint8)[done:]
+                _pwrite_all(writer.fd, rest, dst + done)
+            _start_writeback(writer.fd, dst, n)
+        return job
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _SparseSink:
@@ -781,18 +1130,44 @@ class StoreWriter:
             a = np.ascontiguousarray(arr, dtype=dtype)
             if a.shape != (m,):
                 raise InvalidInputError(f"{name} has shape {a.shape}, expected ({m},)")
-            view = memoryview(a).cast("B")
-            pos = off + start * a.itemsize
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:done + (1 << 30)], pos + done)
+            _pwrite_all(self.fd, a, off + start * a.itemsize)
         self.written += m
 
-    def finish(self, id_index: bool = True) -> "DeviceStore":
-        """Check ids are unique, fsync, move into place with the id lookup files, and open."""
+    def write_job(self, c: int, start: int, arr):
+        """A callable that writes rows ``[start, start + len(arr))`` of column ``c`` (for an I/O thread)."""
+        name, dtype = self._COLS[c]
+        a = np.ascontiguousarray(arr, dtype=dtype)
+        if a.ndim != 1 or start < 0 or start + a.shape[0] > self.n:
+            raise InvalidInputError(f"{name}: rows [{start}, {start + a.shape[0]}) fall outside [0, {self.n})")
+        pos = self.offsets[c] + start * a.itemsize
+
+        def job():
+            _pwrite_all(self.fd, a, pos)
+            _start_writeback(self.fd, pos, a.nbytes)
+        return job
+
+    def finish(self, id_index: bool = True, staged=()) -> "DeviceStore":
+        """Check ids are unique, fsync, move into place with the id lookup files, and open.
+
+        ``staged``: (tmp, final) paths of companion files already written and
+        fsynced.  Every file is durable before the first rename, stale
+        companions go before store.arrow is replaced and the new ones after
+        it, so a crash leaves either the previous store.arrow or the new one,
+        each with companions of its own generation or none (the id index is
+        then rebuilt on demand; changed keys are then unknown).
+        """
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
+        staged = list(staged)
+        try:
+            return self._finish(id_index, staged)
+        except BaseException:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _finish(self, id_index: bool, staged: list) -> "DeviceStore":
         sorted_ids = order = None
         if id_index and self.n:
             mm = _map_file(self.tmp)
@@ -806,15 +1181,19 @@ class StoreWriter:
             if dup.size:
                 raise InvalidInputError(f"device_id {sorted_ids[dup[0]]} appears twice (rows "
                                         f"{order[dup[0]]} and {order[dup[0] + 1]})")
+        if sorted_ids is not None:
+            staged.append(_stage_npy(self.dir / ID_SORTED_FILE, sorted_ids))
+            staged.append(_stage_npy(self.dir / ID_INDEX_FILE, order))
+            del sorted_ids, order
         for stale in (ID_INDEX_FILE, ID_SORTED_FILE):
             (self.dir / stale).unlink(missing_ok=True)
         for stale in self.dir.glob(f"{CHANGED_PREFIX}*.npy"):
             stale.unlink()
-        if sorted_ids is not None:
-            _save_npy(self.dir / ID_SORTED_FILE, sorted_ids)
-            _save_npy(self.dir / ID_INDEX_FILE, order)
-            del sorted_ids, order
+        _fsync_dir(self.dir)
         os.replace(self.tmp, self.dir / STORE_FILE)
+        _fsync_dir(self.dir)
+        for tmp, final in staged:
+            os.replace(tmp, final)
         _fsync_dir(self.dir)
         return DeviceStore.open(self.dir)
 
