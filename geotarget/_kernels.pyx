@@ -57,7 +57,7 @@ import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport asin, cos, sin, sqrt, fabs
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
@@ -195,6 +195,7 @@ cdef extern from * nogil:
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
     int gt_max_threads()
     int GT_HAVE_OPENMP
+    int __builtin_ctzll(unsigned long long)
 
 # Mean Earth radius (IUGG), km.  DESIGN §2 fixes it.
 DEF EARTH_R = 6371.0088
@@ -851,6 +852,26 @@ def gather_seen(const cnp.int64_t[::1] last_seen, const uint32_t[::1] keys, uint
             out[i] = <uint32_t>v
 
 
+def count_runs(const uint32_t[::1] keys):
+    """``(runs, ascending)``: how many maximal runs of consecutive keys, and whether keys strictly ascend.
+
+    In numpy, this operation is equivalent to::
+
+        d = np.diff(keys.astype(np.int64))
+        (int(keys.size > 0) + int(np.count_nonzero(d != 1)), bool(np.all(d > 0)))
+    """
+    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
+    cdef bint up = True
+    cdef uint32_t kmax = 0xFFFFFFFF  # k + 1 wraps there; the key space ends
+    with nogil:
+        for i in range(1, n):
+            if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
+                m += 1
+            if keys[i] <= keys[i - 1]:
+                up = False
+    return (m + 1 if n else 0), bool(up)
+
+
 def consecutive_ranges(const uint32_t[::1] keys):
     """Maximal runs of consecutive ascending keys, as int64 ``(m, 2)`` ``[start, end)``.
 
@@ -940,67 +961,242 @@ def block_bounds(const GtPoint[::1] pts, int block):
     return out
 
 
-def points_within(const GtPoint[::1] pts, const float[:, ::1] blocks, int block,
-                  const double[::1] lat, const double[::1] lon,
-                  double clat, double clon, double radius_km):
-    """Keys of the given points (``pts[i].key`` indexes ``lat``/``lon``) within the circle.
+cdef inline int64_t _first_end_after(const int64_t* r, int64_t lo, int64_t hi, int64_t key) noexcept nogil:
+    """Index of the first range in ``r[lo:hi]`` (flat ``[s, e]`` pairs, sorted) whose end exceeds ``key``."""
+    cdef int64_t mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if r[2 * mid + 1] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
-    The same box tests, two-threshold float32 chord test and float64
-    haversine re-check as :meth:`Tree.query`, over a flat list cut into
-    blocks with boxes (``block_bounds``): used to re-target only the devices
-    that changed between two generations.  Keys come out in input order.
 
-    In numpy, this operation is equivalent to
-    ``pts["key"][haversine_km(clat, clon, lat[pts["key"]], lon[pts["key"]]) <= radius_km]``.
+cdef inline bint _in_ranges(const int64_t* r, int64_t lo, int64_t hi, int64_t* cur, int64_t key) noexcept nogil:
+    """Is ``key`` in one of the sorted disjoint ranges ``r[lo:hi]``?
+
+    ``cur`` remembers where the last lookup ended: keys that ascend (the usual
+    case) cost a step or two; a jump, or a key below the last one, costs one
+    binary search.  Invariant after the call: every range before ``cur`` ends
+    at or below ``key``.
     """
-    cdef Py_ssize_t i, b, s, e, m = 0, n = pts.shape[0], nb = blocks.shape[0]
-    cdef double phi = clat * DEG2RAD, lam = clon * DEG2RAD, cp = cos(phi)
-    cdef float fx = <float>(cp * cos(lam)), fy = <float>(cp * sin(lam)), fz = <float>sin(phi)
-    cdef Thresholds th = _thresholds(radius_km)
-    cdef float flo2 = th.flo2, fhi2 = th.fhi2
-    cdef double dmin2, dmax2
-    cdef float dx, dy, dz, d2
-    cdef uint32_t k
-    out = np.empty(n, dtype=np.uint32)
+    cdef int64_t c = cur[0]
+    if c < lo or (c > lo and r[2 * (c - 1) + 1] > key):
+        c = _first_end_after(r, lo, hi, key)
+    elif c < hi and r[2 * c + 1] <= key:
+        c += 1
+        if c < hi and r[2 * c + 1] <= key:
+            c = _first_end_after(r, c, hi, key)
+    cur[0] = c
+    return c < hi and r[2 * c] <= key
+
+
+def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int block,
+                       const double[::1] lat, const double[::1] lon, const double[:, ::1] circles,
+                       const int64_t[:, ::1] skip, const int64_t[::1] skip_offsets):
+    """For every circle, the keys of the given points inside it and not in its skip ranges.
+
+    ``pts`` are unit vectors whose ``key`` indexes ``lat``/``lon``, cut into
+    blocks of ``block`` points with boxes (``block_bounds``); ``circles`` is
+    ``(k, 3)`` of (lat, lon, radius_km); circle c skips the keys in
+    ``skip[skip_offsets[c]:skip_offsets[c + 1]]``, sorted disjoint
+    ``[start, end)`` ranges (the devices an alert already notified).  This is
+    the re-targeting of a refresh: the devices a generation changed, tested
+    against every open alert in one pass over both cores, block by block, with
+    the box tests, two-threshold float32 chord test and float64 haversine
+    re-check of :meth:`Tree.query`.  Only the few devices that are new to an
+    alert come out.
+
+    Returns ``(keys, offsets)``: circle c's keys are ``keys[offsets[c]:offsets[c + 1]]``,
+    in input order.  In numpy, this operation is equivalent to, for each c::
+
+        k = pts["key"]
+        inside = haversine_km(circles[c, 0], circles[c, 1], lat[k], lon[k]) <= circles[c, 2]
+        notified = np.zeros(len(k), bool)
+        for s, e in skip[skip_offsets[c]:skip_offsets[c + 1]]:
+            notified |= (k >= s) & (k < e)
+        keys_c = k[inside & ~notified]
+    """
+    cdef Py_ssize_t n = pts.shape[0], nb = blocks.shape[0], k = circles.shape[0]
+    cdef Py_ssize_t ch, nch, b, b0, b1, c, i, s, e, slot
+    # Chunks of consecutive blocks, taken in any order by either core; each
+    # chunk's output per circle is concatenated in chunk order, so the result
+    # keeps input order whatever the schedule.
+    nch = min(nb, 16 * gt_max_threads()) if nb else 0
+    cdef vector[float] cf = vector[float](3 * k)
+    cdef vector[Thresholds] th = vector[Thresholds](k)
+    cdef double phi, lam, cp, dmin2, dmax2
+    for c in range(k):
+        phi = circles[c, 0] * DEG2RAD
+        lam = circles[c, 1] * DEG2RAD
+        cp = cos(phi)
+        cf[3 * c] = <float>(cp * cos(lam))
+        cf[3 * c + 1] = <float>(cp * sin(lam))
+        cf[3 * c + 2] = <float>sin(phi)
+        th[c] = _thresholds(circles[c, 2])
+    cdef vector[vector[uint32_t]] outs = vector[vector[uint32_t]](nch * k)
+    cdef vector[int64_t] cursors = vector[int64_t](nch * k, -1)
+    cdef const int64_t* sk = &skip[0, 0] if skip.shape[0] > 0 else NULL
+    cdef float dx, dy, dz, d2, fx, fy, fz
+    cdef uint32_t key
+    cdef bint inside, whole
+    with nogil:
+        for ch in prange(nch, schedule="dynamic"):
+            b0 = (ch * nb) // nch
+            b1 = ((ch + 1) * nb) // nch
+            # Assigned here so that prange makes them thread-private: they are
+            # otherwise only written through pointers, which Cython would share.
+            dmin2 = 0.0
+            dmax2 = 0.0
+            for b in range(b0, b1):
+                s = b * block
+                e = min(n, s + block)
+                for c in range(k):
+                    whole = th[c].everything
+                    if not whole:
+                        _box_dist2(&blocks[b, 0], cf[3 * c], cf[3 * c + 1], cf[3 * c + 2], &dmin2, &dmax2)
+                        if dmin2 > th[c].hi2:
+                            continue
+                        whole = dmax2 <= th[c].lo2
+                    fx = cf[3 * c]
+                    fy = cf[3 * c + 1]
+                    fz = cf[3 * c + 2]
+                    slot = ch * k + c
+                    for i in range(s, e):
+                        key = pts[i].key
+                        inside = whole
+                        if not inside:
+                            dx = pts[i].x - fx
+                            dy = pts[i].y - fy
+                            dz = pts[i].z - fz
+                            d2 = dx * dx + dy * dy + dz * dz
+                            if d2 <= th[c].flo2:
+                                inside = True
+                            elif d2 <= th[c].fhi2:
+                                inside = _haversine_km(circles[c, 0], circles[c, 1], lat[key], lon[key]) <= circles[c, 2]
+                        if inside and not (skip_offsets[c + 1] > skip_offsets[c] and _in_ranges(
+                                sk, skip_offsets[c], skip_offsets[c + 1], &cursors[slot], key)):
+                            outs[slot].push_back(key)
+    offsets = np.zeros(k + 1, dtype=np.int64)
+    cdef int64_t[::1] ov = offsets
+    for c in range(k):
+        ov[c + 1] = ov[c]
+        for ch in range(nch):
+            ov[c + 1] += outs[ch * k + c].size()
+    out = np.empty(ov[k], dtype=np.uint32)
     cdef uint32_t[::1] o = out
-    with nogil:
-        for b in range(nb):
-            s = b * block
-            e = min(n, s + block)
-            if not th.everything:
-                _box_dist2(&blocks[b, 0], fx, fy, fz, &dmin2, &dmax2)
-                if dmin2 > th.hi2:
-                    continue
-            if th.everything or dmax2 <= th.lo2:
-                for i in range(s, e):
-                    o[m] = pts[i].key
-                    m += 1
-                continue
-            for i in range(s, e):
-                dx = pts[i].x - fx
-                dy = pts[i].y - fy
-                dz = pts[i].z - fz
-                d2 = dx * dx + dy * dy + dz * dz
-                if d2 <= flo2:
-                    o[m] = pts[i].key
-                    m += 1
-                elif d2 <= fhi2:
-                    k = pts[i].key
-                    if _haversine_km(clat, clon, lat[k], lon[k]) <= radius_km:
-                        o[m] = k
-                        m += 1
-    return out[:m].copy()
+    cdef int64_t at
+    for c in range(k):
+        at = ov[c]
+        for ch in range(nch):
+            slot = ch * k + c
+            if outs[slot].size():
+                memcpy(&o[at], outs[slot].data(), outs[slot].size() * sizeof(uint32_t))
+                at += outs[slot].size()
+    return out, offsets
 
 
-def set_bits(const uint32_t[::1] keys, cnp.uint64_t[::1] words):
-    """Set bit ``k`` of a little-endian bitset for every key.
+cdef inline void _push_range(vector[int64_t]* v, int64_t s, int64_t e) noexcept nogil:
+    cdef size_t m = v.size()
+    if m > 0 and v[0][m - 1] == s:
+        v[0][m - 1] = e
+    else:
+        v.push_back(s)
+        v.push_back(e)
 
-    In numpy, this operation is equivalent to
-    ``np.bitwise_or.at(words, keys >> 6, np.uint64(1) << (keys & 63))``.
+
+cdef inline uint32_t _u32(const uint8_t* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint16_t _u16(const uint8_t* p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+def bitmap_ranges(const uint8_t[::1] buf):
+    """The maximal ``[start, end)`` runs of a roaring bitmap, from its portable serialisation.
+
+    Reads the RoaringFormatSpec layout (cookie, descriptive header, optional
+    run flags and offsets, then array, bitmap and run containers) without
+    materialising the values, so a 60 M-device audience held as a few
+    thousand runs costs a few thousand steps.  Raises ``ValueError`` on bytes
+    that are not a well-formed serialisation.  In numpy, this operation is
+    equivalent to ``consecutive_ranges(np.asarray(BitMap.deserialize(buf).to_array(), np.uint32))``.
     """
-    cdef Py_ssize_t i, n = keys.shape[0]
-    cdef uint32_t k
-    with nogil:
-        for i in range(n):
-            k = keys[i]
-            words[k >> 6] |= (<uint64_t>1) << (k & 63)
+    cdef Py_ssize_t size_b = buf.shape[0], pos, size, i, j, card, nruns
+    cdef const uint8_t* p = &buf[0] if size_b > 0 else NULL
+    cdef uint32_t cookie
+    cdef bint has_run
+    cdef Py_ssize_t flags_at = 0, desc_at
+    cdef int64_t base, st, ln, t, ones
+    cdef uint64_t w, x
+    cdef vector[int64_t] v
+    if size_b < 4:
+        raise ValueError("roaring bitmap: truncated header")
+    cookie = _u32(p)
+    if (cookie & 0xFFFF) == 12347:
+        has_run = True
+        size = (cookie >> 16) + 1
+        flags_at = 4
+        pos = 4 + (size + 7) // 8
+    elif cookie == 12346:
+        if size_b < 8:
+            raise ValueError("roaring bitmap: truncated header")
+        has_run = False
+        size = _u32(p + 4)
+        pos = 8
+    else:
+        raise ValueError(f"roaring bitmap: unknown cookie {cookie}")
+    desc_at = pos
+    pos += 4 * size
+    if not has_run or size >= 4:
+        pos += 4 * size   # offset header; containers are read in order, so it is not needed
+    if pos > size_b:
+        raise ValueError("roaring bitmap: truncated header")
+    for i in range(size):
+        base = <int64_t>_u16(p + desc_at + 4 * i) << 16
+        card = <Py_ssize_t>_u16(p + desc_at + 4 * i + 2) + 1
+        if has_run and (p[flags_at + i // 8] >> (i % 8)) & 1:
+            if pos + 2 > size_b:
+                raise ValueError("roaring bitmap: truncated run container")
+            nruns = _u16(p + pos)
+            pos += 2
+            if pos + 4 * nruns > size_b:
+                raise ValueError("roaring bitmap: truncated run container")
+            for j in range(nruns):
+                st = _u16(p + pos + 4 * j)
+                ln = <int64_t>_u16(p + pos + 4 * j + 2) + 1
+                _push_range(&v, base + st, base + st + ln)
+            pos += 4 * nruns
+        elif card > 4096:
+            if pos + 8192 > size_b:
+                raise ValueError("roaring bitmap: truncated bitmap container")
+            for j in range(1024):
+                memcpy(&w, p + pos + 8 * j, 8)
+                while w:
+                    t = __builtin_ctzll(w)
+                    x = ~(w >> t)
+                    ones = __builtin_ctzll(x) if x else 64 - t
+                    _push_range(&v, base + 64 * j + t, base + 64 * j + t + ones)
+                    if t + ones >= 64:
+                        w = 0
+                    else:
+                        w &= ~((((<uint64_t>1) << ones) - 1) << t)
+            pos += 8192
+        else:
+            if pos + 2 * card > size_b:
+                raise ValueError("roaring bitmap: truncated array container")
+            for j in range(card):
+                st = _u16(p + pos + 2 * j)
+                _push_range(&v, base + st, base + st + 1)
+            pos += 2 * card
+    out = np.empty((v.size() // 2, 2), dtype=np.int64)
+    cdef int64_t[:, ::1] o = out
+    if v.size():
+        memcpy(&o[0, 0], v.data(), v.size() * sizeof(int64_t))
+    return out

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pyroaring import AbstractBitMap
 
 from . import _kernels
 from .audience import Audience
@@ -278,10 +279,17 @@ class AlertEngine:
             return out
 
     def _ring(self, alert: Alert, kind: str, radius: float, now: _dt.datetime, index,
-              audience: Audience | None = None, query_ms: float | None = None) -> list[Push]:
+              audience: Audience | None = None, query_ms: float | None = None,
+              new: AbstractBitMap | None = None) -> list[Push]:
+        """One ring push: ``audience`` (queried if None) minus the devices already notified.
+
+        ``new`` is a ring already computed without the notified devices (the
+        refresh's top-ups); the log checks that it overlaps none of them.
+        """
         t0 = time.perf_counter()
-        aud = audience if audience is not None else self._query(alert, radius, now, index)
-        new = aud.bitmap() - self.log.notified(alert.alert_id)
+        if new is None:
+            aud = audience if audience is not None else self._query(alert, radius, now, index)
+            new = aud.bitmap() - self.log.notified(alert.alert_id)
         query_ms = (query_ms or 0.0) + (time.perf_counter() - t0) * 1e3
         if len(new) == 0:
             # Nothing to send, but the ring is done: remember the radius so the
@@ -384,27 +392,49 @@ class AlertEngine:
                 radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
                 todo.append((alert, radius))
 
+            # Top-ups against the changed devices: every open alert in one pass
+            # over both cores, with each alert's notified devices skipped inside
+            # the kernel, so only the devices new to an alert come out.
+            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km]
+            fresh: dict[str, tuple[AbstractBitMap, float]] = {}
+            if topups:
+                t0 = time.perf_counter()
+                skips = [_kernels.bitmap_ranges(self.log.notified(a.alert_id).serialize()) for a, _ in topups]
+                skip_offsets = np.zeros(len(skips) + 1, dtype=np.int64)
+                np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
+                circles = np.array([(a.lat, a.lon, r) for a, r in topups], dtype=np.float64)
+                keys, offsets = _kernels.circles_new_points(
+                    delta[0], delta[1], _DELTA_BLOCK, store.lat, store.lon, circles,
+                    np.ascontiguousarray(np.concatenate(skips)), skip_offsets)
+                cutoff = (epoch_seconds(now - self.max_location_age)
+                          if self.max_location_age is not None else None)
+                q_ms = (time.perf_counter() - t0) * 1e3 / len(topups)
+                for c, (alert, _) in enumerate(topups):
+                    k = keys[offsets[c]:offsets[c + 1]]
+                    if cutoff is not None:
+                        k = k[store.last_seen_s[k] >= cutoff]
+                    fresh[alert.alert_id] = (Audience.from_keys(k, store).bitmap(), q_ms)
+
             def target(ar):
                 alert, radius = ar
                 t0 = time.perf_counter()
-                if delta is not None and radius <= alert.radius_km:
-                    keys = _kernels.points_within(delta[0], delta[1], _DELTA_BLOCK, store.lat, store.lon,
-                                                  alert.lat, alert.lon, radius)
-                    if self.max_location_age is not None:
-                        cutoff = epoch_seconds(now - self.max_location_age)
-                        keys = keys[store.last_seen_s[keys] >= cutoff]
-                    aud = Audience.from_keys(keys, store)
-                else:
-                    aud = self._query(alert, radius, now, new_index)
+                aud = self._query(alert, radius, now, new_index)
                 aud.bitmap()  # roaring build in the worker thread too
                 return aud, (time.perf_counter() - t0) * 1e3
 
+            rings = [ar for ar in todo if ar[0].alert_id not in fresh]
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                auds = list(pool.map(target, todo))
+                auds = dict(zip((a.alert_id for a, _ in rings), pool.map(target, rings)))
             out: list[Push] = []
-            for (alert, radius), (aud, q_ms) in zip(todo, auds):
+            for alert, radius in todo:
                 kind = "expand" if radius > alert.radius_km else "topup"
-                out.extend(self._ring(self._alerts[alert.alert_id], kind, radius, now, new_index, aud, q_ms))
+                current = self._alerts[alert.alert_id]
+                if alert.alert_id in fresh:
+                    new, q_ms = fresh[alert.alert_id]
+                    out.extend(self._ring(current, kind, radius, now, new_index, query_ms=q_ms, new=new))
+                else:
+                    aud, q_ms = auds[alert.alert_id]
+                    out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
             return out
 
     @staticmethod

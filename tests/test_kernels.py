@@ -290,22 +290,123 @@ def test_seen_since_filter_equals_scan(cloud, clat, clon, r, mode, cut, leaf):
     assert index.count(clat, clon, r, seen_since=since) == len(ref)
 
 
+def _ranges_of(keys):
+    """Sorted disjoint [start, end) ranges of a key set (plain NumPy)."""
+    k = np.unique(np.asarray(sorted(keys), dtype=np.int64))
+    if k.size == 0:
+        return np.empty((0, 2), np.int64)
+    cut = np.flatnonzero(np.diff(k) != 1) + 1
+    return np.stack([k[np.r_[0, cut]], k[np.r_[cut - 1, k.size - 1]] + 1], 1).astype(np.int64)
+
+
+def _in_ranges(keys, ranges):
+    """Which keys fall in one of the sorted disjoint [start, end) ranges (plain NumPy)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    i = np.searchsorted(ranges[:, 1], keys, side="right")
+    ok = i < len(ranges)
+    ok[ok] = ranges[i[ok], 0] <= keys[ok]
+    return ok
+
+
 @settings(max_examples=80, deadline=None)
-@given(cloud=point_clouds(max_n=300), clat=any_lat, clon=any_lon, r=radii, data=st.data())
-def test_points_within_matches_reference(cloud, clat, clon, r, data):
+@given(cloud=point_clouds(max_n=300), centres=st.lists(st.tuples(any_lat, any_lon, radii), min_size=0, max_size=5),
+       data=st.data())
+def test_circles_new_points_matches_reference(cloud, centres, data):
+    """Both directions, per circle: every key returned is inside and not skipped; none is missed."""
     lat, lon = cloud
     n = len(lat)
     subset = np.array(sorted(data.draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=n))) if n else [],
                       dtype=np.uint32)
+    if data.draw(st.booleans()):       # any input order works (the cursor re-searches on a step back)
+        subset = subset[np.random.default_rng(len(subset)).permutation(len(subset))]
     pts = np.empty(len(subset), dtype=_kernels.POINT_DTYPE)
     if len(subset):
         _kernels.fill_points(lat[subset], lon[subset], pts, subset)
     block = data.draw(st.sampled_from([1, 3, 64]))
-    got = _kernels.points_within(pts, _kernels.block_bounds(pts, block), block, lat, lon, clat, clon, r)
-    ref = subset[haversine_km(clat, clon, lat[subset], lon[subset]) <= r] if len(subset) else subset
-    extra, missed = np.setdiff1d(got, ref), np.setdiff1d(ref, got)
-    d = haversine_km(clat, clon, lat, lon)
-    assert np.all(np.abs(d[extra] - r) <= 1e-6) and np.all(np.abs(d[missed] - r) <= 1e-6)
+    skips = [_ranges_of(data.draw(st.sets(st.integers(0, max(n - 1, 0)), max_size=n))) if n else
+             np.empty((0, 2), np.int64) for _ in centres]
+    circles = np.array(centres, dtype=np.float64).reshape(-1, 3)
+    skip = np.concatenate(skips) if skips else np.empty((0, 2), np.int64)
+    skip_off = np.r_[0, np.cumsum([len(x) for x in skips], dtype=np.int64)].astype(np.int64)
+    keys, off = _kernels.circles_new_points(pts, _kernels.block_bounds(pts, block), block, lat, lon,
+                                            circles, np.ascontiguousarray(skip), skip_off)
+    assert off.shape == (len(centres) + 1,) and off[-1] == len(keys)
+    for c, (clat, clon, r) in enumerate(centres):
+        got = keys[off[c]:off[c + 1]]
+        notified = _in_ranges(subset, skips[c])
+        d_sub = haversine_km(clat, clon, lat[subset], lon[subset]) if len(subset) else np.empty(0)
+        ref = subset[(d_sub <= r) & ~notified]
+        # input order is kept (so sorted input gives sorted output)
+        pos = {int(k): i for i, k in enumerate(subset)}
+        assert all(pos[int(a)] < pos[int(b)] for a, b in zip(got[:-1], got[1:]))
+        extra, missed = np.setdiff1d(got, ref), np.setdiff1d(ref, got)
+        d = haversine_km(clat, clon, lat, lon)
+        assert np.all(np.abs(d[extra] - r) <= 1e-6) and np.all(np.abs(d[missed] - r) <= 1e-6)
+        assert not np.isin(extra, subset[notified]).any()
+
+
+def test_circles_new_points_on_both_cores_is_exact_and_repeatable():
+    """Many chunks over both cores (the hypothesis clouds are too small to split): same keys every run."""
+    rng = np.random.default_rng(21)
+    n = 300_000
+    lat = np.clip(30 + rng.normal(0, 4, n), -90, 90)
+    lon = 115 + rng.normal(0, 6, n)
+    subset = np.sort(rng.choice(n, n // 3, replace=False)).astype(np.uint32)
+    pts = np.empty(len(subset), dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat[subset], lon[subset], pts, subset)
+    blocks = _kernels.block_bounds(pts, 256)
+    circles = np.array([(30 + rng.normal(0, 3), 115 + rng.normal(0, 5), r) for r in
+                        rng.choice([50.0, 100.0, 300.0, 500.0], 24)], dtype=np.float64)
+    skips = [_ranges_of(rng.choice(n, rng.integers(0, n // 2), replace=False)) for _ in circles]
+    skip = np.ascontiguousarray(np.concatenate(skips))
+    skip_off = np.r_[0, np.cumsum([len(x) for x in skips])].astype(np.int64)
+    first = None
+    for _ in range(3):
+        keys, off = _kernels.circles_new_points(pts, blocks, 256, lat, lon, circles, skip, skip_off)
+        if first is None:
+            first = (keys, off)
+        np.testing.assert_array_equal(keys, first[0])
+        np.testing.assert_array_equal(off, first[1])
+    for c, (clat, clon, r) in enumerate(circles):
+        notified = _in_ranges(subset, skips[c])
+        ref = subset[(haversine_km(clat, clon, lat[subset], lon[subset]) <= r) & ~notified]
+        np.testing.assert_array_equal(keys[off[c]:off[c + 1]], ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 5, 4095, 65_530, 2**16, 3 * 2**16 - 1, 2**31, 2**32 - 70_000]),
+                          st.integers(0, 70_000), st.integers(1, 9000)), max_size=8),
+       st.sets(st.integers(0, 2**32 - 1), max_size=50), st.booleans())
+def test_bitmap_ranges_matches_reference(spec, singles, optimize):
+    """Run, array and bitmap containers, across container boundaries, with and without run optimisation."""
+    from pyroaring import BitMap
+    bm = BitMap(singles)
+    for base, off, length in spec:
+        a = min(base + off, 2**32 - 1)
+        bm.add_range(a, min(a + length, 2**32))
+        bm.update(range(a + length + 1, min(a + length + 6000, 2**32), 2))   # a dense, not run-like stretch
+    if optimize:
+        bm.run_optimize()
+    got = _kernels.bitmap_ranges(bm.serialize())
+    ref = _kernels.consecutive_ranges(np.asarray(bm.to_array(), dtype=np.uint32)) if len(bm) else \
+        np.empty((0, 2), np.int64)
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x01\x02", b"\x00\x00\x00\x00", b"\x3b\x30\x05\x00",
+                                  b"\x3a\x30\x00\x00\x02\x00\x00\x00"])
+def test_bitmap_ranges_rejects_malformed_bytes(blob):
+    with pytest.raises(ValueError, match="roaring bitmap"):
+        _kernels.bitmap_ranges(blob)
+
+
+def test_bitmap_ranges_rejects_truncated_containers():
+    from pyroaring import BitMap
+    for bm in (BitMap(range(0, 100_000, 3)), BitMap(range(10, 20)), BitMap([1, 5, 9])):
+        blob = bm.serialize()
+        for cut in range(1, len(blob) - 1, max(1, len(blob) // 40)):
+            with pytest.raises(ValueError, match="roaring bitmap"):
+                _kernels.bitmap_ranges(blob[:cut])
 
 
 @pytest.mark.parametrize("total", [1000, 5_000_000])   # serial and OpenMP paths (threshold 2^22)
@@ -359,18 +460,27 @@ def test_block_bounds_matches_reference(cloud, block):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sets(st.one_of(st.integers(0, 300_000), st.integers(0, 70_000)), max_size=20_000),
+@given(st.sets(st.one_of(st.integers(0, 300_000), st.integers(0, 70_000), st.integers(2**32 - 5, 2**32 - 1)),
+               max_size=20_000),
        st.randoms(use_true_random=False))
-def test_bitmap_from_sorted_matches_set(keys, rnd):
-    """Array and bitmap containers written from sorted keys (the scattered-keys path)."""
+def test_bitmap_from_keys_matches_set(keys, rnd):
+    """Sorted and shuffled scattered keys (the bulk-add path), including the top of the key space."""
     from pyroaring import BitMap
-    from geotarget.audience import _bitmap_from_keys, _bitmap_from_sorted
-    if not keys:
-        return
-    assert _bitmap_from_sorted(np.array(sorted(keys), dtype=np.uint32)) == BitMap(sorted(keys))
-    k = list(keys)
+    from geotarget.audience import _bitmap_from_keys
+    k = np.array(sorted(keys), dtype=np.uint32)
+    assert _bitmap_from_keys(k) == BitMap(sorted(keys))
     rnd.shuffle(k)
-    assert _bitmap_from_keys(np.array(k, dtype=np.uint32)) == BitMap(sorted(keys))
+    assert _bitmap_from_keys(k) == BitMap(sorted(keys))
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 300),
+                  elements=st.one_of(st.integers(0, 20), st.sampled_from([2**32 - 2, 2**32 - 1]))))
+def test_count_runs_matches_reference(keys):
+    d = np.diff(keys.astype(np.int64))
+    ref = (int(keys.size > 0) + int(np.count_nonzero(d != 1)), bool(np.all(d > 0)))
+    assert _kernels.count_runs(keys) == ref
+    assert ref[0] == len(_kernels.consecutive_ranges(keys))
 
 
 def test_bitmap_from_keys_dense_and_sparse_containers():
@@ -381,13 +491,3 @@ def test_bitmap_from_keys_dense_and_sparse_containers():
     sparse = rng.choice(np.arange(2**20, 2**28), 70_000, replace=False)       # < 4096 per container
     k = rng.permutation(np.concatenate([dense, sparse])).astype(np.uint32)
     assert _bitmap_from_keys(k) == BitMap(np.sort(k))
-
-
-def test_set_bits_matches_reference():
-    rng = np.random.default_rng(15)
-    keys = rng.choice(10_000, 3000, replace=False).astype(np.uint32)
-    words = np.zeros(10_000 // 64 + 1, np.uint64)
-    _kernels.set_bits(keys, words)
-    ref = np.zeros_like(words)
-    np.bitwise_or.at(ref, keys >> 6, np.uint64(1) << (keys & 63).astype(np.uint64))
-    np.testing.assert_array_equal(words, ref)
