@@ -514,6 +514,9 @@ class DeviceStore:
                               chunk_rows: int = 1 << 22):
         from .progress import bar
         lap = _Laps()
+        # the lookup walks the whole id index: have the kernel read it ahead while we validate
+        _prefetch(self._sorted_ids)
+        _prefetch(self._id_index)
         ids, q_ids, q_rows = _check_ids(device_id, sort=True)
         lap("validate ids (parallel sort, duplicates)")
         m = ids.shape[0]
@@ -529,42 +532,14 @@ class DeviceStore:
         n_old = len(self)
         lap("validate coordinates, app, last_seen")
         key_of_q = self._lookup_sorted(q_ids)  # the batch in id order: one forward walk of the index
-        lap("lookup (galloping walk of the id index)")
         found = key_of_q >= 0
         n_new = m - int(np.count_nonzero(found))
+        lap("lookup (galloping walk of the id index)")
         if n_new and codes is None:  # new devices need an app; moved ones keep theirs
             codes, names = _check_app(None, m, names)
         if n_old + n_new > MAX_DEVICES:
             raise InvalidInputError(f"device_id: {n_old + n_new} devices would exceed the key space")
-        # Movers in key order, so output chunk [s, e) patches one contiguous
-        # slice of them; their values are gathered once, then read front to back.
-        upd_keys, perm = _kernels.sort_ids(key_of_q[found].view(np.uint64))
-        upd_rows = q_rows[found][perm]
-        del perm
-        patches = {1: _take(lat, upd_rows), 2: _take(lon, upd_rows), 4: _take(seen, upd_rows)}
-        if app_given:
-            patches[3] = _take(codes, upd_rows)
-        del upd_rows
-        lap("movers to key order, gather their values")
-        # New devices: in batch order (as the in-memory path sees them), then
-        # spatially, at keys n_old, n_old + 1, ...
-        new_q = ~found
-        del found, key_of_q
-        new_rows = np.sort(q_rows[new_q])
-        if n_new:
-            new_rows = new_rows[_spatial_order(lat[new_rows], lon[new_rows])]
-        new_keys = np.arange(n_old, n_old + n_new, dtype=np.uint32)
-        changed = np.concatenate([upd_keys.astype(np.uint32), new_keys])  # both parts sorted, disjoint
-        # the id-index additions: new ids in id order, with their keys
-        key_of_row = np.empty(m, dtype=np.uint32)
-        key_of_row[new_rows] = new_keys
-        add_ids = q_ids[new_q]
-        add_keys = key_of_row[q_rows[new_q]]
-        del key_of_row, new_q, q_ids, q_rows
         n_total = n_old + n_new
-        at_key = upd_keys.astype(np.int64)
-        del upd_keys
-        lap("new devices: spatial order, keys, changed keys")
 
         d = Path(directory)
         writer = StoreWriter(d, n_total, names, self.generation + 1)
@@ -573,20 +548,54 @@ class DeviceStore:
         bufs = _BufferPool()
         staged = []
         try:
+            # The old rows' device ids (and apps, unless given) are unchanged:
+            # the disk starts on them now, while the movers are put in order.
+            plain = (0,) if app_given else (0, 3)
+            for c in plain:
+                for s0 in range(0, n_old, 1 << 26):
+                    io.submit(_run_jobs, [(source.copy_job(c, s0, min(n_old, s0 + (1 << 26)), writer), None)],
+                              None, hold=False)
+            # Movers in key order, so output chunk [s, e) patches one contiguous
+            # slice of them; their values are gathered once, then read front to back.
+            upd_keys, perm = _kernels.sort_ids(key_of_q[found].view(np.uint64))
+            upd_rows = q_rows[found][perm]
+            del perm
+            patches = {1: _take(lat, upd_rows), 2: _take(lon, upd_rows), 4: _take(seen, upd_rows)}
+            if app_given:
+                patches[3] = _take(codes, upd_rows)
+            del upd_rows
+            lap("movers to key order, gather their values")
+            # New devices: in batch order (as the in-memory path sees them), then
+            # spatially, at keys n_old, n_old + 1, ...
+            new_q = ~found
+            del found, key_of_q
+            new_rows = np.sort(q_rows[new_q])
+            if n_new:
+                new_rows = new_rows[_spatial_order(lat[new_rows], lon[new_rows])]
+            new_keys = np.arange(n_old, n_old + n_new, dtype=np.uint32)
+            changed = np.concatenate([upd_keys.astype(np.uint32), new_keys])  # both parts sorted, disjoint
+            # the id-index additions: new ids in id order, with their keys
+            key_of_row = np.empty(m, dtype=np.uint32)
+            key_of_row[new_rows] = new_keys
+            add_ids = q_ids[new_q]
+            add_keys = key_of_row[q_rows[new_q]]
+            del key_of_row, new_q, q_ids, q_rows
+            at_key = upd_keys.astype(np.int64)
+            del upd_keys
+            lap("new devices: spatial order, keys, changed keys")
+
             with bar(n_total, "new generation", unit="dev", enabled=progress, unit_scale=True) as b:
                 lo = 0
                 for s0 in range(0, n_old, chunk_rows):
                     e0 = min(n_old, s0 + chunk_rows)
+                    source.prefetch(patches, e0, min(n_old, e0 + chunk_rows))
                     hi = int(np.searchsorted(at_key, e0))
                     at = at_key[lo:hi] - s0
                     jobs = []
-                    for c in (0, 1, 2, 3, 4):
-                        if c not in patches:  # device_id, and app unless given: a plain copy
-                            jobs.append((source.copy_job(c, s0, e0, writer), None))
-                            continue
+                    for c, vals in patches.items():
                         buf = bufs.get(source.dtype(c), e0 - s0)
                         source.read(c, s0, e0, buf)
-                        buf[at] = patches[c][lo:hi]
+                        buf[at] = vals[lo:hi]
                         jobs.append((writer.write_job(c, s0, buf), buf))
                     io.submit(_run_jobs, jobs, bufs)
                     lo = hi
@@ -597,6 +606,7 @@ class DeviceStore:
                     cols = (ids[new_rows], lat[new_rows], lon[new_rows], codes[new_rows], seen[new_rows])
                     io.submit(_run_jobs, [(writer.write_job(c, n_old, a), None) for c, a in enumerate(cols)], None)
                     b.update(n_new)
+            del patches, at_key
             lap("store.arrow: read + patch chunks (I/O thread writing behind)")
             # The new id index is the old one with the new ids merged in (ids of
             # existing devices never change): one forward pass, chunk by chunk.
@@ -676,6 +686,9 @@ class DeviceStore:
                 writer.write_batch(batch)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # an id index left by an earlier generation here would map this one's ids to its keys
+        for stale in (ID_SORTED_FILE, ID_INDEX_FILE):
+            (d / stale).unlink(missing_ok=True)
         os.replace(tmp, d / STORE_FILE)
         if self._id_index is not None:
             sorted_ids, order = self._ids_sorted()
@@ -846,6 +859,16 @@ def _drop_pages(arr) -> None:
             pass
 
 
+def _prefetch(arr) -> None:
+    """Ask the kernel to read a memory-mapped .npy ahead, asynchronously (no-op for other arrays)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_WILLNEED"):
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)
+        except (ValueError, OSError):
+            pass
+
+
 def _stage_npy(path: Path, array: np.ndarray):
     """Write ``array`` as ``path`` + ".tmp" (fsynced, not yet renamed); return (tmp, path).
 
@@ -938,16 +961,25 @@ class _BackgroundIO:
         from concurrent.futures import ThreadPoolExecutor
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="geotarget-io")
         self._pending: collections.deque = collections.deque()
+        self._held: collections.deque = collections.deque()
         self.depth = depth
 
-    def submit(self, fn, *args) -> None:
-        while len(self._pending) >= self.depth:
-            self._pending.popleft().result()  # re-raises the I/O thread's error here
-        self._pending.append(self._pool.submit(fn, *args))
+    def submit(self, fn, *args, hold: bool = True) -> None:
+        """Queue ``fn(*args)``; ``hold``: it holds buffers, so wait while ``depth`` such jobs are queued."""
+        if hold:
+            while len(self._held) >= self.depth:
+                self._held.popleft().result()  # re-raises the I/O thread's error here
+        f = self._pool.submit(fn, *args)
+        self._pending.append(f)
+        if hold:
+            self._held.append(f)
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
 
     def drain(self) -> None:
         while self._pending:
             self._pending.popleft().result()
+        self._held.clear()
 
     def abort(self) -> None:
         """Cancel what has not started and wait for what has (its file must not close under it)."""
@@ -956,6 +988,7 @@ class _BackgroundIO:
             f.cancel()
         wait(list(self._pending))
         self._pending.clear()
+        self._held.clear()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -998,6 +1031,13 @@ class _OldColumns:
 
     def dtype(self, c: int):
         return self.arrays[c].dtype
+
+    def prefetch(self, columns, s0: int, e0: int) -> None:
+        """Start reading rows [s0, e0) of these columns into the page cache (asynchronously)."""
+        if self.direct and e0 > s0 and hasattr(os, "posix_fadvise"):
+            for c in columns:
+                isz = self.arrays[c].itemsize
+                os.posix_fadvise(self.fd, self.offsets[c] + s0 * isz, (e0 - s0) * isz, os.POSIX_FADV_WILLNEED)
 
     def read(self, c: int, s0: int, e0: int, buf: np.ndarray) -> None:
         if self.direct:

@@ -1,6 +1,8 @@
 """DeviceStore: ingest, generations, Arrow/Parquet I/O, bad input (one test per error)."""
 import datetime as dt
+import errno
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -312,3 +314,151 @@ def test_app_column_forms_agree(form):
     s = gt.DeviceStore.from_arrays(np.arange(5, dtype=np.uint64), np.zeros(5), np.arange(5.0), app=app)
     k = s.lookup(np.arange(5, dtype=np.uint64))
     assert [s.app_names[c] for c in s.app_codes[k]] == names
+
+
+# -- the on-disk new generation (the 400 M-device path) -----------------------------------------
+
+def _disk_base(tmp_path, n=5000, seed=12, apps=("amap", "qq")):
+    ids, lat, lon = _arrays(n, seed)
+    app = (np.arange(n) % len(apps)).astype(np.int8)
+    return ids, gt.DeviceStore.write_chunks(tmp_path / "g1", _chunks(ids, lat, lon, 1700, app), n, list(apps))
+
+
+def _assert_same_generation(disk, mem, everyone):
+    assert disk.generation == mem.generation and len(disk) == len(mem) and disk.app_names == mem.app_names
+    for col in ("device_id", "lat", "lon", "app_codes", "last_seen_s"):
+        np.testing.assert_array_equal(getattr(disk, col), getattr(mem, col), err_msg=col)
+    np.testing.assert_array_equal(disk.changed_keys, mem.changed_keys)
+    assert disk.parent_generation == mem.parent_generation
+    # the id files are exactly a fresh sort of the new ids
+    want_ids, want_keys = gt.store._kernels.sort_ids(np.ascontiguousarray(mem.device_id))
+    np.testing.assert_array_equal(disk._sorted_ids, want_ids)
+    np.testing.assert_array_equal(disk._id_index, want_keys)
+    np.testing.assert_array_equal(disk.lookup(everyone), mem.lookup(everyone))
+
+
+BATCHES = ["mixed", "movers only", "new only", "empty", "new ids above every id", "new ids below every id",
+           "everyone moves"]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("chunk_rows", [1 << 22, 777, 3])
+@pytest.mark.parametrize("with_app", [False, True])
+def test_with_updates_to_disk_matches_in_memory_in_every_shape(tmp_path, batch, chunk_rows, with_app):
+    ids, base = _disk_base(tmp_path)
+    rng = np.random.default_rng(13)
+    movers = rng.choice(ids, 900, replace=False)
+    fresh = np.arange(300, dtype=np.uint64) * 11 + 10**12
+    up = {"mixed": np.concatenate([movers, fresh]), "movers only": movers, "new only": fresh,
+          "empty": np.array([], np.uint64),
+          "new ids above every id": np.concatenate([movers, np.uint64(2**64 - 1) - np.arange(50, dtype=np.uint64)]),
+          "new ids below every id": np.concatenate([movers, np.arange(5, dtype=np.uint64)]),
+          "everyone moves": ids.copy()}[batch]
+    rng.shuffle(up)
+    ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
+    useen = np.full(len(up), 1_800_000_000)
+    app = rng.choice(["amap", "didi"], len(up)) if with_app else None
+    mem = base.with_updates(up, ulat, ulon, last_seen=useen, app=app)
+    disk = base._with_updates_to_disk(tmp_path / "g2", up, ulat, ulon, useen, app, None, chunk_rows=chunk_rows)
+    everyone = np.concatenate([ids, up, np.array([3, 2**64 - 2], np.uint64)])
+    _assert_same_generation(disk, mem, everyone)
+    _assert_same_generation(gt.DeviceStore.open(tmp_path / "g2"), mem, everyone)
+    assert sorted(p.name for p in (tmp_path / "g2").iterdir()) == [
+        "changed_since_1.npy", "id_index.npy", "id_sorted.npy", "store.arrow"]
+
+
+@pytest.mark.parametrize("source", ["in memory", "store.arrow replaced since open", "no kernel copy",
+                                    "no id files"])
+def test_with_updates_to_disk_from_every_kind_of_old_generation(tmp_path, monkeypatch, source):
+    ids, base = _disk_base(tmp_path)
+    if source == "in memory":
+        base = gt.DeviceStore.from_arrays(base.device_id, base.lat, base.lon,
+                                          app=np.array(base.app_names)[base.app_codes], last_seen=base.last_seen_s)
+    elif source == "store.arrow replaced since open":
+        # another generation saved into the same directory: the open store keeps its own
+        # (unlinked) file, and its columns must come from its mapping, not the new file
+        other = gt.DeviceStore.from_arrays(ids, np.zeros(len(ids)), np.zeros(len(ids)))
+        other.save(tmp_path / "g1")
+    elif source == "no kernel copy":
+        def refuse(*a, **k):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(gt.store.os, "copy_file_range", refuse)
+    else:
+        for f in ("id_sorted.npy", "id_index.npy"):
+            (tmp_path / "g1" / f).unlink()
+        base = gt.DeviceStore.open(tmp_path / "g1")
+    rng = np.random.default_rng(14)
+    up = np.concatenate([rng.choice(ids, 700, replace=False), np.arange(60, dtype=np.uint64) + 10**13])
+    ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
+    useen = np.full(len(up), 1_800_000_000)
+    mem = base.with_updates(up, ulat, ulon, last_seen=useen)
+    disk = base._with_updates_to_disk(tmp_path / "g2", up, ulat, ulon, useen, None, None, chunk_rows=1000)
+    _assert_same_generation(disk, mem, np.concatenate([ids, up]))
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 9, "fsync"])
+def test_with_updates_to_disk_failing_midway_leaves_no_new_generation(tmp_path, monkeypatch, fail_at):
+    """A write error (disk full, I/O error) at any point: the error surfaces, the old generation
+    is untouched and still opens, and the new directory holds no store and no companion."""
+    ids, base = _disk_base(tmp_path)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "g1").iterdir()}
+    calls = {"n": 0}
+    if fail_at == "fsync":
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("store.arrow.tmp"):
+                raise OSError(errno.EIO, "injected")
+            real_fsync(fd)
+        monkeypatch.setattr(gt.store.os, "fsync", fsync)
+    else:
+        real = gt.store._pwrite_all
+
+        def pwrite_all(*a):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise OSError(errno.ENOSPC, "injected: no space left")
+            real(*a)
+        monkeypatch.setattr(gt.store, "_pwrite_all", pwrite_all)
+    up = np.concatenate([ids[:800], np.arange(50, dtype=np.uint64) + 10**13])
+    with pytest.raises(OSError, match="injected"):
+        base._with_updates_to_disk(tmp_path / "g2", up, np.zeros(len(up)), np.zeros(len(up)), None, None, None,
+                                   chunk_rows=1000)
+    assert list((tmp_path / "g2").iterdir()) == []
+    assert {f.name: f.read_bytes() for f in (tmp_path / "g1").iterdir()} == before
+    reopened = gt.DeviceStore.open(tmp_path / "g1")
+    np.testing.assert_array_equal(reopened.lookup(ids), base.lookup(ids))
+
+
+def test_with_updates_to_disk_into_a_directory_holding_another_generation(tmp_path):
+    ids, base = _disk_base(tmp_path)
+    g2 = base.with_updates(ids[:100], np.zeros(100), np.zeros(100), directory=tmp_path / "g2")
+    g3 = g2.with_updates(np.arange(7, dtype=np.uint64) + 10**14, np.ones(7), np.ones(7), directory=tmp_path / "g2")
+    assert g3.generation == 3 and len(g3) == len(ids) + 7
+    assert sorted(p.name for p in (tmp_path / "g2").iterdir()) == [
+        "changed_since_2.npy", "id_index.npy", "id_sorted.npy", "store.arrow"]
+    np.testing.assert_array_equal(g3.changed_keys, np.arange(len(ids), len(ids) + 7))
+    np.testing.assert_array_equal(g2.lat[g2.lookup(ids[:100])], 0.0)   # g2 still serves its own rows
+    assert (gt.DeviceStore.open(tmp_path / "g2").lookup(np.arange(7, dtype=np.uint64) + 10**14) >= len(ids)).all()
+
+
+@pytest.mark.parametrize("name,override,msg", BAD_BATCHES, ids=[b[0] for b in BAD_BATCHES])
+def test_bad_batches_to_disk_raise_and_write_nothing(tmp_path, name, override, msg):
+    cols = dict(device_id=[5, 6, 7], lat=[0.0, 1.0, 2.0], lon=[0.0, 1.0, 2.0])
+    cols.update(override)
+    gt.DeviceStore.from_arrays([1, 2, 3], [0.0, 1.0, 2.0], [0.0, 1.0, 2.0]).save(tmp_path / "g1")
+    base = gt.DeviceStore.open(tmp_path / "g1")
+    with pytest.raises(InvalidInputError, match=msg):
+        base.with_updates(cols["device_id"], cols["lat"], cols["lon"], last_seen=cols.get("last_seen"),
+                          app=cols.get("app"), directory=tmp_path / "g2")
+    assert not (tmp_path / "g2").exists() or list((tmp_path / "g2").iterdir()) == []
+    np.testing.assert_array_equal(gt.DeviceStore.open(tmp_path / "g1").lat, [0.0, 1.0, 2.0])
+
+
+def test_save_over_a_generation_with_an_id_index_drops_the_stale_index(tmp_path):
+    """Regression: save() of a store without a cached id index left the previous
+    generation's id_sorted/id_index next to the new store.arrow, so lookups used stale keys."""
+    ids, base = _disk_base(tmp_path)
+    other = gt.DeviceStore.from_arrays(ids[::-1].copy(), np.zeros(len(ids)), np.linspace(-170, 170, len(ids)))
+    other.save(tmp_path / "g1")
+    np.testing.assert_array_equal(gt.DeviceStore.open(tmp_path / "g1").lookup(ids), other.lookup(ids))
