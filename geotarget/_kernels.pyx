@@ -196,6 +196,7 @@ cdef extern from * nogil:
     int gt_max_threads()
     int GT_HAVE_OPENMP
     int __builtin_ctzll(unsigned long long)
+    void __builtin_prefetch(const void*)
 
 # Mean Earth radius (IUGG), km.  DESIGN §2 fixes it.
 DEF EARTH_R = 6371.0088
@@ -615,13 +616,45 @@ cdef inline void _box_dist2(const float* b, double cx, double cy, double cz,
         dmax2[0] += t * t
 
 
+# What the traversal found, executed afterwards in row order (see _query).
+DEF ITEM_RANGE = 0      # inside, filters decide row by row (_emit_range)
+DEF ITEM_LEAF = 1       # a boundary leaf (_leaf)
+DEF ITEM_RUN = 2        # inside, every row passes (_emit)
+# Boundary leaves whose points are prefetched ahead of the one being tested.
+# At 400 M devices the points are a 6.4 GB mapping and each boundary leaf is a
+# cache and TLB miss; with this many in flight the misses overlap.
+DEF LEAF_PREFETCH = 12
+
+
+cdef inline void _defer(vector[int64_t]* items, int64_t kind, int64_t s, int64_t e) noexcept nogil:
+    items.push_back(kind)
+    items.push_back(s)
+    items.push_back(e)
+
+
+cdef inline void _prefetch_rows(const GtPoint* p, int64_t s, int64_t e) noexcept nogil:
+    cdef const char* a = <const char*>(p + s)
+    cdef const char* z = <const char*>(p + e)
+    while a < z:
+        __builtin_prefetch(a)
+        a += 64
+
+
 cdef void _query(QueryCtx* q) noexcept nogil:
+    """Two passes: walk the node boxes, then execute what the walk found, in row order.
+
+    The walk only touches node boxes and records inside ranges and boundary
+    leaves; the second pass tests the leaves with their points prefetched
+    ``LEAF_PREFETCH`` leaves ahead, so that on a large index the memory
+    latency of one leaf overlaps the tests of the ones before it.
+    """
     cdef int64_t stack_node[64]
     cdef int stack_level[64]
     cdef int top = 0
-    cdef int64_t node, j, s, e
+    cdef int64_t node, j, s, e, i, m, pf, pending
     cdef int level
     cdef double dmin2, dmax2
+    cdef vector[int64_t] items
     if q.n == 0:
         return
     if q.everything:
@@ -647,26 +680,44 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             continue  # every device here was last seen before the cutoff
         if dmax2 <= q.lo2:
             if not (q.filter_seen or q.filter_app):
-                _emit(q, s, e)
+                _defer(&items, ITEM_RUN, s, e)
                 continue
             if (not q.filter_app and q.seen_bounds != NULL
                     and q.seen_bounds[2 * node] >= q.seen_min):
-                _emit(q, s, e)  # inside, and every device here is recent enough
+                _defer(&items, ITEM_RUN, s, e)  # inside, and every device here is recent enough
                 continue
             if level == q.depth or q.seen_bounds == NULL or q.filter_app:
-                _emit_range(q, s, e)
+                _defer(&items, ITEM_RANGE, s, e)
                 continue
             # mixed ages: let the children decide (their boxes are inside too)
         if level == q.depth:
-            _leaf(q, s, e)
+            _defer(&items, ITEM_LEAF, s, e)
             continue
-        # Push right first so the left subtree is visited first: runs come
-        # out in ascending row order, which keeps them sorted and mergeable.
+        # Push right first so the left subtree is visited first: items come
+        # out in ascending row order, which keeps runs sorted and mergeable.
+        # Both children's boxes share a cache line or two; fetch them now.
+        __builtin_prefetch(q.bounds + 6 * (2 * node + 1))
         stack_node[top] = 2 * node + 2
         stack_level[top] = level + 1
         stack_node[top + 1] = 2 * node + 1
         stack_level[top + 1] = level + 1
         top += 2
+    m = items.size() // 3
+    pf = 0
+    pending = 0     # boundary leaves in (i, pf) already prefetched
+    for i in range(m):
+        while pf < m and pending < LEAF_PREFETCH:
+            if items[3 * pf] == ITEM_LEAF:
+                _prefetch_rows(q.pts, items[3 * pf + 1], items[3 * pf + 2])
+                pending += 1
+            pf += 1
+        if items[3 * i] == ITEM_LEAF:
+            pending -= 1
+            _leaf(q, items[3 * i + 1], items[3 * i + 2])
+        elif items[3 * i] == ITEM_RUN:
+            _emit(q, items[3 * i + 1], items[3 * i + 2])
+        else:
+            _emit_range(q, items[3 * i + 1], items[3 * i + 2])
 
 
 cdef class Tree:
