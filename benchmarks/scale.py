@@ -448,6 +448,9 @@ def phase_refresh(a) -> dict:
         time.sleep(a.baseline_seconds)
     baseline = base.summary(a.baseline_seconds)
 
+    if a.diagnose:  # wall seconds per step inside with_updates (costs nothing when off)
+        import geotarget.store as _store_mod
+        _store_mod.update_step_seconds = {}
     with QueryLoop(old, a.query_interval) as loop:
         new, secs, cpu = timed_cpu(store.with_updates, cols["device_id"], cols["lat"], cols["lon"],
                           last_seen=seen, app=app, directory=g2, progress=None)
@@ -472,6 +475,8 @@ def phase_refresh(a) -> dict:
            "rss_with_inputs": rss_inputs, "baseline_queries": baseline, "queries_during": during,
            "checks": checks, "disk_bytes": dir_bytes(g2)}
     if a.diagnose:
+        out["diagnose_update_steps_s"] = dict(_store_mod.update_step_seconds)
+        _store_mod.update_step_seconds = None
         from geotarget.store import _check_app  # the app-name validation inside with_updates
         _, out["diagnose_app_validation_s"] = timed(_check_app, app, len(app), list(store.app_names))
         _, out["diagnose_lookup_s"] = timed(store.lookup, cols["device_id"])
@@ -744,6 +749,8 @@ def measures(res: dict, n: int) -> list[dict]:
         if "diagnose_app_validation_s" in r:
             add("refresh", "  of which app-name validation (diagnose)", r["diagnose_app_validation_s"], "s")
             add("refresh", "  of which id lookup (diagnose)", r["diagnose_lookup_s"], "s")
+        for step, sec in r.get("diagnose_update_steps_s", {}).items():
+            add("refresh", f"  step: {step} (diagnose)", sec, "s")
     t = res.get("retarget")
     if t and "error" not in t:
         add("retarget", f"engine.refresh, {t['alerts']} alerts", t["seconds"], "s", 5.0,
