@@ -947,7 +947,10 @@ class _BufferPool:
             for i, b in enumerate(free):
                 if b.shape[0] >= n:
                     return free.pop(i)[:n]
-        return np.empty(n, dtype=dtype)
+            # Too small for this request, and requests barely vary (merge chunks grow by
+            # the new ids they take in): forget them, or the pool would grow chunk by chunk.
+            free.clear()
+        return np.empty(n + n // 8, dtype=dtype)[:n]
 
     def put(self, view: np.ndarray) -> None:
         base = view.base if isinstance(view.base, np.ndarray) else view
@@ -1248,6 +1251,7 @@ class StoreWriter:
         for tmp, final in staged:
             os.replace(tmp, final)
         _fsync_dir(self.dir)
+        _fsync_dir(self.dir.parent)  # the directory itself may be new
         return DeviceStore.open(self.dir)
 
     def abort(self) -> None:

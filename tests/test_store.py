@@ -462,3 +462,15 @@ def test_save_over_a_generation_with_an_id_index_drops_the_stale_index(tmp_path)
     other = gt.DeviceStore.from_arrays(ids[::-1].copy(), np.zeros(len(ids)), np.linspace(-170, 170, len(ids)))
     other.save(tmp_path / "g1")
     np.testing.assert_array_equal(gt.DeviceStore.open(tmp_path / "g1").lookup(ids), other.lookup(ids))
+
+
+def test_buffer_pool_reuses_and_does_not_grow_with_the_number_of_requests():
+    pool = gt.store._BufferPool()
+    held = set()
+    for size in list(range(1000, 1100)) + [500] * 10:   # merge chunks: sizes creep up
+        b = pool.get(np.uint64, size)
+        assert b.shape == (size,) and b.dtype == np.uint64
+        held.add(id(b.base))
+        pool.put(b)
+    assert sum(len(v) for v in pool._free.values()) == 1
+    assert len(held) < 10
