@@ -21,6 +21,7 @@ All of them are memory-mapped read-only by :meth:`SpatialIndex.open`.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -41,6 +42,30 @@ FORMAT_VERSION = 1
 DEFAULT_LEAF_SIZE = 64
 _ARRAYS = {"points": _kernels.POINT_DTYPE, "keys": np.dtype(np.uint32), "bounds": np.dtype(np.float32),
            "seen": np.dtype(np.uint32), "app": np.dtype(np.int8), "seen_bounds": np.dtype(np.uint32)}
+
+
+#: From this size up, build arrays are backed by transparent huge pages.
+_HUGE_MIN_BYTES = 1 << 26
+
+
+def _empty(n: int, dtype) -> np.ndarray:
+    """``np.empty``, backed by transparent huge pages for large arrays where the kernel offers them.
+
+    A build writes every page of its arrays once; with 4 KB pages that is one
+    page fault per 256 points (1.6 M faults for the 6.4 GB of points at 400 M,
+    each costly in a VM), and the partition passes miss the TLB.  Measured at
+    40 M devices: unit vectors in 0.6 s instead of 1.0-1.4 s.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(n) * dtype.itemsize
+    if nbytes < _HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(n, dtype=dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass  # THP disabled: ordinary pages, same result
+    return np.frombuffer(m, dtype=dtype, count=n)
 
 
 def _readonly(a):
@@ -85,7 +110,7 @@ class SpatialIndex:
         lat = np.ascontiguousarray(store.lat, dtype=np.float64)
         lon = np.ascontiguousarray(store.lon, dtype=np.float64)
         with progress_steps(4, "build index", enabled=progress) as step:
-            pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
+            pts = _empty(n, _kernels.POINT_DTYPE)
             if n:
                 _kernels.fill_points(lat, lon, pts)
             del lat, lon
@@ -93,12 +118,12 @@ class SpatialIndex:
             step("unit vectors")
             bounds, depth = _kernels.build_tree(pts, int(leaf_size))
             step("KD partition")
-            keys = np.empty(n, dtype=np.uint32)
+            keys = _empty(n, np.uint32)
             if n:
                 _kernels.copy_keys(pts, keys)
             step("keys")
-            seen = np.empty(n, dtype=np.uint32)
-            app = np.empty(n, dtype=np.int8)
+            seen = _empty(n, np.uint32)
+            app = _empty(n, np.int8)
             if n:
                 _kernels.gather_seen(store.last_seen_s, keys, seen)
                 _kernels.take(store.app_codes, keys, app)

@@ -1,5 +1,6 @@
 """SpatialIndex: edge-case table, exactness at scale, read-only, persistence, bad input."""
 import datetime as dt
+import mmap
 
 import numpy as np
 import pytest
@@ -160,6 +161,25 @@ def test_built_index_is_read_only(tmp_path):
         opened.points[0] = opened.points[1]
     with pytest.raises(ValueError):
         opened.store.lat[0] = 1.0
+
+
+def test_huge_page_build_arrays_give_the_same_index(tmp_path, monkeypatch):
+    """Large builds back their arrays by transparent huge pages; force that path on a small store."""
+    import geotarget.index as gi
+    lat, lon = _uniform(20_000, 16)
+    store = _store(lat, lon)
+    plain = gt.SpatialIndex.build(store)
+    monkeypatch.setattr(gi, "_HUGE_MIN_BYTES", 0)
+    huge = gt.SpatialIndex.build(store)
+    assert isinstance(huge.points.base, mmap.mmap) or isinstance(getattr(huge.points.base, "obj", None), mmap.mmap)
+    for name in ("points", "keys", "bounds", "seen", "app", "seen_bounds"):
+        np.testing.assert_array_equal(getattr(huge, name), getattr(plain, name))
+        with pytest.raises(ValueError):
+            getattr(huge, name)[0] = getattr(huge, name)[1]
+    for r in (0, 10, 1000, 20_000):
+        np.testing.assert_array_equal(huge.within(5, 5, r).keys(), within_reference(store, 5, 5, r))
+    huge.save(tmp_path / "idx")
+    np.testing.assert_array_equal(gt.SpatialIndex.open(tmp_path / "idx").points, plain.points)
 
 
 def test_save_open_round_trip_is_exact(tmp_path):
