@@ -491,3 +491,26 @@ def test_bitmap_from_keys_dense_and_sparse_containers():
     sparse = rng.choice(np.arange(2**20, 2**28), 70_000, replace=False)       # < 4096 per container
     k = rng.permutation(np.concatenate([dense, sparse])).astype(np.uint32)
     assert _bitmap_from_keys(k) == BitMap(np.sort(k))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from([np.uint32, np.uint64]), st.integers(0, 3000), st.integers(0, 2**32 - 1),
+       st.sampled_from(["random", "local", "few", "extremes", "sorted", "reversed"]))
+def test_sort_inplace_matches_numpy(dtype, n, seed, mode):
+    """The radix sort of keys and ids, including inputs whose high digits never change (skipped passes)."""
+    rng = np.random.default_rng(seed)
+    top = np.iinfo(dtype).max
+    if mode == "random":
+        a = rng.integers(0, top, n, dtype=dtype, endpoint=True)
+    elif mode == "local":
+        a = rng.integers(0, 5000, n).astype(dtype) + rng.integers(0, top - 5000, dtype=dtype)
+    elif mode == "few":
+        a = rng.choice(np.array([0, 1, 2047, 2048, top], dtype=dtype), n)
+    elif mode == "extremes":
+        a = rng.choice(np.array([0, top, top - 1, 1 << 31], dtype=dtype), n)
+    else:
+        a = np.sort(rng.integers(0, top, n, dtype=dtype, endpoint=True))
+        a = a if mode == "sorted" else a[::-1].copy()
+    got = a.copy()
+    _kernels.sort_inplace(got)
+    np.testing.assert_array_equal(got, np.sort(a))
