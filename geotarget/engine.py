@@ -383,7 +383,7 @@ class AlertEngine:
             delta = None
             if (getattr(store, "changed_keys", None) is not None
                     and store.parent_generation == self.index.store.generation):
-                delta = self._delta_points(store)
+                delta = self._delta_points(new_index)
             self.index = new_index
             todo = []
             for alert in self._alerts.values():
@@ -438,21 +438,27 @@ class AlertEngine:
             return out
 
     @staticmethod
-    def _delta_points(store):
+    def _delta_points(index):
         """Unit vectors of the devices a generation changed (keyed by device key), and block boxes.
 
-        Changed keys come in key order, which is spatial order within each
-        ingest batch, so blocks of consecutive changed devices are compact and
-        a circle skips most of them by their box.
+        The index build keeps them (``index.delta_points``); otherwise they are
+        computed from the store's coordinates.  Changed keys come in key
+        order, which is spatial order within each ingest batch, so blocks of
+        consecutive changed devices are compact and a circle skips most of
+        them by their box.
         """
+        store = index.store
         keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
-        pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
-        if keys.size:
-            lat = np.empty(keys.shape[0], dtype=np.float64)
-            lon = np.empty(keys.shape[0], dtype=np.float64)
-            _kernels.take(store.lat, keys, lat)
-            _kernels.take(store.lon, keys, lon)
-            _kernels.fill_points(lat, lon, pts, keys)
+        pts = getattr(index, "delta_points", None)
+        # a stale file (keys other than the store's) is recomputed, never trusted
+        if pts is None or pts.shape[0] != keys.shape[0] or not np.array_equal(pts["key"], keys):
+            pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
+            if keys.size:
+                lat = np.empty(keys.shape[0], dtype=np.float64)
+                lon = np.empty(keys.shape[0], dtype=np.float64)
+                _kernels.take(store.lat, keys, lat)
+                _kernels.take(store.lon, keys, lon)
+                _kernels.fill_points(lat, lon, pts, keys)
         return pts, _kernels.block_bounds(pts, _DELTA_BLOCK)
 
     # -- reading ------------------------------------------------------------

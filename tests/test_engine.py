@@ -329,18 +329,21 @@ def test_refresh_with_changed_keys_equals_full_retarget(world, tmp_path, max_age
     """The delta path (only devices a generation changed) gives the full query's top-ups."""
     age = dt.timedelta(hours=max_age_h) if max_age_h else None
     results = []
-    for mode in ("delta", "full"):
+    for mode in ("delta", "stale", "full"):
         eng = engine_for(world, tmp_path / f"log-{mode}", max_location_age=age)
         a = eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
         eng.tick(T0 + dt.timedelta(minutes=30))
         new_index = moved(world, frac=0.2, seed=5, new=2000)
         assert new_index.store.parent_generation == world.store.generation
+        assert new_index.delta_points is not None      # kept by the build
+        if mode == "stale":                             # points of other keys: recomputed, not trusted
+            new_index.delta_points = new_index.delta_points[::-1].copy()
         if mode == "full":
             new_index.store.changed_keys = None          # forces a full query per alert
         tops = eng.refresh(new_index, T0 + dt.timedelta(minutes=40))
         results.append([(p.kind, p.radius_km, set(p.audience.keys().tolist())) for p in tops])
         eng.log.close()
-    assert results[0] == results[1] and results[0] and results[0][0][0] == "topup"
+    assert results[0] == results[1] == results[2] and results[0] and results[0][0][0] == "topup"
 
 
 def test_refresh_across_a_skipped_generation_falls_back_to_full_query(world, tmp_path):

@@ -182,6 +182,33 @@ def test_huge_page_build_arrays_give_the_same_index(tmp_path, monkeypatch):
     np.testing.assert_array_equal(gt.SpatialIndex.open(tmp_path / "idx").points, plain.points)
 
 
+def test_index_of_a_new_generation_keeps_the_changed_devices_points(tmp_path):
+    """What a refresh re-targets: unit vectors of exactly the changed keys, saved and reopened."""
+    lat, lon = _uniform(3000, 17)
+    g1 = _store(lat, lon)
+    assert gt.SpatialIndex.build(g1).delta_points is None
+    rng = np.random.default_rng(17)
+    movers = rng.choice(3000, 300, replace=False)
+    ids = np.r_[g1.device_id[movers], np.arange(10**6, 10**6 + 50, dtype=np.uint64)]
+    g2 = g1.with_updates(ids, rng.uniform(-60, 60, ids.size), rng.uniform(-180, 180, ids.size))
+    index = gt.SpatialIndex.build(g2)
+    d = index.delta_points
+    np.testing.assert_array_equal(d["key"], g2.changed_keys)
+    ref = np.empty(len(d), dtype=d.dtype)
+    from geotarget import _kernels
+    k = np.asarray(g2.changed_keys)
+    _kernels.fill_points(np.ascontiguousarray(g2.lat[k]), np.ascontiguousarray(g2.lon[k]), ref, k)
+    np.testing.assert_array_equal(d, ref)
+    with pytest.raises(ValueError):
+        d[0] = d[1]
+    index.save(tmp_path / "g2")
+    opened = gt.SpatialIndex.open(tmp_path / "g2")
+    np.testing.assert_array_equal(opened.delta_points, d)
+    (tmp_path / "g2" / "delta_points.npy").unlink()
+    with pytest.raises(CorruptFileError):
+        gt.SpatialIndex.open(tmp_path / "g2")
+
+
 def test_save_open_round_trip_is_exact(tmp_path):
     lat, lon = _uniform(5000, 15)
     index = gt.SpatialIndex.build(_store(lat, lon, app=np.where(np.arange(5000) % 2, "a", "b")))
