@@ -1175,7 +1175,7 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
     cdef vector[int64_t] cursors = vector[int64_t](nch * k, -1)
     cdef const int64_t* sk = &skip[0, 0] if skip.shape[0] > 0 else NULL
     cdef float dx, dy, dz, d2, fx, fy, fz
-    cdef uint32_t key
+    cdef uint32_t key, kmin, kmax
     cdef bint inside, whole
     with nogil:
         for ch in prange(nch, schedule="dynamic"):
@@ -1188,7 +1188,22 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
             for b in range(b0, b1):
                 s = b * block
                 e = min(n, s + block)
+                kmin = pts[s].key
+                kmax = kmin
+                for i in range(s + 1, e):
+                    if pts[i].key < kmin:
+                        kmin = pts[i].key
+                    if pts[i].key > kmax:
+                        kmax = pts[i].key
                 for c in range(k):
+                    slot = ch * k + c
+                    # A block whose keys all lie in one skipped range has nothing
+                    # new for this circle, wherever its points are: most blocks
+                    # inside an alert's circle were notified long ago.
+                    if skip_offsets[c + 1] > skip_offsets[c] and _in_ranges(
+                            sk, skip_offsets[c], skip_offsets[c + 1], &cursors[slot], kmin) \
+                            and sk[2 * cursors[slot] + 1] > kmax:
+                        continue
                     whole = th[c].everything
                     if not whole:
                         _box_dist2(&blocks[b, 0], cf[3 * c], cf[3 * c + 1], cf[3 * c + 2], &dmin2, &dmax2)
@@ -1198,7 +1213,6 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
                     fx = cf[3 * c]
                     fy = cf[3 * c + 1]
                     fz = cf[3 * c + 2]
-                    slot = ch * k + c
                     for i in range(s, e):
                         key = pts[i].key
                         inside = whole

@@ -37,6 +37,7 @@ from .authority import Authority
 from .cap import render_push
 from .errors import AlertStateError, InvalidInputError, UnknownAlertError
 from .geo import check_aware, check_point, epoch_seconds
+from .index import resident_copy
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
 from .stats import AlertRecord, check_outcome, compute
@@ -450,6 +451,8 @@ class AlertEngine:
         store = index.store
         keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
         pts = getattr(index, "delta_points", None)
+        if pts is not None:
+            pts = resident_copy(pts)  # read whole, once: cheaper than faulting the mapping in
         # a stale file (keys other than the store's) is recomputed, never trusted
         if pts is None or pts.shape[0] != keys.shape[0] or not np.array_equal(pts["key"], keys):
             pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)

@@ -209,6 +209,18 @@ def test_index_of_a_new_generation_keeps_the_changed_devices_points(tmp_path):
         gt.SpatialIndex.open(tmp_path / "g2")
 
 
+def test_resident_copy_of_a_mapped_array(tmp_path):
+    from geotarget.index import resident_copy
+    a = np.arange(100_000, dtype=np.uint32).reshape(50_000, 2)
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    copy = resident_copy(mapped)
+    assert not isinstance(copy, np.memmap) and not copy.flags.writeable
+    np.testing.assert_array_equal(copy, a)
+    plain = np.ones(3)
+    assert resident_copy(plain) is plain
+
+
 def test_save_open_round_trip_is_exact(tmp_path):
     lat, lon = _uniform(5000, 15)
     index = gt.SpatialIndex.build(_store(lat, lon, app=np.where(np.arange(5000) % 2, "a", "b")))
