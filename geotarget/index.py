@@ -82,7 +82,7 @@ def resident_copy(a: np.ndarray) -> np.ndarray:
     """
     if not isinstance(a, np.memmap) or getattr(a, "filename", None) is None or not a.flags.c_contiguous:
         return a
-    out = _empty(a.shape[0], a.dtype).reshape(a.shape)
+    out = _empty(a.size, a.dtype).reshape(a.shape)
     view = memoryview(out.reshape(-1).view(np.uint8))
     with open(a.filename, "rb") as fh:
         fh.seek(a.offset)
