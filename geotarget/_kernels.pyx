@@ -1133,8 +1133,10 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
                        const int64_t[:, ::1] skip, const int64_t[::1] skip_offsets):
     """For every circle, the keys of the given points inside it and not in its skip ranges.
 
-    ``pts`` are unit vectors whose ``key`` indexes ``lat``/``lon``, cut into
-    blocks of ``block`` points with boxes (``block_bounds``); ``circles`` is
+    ``pts`` are unit vectors with their keys and ``lat``/``lon`` their
+    stored coordinates (the same order: the exact re-check reads them
+    sequentially, never the store), cut into blocks of ``block`` points with
+    boxes (``block_bounds``); ``circles`` is
     ``(k, 3)`` of (lat, lon, radius_km); circle c skips the keys in
     ``skip[skip_offsets[c]:skip_offsets[c + 1]]``, sorted disjoint
     ``[start, end)`` ranges (the devices an alert already notified).  This is
@@ -1148,7 +1150,7 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
     in input order.  In numpy, this operation is equivalent to, for each c::
 
         k = pts["key"]
-        inside = haversine_km(circles[c, 0], circles[c, 1], lat[k], lon[k]) <= circles[c, 2]
+        inside = haversine_km(circles[c, 0], circles[c, 1], lat, lon) <= circles[c, 2]
         notified = np.zeros(len(k), bool)
         for s, e in skip[skip_offsets[c]:skip_offsets[c + 1]]:
             notified |= (k >= s) & (k < e)
@@ -1156,6 +1158,8 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
     """
     cdef Py_ssize_t n = pts.shape[0], nb = blocks.shape[0], k = circles.shape[0]
     cdef Py_ssize_t ch, nch, b, b0, b1, c, i, s, e, slot
+    if lat.shape[0] != n or lon.shape[0] != n:
+        raise ValueError(f"lat/lon hold {lat.shape[0]}/{lon.shape[0]} values for {n} points")
     # Chunks of consecutive blocks, taken in any order by either core; each
     # chunk's output per circle is concatenated in chunk order, so the result
     # keeps input order whatever the schedule.
@@ -1224,7 +1228,7 @@ def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int b
                             if d2 <= th[c].flo2:
                                 inside = True
                             elif d2 <= th[c].fhi2:
-                                inside = _haversine_km(circles[c, 0], circles[c, 1], lat[key], lon[key]) <= circles[c, 2]
+                                inside = _haversine_km(circles[c, 0], circles[c, 1], lat[i], lon[i]) <= circles[c, 2]
                         if inside and not (skip_offsets[c + 1] > skip_offsets[c] and _in_ranges(
                                 sk, skip_offsets[c], skip_offsets[c + 1], &cursors[slot], key)):
                             outs[slot].push_back(key)

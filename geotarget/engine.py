@@ -405,7 +405,7 @@ class AlertEngine:
                 np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
                 circles = np.array([(a.lat, a.lon, r) for a, r in topups], dtype=np.float64)
                 keys, offsets = _kernels.circles_new_points(
-                    delta[0], delta[1], _DELTA_BLOCK, store.lat, store.lon, circles,
+                    delta[0], delta[1], _DELTA_BLOCK, delta[2], delta[3], circles,
                     np.ascontiguousarray(np.concatenate(skips)), skip_offsets)
                 cutoff = (epoch_seconds(now - self.max_location_age)
                           if self.max_location_age is not None else None)
@@ -440,29 +440,31 @@ class AlertEngine:
 
     @staticmethod
     def _delta_points(index):
-        """Unit vectors of the devices a generation changed (keyed by device key), and block boxes.
+        """The devices a generation changed: unit vectors (keyed), block boxes, latitudes, longitudes.
 
-        The index build keeps them (``index.delta_points``); otherwise they are
-        computed from the store's coordinates.  Changed keys come in key
-        order, which is spatial order within each ingest batch, so blocks of
-        consecutive changed devices are compact and a circle skips most of
-        them by their box.
+        The index build keeps them (``index.delta_points``, ``index.delta_latlon``);
+        otherwise they are computed from the store's coordinates.  Changed keys
+        come in key order, which is spatial order within each ingest batch, so
+        blocks of consecutive changed devices are compact and a circle skips
+        most of them by their box.
         """
         store = index.store
         keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
         pts = getattr(index, "delta_points", None)
-        if pts is not None:
-            pts = resident_copy(pts)  # read whole, once: cheaper than faulting the mapping in
+        ll = getattr(index, "delta_latlon", None)
+        if pts is not None and ll is not None:
+            # read whole, once: cheaper than faulting the mappings in page by page
+            pts, ll = resident_copy(pts), resident_copy(ll)
         # a stale file (keys other than the store's) is recomputed, never trusted
-        if pts is None or pts.shape[0] != keys.shape[0] or not np.array_equal(pts["key"], keys):
+        if (pts is None or ll is None or pts.shape[0] != keys.shape[0] or ll.shape != (2, keys.shape[0])
+                or not np.array_equal(pts["key"], keys)):
             pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
+            ll = np.empty((2, keys.shape[0]), dtype=np.float64)
             if keys.size:
-                lat = np.empty(keys.shape[0], dtype=np.float64)
-                lon = np.empty(keys.shape[0], dtype=np.float64)
-                _kernels.take(store.lat, keys, lat)
-                _kernels.take(store.lon, keys, lon)
-                _kernels.fill_points(lat, lon, pts, keys)
-        return pts, _kernels.block_bounds(pts, _DELTA_BLOCK)
+                _kernels.take(store.lat, keys, ll[0])
+                _kernels.take(store.lon, keys, ll[1])
+                _kernels.fill_points(ll[0], ll[1], pts, keys)
+        return pts, _kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
 
     # -- reading ------------------------------------------------------------
 

@@ -15,8 +15,9 @@ On disk an index lives next to its store, in the same directory::
     seen_bounds.npy uint32  (nnodes, 2)  min/max last-seen per node (whole subtrees pass
                                     or fail a ``seen_since`` filter without a per-point test)
     app.npy         int8    (n,)    app code, leaf order
-    delta_points.npy  (x, y, z, key) of the store's changed keys, in that order (only
-                    when the store generation has a changed_since_<g>.npy)
+    delta_points.npy  (x, y, z, key) of the store's changed keys, in that order, and
+    delta_latlon.npy  float64 (2, m): their latitudes and longitudes (only when the store generation has a
+                    changed_since_<g>.npy)
 
 All of them are memory-mapped read-only by :meth:`SpatialIndex.open`.
 """
@@ -43,7 +44,7 @@ FORMAT_VERSION = 1
 #: 500 km in 0.10 ms against 0.16 ms at 32 (fewer nodes), and builds faster.
 DEFAULT_LEAF_SIZE = 64
 #: Written when the store generation records which keys it changed (a refresh's top-ups).
-DELTA_ARRAY = "delta_points"
+DELTA_ARRAYS = ("delta_points", "delta_latlon")
 _ARRAYS = {"points": _kernels.POINT_DTYPE, "keys": np.dtype(np.uint32), "bounds": np.dtype(np.float32),
            "seen": np.dtype(np.uint32), "app": np.dtype(np.int8), "seen_bounds": np.dtype(np.uint32)}
 
@@ -109,7 +110,7 @@ class SpatialIndex:
     """
 
     def __init__(self, store, points, keys, bounds, depth, seen, app, leaf_size, path=None,
-                 seen_bounds=None, delta_points=None):
+                 seen_bounds=None, delta_points=None, delta_latlon=None):
         self.store = store
         self.points = _readonly(points)
         self.keys = _readonly(keys)
@@ -124,6 +125,8 @@ class SpatialIndex:
         self.seen_bounds = _readonly(seen_bounds)
         #: Unit vectors (with keys) of ``store.changed_keys``, in that order, or None.
         self.delta_points = _readonly(delta_points) if delta_points is not None else None
+        #: float64 ``(2, m)``: latitudes, then longitudes, of the same devices, or None.
+        self.delta_latlon = _readonly(delta_latlon) if delta_latlon is not None else None
         self._tree = _kernels.Tree(self.points, self.keys, self.bounds, self.depth, store.lat, store.lon,
                                    self.seen, self.app, self.seen_bounds)
 
@@ -139,20 +142,26 @@ class SpatialIndex:
         n = len(store)
         lat = np.ascontiguousarray(store.lat, dtype=np.float64)
         lon = np.ascontiguousarray(store.lon, dtype=np.float64)
+        delta = delta_ll = None
         with progress_steps(4, "build index", enabled=progress) as step:
             pts = _empty(n, _kernels.POINT_DTYPE)
             if n:
                 _kernels.fill_points(lat, lon, pts)
-            del lat, lon
-            store.release()  # a memory-mapped store's pages need not stay resident
-            # The unit vectors of the devices this generation changed, while
-            # pts is still in key order: a refresh re-targets only these, and
-            # gathering them here saves it reading 16 B of every device's
-            # coordinates (6.4 GB at 400 M) from the store.
-            delta = None
+            # The unit vectors and coordinates of the devices this generation
+            # changed, while pts is still in key order: a refresh re-targets
+            # only these, and gathering them here saves it reading the store's
+            # coordinates (6.4 GB at 400 M, in random pages for the exact
+            # re-checks).
             changed = getattr(store, "changed_keys", None)
             if changed is not None:
-                delta = pts[np.asarray(changed, dtype=np.intp)]
+                k = np.ascontiguousarray(changed, dtype=np.uint32)
+                delta = pts[k.astype(np.intp)]
+                delta_ll = np.empty((2, k.size), dtype=np.float64)   # rows: lat, lon
+                if k.size:
+                    _kernels.take(lat, k, delta_ll[0])
+                    _kernels.take(lon, k, delta_ll[1])
+            del lat, lon
+            store.release()  # a memory-mapped store's pages need not stay resident
             step("unit vectors")
             bounds, depth = _kernels.build_tree(pts, int(leaf_size))
             step("KD partition")
@@ -167,7 +176,8 @@ class SpatialIndex:
                 _kernels.take(store.app_codes, keys, app)
             store.release()
             step("filters")
-        return cls(store, pts, keys, bounds, depth, seen, app, leaf_size, delta_points=delta)
+        return cls(store, pts, keys, bounds, depth, seen, app, leaf_size, delta_points=delta,
+                   delta_latlon=delta_ll)
 
     # -- queries ------------------------------------------------------------
 
@@ -235,7 +245,7 @@ class SpatialIndex:
         d.mkdir(parents=True, exist_ok=True)
         if self.store.path is None or Path(self.store.path).resolve() != d.resolve():
             self.store.save(d)
-        names = list(_ARRAYS) + ([DELTA_ARRAY] if self.delta_points is not None else [])
+        names = list(_ARRAYS) + (list(DELTA_ARRAYS) if self.delta_points is not None else [])
         for name in names:
             tmp = d / f"{name}.tmp.npy"
             np.save(tmp, np.asarray(getattr(self, name)))
@@ -243,7 +253,8 @@ class SpatialIndex:
                 os.fsync(fh.fileno())
             os.replace(tmp, d / f"{name}.npy")
         if self.delta_points is None:
-            (d / f"{DELTA_ARRAY}.npy").unlink(missing_ok=True)
+            for name in DELTA_ARRAYS:
+                (d / f"{name}.npy").unlink(missing_ok=True)
         meta = {"version": FORMAT_VERSION, "n": len(self), "depth": self.depth,
                 "leaf_size": self.leaf_size, "generation": self.generation,
                 "delta_points": self.delta_points is not None}
@@ -274,16 +285,17 @@ class SpatialIndex:
         expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,),
                     "seen_bounds": ((2 << depth) - 1, 2)}
         arrays = {name: load_npy(d / f"{name}.npy", dtype, expected[name]) for name, dtype in _ARRAYS.items()}
-        delta = None
+        delta = delta_ll = None
         if meta.get("delta_points"):
             changed = getattr(store, "changed_keys", None)
             if changed is None:
                 raise CorruptFileError(f"{d}: the index holds changed-device points but the store "
                                        f"has no changed-keys file")
-            delta = load_npy(d / f"{DELTA_ARRAY}.npy", _kernels.POINT_DTYPE, (len(changed),))
+            delta = load_npy(d / "delta_points.npy", _kernels.POINT_DTYPE, (len(changed),))
+            delta_ll = load_npy(d / "delta_latlon.npy", np.float64, (2, len(changed)))
         return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
                    arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d,
-                   seen_bounds=arrays["seen_bounds"], delta_points=delta)
+                   seen_bounds=arrays["seen_bounds"], delta_points=delta, delta_latlon=delta_ll)
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

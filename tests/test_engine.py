@@ -338,6 +338,7 @@ def test_refresh_with_changed_keys_equals_full_retarget(world, tmp_path, max_age
         assert new_index.delta_points is not None      # kept by the build
         if mode == "stale":                             # points of other keys: recomputed, not trusted
             new_index.delta_points = new_index.delta_points[::-1].copy()
+            new_index.delta_latlon = new_index.delta_latlon[:, ::-1].copy()
         if mode == "full":
             new_index.store.changed_keys = None          # forces a full query per alert
         tops = eng.refresh(new_index, T0 + dt.timedelta(minutes=40))

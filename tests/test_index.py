@@ -199,12 +199,14 @@ def test_index_of_a_new_generation_keeps_the_changed_devices_points(tmp_path):
     k = np.asarray(g2.changed_keys)
     _kernels.fill_points(np.ascontiguousarray(g2.lat[k]), np.ascontiguousarray(g2.lon[k]), ref, k)
     np.testing.assert_array_equal(d, ref)
+    np.testing.assert_array_equal(index.delta_latlon, np.stack([g2.lat[k], g2.lon[k]]))
     with pytest.raises(ValueError):
         d[0] = d[1]
     index.save(tmp_path / "g2")
     opened = gt.SpatialIndex.open(tmp_path / "g2")
     np.testing.assert_array_equal(opened.delta_points, d)
-    (tmp_path / "g2" / "delta_points.npy").unlink()
+    np.testing.assert_array_equal(opened.delta_latlon, index.delta_latlon)
+    (tmp_path / "g2" / "delta_latlon.npy").unlink()
     with pytest.raises(CorruptFileError):
         gt.SpatialIndex.open(tmp_path / "g2")
 

@@ -328,8 +328,8 @@ def test_circles_new_points_matches_reference(cloud, centres, data):
     circles = np.array(centres, dtype=np.float64).reshape(-1, 3)
     skip = np.concatenate(skips) if skips else np.empty((0, 2), np.int64)
     skip_off = np.r_[0, np.cumsum([len(x) for x in skips], dtype=np.int64)].astype(np.int64)
-    keys, off = _kernels.circles_new_points(pts, _kernels.block_bounds(pts, block), block, lat, lon,
-                                            circles, np.ascontiguousarray(skip), skip_off)
+    keys, off = _kernels.circles_new_points(pts, _kernels.block_bounds(pts, block), block, lat[subset],
+                                            lon[subset], circles, np.ascontiguousarray(skip), skip_off)
     assert off.shape == (len(centres) + 1,) and off[-1] == len(keys)
     for c, (clat, clon, r) in enumerate(centres):
         got = keys[off[c]:off[c + 1]]
@@ -343,6 +343,13 @@ def test_circles_new_points_matches_reference(cloud, centres, data):
         d = haversine_km(clat, clon, lat, lon)
         assert np.all(np.abs(d[extra] - r) <= 1e-6) and np.all(np.abs(d[missed] - r) <= 1e-6)
         assert not np.isin(extra, subset[notified]).any()
+
+
+def test_circles_new_points_rejects_coordinates_of_another_length():
+    pts = np.zeros(3, dtype=_kernels.POINT_DTYPE)
+    with pytest.raises(ValueError, match="lat/lon"):
+        _kernels.circles_new_points(pts, _kernels.block_bounds(pts, 2), 2, np.zeros(2), np.zeros(3),
+                                    np.zeros((1, 3)), np.empty((0, 2), np.int64), np.zeros(2, np.int64))
 
 
 def test_circles_new_points_on_both_cores_is_exact_and_repeatable():
@@ -362,7 +369,8 @@ def test_circles_new_points_on_both_cores_is_exact_and_repeatable():
     skip_off = np.r_[0, np.cumsum([len(x) for x in skips])].astype(np.int64)
     first = None
     for _ in range(3):
-        keys, off = _kernels.circles_new_points(pts, blocks, 256, lat, lon, circles, skip, skip_off)
+        keys, off = _kernels.circles_new_points(pts, blocks, 256, lat[subset], lon[subset], circles, skip,
+                                                skip_off)
         if first is None:
             first = (keys, off)
         np.testing.assert_array_equal(keys, first[0])
