@@ -652,7 +652,7 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
             inside = False
         else:
             q.exact_checks += 1
-            k = q.keys[r]
+            k = q.pts[r].key   # in the record already: no miss on the keys array
             inside = _haversine_km(q.clat, q.clon, q.lat[k], q.lon[k]) <= q.radius
         if inside and (q.filter_seen or q.filter_app):
             inside = _passes(q, r)
