@@ -237,7 +237,9 @@ def _spatial_order(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     pts = np.empty(n, dtype=_kernels.POINT_DTYPE)
     if n:
         _kernels.fill_points(lat, lon, pts)
-        _kernels.build_tree(pts, _INGEST_LEAF)
+        # The root on one core: the two-core partition leaves rows in an order
+        # that depends on the thread count, and keys must not depend on the machine.
+        _kernels.build_tree(pts, _INGEST_LEAF, False)
     return pts["key"].astype(np.int64)
 
 

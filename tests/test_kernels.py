@@ -206,11 +206,11 @@ def test_tree_depth_is_minimal(n, leaf):
         assert -(-n // (1 << (depth - 1))) > leaf
 
 
-@pytest.mark.parametrize("parallel_top", [False, True])
-def test_build_tree_large_ranges_use_sampled_select_exactly(parallel_top):
-    """Ranges above 2^18 points take the sample-bracketed select; membership must not change."""
+@pytest.mark.parametrize("parallel_top,n", [(False, 300_000), (True, 300_000), (True, 1_500_000)])
+def test_build_tree_large_ranges_use_sampled_select_exactly(parallel_top, n):
+    """Ranges above 2^18 points take the sample-bracketed select, above 2^20 the two-core
+    partition of the root; membership must not change."""
     rng = np.random.default_rng(12)
-    n = 300_000
     lat, lon = rng.uniform(20, 45, n), rng.uniform(80, 125, n)
     lat[::5] = 30.0            # heavy ties on one axis exercise the key tie-break
     lon[::11] = 100.0
@@ -218,8 +218,9 @@ def test_build_tree_large_ranges_use_sampled_select_exactly(parallel_top):
     _kernels.fill_points(lat, lon, pts)
     xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).copy()
     keys = pts["key"].copy()
-    order, ref_bounds, ref_depth = build_tree_reference(xyz, keys, 256)
-    bounds, depth = _kernels.build_tree(pts, 256, parallel_top)
+    leaf = 256 if n < 10**6 else 4096
+    order, ref_bounds, ref_depth = build_tree_reference(xyz, keys, leaf)
+    bounds, depth = _kernels.build_tree(pts, leaf, parallel_top)
     assert depth == ref_depth
     np.testing.assert_array_equal(bounds, ref_bounds)
     starts = (np.arange((1 << depth) + 1, dtype=np.int64) * n) >> depth
