@@ -988,6 +988,23 @@ def gather_seen(const cnp.int64_t[::1] last_seen, const uint32_t[::1] keys, uint
             out[i] = <uint32_t>v
 
 
+cdef inline bint _run_breaks(const uint32_t* k, Py_ssize_t i) noexcept nogil:
+    """Does a new run of consecutive keys start at ``k[i]``?  (``k + 1`` wraps at the key space's end.)"""
+    return k[i] != k[i - 1] + 1 or k[i - 1] == 0xFFFFFFFFu
+
+
+cdef Py_ssize_t _count_runs(const uint32_t[::1] keys, bint* ascending) noexcept nogil:
+    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
+    cdef bint up = True
+    for i in range(1, n):
+        if _run_breaks(&keys[0], i):
+            m += 1
+        if keys[i] <= keys[i - 1]:
+            up = False
+    ascending[0] = up
+    return m + 1 if n else 0
+
+
 def count_runs(const uint32_t[::1] keys):
     """``(runs, ascending)``: how many maximal runs of consecutive keys, and whether keys strictly ascend.
 
@@ -996,16 +1013,11 @@ def count_runs(const uint32_t[::1] keys):
         d = np.diff(keys.astype(np.int64))
         (int(keys.size > 0) + int(np.count_nonzero(d != 1)), bool(np.all(d > 0)))
     """
-    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
-    cdef bint up = True
-    cdef uint32_t kmax = 0xFFFFFFFF  # k + 1 wraps there; the key space ends
+    cdef bint up
+    cdef Py_ssize_t m
     with nogil:
-        for i in range(1, n):
-            if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
-                m += 1
-            if keys[i] <= keys[i - 1]:
-                up = False
-    return (m + 1 if n else 0), bool(up)
+        m = _count_runs(keys, &up)
+    return m, bool(up)
 
 
 def consecutive_ranges(const uint32_t[::1] keys):
@@ -1016,14 +1028,10 @@ def consecutive_ranges(const uint32_t[::1] keys):
         cut = np.flatnonzero(np.diff(keys.astype(np.int64)) != 1) + 1
         starts = keys[np.r_[0, cut]]; ends = keys[np.r_[cut - 1, len(keys) - 1]] + 1
     """
-    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
-    cdef uint32_t kmax = 0xFFFFFFFF  # k + 1 wraps there; the key space ends
+    cdef Py_ssize_t i, m, n = keys.shape[0]
+    cdef bint up
     with nogil:
-        for i in range(1, n):
-            if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
-                m += 1
-    if n:
-        m += 1
+        m = _count_runs(keys, &up)
     out = np.empty((m, 2), dtype=np.int64)
     cdef cnp.int64_t[:, ::1] o = out
     cdef Py_ssize_t j = 0
@@ -1031,7 +1039,7 @@ def consecutive_ranges(const uint32_t[::1] keys):
         with nogil:
             o[0, 0] = keys[0]
             for i in range(1, n):
-                if keys[i] != keys[i - 1] + 1 or keys[i - 1] == kmax:
+                if _run_breaks(&keys[0], i):
                     o[j, 1] = <cnp.int64_t>keys[i - 1] + 1
                     j += 1
                     o[j, 0] = keys[i]
