@@ -37,7 +37,7 @@ from .authority import Authority
 from .cap import render_push
 from .errors import AlertStateError, InvalidInputError, UnknownAlertError
 from .geo import check_aware, check_point, epoch_seconds
-from .index import resident_copy
+from .index import changed_device_points, resident_copy
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
 from .stats import AlertRecord, check_outcome, compute
@@ -458,12 +458,7 @@ class AlertEngine:
         # a stale file (keys other than the store's) is recomputed, never trusted
         if (pts is None or ll is None or pts.shape[0] != keys.shape[0] or ll.shape != (2, keys.shape[0])
                 or not np.array_equal(pts["key"], keys)):
-            pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
-            ll = np.empty((2, keys.shape[0]), dtype=np.float64)
-            if keys.size:
-                _kernels.take(store.lat, keys, ll[0])
-                _kernels.take(store.lon, keys, ll[1])
-                _kernels.fill_points(ll[0], ll[1], pts, keys)
+            pts, ll = changed_device_points(store.lat, store.lon, keys)
         return pts, _kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
 
     # -- reading ------------------------------------------------------------

@@ -73,6 +73,21 @@ def _empty(n: int, dtype) -> np.ndarray:
     return np.frombuffer(m, dtype=dtype, count=n)
 
 
+def changed_device_points(lat: np.ndarray, lon: np.ndarray, keys) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors (with keys) and float64 ``(2, m)`` latitudes/longitudes of the devices with these keys.
+
+    What a refresh re-targets; ``lat``/``lon`` are a store's contiguous columns, indexed by key.
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.uint32)
+    pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
+    ll = np.empty((2, keys.shape[0]), dtype=np.float64)   # rows: lat, lon
+    if keys.size:
+        _kernels.take(lat, keys, ll[0])
+        _kernels.take(lon, keys, ll[1])
+        _kernels.fill_points(ll[0], ll[1], pts, keys)
+    return pts, ll
+
+
 def resident_copy(a: np.ndarray) -> np.ndarray:
     """A read-only in-memory copy of a memory-mapped array, read with ``readinto``; others as they are.
 
@@ -154,12 +169,7 @@ class SpatialIndex:
             # re-checks).
             changed = getattr(store, "changed_keys", None)
             if changed is not None:
-                k = np.ascontiguousarray(changed, dtype=np.uint32)
-                delta = pts[k.astype(np.intp)]
-                delta_ll = np.empty((2, k.size), dtype=np.float64)   # rows: lat, lon
-                if k.size:
-                    _kernels.take(lat, k, delta_ll[0])
-                    _kernels.take(lon, k, delta_ll[1])
+                delta, delta_ll = changed_device_points(lat, lon, changed)
             del lat, lon
             store.release()  # a memory-mapped store's pages need not stay resident
             step("unit vectors")
