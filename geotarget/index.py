@@ -35,7 +35,7 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from .store import DeviceStore, _fsync_dir, load_json, load_npy
+from .store import DeviceStore, _fsync_dir, _pread_into, _save_npy, load_json, load_npy
 
 INDEX_META = "index.json"
 FORMAT_VERSION = 1
@@ -89,7 +89,7 @@ def changed_device_points(lat: np.ndarray, lon: np.ndarray, keys) -> tuple[np.nd
 
 
 def resident_copy(a: np.ndarray) -> np.ndarray:
-    """A read-only in-memory copy of a memory-mapped array, read with ``readinto``; others as they are.
+    """A read-only in-memory copy of a memory-mapped array, read with ``pread``; others as they are.
 
     For an array that is about to be read once, whole: faulting a file
     mapping in page by page costs a few microseconds a page in a VM (0.3-0.7 s
@@ -99,15 +99,11 @@ def resident_copy(a: np.ndarray) -> np.ndarray:
     if not isinstance(a, np.memmap) or getattr(a, "filename", None) is None or not a.flags.c_contiguous:
         return a
     out = _empty(a.size, a.dtype).reshape(a.shape)
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    with open(a.filename, "rb") as fh:
-        fh.seek(a.offset)
-        done = 0
-        while done < len(view):
-            got = fh.readinto(view[done:])
-            if not got:
-                raise CorruptFileError(f"{a.filename}: shorter than its header says")
-            done += got
+    fd = os.open(a.filename, os.O_RDONLY)
+    try:
+        _pread_into(fd, out.reshape(-1).view(np.uint8), a.offset, str(a.filename))
+    finally:
+        os.close(fd)
     out.flags.writeable = False
     return out
 
@@ -257,11 +253,7 @@ class SpatialIndex:
             self.store.save(d)
         names = list(_ARRAYS) + (list(DELTA_ARRAYS) if self.delta_points is not None else [])
         for name in names:
-            tmp = d / f"{name}.tmp.npy"
-            np.save(tmp, np.asarray(getattr(self, name)))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, d / f"{name}.npy")
+            _save_npy(d / f"{name}.npy", getattr(self, name))
         if self.delta_points is None:
             for name in DELTA_ARRAYS:
                 (d / f"{name}.npy").unlink(missing_ok=True)

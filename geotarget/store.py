@@ -835,11 +835,7 @@ def load_npy(path: Path, dtype, shape) -> np.ndarray:
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     """np.save, fsynced, atomically renamed into place."""
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.asarray(array))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    os.replace(*_stage_npy(path, array))
 
 
 def _pwrite_all(fd: int, arr: np.ndarray, pos: int) -> None:
@@ -849,13 +845,14 @@ def _pwrite_all(fd: int, arr: np.ndarray, pos: int) -> None:
         done += os.pwrite(fd, view[done:done + (1 << 30)], pos + done)
 
 
-def _pread_into(fd: int, buf: np.ndarray, pos: int) -> None:
+def _pread_into(fd: int, buf: np.ndarray, pos: int, what: str = "store file") -> None:
+    """Fill the contiguous ``buf`` from ``fd`` at ``pos``; CorruptFileError if the file ends first."""
     view = memoryview(buf).cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:done + (1 << 30)]], pos + done)
         if got == 0:
-            raise CorruptFileError(f"store file ended early: read {done} of {len(view)} bytes at {pos}")
+            raise CorruptFileError(f"{what} ended early: read {done} of {len(view)} bytes at {pos}")
         done += got
 
 
