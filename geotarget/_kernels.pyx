@@ -83,6 +83,65 @@ cdef extern from * nogil:
 
     #include <vector>
     #include <memory>
+    /* d[j] = s + j for j < m.  GCC's own vectorisation of this loop for
+       baseline x86-64 ran at 0.77 ms for 3.1 M keys, this unrolled SSE2 at
+       0.26 ms (one 16-byte store a cycle, no data read). */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+    static inline void gt_iota(uint32_t* d, int64_t m, uint32_t s) {
+        int64_t j = 0;
+        #if defined(__SSE2__)
+        const __m128i k16 = _mm_set1_epi32(16);
+        __m128i v0 = _mm_setr_epi32((int)s, (int)(s + 1), (int)(s + 2), (int)(s + 3));
+        __m128i v1 = _mm_add_epi32(v0, _mm_set1_epi32(4));
+        __m128i v2 = _mm_add_epi32(v0, _mm_set1_epi32(8));
+        __m128i v3 = _mm_add_epi32(v0, _mm_set1_epi32(12));
+        for (; j + 16 <= m; j += 16) {
+            _mm_storeu_si128((__m128i*)(d + j), v0);
+            _mm_storeu_si128((__m128i*)(d + j + 4), v1);
+            _mm_storeu_si128((__m128i*)(d + j + 8), v2);
+            _mm_storeu_si128((__m128i*)(d + j + 12), v3);
+            v0 = _mm_add_epi32(v0, k16); v1 = _mm_add_epi32(v1, k16);
+            v2 = _mm_add_epi32(v2, k16); v3 = _mm_add_epi32(v3, k16);
+        }
+        #endif
+        for (; j < m; j++) d[j] = s + (uint32_t)j;
+    }
+
+    /* f(out_pos, row, len) for every piece of the runs, the output split
+       evenly over nt threads by position.  Audiences mix a few runs of ~10^5
+       rows with thousands of 1-3 rows, so splitting by run left one core with
+       most of the bytes; this splits inside runs. */
+    template <class F> static void gt_for_runs(const int64_t* runs, const int64_t* offsets, int64_t k,
+                                               int64_t total, int nt, F f) {
+        #pragma omp parallel num_threads(nt) if(nt > 1)
+        {
+            int t = 0, tn = 1;
+            #ifdef _OPENMP
+            t = omp_get_thread_num(); tn = omp_get_num_threads();
+            #endif
+            int64_t lo = total * t / tn, hi = total * (t + 1) / tn;
+            if (lo < hi) {
+                int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
+                for (; i < k && offsets[i] < hi; i++) {
+                    int64_t o = offsets[i], len = runs[2 * i + 1] - runs[2 * i];
+                    int64_t a = o > lo ? o : lo, b = o + len < hi ? o + len : hi;
+                    if (a < b) f(a, runs[2 * i] + (a - o), b - a);
+                }
+            }
+        }
+    }
+    static void gt_fill_rows(const int64_t* runs, const int64_t* offsets, int64_t k, int64_t total,
+                             int nt, uint32_t* out) {
+        gt_for_runs(runs, offsets, k, total, nt, [=](int64_t o, int64_t row, int64_t len) {
+            gt_iota(out + o, len, (uint32_t)row); });
+    }
+    static void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const int64_t* offsets, int64_t k,
+                                   int64_t total, int nt, uint32_t* out) {
+        gt_for_runs(runs, offsets, k, total, nt, [=](int64_t o, int64_t row, int64_t len) {
+            std::copy(src + row, src + row + len, out + o); });
+    }
     /* Sort ids carrying their row numbers.  One counting pass and one stable
        scatter into up to 2^16 buckets by the top bits of (id - min), then each
        bucket is sorted on its own, in cache, in parallel.  Device ids are
@@ -209,7 +268,61 @@ cdef extern from * nogil:
         return first + split;
     }
 
+    /* Whether [first, first + nth) already holds the nth smallest points, that
+       is max(left) < min(right) (the order is total).  Rows already in leaf
+       order -- a store ingested in one batch is, since the ingest sorts it with
+       this same tree -- then need no move at all, so a first generation's
+       index rows *are* its keys and the build only reads.  A few sampled
+       pairs reject a scrambled range before the full read pass. */
+    template <int AXIS> static const GtPoint* gt_max_of(const GtPoint* p, int64_t n, bool par) {
+        int nt = 1;
+        #ifdef _OPENMP
+        if (par) nt = omp_get_max_threads();
+        #endif
+        if (nt < 2 || n < ((int64_t)1 << 20)) {
+            const GtPoint* m = p;
+            for (int64_t i = 1; i < n; i++) if (gt_less<AXIS>(*m, p[i])) m = p + i;
+            return m;
+        }
+        std::vector<const GtPoint*> part((size_t)nt);
+        #pragma omp parallel for schedule(static, 1) num_threads(nt)
+        for (int t = 0; t < nt; t++) part[t] = gt_max_of<AXIS>(p + n * t / nt, n * (t + 1) / nt - n * t / nt, false);
+        const GtPoint* m = part[0];
+        for (int t = 1; t < nt; t++) if (gt_less<AXIS>(*m, *part[t])) m = part[t];
+        return m;
+    }
+    template <int AXIS> static bool gt_none_less(const GtPoint* p, int64_t n, const GtPoint& pivot, bool par) {
+        int nt = 1;
+        #ifdef _OPENMP
+        if (par) nt = omp_get_max_threads();
+        #endif
+        if (nt < 2 || n < ((int64_t)1 << 20)) {
+            for (int64_t i = 0; i < n; i++) if (gt_less<AXIS>(p[i], pivot)) return false;
+            return true;
+        }
+        int ok = 1;
+        #pragma omp parallel for schedule(static, 1) num_threads(nt) reduction(&&:ok)
+        for (int t = 0; t < nt; t++)
+            ok = ok && gt_none_less<AXIS>(p + n * t / nt, n * (t + 1) / nt - n * t / nt, pivot, false);
+        return ok;
+    }
+    template <int AXIS> static bool gt_is_split(const GtPoint* first, int64_t nth, int64_t n, bool par) {
+        if (nth <= 0 || nth >= n) return true;
+        const int64_t S = 16;
+        const GtPoint* m = first;
+        for (int64_t i = 0; i < S; i++) {
+            const GtPoint* q = first + (i * nth) / S;
+            if (gt_less<AXIS>(*m, *q)) m = q;
+        }
+        if (gt_less<AXIS>(first[nth], *m)) return false;
+        for (int64_t i = 0; i < S; i++)
+            if (gt_less<AXIS>(first[nth + (i * (n - nth)) / S], *m)) return false;
+        m = gt_max_of<AXIS>(first, nth, par);
+        return gt_none_less<AXIS>(first + nth, n - nth, *m, par);
+    }
+
     template <int AXIS> static void gt_select_axis(GtPoint* first, int64_t nth, int64_t n, bool par) {
+        if (gt_is_split<AXIS>(first, nth, n, par)) return;
         /* A larger sample on huge ranges narrows the band left to nth_element
            (band ~ 3 n / sqrt(S): 4.7 % of n at 4096, 1.2 % at 65536). */
         const int64_t S = n >= ((int64_t)1 << 26) ? 65536 : 4096;
@@ -257,6 +370,10 @@ cdef extern from * nogil:
         float z
         uint32_t key
     void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
+    void gt_iota(uint32_t* d, int64_t m, uint32_t s)
+    void gt_fill_rows(const int64_t* runs, const int64_t* offsets, int64_t k, int64_t total, int nt, uint32_t* out)
+    void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const int64_t* offsets, int64_t k,
+                            int64_t total, int nt, uint32_t* out)
     void gt_radix_sort[T](T* a, int64_t n, T* tmp)
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
     int gt_max_threads()
@@ -885,24 +1002,59 @@ cdef class Tree:
 # gathers
 # ---------------------------------------------------------------------------
 
+#: From this many keys up an audience is materialised on every core.
+DEF RUNS_PARALLEL_MIN = 1 << 19
+
+
 def gather_runs_u32(const uint32_t[::1] src, const int64_t[:, ::1] runs,
                     const int64_t[::1] offsets, uint32_t[::1] out):
     """Copy ``src[s:e]`` for every run into ``out`` back to back.
 
     ``offsets[i]`` is where run i starts in ``out`` (an exclusive cumsum of
-    run lengths).  In numpy, this operation is equivalent to
+    run lengths); the output is split evenly over the cores.  In numpy, this
+    operation is equivalent to
     ``out[:total] = np.concatenate([src[s:e] for s, e in runs])``.
     """
-    cdef Py_ssize_t i, k = runs.shape[0]
+    cdef Py_ssize_t k = runs.shape[0]
     cdef int64_t total = offsets[k - 1] + runs[k - 1, 1] - runs[k - 1, 0] if k else 0
+    if total == 0:
+        return
     with nogil:
-        if total < PARALLEL_MIN:
-            for i in range(k):
-                memcpy(&out[offsets[i]], &src[runs[i, 0]], (runs[i, 1] - runs[i, 0]) * sizeof(uint32_t))
-        else:
-            for i in prange(k, schedule="guided"):
-                if runs[i, 1] > runs[i, 0]:
-                    memcpy(&out[offsets[i]], &src[runs[i, 0]], (runs[i, 1] - runs[i, 0]) * sizeof(uint32_t))
+        gt_gather_runs_u32(&src[0], &runs[0, 0], &offsets[0], k, total,
+                           gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
+
+
+def fill_rows(const int64_t[:, ::1] runs, const int64_t[::1] offsets, uint32_t[::1] out):
+    """Write the row numbers of every run into ``out`` back to back (``gather_runs_u32`` when keys are rows).
+
+    When an index's rows are its keys (a first generation ingested in one
+    batch), materialising an audience needs no source array: this writes
+    ``s, s+1, ..., e-1`` for each run, half the memory traffic of a copy.  In
+    numpy, this operation is equivalent to
+    ``out[:total] = np.concatenate([np.arange(s, e) for s, e in runs])``.
+    """
+    cdef Py_ssize_t k = runs.shape[0]
+    cdef int64_t total = offsets[k - 1] + runs[k - 1, 1] - runs[k - 1, 0] if k else 0
+    if total == 0:
+        return
+    with nogil:
+        gt_fill_rows(&runs[0, 0], &offsets[0], k, total,
+                     gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
+
+
+def is_iota(const uint32_t[::1] keys):
+    """Whether ``keys[i] == i`` for every i (an index whose rows are its keys).
+
+    In numpy, this operation is equivalent to
+    ``bool(np.array_equal(keys, np.arange(keys.size)))``.
+    """
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef int64_t bad = 0
+    with nogil:
+        for i in prange(n, schedule="static"):
+            if keys[i] != <uint32_t>i:
+                bad += 1
+    return bad == 0
 
 
 ctypedef fused gather_t:

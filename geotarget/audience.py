@@ -166,7 +166,8 @@ class Audience:
         """Write the keys into ``out`` (a reused uint32 buffer); return how many.
 
         This is the dispatch hot path: runs are copied with ``memcpy`` over both
-        cores, in index order (not sorted).  Use :meth:`keys` for sorted keys.
+        cores, in index order (not sorted), or written as ranges when the index's
+        rows are its keys.  Use :meth:`keys` for sorted keys.
         """
         if out.dtype != np.uint32 or not out.flags.c_contiguous or not out.flags.writeable:
             raise TypeError("out must be a writeable, C-contiguous uint32 array")
@@ -180,7 +181,10 @@ class Audience:
             lengths = runs[:, 1] - runs[:, 0]
             offsets = np.zeros(runs.shape[0], dtype=np.int64)
             np.cumsum(lengths[:-1], out=offsets[1:])
-            _kernels.gather_runs_u32(self._index.keys, runs, offsets, out)
+            if self._index.keys_are_rows:
+                _kernels.fill_rows(runs, offsets, out)
+            else:
+                _kernels.gather_runs_u32(self._index.keys, runs, offsets, out)
         return self._count
 
     def keys(self) -> np.ndarray:
@@ -191,7 +195,8 @@ class Audience:
             else:
                 k = np.empty(self._count, dtype=np.uint32)
                 self.fill(k)
-                _kernels.sort_inplace(k)
+                if not self._index.keys_are_rows:  # else ascending runs of rows: sorted already
+                    _kernels.sort_inplace(k)
             k.flags.writeable = False
             self._keys = k
         return self._keys
@@ -239,8 +244,12 @@ class Audience:
     def bitmap(self) -> BitMap:
         """The keys as a roaring bitmap (cached; do not mutate)."""
         if self._bitmap is None:
-            # roaring takes keys in any order; no sort needed
-            self._bitmap = _bitmap_from_keys(self._unordered_keys())
+            if self._runs is not None and self._index.keys_are_rows:
+                # runs of rows are runs of keys
+                self._bitmap = _bitmap_from_ranges(self._runs) if self._runs.shape[0] else BitMap()
+            else:
+                # roaring takes keys in any order; no sort needed
+                self._bitmap = _bitmap_from_keys(self._unordered_keys())
         return self._bitmap
 
     def _other(self, other) -> BitMap:

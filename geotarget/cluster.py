@@ -181,6 +181,7 @@ class _KeyArray:
     """
 
     __slots__ = ("keys", "store")
+    keys_are_rows = False   # the keys are the array's contents, not its positions
 
     def __init__(self, keys: np.ndarray, store):
         self.keys = keys

@@ -7,7 +7,7 @@ arrays, and hands clean contiguous buffers to the kernels.
 On disk an index lives next to its store, in the same directory::
 
     store.arrow     the DeviceStore generation (Arrow IPC)
-    index.json      format version, n, depth, leaf size, generation
+    index.json      format version, n, depth, leaf size, generation, whether rows are keys
     points.npy      (x, y, z float32, key uint32) records in leaf order
     keys.npy        uint32  (n,)    device key of each leaf-ordered row
     bounds.npy      float32 (2^(depth+1)-1, 6)  node boxes
@@ -121,10 +121,15 @@ class SpatialIndex:
     """
 
     def __init__(self, store, points, keys, bounds, depth, seen, app, leaf_size, path=None,
-                 seen_bounds=None, delta_points=None, delta_latlon=None):
+                 seen_bounds=None, delta_points=None, delta_latlon=None, keys_are_rows=None):
         self.store = store
         self.points = _readonly(points)
         self.keys = _readonly(keys)
+        #: True when ``keys[i] == i`` (a first generation ingested in one batch: the
+        #: ingest already put its rows in this tree's leaf order, so the build moved
+        #: nothing).  Audiences then write key ranges without reading ``keys``.
+        self.keys_are_rows = bool(_kernels.is_iota(np.ascontiguousarray(self.keys))
+                                  if keys_are_rows is None else keys_are_rows)
         self.bounds = _readonly(bounds)
         self.depth = int(depth)
         self.seen = _readonly(seen)
@@ -259,7 +264,7 @@ class SpatialIndex:
                 (d / f"{name}.npy").unlink(missing_ok=True)
         meta = {"version": FORMAT_VERSION, "n": len(self), "depth": self.depth,
                 "leaf_size": self.leaf_size, "generation": self.generation,
-                "delta_points": self.delta_points is not None}
+                "delta_points": self.delta_points is not None, "keys_are_rows": self.keys_are_rows}
         tmp = d / (INDEX_META + ".tmp")
         tmp.write_text(json.dumps(meta))
         with open(tmp, "rb+") as fh:
@@ -287,6 +292,9 @@ class SpatialIndex:
         expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,),
                     "seen_bounds": ((2 << depth) - 1, 2)}
         arrays = {name: load_npy(d / f"{name}.npy", dtype, expected[name]) for name, dtype in _ARRAYS.items()}
+        keys_are_rows = meta.get("keys_are_rows", False)  # older indexes: read keys.npy
+        if not isinstance(keys_are_rows, bool):
+            raise CorruptFileError(f"{d / INDEX_META}: bad keys_are_rows {keys_are_rows!r}")
         delta = delta_ll = None
         if meta.get("delta_points"):
             changed = getattr(store, "changed_keys", None)
@@ -297,7 +305,8 @@ class SpatialIndex:
             delta_ll = load_npy(d / "delta_latlon.npy", np.float64, (2, len(changed)))
         return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
                    arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d,
-                   seen_bounds=arrays["seen_bounds"], delta_points=delta, delta_latlon=delta_ll)
+                   seen_bounds=arrays["seen_bounds"], delta_points=delta, delta_latlon=delta_ll,
+                   keys_are_rows=keys_are_rows)
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

@@ -211,6 +211,45 @@ def test_index_of_a_new_generation_keeps_the_changed_devices_points(tmp_path):
         gt.SpatialIndex.open(tmp_path / "g2")
 
 
+def test_rows_are_keys_for_a_first_generation_and_materialise_the_same(tmp_path):
+    """The ingest puts rows in leaf order, so the build moves nothing and the
+    audience writes row ranges; an index told to read ``keys`` gives the same."""
+    lat, lon = _uniform(30_000, 21)
+    store = _store(lat, lon, app=np.where(np.arange(30_000) % 4, "amap", "weibo"))
+    index = gt.SpatialIndex.build(store)
+    assert index.keys_are_rows
+    np.testing.assert_array_equal(index.keys, np.arange(len(store)))
+    reading = gt.SpatialIndex(store, index.points, index.keys, index.bounds, index.depth, index.seen,
+                              index.app, index.leaf_size, keys_are_rows=False)
+    for centre, r in (((10, 10), 3000), ((-80, 170), 900), ((0, 0), 0.0), ((45, 45), 20_000)):
+        a, b = index.within(*centre, r), reading.within(*centre, r)
+        buf_a, buf_b = np.zeros(len(store), np.uint32), np.zeros(len(store), np.uint32)
+        assert a.fill(buf_a) == b.fill(buf_b) == len(a)
+        np.testing.assert_array_equal(buf_a, buf_b)
+        np.testing.assert_array_equal(a.keys(), within_reference(store, *centre, r))
+        np.testing.assert_array_equal(a.keys(), b.keys())
+        np.testing.assert_array_equal(a.device_ids(), b.device_ids())
+        assert a.bitmap() == b.bitmap()
+    index.save(tmp_path / "g1")
+    assert gt.SpatialIndex.open(tmp_path / "g1").keys_are_rows
+
+
+def test_a_new_generation_with_moved_devices_reads_its_keys(tmp_path):
+    lat, lon = _uniform(20_000, 22)
+    g1 = _store(lat, lon)
+    rng = np.random.default_rng(22)
+    movers = rng.choice(20_000, 2_000, replace=False)
+    ids = np.r_[g1.device_id[movers], np.arange(10**6, 10**6 + 500, dtype=np.uint64)]
+    g2 = g1.with_updates(ids, rng.uniform(-60, 60, ids.size), rng.uniform(-180, 180, ids.size))
+    index = gt.SpatialIndex.build(g2)
+    assert index.keys_are_rows == bool(np.array_equal(index.keys, np.arange(len(g2))))
+    assert not index.keys_are_rows
+    for centre, r in (((10, 10), 3000), ((30, -100), 5000)):
+        np.testing.assert_array_equal(index.within(*centre, r).keys(), within_reference(g2, *centre, r))
+    index.save(tmp_path / "g2")
+    assert not gt.SpatialIndex.open(tmp_path / "g2").keys_are_rows
+
+
 def test_resident_copy_of_a_mapped_array(tmp_path):
     from geotarget.index import resident_copy
     a = np.arange(100_000, dtype=np.uint32).reshape(50_000, 2)
@@ -235,7 +274,8 @@ def test_save_open_round_trip_is_exact(tmp_path):
         np.testing.assert_array_equal(opened.within(5, 5, r).keys(), index.within(5, 5, r).keys())
 
 
-@pytest.mark.parametrize("damage", ["missing meta", "bad meta", "truncated npy", "wrong shape", "garbage store"])
+@pytest.mark.parametrize("damage", ["missing meta", "bad meta", "bad keys_are_rows", "truncated npy", "wrong shape",
+                                    "garbage store"])
 def test_corrupt_index_files_raise(tmp_path, damage):
     lat, lon = _uniform(1000, 16)
     d = gt.SpatialIndex.build(_store(lat, lon)).save(tmp_path / "idx")
@@ -243,6 +283,10 @@ def test_corrupt_index_files_raise(tmp_path, damage):
         (d / "index.json").unlink()
     elif damage == "bad meta":
         (d / "index.json").write_text("{not json")
+    elif damage == "bad keys_are_rows":
+        import json
+        meta = json.loads((d / "index.json").read_text())
+        (d / "index.json").write_text(json.dumps({**meta, "keys_are_rows": "yes"}))
     elif damage == "truncated npy":
         data = (d / "points.npy").read_bytes()
         (d / "points.npy").write_bytes(data[: len(data) // 2])

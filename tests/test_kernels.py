@@ -418,18 +418,85 @@ def test_bitmap_ranges_rejects_truncated_containers():
                 _kernels.bitmap_ranges(blob[:cut])
 
 
-@pytest.mark.parametrize("total", [1000, 5_000_000])   # serial and OpenMP paths (threshold 2^22)
-def test_gather_runs_both_paths(total):
-    rng = np.random.default_rng(13)
-    src = rng.integers(0, 2**32, total + 10_000, dtype=np.uint64).astype(np.uint32)
-    cuts = np.sort(rng.choice(np.arange(1, total + 10_000), 199, replace=False))
-    edges = np.r_[0, cuts, total + 10_000]
-    runs = np.stack([edges[:-1], edges[1:]], 1)[::2].astype(np.int64).copy()
-    lengths = runs[:, 1] - runs[:, 0]
+def _runs_and_offsets(lengths, gaps):
+    starts = np.cumsum(np.r_[0, lengths[:-1]] + gaps).astype(np.int64)
+    runs = np.stack([starts, starts + lengths], 1).astype(np.int64).copy()
     offsets = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)
-    out = np.empty(int(lengths.sum()), np.uint32)
+    return runs, offsets
+
+
+@pytest.mark.parametrize("shape", ["even", "one huge run among tiny ones", "empty runs"])
+@pytest.mark.parametrize("total", [1000, 600_000, 5_000_000])   # serial and all-cores paths (from 2^19)
+def test_gather_runs_and_fill_rows_both_paths(total, shape):
+    """The output is split evenly over the cores, inside runs: every split point is exercised."""
+    rng = np.random.default_rng(13)
+    if shape == "even":
+        lengths = np.full(200, total // 200, np.int64)
+    elif shape == "one huge run among tiny ones":
+        lengths = rng.integers(1, 4, min(3000, total // 10)).astype(np.int64)
+        lengths[len(lengths) // 3] += total - lengths.sum()
+    else:
+        lengths = rng.integers(0, 2, 4000).astype(np.int64) * (total // 2000)
+        lengths[0] = lengths[-1] = 0
+    gaps = rng.integers(0, 5, lengths.size)
+    runs, offsets = _runs_and_offsets(lengths, gaps)
+    src = rng.integers(0, 2**32, int(runs[-1, 1]) + 1, dtype=np.uint64).astype(np.uint32)
+    out = np.full(int(lengths.sum()) + 1, 7, np.uint32)
     _kernels.gather_runs_u32(src, runs, offsets, out)
-    np.testing.assert_array_equal(out, np.concatenate([src[a:b] for a, b in runs]))
+    np.testing.assert_array_equal(out[:-1], np.concatenate([src[a:b] for a, b in runs]))
+    assert out[-1] == 7
+    out[:] = 7
+    _kernels.fill_rows(runs, offsets, out)
+    np.testing.assert_array_equal(out[:-1], np.concatenate([np.arange(a, b) for a, b in runs]))
+    assert out[-1] == 7
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3)), max_size=60),
+       st.sampled_from([0, 1, 2**31, 2**32 - 200]))
+def test_fill_rows_matches_arange(spec, base):
+    """Lengths around the 16-key vector stride, empty runs, rows near 2^32."""
+    lengths = np.array([a for a, _ in spec], np.int64)
+    gaps = np.array([b for _, b in spec], np.int64)
+    if not spec:
+        lengths = gaps = np.empty(0, np.int64)
+    runs, offsets = _runs_and_offsets(lengths, gaps)
+    runs += base
+    assume(runs.size == 0 or runs[-1, 1] <= 2**32)
+    out = np.full(int(lengths.sum()) + 2, 3, np.uint32)
+    _kernels.fill_rows(runs, offsets, out)
+    ref = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs] or [np.empty(0, np.int64)])
+    np.testing.assert_array_equal(out[: ref.size], ref.astype(np.uint32))
+    assert np.all(out[ref.size:] == 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 300), elements=st.integers(0, 300)))
+def test_is_iota_matches_reference(keys):
+    assert _kernels.is_iota(keys) == np.array_equal(keys, np.arange(keys.size))
+    ident = np.arange(keys.size, dtype=np.uint32)
+    assert _kernels.is_iota(ident)
+    if keys.size > 1:
+        ident[-1] += 1
+        assert not _kernels.is_iota(ident)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cloud=point_clouds(max_n=400), leaf=st.sampled_from([1, 3, 8, 64]))
+def test_build_tree_leaves_rows_already_in_leaf_order_in_place(cloud, leaf):
+    """Points already in leaf order (re-keyed by their new position, as an ingest
+    does) are not moved: every node is found split already, ties included."""
+    lat, lon = cloud
+    pts = np.empty(len(lat), dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(lat, lon, pts)
+    _kernels.build_tree(pts, leaf)
+    order = pts["key"].copy()
+    again = np.empty(len(lat), dtype=_kernels.POINT_DTYPE)
+    _kernels.fill_points(np.ascontiguousarray(lat[order]), np.ascontiguousarray(lon[order]), again)
+    bounds_first, _ = _kernels.build_tree(pts.copy(), leaf)
+    bounds, _ = _kernels.build_tree(again, leaf)
+    np.testing.assert_array_equal(again["key"], np.arange(len(lat)))
+    np.testing.assert_array_equal(bounds, bounds_first)
 
 
 @settings(max_examples=150, deadline=None)
