@@ -86,7 +86,7 @@ from .errors import CorruptFileError, GeotargetError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import DEFAULT_LEAF_SIZE, SpatialIndex
 from .progress import bar
-from .store import DeviceStore, _fsync_dir, load_json
+from .store import DeviceStore, _fsync_dir, _save_npy, load_json
 
 MANIFEST = "shards.json"
 FULL_DIR = "full"
@@ -421,11 +421,7 @@ class ShardedIndex:
         index.save(path)
         global_keys = rows.astype(np.uint32)
         for name, arr in ((GLOBAL_KEYS, global_keys), (LEAF_KEYS, global_keys[index.keys])):
-            tmp = path / (name + ".tmp.npy")
-            np.save(tmp, arr)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path / name)
+            _save_npy(path / name, arr)
         del index
         _fsync_dir(path)
         xyz = unit_vectors(sub.lat, sub.lon)
