@@ -17,6 +17,12 @@ geotarget's ``device_ids()``.  The only tolerated difference is a device whose
 reference distance lies within 1e-6 km of the radius (DESIGN §2); any other
 mismatch is printed loudly and the script exits with status 1.
 
+The floor: for every query the script also times writing the answer's
+uint64 ids into a reused buffer (``np.copyto``, on one thread and on two
+threads over halves; the faster counts), which is less than any engine that
+hands back ids can do.  A target whose time budget is below this floor cannot
+be met on the machine by any implementation; the targets table shows both.
+
 Timing: one warm-up call, then repeated calls until both a minimum count and
 a time budget are reached; the table shows the best time, the JSON also the
 median.  Ratios are peer time / geotarget time (above 1: geotarget is faster).
@@ -102,6 +108,21 @@ def load_average() -> list:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def write_floor(ids: np.ndarray, budget_s: float) -> dict:
+    """Best time to write ``ids`` into a reused buffer: one np.copyto, or two threads over halves."""
+    from concurrent.futures import ThreadPoolExecutor
+    out = np.empty_like(ids)
+    half = ids.shape[0] // 2
+    one = best_of(lambda: np.copyto(out, ids), min_reps=20, budget_s=budget_s / 2)
+    with ThreadPoolExecutor(2) as pool:
+        def two():
+            for f in [pool.submit(np.copyto, out[:half], ids[:half]), pool.submit(np.copyto, out[half:], ids[half:])]:
+                f.result()
+        both = best_of(two, min_reps=20, budget_s=budget_s / 2)
+    return {"best_s": min(one["best_s"], both["best_s"]), "one_thread_s": one["best_s"],
+            "two_threads_s": both["best_s"]}
 
 
 def best_of(fn, min_reps: int = 5, budget_s: float = 1.0, max_reps: int = 500) -> dict:
@@ -286,6 +307,7 @@ def run(n: int, seed: int = 0, peers=PEERS, budget_s: float = 1.0, log=print) ->
             cnt = best_of(lambda: gt.count(lat, lon, r), min_reps=50, budget_s=budget_s / 2)
             expected = ids.pop("result")
             q["recipients"] = int(expected.shape[0])
+            q["write_floor"] = write_floor(expected, budget_s)
             fill_n = fill.pop("result")
             count_n = cnt.pop("result")
             q["geotarget"] = {"fill": fill, "device_ids": ids, "count": cnt}
@@ -336,8 +358,13 @@ def evaluate_targets(res) -> list:
                 continue
             ratio = q[peer]["ids"]["best_s"] / q["geotarget"]["device_ids"]["best_s"]
             vs_fill = q[peer]["ids"]["best_s"] / q["geotarget"]["fill"]["best_s"]
+            budget = q[peer]["ids"]["best_s"] / need
+            floor = q["write_floor"]["best_s"]
             out.append({"target": f"ids >= {need:g}x faster than {label}, dense {r:g} km",
-                        "value": f"{ratio:.1f}x (fill: {vs_fill:.0f}x)", "met": ratio >= need})
+                        "value": (f"{ratio:.1f}x (fill: {vs_fill:.0f}x); budget {_ms(budget)} ms, "
+                                  f"writing the ids alone {_ms(floor)} ms"),
+                        "met": ratio >= need, "budget_s": budget, "floor_s": floor,
+                        "feasible": floor <= budget})
     worst = max(q["geotarget"]["count"]["best_s"] for q in res["queries"]) * 1e3
     out.append({"target": f"count <= {TARGETS['count_ms']} ms (worst of all queries)",
                 "value": f"{worst:.3f} ms", "met": worst <= TARGETS["count_ms"]})
@@ -379,16 +406,17 @@ def markdown(res) -> str:
         lines.append(f"| {labels[p]} | {b['build_s']:.2f} | {b['rss_bytes_per_device']:.1f} | {how} |")
     lines.append("")
 
-    head = "| centre | r (km) | devices | geotarget fill (ms) | geotarget device_ids (ms) |"
-    sep = "|---|---:|---:|---:|---:|"
+    head = "| centre | r (km) | devices | geotarget fill (ms) | geotarget device_ids (ms) | write floor (ms) |"
+    sep = "|---|---:|---:|---:|---:|---:|"
     for p in peers:
         head += f" {p} ids (ms) | × |"
         sep += "---:|---:|"
-    lines += ["**Ids** (× = peer time / geotarget `device_ids()` time; best of k)", "", head, sep]
+    lines += ["**Ids** (× = peer time / geotarget `device_ids()` time; best of k; write floor = copying the "
+              "answer's uint64 ids into a reused buffer)", "", head, sep]
     for q in res["queries"]:
         gi = q["geotarget"]["device_ids"]["best_s"]
         row = (f"| {q['centre']} | {q['radius_km']:.0f} | {q['recipients']:,} | "
-               f"{_ms(q['geotarget']['fill']['best_s'])} | {_ms(gi)} |")
+               f"{_ms(q['geotarget']['fill']['best_s'])} | {_ms(gi)} | {_ms(q['write_floor']['best_s'])} |")
         for p in peers:
             t = q[p]["ids"]["best_s"]
             row += f" {_ms(t)} | {t / gi:,.0f}× |"
@@ -410,6 +438,8 @@ def markdown(res) -> str:
     lines += ["", "**Targets** (DESIGN §5)", "", "| target | measured | |", "|---|---:|---|"]
     for t in res["targets"]:
         mark = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
+        if t["met"] is False and t.get("feasible") is False:
+            mark += " (budget below the write floor: not reachable on this machine)"
         lines.append(f"| {t['target']} | {t['value'] if t['value'] is not None else '–'} | {mark} |")
     n_checks = len(res["checks"])
     ties = sum(c.get("ties", 0) for c in res["checks"])
