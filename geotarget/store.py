@@ -149,21 +149,33 @@ def _check_app(app, n: int, names: list[str] | None = None):
         if len(names) > MAX_APPS:
             raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
         return np.full(n, names.index(name), dtype=np.int8), names
-    if isinstance(app, pa.ChunkedArray):
-        app = app.combine_chunks()
-    if not isinstance(app, pa.Array):
+    if not isinstance(app, (pa.Array, pa.ChunkedArray)):
         arr = np.asarray(app)
         if arr.ndim != 1:
             raise InvalidInputError(f"app must be 1-D, got shape {arr.shape}")
         try:
+            # a ChunkedArray when the strings overflow one array (20 M numpy names do)
             app = pa.array(arr if arr.dtype.kind in "OUS" else arr.astype(str), type=pa.string())
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise InvalidInputError(f"app must be names (strings): {exc}") from None
     if len(app) != n:
         raise InvalidInputError(f"app has {len(app)} rows but device_id has {n}")
+    chunks = app.chunks if isinstance(app, pa.ChunkedArray) else [app]
+    codes = np.empty(n, dtype=np.int8)
+    row0 = 0
+    for chunk in chunks:  # each chunk has its own dictionary
+        codes[row0:row0 + len(chunk)] = _encode_app_chunk(chunk, names, row0, pc)
+        row0 += len(chunk)
+    if len(names) > MAX_APPS:
+        raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
+    return codes, names
+
+
+def _encode_app_chunk(app: pa.Array, names: list, row0: int, pc) -> np.ndarray:
+    """int8 codes into ``names`` (extended in place) of one pyarrow array of app names."""
     if app.null_count:
         i = int(np.flatnonzero(app.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InvalidInputError(f"app[{i}] is null")
+        raise InvalidInputError(f"app[{row0 + i}] is null")
     if not pa.types.is_dictionary(app.type):
         app = pc.dictionary_encode(app)
     indices = app.indices.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -176,13 +188,13 @@ def _check_app(app, n: int, names: list[str] | None = None):
             continue
         if not name or name in ("None", "nan"):
             row = int(np.flatnonzero(indices == i)[0])
-            raise InvalidInputError(f"app[{row}] = {name!r} is not an app name")
+            raise InvalidInputError(f"app[{row0 + row}] = {name!r} is not an app name")
         if name not in names:
             names.append(str(name))
+            if len(names) > MAX_APPS:
+                raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
         mapping[i] = names.index(name)
-    if len(names) > MAX_APPS:
-        raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
-    return mapping[indices].astype(np.int8), names
+    return mapping[indices].astype(np.int8)
 
 
 def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.ndarray:

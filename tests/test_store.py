@@ -306,14 +306,36 @@ def test_with_updates_without_app_keeps_moved_devices_apps_gh_scale_report(tmp_p
     assert {g2.app_names[c] for c in g2.app_codes[g2.lookup(batch[100:])]} == {"default"}
 
 
-@pytest.mark.parametrize("form", ["list", "numpy unicode", "numpy object", "arrow string", "arrow dictionary"])
+@pytest.mark.parametrize("form", ["list", "numpy unicode", "numpy object", "arrow string", "arrow dictionary",
+                                  "arrow chunked, a dictionary per chunk", "arrow chunked strings"])
 def test_app_column_forms_agree(form):
     names = ["amap", "qq", "amap", "didi", "qq"]
     app = {"list": names, "numpy unicode": np.array(names), "numpy object": np.array(names, dtype=object),
-           "arrow string": pa.array(names), "arrow dictionary": pa.array(names).dictionary_encode()}[form]
+           "arrow string": pa.array(names), "arrow dictionary": pa.array(names).dictionary_encode(),
+           "arrow chunked, a dictionary per chunk": pa.chunked_array(
+               [pa.array(names[:2]).dictionary_encode(), pa.array(names[2:]).dictionary_encode()]),
+           "arrow chunked strings": pa.chunked_array([pa.array(names[:1]), pa.array([], pa.string()),
+                                                      pa.array(names[1:])])}[form]
     s = gt.DeviceStore.from_arrays(np.arange(5, dtype=np.uint64), np.zeros(5), np.arange(5.0), app=app)
     k = s.lookup(np.arange(5, dtype=np.uint64))
     assert [s.app_names[c] for c in s.app_codes[k]] == names
+
+
+def test_app_names_that_overflow_one_arrow_array():
+    """pyarrow turns 20 M numpy names into a ChunkedArray; ingest must take it (it raised AttributeError)."""
+    n = 20_000_000
+    app = np.array(["amap", "qq", "didi", "weibo"])[np.arange(n) % 4]
+    assert isinstance(pa.array(app, type=pa.string()), pa.ChunkedArray)
+    codes, names = gt.store._check_app(app, n)
+    assert names == ["amap", "qq", "didi", "weibo"]
+    np.testing.assert_array_equal(codes[:8], [0, 1, 2, 3, 0, 1, 2, 3])
+    np.testing.assert_array_equal(np.bincount(codes), [n // 4] * 4)
+
+
+def test_null_app_in_a_later_chunk_names_its_row():
+    app = pa.chunked_array([pa.array(["amap", "qq"]), pa.array(["qq", None, "amap"])])
+    with pytest.raises(gt.InvalidInputError, match=r"app\[3\] is null"):
+        gt.DeviceStore.from_arrays(np.arange(5, dtype=np.uint64), np.zeros(5), np.zeros(5), app=app)
 
 
 # -- the on-disk new generation (the 400 M-device path) -----------------------------------------
