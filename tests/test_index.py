@@ -131,7 +131,11 @@ def test_audience_materialisations_agree():
         k = t.column("key").to_numpy()
         assert np.all(store.app_codes[k] == store.app_names.index(name))
         np.testing.assert_array_equal(t.column("device_id").to_numpy(), store.device_id[k])
+        assert np.all(np.diff(t.column("device_id").to_numpy()) > 0), "each app's table is in id order"
+    np.testing.assert_array_equal(np.sort(np.concatenate([t.column("key").to_numpy() for t in batches.values()])),
+                                  keys)
     assert aud.counts_by_app() == {n: t.num_rows for n, t in batches.items()}
+    assert index.within(10, 10, 0.0).by_app() == {}
 
 
 def test_audience_set_algebra_is_ring_difference():
