@@ -1,4 +1,4 @@
-"""Build the compiled hot path (``geotarget._kernels`` and ``geotarget._store_kernels``).
+"""Build the compiled hot path (``geotarget._kernels``, ``_array_kernels``, ``_refresh_kernels``, ``_store_kernels``).
 
 OpenMP is used when the compiler supports it.  ``GEOTARGET_OPENMP=0`` turns it
 off; the kernels then run single-threaded but give identical results.
@@ -49,8 +49,10 @@ def _extension(name):
     )
 
 
-# _kernels: the index and query hot path; _store_kernels: id lookups and merges for generations
-extensions = [_extension("_kernels"), _extension("_store_kernels")]
+# _kernels: the index build and query; _array_kernels: gathers, sorts and runs of keys;
+# _refresh_kernels: re-targeting changed devices, roaring ranges; _store_kernels: id lookups
+# and merges for generations.  _geom.pxd holds what they share.
+extensions = [_extension(name) for name in ("_kernels", "_array_kernels", "_refresh_kernels", "_store_kernels")]
 
 setup(
     ext_modules=cythonize(

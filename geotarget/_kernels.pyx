@@ -54,20 +54,33 @@ Earth, and it must come back in milliseconds for tens of millions of devices.
    contiguous arrays (validation lives in ``geotarget/index.py``), and return
    NumPy arrays of runs.  The build's array of (x, y, z, key) records *is* the
    serving layout (16 bytes a device), plus a contiguous copy of the keys
-   (4 bytes) so that materialising an audience is ``memcpy`` of key ranges.  Gathers run over both cores with OpenMP where it is
-   available.
+   (4 bytes) so that materialising an audience is ``memcpy`` of key ranges.
+   When the rows are already in leaf order (a store ingested in one batch:
+   the ingest sorted it with this same tree), the build finds every node
+   split and moves nothing; the index rows are then the keys, and an
+   audience is written as ranges without reading the keys at all.  Gathers
+   run over both cores with OpenMP where it is available.
 
 Every kernel names its NumPy equivalent in its docstring; the tests compare the
 two on hypothesis-generated and adversarial inputs.
+
+This module holds the build and the query.  Materialising audiences, gathers
+and sorts live in ``_array_kernels.pyx``, the refresh's re-targeting and the
+roaring reader in ``_refresh_kernels.pyx``; ``_geom.pxd`` holds what they
+share (the point record, the exact haversine, the box and threshold tests).
 """
 
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport asin, cos, sin, sqrt, fabs
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.math cimport cos, sin
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
+
+from geotarget._geom cimport (GT_DEG2RAD, GT_EARTH_R, GT_GUARD, GT_HAVE_OPENMP, GtPoint, Thresholds,
+                              __builtin_prefetch, _bbox, _box_dist2, _haversine_km, _thresholds,
+                              gt_max_threads)
 
 cnp.import_array()
 
@@ -75,153 +88,10 @@ cdef extern from * nogil:
     """
     #include <algorithm>
     #include <cstdint>
+    #include <vector>
     #ifdef _OPENMP
     #include <omp.h>
     #endif
-    struct GtPoint { float x; float y; float z; uint32_t key; };
-    struct GtIdKey { uint64_t id; uint32_t key; };
-
-    #include <vector>
-    #include <memory>
-    /* d[j] = s + j for j < m.  GCC's own vectorisation of this loop for
-       baseline x86-64 ran at 0.77 ms for 3.1 M keys, this unrolled SSE2 at
-       0.26 ms (one 16-byte store a cycle, no data read). */
-    #if defined(__SSE2__)
-    #include <emmintrin.h>
-    #endif
-    static inline void gt_iota(uint32_t* d, int64_t m, uint32_t s) {
-        int64_t j = 0;
-        #if defined(__SSE2__)
-        const __m128i k16 = _mm_set1_epi32(16);
-        __m128i v0 = _mm_setr_epi32((int)s, (int)(s + 1), (int)(s + 2), (int)(s + 3));
-        __m128i v1 = _mm_add_epi32(v0, _mm_set1_epi32(4));
-        __m128i v2 = _mm_add_epi32(v0, _mm_set1_epi32(8));
-        __m128i v3 = _mm_add_epi32(v0, _mm_set1_epi32(12));
-        for (; j + 16 <= m; j += 16) {
-            _mm_storeu_si128((__m128i*)(d + j), v0);
-            _mm_storeu_si128((__m128i*)(d + j + 4), v1);
-            _mm_storeu_si128((__m128i*)(d + j + 8), v2);
-            _mm_storeu_si128((__m128i*)(d + j + 12), v3);
-            v0 = _mm_add_epi32(v0, k16); v1 = _mm_add_epi32(v1, k16);
-            v2 = _mm_add_epi32(v2, k16); v3 = _mm_add_epi32(v3, k16);
-        }
-        #endif
-        for (; j < m; j++) d[j] = s + (uint32_t)j;
-    }
-
-    /* f(out_pos, row, len) for every piece of the runs, the output split
-       evenly over nt threads by position.  Audiences mix a few runs of ~10^5
-       rows with thousands of 1-3 rows, so splitting by run left one core with
-       most of the bytes; this splits inside runs. */
-    template <class F> static void gt_for_runs(const int64_t* runs, const int64_t* offsets, int64_t k,
-                                               int64_t total, int nt, F f) {
-        #pragma omp parallel num_threads(nt) if(nt > 1)
-        {
-            int t = 0, tn = 1;
-            #ifdef _OPENMP
-            t = omp_get_thread_num(); tn = omp_get_num_threads();
-            #endif
-            int64_t lo = total * t / tn, hi = total * (t + 1) / tn;
-            if (lo < hi) {
-                int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
-                for (; i < k && offsets[i] < hi; i++) {
-                    int64_t o = offsets[i], len = runs[2 * i + 1] - runs[2 * i];
-                    int64_t a = o > lo ? o : lo, b = o + len < hi ? o + len : hi;
-                    if (a < b) f(a, runs[2 * i] + (a - o), b - a);
-                }
-            }
-        }
-    }
-    static void gt_fill_rows(const int64_t* runs, const int64_t* offsets, int64_t k, int64_t total,
-                             int nt, uint32_t* out) {
-        gt_for_runs(runs, offsets, k, total, nt, [=](int64_t o, int64_t row, int64_t len) {
-            gt_iota(out + o, len, (uint32_t)row); });
-    }
-    static void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const int64_t* offsets, int64_t k,
-                                   int64_t total, int nt, uint32_t* out) {
-        gt_for_runs(runs, offsets, k, total, nt, [=](int64_t o, int64_t row, int64_t len) {
-            std::copy(src + row, src + row + len, out + o); });
-    }
-    /* Sort ids carrying their row numbers.  One counting pass and one stable
-       scatter into up to 2^16 buckets by the top bits of (id - min), then each
-       bucket is sorted on its own, in cache, in parallel.  Device ids are
-       hashes in practice, so buckets are small and even; a skewed id space
-       only makes some buckets larger, never the result wrong. */
-    static void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows) {
-        if (n == 0) return;
-        uint64_t lo = ids[0], hi = ids[0];
-        #pragma omp parallel for reduction(min:lo) reduction(max:hi)
-        for (int64_t i = 0; i < n; i++) { if (ids[i] < lo) lo = ids[i]; if (ids[i] > hi) hi = ids[i]; }
-        uint64_t span = hi - lo;
-        int bits = span ? 64 - __builtin_clzll(span) : 0;
-        int shift = bits > 16 ? bits - 16 : 0;
-        int64_t nb = (int64_t)(span >> shift) + 1;
-        int nt = 1;
-        #ifdef _OPENMP
-        nt = omp_get_max_threads();
-        #endif
-        std::vector<int64_t> counts((size_t)nt * nb, 0);
-        /* new[] without () leaves the memory untouched: no serial zeroing pass */
-        std::unique_ptr<GtIdKey[]> tmp(new GtIdKey[(size_t)n]);
-        #pragma omp parallel num_threads(nt)
-        {
-            int t = 0;
-            #ifdef _OPENMP
-            t = omp_get_thread_num();
-            #endif
-            int64_t s = n * t / nt, e = n * (t + 1) / nt;
-            int64_t* c = &counts[(size_t)t * nb];
-            for (int64_t i = s; i < e; i++) c[(ids[i] - lo) >> shift]++;
-            #pragma omp barrier
-            #pragma omp single
-            {
-                int64_t acc = 0;
-                for (int64_t b = 0; b < nb; b++)
-                    for (int u = 0; u < nt; u++) {
-                        int64_t v = counts[(size_t)u * nb + b]; counts[(size_t)u * nb + b] = acc; acc += v; }
-            }
-            for (int64_t i = s; i < e; i++) {
-                int64_t pos = c[(ids[i] - lo) >> shift]++;
-                tmp[pos].id = ids[i]; tmp[pos].key = (uint32_t)i;
-            }
-        }
-        /* after the scatter, counts[(nt-1)*nb + b] is the end of bucket b */
-        #pragma omp parallel for schedule(dynamic, 64)
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t e = counts[(size_t)(nt - 1) * nb + b];
-            int64_t s = b ? counts[(size_t)(nt - 1) * nb + b - 1] : 0;
-            if (e - s > 1)
-                std::sort(tmp.get() + s, tmp.get() + e, [](const GtIdKey& a, const GtIdKey& b) {
-                    return a.id < b.id || (a.id == b.id && a.key < b.key); });
-        }
-        #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < n; i++) { out_ids[i] = tmp[i].id; out_rows[i] = tmp[i].key; }
-    }
-
-    /* LSD radix sort of unsigned integers, 8-bit digits (4 passes for 32-bit
-       keys, 8 for 64-bit ids) through one scratch buffer; a pass whose digit is
-       the same for every element (the high bits of a local key range) is
-       skipped.  One counting pass fills every digit's histogram.  256 buckets
-       keep the scatter's open cache lines in L1: 11-bit digits took 86 ms for
-       3.1 M ids against 49 ms; NumPy's sort took 178 ms on this machine. */
-    template <class T> static void gt_radix_sort(T* a, int64_t n, T* tmp) {
-        const int BITS = 8, NB = 1 << BITS, PASSES = (int)(sizeof(T) * 8 + BITS - 1) / BITS;
-        std::vector<int64_t> count((size_t)PASSES * NB, 0);
-        for (int64_t i = 0; i < n; i++) {
-            T v = a[i];
-            for (int p = 0; p < PASSES; p++) count[(size_t)p * NB + ((v >> (p * BITS)) & (NB - 1))]++;
-        }
-        T* src = a; T* dst = tmp;
-        for (int p = 0; p < PASSES; p++) {
-            int64_t* c = &count[(size_t)p * NB];
-            if (c[(src[0] >> (p * BITS)) & (NB - 1)] == n) continue;  /* one digit value: nothing moves */
-            int64_t acc = 0;
-            for (int b = 0; b < NB; b++) { int64_t v = c[b]; c[b] = acc; acc += v; }
-            for (int64_t i = 0; i < n; i++) { T v = src[i]; dst[c[(v >> (p * BITS)) & (NB - 1)]++] = v; }
-            T* t = src; src = dst; dst = t;
-        }
-        if (src != a) std::copy(src, src + n, a);
-    }
 
     /* Ties are broken by key so that the partition (and hence every leaf's
        membership) does not depend on the input order or the thread count. */
@@ -355,47 +225,12 @@ cdef extern from * nogil:
         else if (axis == 1) gt_select_axis<1>(first, nth, n, par);
         else gt_select_axis<2>(first, nth, n, par);
     }
-    #ifdef _OPENMP
-    #include <omp.h>
-    static inline int gt_max_threads(void) { return omp_get_max_threads(); }
-    static const int GT_HAVE_OPENMP = 1;
-    #else
-    static inline int gt_max_threads(void) { return 1; }
-    static const int GT_HAVE_OPENMP = 0;
-    #endif
     """
-    ctypedef struct GtPoint:
-        float x
-        float y
-        float z
-        uint32_t key
-    void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
-    void gt_iota(uint32_t* d, int64_t m, uint32_t s)
-    void gt_fill_rows(const int64_t* runs, const int64_t* offsets, int64_t k, int64_t total, int nt, uint32_t* out)
-    void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const int64_t* offsets, int64_t k,
-                            int64_t total, int nt, uint32_t* out)
-    void gt_radix_sort[T](T* a, int64_t n, T* tmp)
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
-    int gt_max_threads()
-    int GT_HAVE_OPENMP
-    int __builtin_ctzll(unsigned long long)
-    void __builtin_prefetch(const void*)
-
-# Mean Earth radius (IUGG), km.  DESIGN §2 fixes it.
-DEF EARTH_R = 6371.0088
-DEF DEG2RAD = 0.017453292519943295
-# Guard band in chord units (unit sphere).  See the essay, point 4.
-DEF GUARD = 2e-6
-# Below this many elements a gather runs on the calling thread.  A parallel
-# region ends at a barrier, so on a busy machine it waits for the OS to
-# schedule the second thread: measured 7 ms instead of 0.35 ms for a 580 k-key
-# fill.  4 M keys copy in ~1.5 ms on one core; only larger copies (the 90 M
-# audience at 400 M devices) are worth that risk.
-DEF PARALLEL_MIN = 1 << 22
 
 HAVE_OPENMP = bool(GT_HAVE_OPENMP)
-EARTH_RADIUS_KM = EARTH_R
-CHORD_GUARD = GUARD
+EARTH_RADIUS_KM = GT_EARTH_R
+CHORD_GUARD = GT_GUARD
 
 POINT_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("key", "<u4")])
 
@@ -408,20 +243,6 @@ def max_threads():
 # ---------------------------------------------------------------------------
 # exact distance
 # ---------------------------------------------------------------------------
-
-cdef inline double _haversine_km(double lat1, double lon1, double lat2, double lon2) noexcept nogil:
-    # Same operation order as geotarget.geo.haversine_km (the NumPy reference).
-    cdef double p1 = lat1 * DEG2RAD
-    cdef double p2 = lat2 * DEG2RAD
-    cdef double dphi = (lat2 - lat1) * DEG2RAD
-    cdef double dlmb = (lon2 - lon1) * DEG2RAD
-    cdef double s1 = sin(dphi * 0.5)
-    cdef double s2 = sin(dlmb * 0.5)
-    cdef double a = s1 * s1 + cos(p1) * cos(p2) * s2 * s2
-    if a > 1.0:
-        a = 1.0
-    return 2.0 * EARTH_R * asin(sqrt(a))
-
 
 def haversine_many(double lat, double lon, const double[::1] lats, const double[::1] lons):
     """Great-circle distance (km) from one point to many.
@@ -459,8 +280,8 @@ def fill_points(const double[::1] lat, const double[::1] lon, GtPoint[::1] out,
     cdef bint have_keys = keys is not None
     with nogil:
         for i in prange(n, schedule="static"):
-            phi = lat[i] * DEG2RAD
-            lam = lon[i] * DEG2RAD
+            phi = lat[i] * GT_DEG2RAD
+            lam = lon[i] * GT_DEG2RAD
             cp = cos(phi)
             out[i].x = <float>(cp * cos(lam))
             out[i].y = <float>(cp * sin(lam))
@@ -478,20 +299,6 @@ def fill_points(const double[::1] lat, const double[::1] lon, GtPoint[::1] out,
 cdef inline int64_t _node_start(int64_t j, int level, int64_t n) noexcept nogil:
     # floor(j * n / 2^level); j * n < 2^63 for n < 2^32 and level <= 31.
     return (j * n) >> level
-
-
-cdef void _bbox(const GtPoint* p, int64_t count, float* box) noexcept nogil:
-    cdef int64_t i
-    cdef float x0 = 1e30, y0 = 1e30, z0 = 1e30, x1 = -1e30, y1 = -1e30, z1 = -1e30
-    for i in range(count):
-        if p[i].x < x0: x0 = p[i].x
-        if p[i].x > x1: x1 = p[i].x
-        if p[i].y < y0: y0 = p[i].y
-        if p[i].y > y1: y1 = p[i].y
-        if p[i].z < z0: z0 = p[i].z
-        if p[i].z > z1: z1 = p[i].z
-    box[0] = x0; box[1] = y0; box[2] = z0
-    box[3] = x1; box[4] = y1; box[5] = z1
 
 
 cdef void _bbox_par(const GtPoint* p, int64_t count, float* box) noexcept nogil:
@@ -616,37 +423,6 @@ def copy_keys(const GtPoint[::1] pts, uint32_t[::1] keys):
 # ---------------------------------------------------------------------------
 # query
 # ---------------------------------------------------------------------------
-
-cdef struct Thresholds:
-    bint everything
-    double lo2, hi2           # node tests (float64)
-    float flo2, fhi2          # point tests (float32)
-
-
-cdef Thresholds _thresholds(double radius_km) noexcept nogil:
-    """Squared-chord thresholds around ``T = 2 sin(r / 2R)``, widened by the guard band.
-
-    Below ``lo2`` a point is surely inside, above ``hi2`` surely outside; in
-    between the float64 haversine decides.  float32 rounding of the thresholds
-    never widens the sure bands.
-    """
-    cdef Thresholds t
-    cdef double half = radius_km / (2.0 * EARTH_R)
-    # Cap of angular radius r/R; beyond half the circumference it is the sphere.
-    t.everything = half >= 1.5707963267948966
-    cdef double T = 2.0 * sin(half) if not t.everything else 2.0
-    cdef double lo = T - GUARD
-    cdef double hi = T + GUARD
-    t.lo2 = lo * lo if lo > 0 else -1.0
-    t.hi2 = hi * hi
-    t.flo2 = <float>t.lo2
-    t.fhi2 = <float>t.hi2
-    if <double>t.flo2 > t.lo2:
-        t.flo2 = <float>(t.lo2 * (1.0 - 1e-7))
-    if <double>t.fhi2 < t.hi2:
-        t.fhi2 = <float>(t.hi2 * (1.0 + 1e-7))
-    return t
-
 
 cdef struct QueryCtx:
     const GtPoint* pts        # (n,) leaf-ordered unit vectors (+ key)
@@ -776,27 +552,6 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         _track(q, &run_start, r, inside)
     if run_start >= 0:
         _emit(q, run_start, e)
-
-
-cdef inline void _box_dist2(const float* b, double cx, double cy, double cz,
-                            double* dmin2, double* dmax2) noexcept nogil:
-    """Squared distance from a point to the nearest and the farthest point of a box."""
-    cdef double c, lo, hi, t
-    cdef int axis
-    dmin2[0] = 0.0
-    dmax2[0] = 0.0
-    for axis in range(3):
-        c = cx if axis == 0 else (cy if axis == 1 else cz)
-        lo = b[axis]
-        hi = b[axis + 3]
-        if c < lo:
-            t = lo - c
-            dmin2[0] += t * t
-        elif c > hi:
-            t = c - hi
-            dmin2[0] += t * t
-        t = c - lo if c - lo > hi - c else hi - c
-        dmax2[0] += t * t
 
 
 # What the traversal found, executed afterwards in row order (see _query).
@@ -956,8 +711,8 @@ cdef class Tree:
         q.clat = clat
         q.clon = clon
         q.radius = radius_km
-        phi = clat * DEG2RAD
-        lam = clon * DEG2RAD
+        phi = clat * GT_DEG2RAD
+        lam = clon * GT_DEG2RAD
         cp = cos(phi)
         # The centre is rounded to float32 like the points; the guard band covers it.
         q.fx = <float>(cp * cos(lam))
@@ -998,207 +753,6 @@ cdef class Tree:
         return out, q.count, stats
 
 
-# ---------------------------------------------------------------------------
-# gathers
-# ---------------------------------------------------------------------------
-
-#: From this many keys up an audience is materialised on every core.
-DEF RUNS_PARALLEL_MIN = 1 << 19
-
-
-def gather_runs_u32(const uint32_t[::1] src, const int64_t[:, ::1] runs,
-                    const int64_t[::1] offsets, uint32_t[::1] out):
-    """Copy ``src[s:e]`` for every run into ``out`` back to back.
-
-    ``offsets[i]`` is where run i starts in ``out`` (an exclusive cumsum of
-    run lengths); the output is split evenly over the cores.  In numpy, this
-    operation is equivalent to
-    ``out[:total] = np.concatenate([src[s:e] for s, e in runs])``.
-    """
-    cdef Py_ssize_t k = runs.shape[0]
-    cdef int64_t total = offsets[k - 1] + runs[k - 1, 1] - runs[k - 1, 0] if k else 0
-    if total == 0:
-        return
-    with nogil:
-        gt_gather_runs_u32(&src[0], &runs[0, 0], &offsets[0], k, total,
-                           gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
-
-
-def fill_rows(const int64_t[:, ::1] runs, const int64_t[::1] offsets, uint32_t[::1] out):
-    """Write the row numbers of every run into ``out`` back to back (``gather_runs_u32`` when keys are rows).
-
-    When an index's rows are its keys (a first generation ingested in one
-    batch), materialising an audience needs no source array: this writes
-    ``s, s+1, ..., e-1`` for each run, half the memory traffic of a copy.  In
-    numpy, this operation is equivalent to
-    ``out[:total] = np.concatenate([np.arange(s, e) for s, e in runs])``.
-    """
-    cdef Py_ssize_t k = runs.shape[0]
-    cdef int64_t total = offsets[k - 1] + runs[k - 1, 1] - runs[k - 1, 0] if k else 0
-    if total == 0:
-        return
-    with nogil:
-        gt_fill_rows(&runs[0, 0], &offsets[0], k, total,
-                     gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
-
-
-def is_iota(const uint32_t[::1] keys):
-    """Whether ``keys[i] == i`` for every i (an index whose rows are its keys).
-
-    In numpy, this operation is equivalent to
-    ``bool(np.array_equal(keys, np.arange(keys.size)))``.
-    """
-    cdef Py_ssize_t i, n = keys.shape[0]
-    cdef int64_t bad = 0
-    with nogil:
-        for i in prange(n, schedule="static"):
-            if keys[i] != <uint32_t>i:
-                bad += 1
-    return bad == 0
-
-
-ctypedef fused gather_t:
-    cnp.uint64_t
-    cnp.int64_t
-    double
-    cnp.int8_t
-    cnp.uint32_t
-
-
-ctypedef fused index_t:
-    cnp.int64_t
-    cnp.uint32_t
-
-
-def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
-    """``out[i] = src[idx[i]]`` over both cores (indices must be in range).
-
-    In numpy, this operation is equivalent to ``np.take(src, idx, out=out)``.
-    """
-    cdef Py_ssize_t i, n = idx.shape[0]
-    with nogil:
-        if n < PARALLEL_MIN:
-            for i in range(n):
-                out[i] = src[idx[i]]
-        else:
-            for i in prange(n, schedule="static"):
-                out[i] = src[idx[i]]
-
-
-def sort_ids(const cnp.uint64_t[::1] ids):
-    """Sort device ids and carry their row numbers: ``(sorted_ids, rows)``.
-
-    In numpy, this operation is equivalent to
-    ``rows = np.argsort(ids, kind="stable"); sorted_ids = ids[rows]``.
-    """
-    cdef Py_ssize_t n = ids.shape[0]
-    sorted_ids = np.empty(n, dtype=np.uint64)
-    rows = np.empty(n, dtype=np.uint32)
-    cdef cnp.uint64_t[::1] so = sorted_ids
-    cdef uint32_t[::1] ro = rows
-    if n:
-        with nogil:
-            gt_sort_ids(&ids[0], n, &so[0], &ro[0])
-    return sorted_ids, rows
-
-
-ctypedef fused sortable_t:
-    cnp.uint32_t
-    cnp.uint64_t
-
-
-def sort_inplace(sortable_t[::1] a):
-    """Sort device keys or ids in place (LSD radix sort, one scratch buffer).
-
-    In numpy, this operation is equivalent to ``a.sort()``.
-    """
-    cdef Py_ssize_t n = a.shape[0]
-    if n < 2:
-        return
-    tmp = np.empty(n, dtype=np.uint32 if sortable_t is cnp.uint32_t else np.uint64)
-    cdef sortable_t[::1] t = tmp
-    with nogil:
-        gt_radix_sort(&a[0], n, &t[0])
-
-
-def gather_seen(const cnp.int64_t[::1] last_seen, const uint32_t[::1] keys, uint32_t[::1] out):
-    """Last-seen seconds per leaf-ordered row, clipped to the uint32 clock (1970..2106).
-
-    In numpy, this operation is equivalent to
-    ``out[:] = np.clip(last_seen[keys], 0, 2**32 - 1)``.
-    """
-    cdef Py_ssize_t i, n = keys.shape[0]
-    cdef cnp.int64_t v
-    cdef cnp.int64_t top = 4294967295  # the u32 clock ends in 2106
-    with nogil:
-        for i in prange(n, schedule="static"):
-            v = last_seen[keys[i]]
-            if v < 0:
-                v = 0
-            elif v > top:
-                v = top
-            out[i] = <uint32_t>v
-
-
-cdef inline bint _run_breaks(const uint32_t* k, Py_ssize_t i) noexcept nogil:
-    """Does a new run of consecutive keys start at ``k[i]``?  (``k + 1`` wraps at the key space's end.)"""
-    return k[i] != k[i - 1] + 1 or k[i - 1] == 0xFFFFFFFFu
-
-
-cdef Py_ssize_t _count_runs(const uint32_t[::1] keys, bint* ascending) noexcept nogil:
-    cdef Py_ssize_t i, m = 0, n = keys.shape[0]
-    cdef bint up = True
-    for i in range(1, n):
-        if _run_breaks(&keys[0], i):
-            m += 1
-        if keys[i] <= keys[i - 1]:
-            up = False
-    ascending[0] = up
-    return m + 1 if n else 0
-
-
-def count_runs(const uint32_t[::1] keys):
-    """``(runs, ascending)``: how many maximal runs of consecutive keys, and whether keys strictly ascend.
-
-    In numpy, this operation is equivalent to::
-
-        d = np.diff(keys.astype(np.int64))
-        (int(keys.size > 0) + int(np.count_nonzero(d != 1)), bool(np.all(d > 0)))
-    """
-    cdef bint up
-    cdef Py_ssize_t m
-    with nogil:
-        m = _count_runs(keys, &up)
-    return m, bool(up)
-
-
-def consecutive_ranges(const uint32_t[::1] keys):
-    """Maximal runs of consecutive ascending keys, as int64 ``(m, 2)`` ``[start, end)``.
-
-    In numpy, this operation is equivalent to::
-
-        cut = np.flatnonzero(np.diff(keys.astype(np.int64)) != 1) + 1
-        starts = keys[np.r_[0, cut]]; ends = keys[np.r_[cut - 1, len(keys) - 1]] + 1
-    """
-    cdef Py_ssize_t i, m, n = keys.shape[0]
-    cdef bint up
-    with nogil:
-        m = _count_runs(keys, &up)
-    out = np.empty((m, 2), dtype=np.int64)
-    cdef cnp.int64_t[:, ::1] o = out
-    cdef Py_ssize_t j = 0
-    if n:
-        with nogil:
-            o[0, 0] = keys[0]
-            for i in range(1, n):
-                if _run_breaks(&keys[0], i):
-                    o[j, 1] = <cnp.int64_t>keys[i - 1] + 1
-                    j += 1
-                    o[j, 0] = keys[i]
-            o[j, 1] = <cnp.int64_t>keys[n - 1] + 1
-    return out
-
-
 def node_seen_bounds(const uint32_t[::1] seen, int depth):
     """Per-node (min, max) of last-seen seconds over each node's rows, uint32 ``(nnodes, 2)``.
 
@@ -1236,281 +790,4 @@ def node_seen_bounds(const uint32_t[::1] seen, int depth):
                 a = o[2 * node + 1, 1]
                 b = o[2 * node + 2, 1]
                 o[node, 1] = a if a > b else b
-    return out
-
-
-def block_bounds(const GtPoint[::1] pts, int block):
-    """Boxes of consecutive blocks of ``block`` points, float32 ``(ceil(n / block), 6)``.
-
-    In numpy, this operation is equivalent to, for each block b::
-
-        p = pts[b * block:(b + 1) * block]
-        out[b] = [p["x"].min(), p["y"].min(), p["z"].min(), p["x"].max(), p["y"].max(), p["z"].max()]
-    """
-    cdef Py_ssize_t b, n = pts.shape[0]
-    cdef Py_ssize_t nb = (n + block - 1) // block
-    out = np.empty((nb, 6), dtype=np.float32)
-    cdef float[:, ::1] o = out
-    with nogil:
-        for b in prange(nb, schedule="static"):
-            _bbox(&pts[b * block], min(n, (b + 1) * block) - b * block, &o[b, 0])
-    return out
-
-
-cdef inline int64_t _first_end_after(const int64_t* r, int64_t lo, int64_t hi, int64_t key) noexcept nogil:
-    """Index of the first range in ``r[lo:hi]`` (flat ``[s, e]`` pairs, sorted) whose end exceeds ``key``."""
-    cdef int64_t mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if r[2 * mid + 1] <= key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-cdef inline bint _in_ranges(const int64_t* r, int64_t lo, int64_t hi, int64_t* cur, int64_t key) noexcept nogil:
-    """Is ``key`` in one of the sorted disjoint ranges ``r[lo:hi]``?
-
-    ``cur`` remembers where the last lookup ended: keys that ascend (the usual
-    case) cost a step or two; a jump, or a key below the last one, costs one
-    binary search.  Invariant after the call: every range before ``cur`` ends
-    at or below ``key``.
-    """
-    cdef int64_t c = cur[0]
-    if c < lo or (c > lo and r[2 * (c - 1) + 1] > key):
-        c = _first_end_after(r, lo, hi, key)
-    elif c < hi and r[2 * c + 1] <= key:
-        c += 1
-        if c < hi and r[2 * c + 1] <= key:
-            c = _first_end_after(r, c, hi, key)
-    cur[0] = c
-    return c < hi and r[2 * c] <= key
-
-
-def circles_new_points(const GtPoint[::1] pts, const float[:, ::1] blocks, int block,
-                       const double[::1] lat, const double[::1] lon, const double[:, ::1] circles,
-                       const int64_t[:, ::1] skip, const int64_t[::1] skip_offsets):
-    """For every circle, the keys of the given points inside it and not in its skip ranges.
-
-    ``pts`` are unit vectors with their keys and ``lat``/``lon`` their
-    stored coordinates (the same order: the exact re-check reads them
-    sequentially, never the store), cut into blocks of ``block`` points with
-    boxes (``block_bounds``); ``circles`` is
-    ``(k, 3)`` of (lat, lon, radius_km); circle c skips the keys in
-    ``skip[skip_offsets[c]:skip_offsets[c + 1]]``, sorted disjoint
-    ``[start, end)`` ranges (the devices an alert already notified).  This is
-    the re-targeting of a refresh: the devices a generation changed, tested
-    against every open alert in one pass over both cores, block by block, with
-    the box tests, two-threshold float32 chord test and float64 haversine
-    re-check of :meth:`Tree.query`.  Only the few devices that are new to an
-    alert come out.
-
-    Returns ``(keys, offsets)``: circle c's keys are ``keys[offsets[c]:offsets[c + 1]]``,
-    in input order.  In numpy, this operation is equivalent to, for each c::
-
-        k = pts["key"]
-        inside = haversine_km(circles[c, 0], circles[c, 1], lat, lon) <= circles[c, 2]
-        notified = np.zeros(len(k), bool)
-        for s, e in skip[skip_offsets[c]:skip_offsets[c + 1]]:
-            notified |= (k >= s) & (k < e)
-        keys_c = k[inside & ~notified]
-    """
-    cdef Py_ssize_t n = pts.shape[0], nb = blocks.shape[0], k = circles.shape[0]
-    cdef Py_ssize_t ch, nch, b, b0, b1, c, i, s, e, slot
-    if lat.shape[0] != n or lon.shape[0] != n:
-        raise ValueError(f"lat/lon hold {lat.shape[0]}/{lon.shape[0]} values for {n} points")
-    # Chunks of consecutive blocks, taken in any order by either core; each
-    # chunk's output per circle is concatenated in chunk order, so the result
-    # keeps input order whatever the schedule.
-    nch = min(nb, 16 * gt_max_threads()) if nb else 0
-    cdef vector[float] cf = vector[float](3 * k)
-    cdef vector[Thresholds] th = vector[Thresholds](k)
-    cdef double phi, lam, cp, dmin2, dmax2
-    for c in range(k):
-        phi = circles[c, 0] * DEG2RAD
-        lam = circles[c, 1] * DEG2RAD
-        cp = cos(phi)
-        cf[3 * c] = <float>(cp * cos(lam))
-        cf[3 * c + 1] = <float>(cp * sin(lam))
-        cf[3 * c + 2] = <float>sin(phi)
-        th[c] = _thresholds(circles[c, 2])
-    cdef vector[vector[uint32_t]] outs = vector[vector[uint32_t]](nch * k)
-    cdef vector[int64_t] cursors = vector[int64_t](nch * k, -1)
-    cdef const int64_t* sk = &skip[0, 0] if skip.shape[0] > 0 else NULL
-    cdef float dx, dy, dz, d2, fx, fy, fz
-    cdef uint32_t key, kmin, kmax
-    cdef bint inside, whole
-    with nogil:
-        for ch in prange(nch, schedule="dynamic"):
-            b0 = (ch * nb) // nch
-            b1 = ((ch + 1) * nb) // nch
-            # Assigned here so that prange makes them thread-private: they are
-            # otherwise only written through pointers, which Cython would share.
-            dmin2 = 0.0
-            dmax2 = 0.0
-            for b in range(b0, b1):
-                s = b * block
-                e = min(n, s + block)
-                kmin = pts[s].key
-                kmax = kmin
-                for i in range(s + 1, e):
-                    if pts[i].key < kmin:
-                        kmin = pts[i].key
-                    if pts[i].key > kmax:
-                        kmax = pts[i].key
-                for c in range(k):
-                    slot = ch * k + c
-                    # A block whose keys all lie in one skipped range has nothing
-                    # new for this circle, wherever its points are: most blocks
-                    # inside an alert's circle were notified long ago.
-                    if skip_offsets[c + 1] > skip_offsets[c] and _in_ranges(
-                            sk, skip_offsets[c], skip_offsets[c + 1], &cursors[slot], kmin) \
-                            and sk[2 * cursors[slot] + 1] > kmax:
-                        continue
-                    whole = th[c].everything
-                    if not whole:
-                        _box_dist2(&blocks[b, 0], cf[3 * c], cf[3 * c + 1], cf[3 * c + 2], &dmin2, &dmax2)
-                        if dmin2 > th[c].hi2:
-                            continue
-                        whole = dmax2 <= th[c].lo2
-                    fx = cf[3 * c]
-                    fy = cf[3 * c + 1]
-                    fz = cf[3 * c + 2]
-                    for i in range(s, e):
-                        key = pts[i].key
-                        inside = whole
-                        if not inside:
-                            dx = pts[i].x - fx
-                            dy = pts[i].y - fy
-                            dz = pts[i].z - fz
-                            d2 = dx * dx + dy * dy + dz * dz
-                            if d2 <= th[c].flo2:
-                                inside = True
-                            elif d2 <= th[c].fhi2:
-                                inside = _haversine_km(circles[c, 0], circles[c, 1], lat[i], lon[i]) <= circles[c, 2]
-                        if inside and not (skip_offsets[c + 1] > skip_offsets[c] and _in_ranges(
-                                sk, skip_offsets[c], skip_offsets[c + 1], &cursors[slot], key)):
-                            outs[slot].push_back(key)
-    offsets = np.zeros(k + 1, dtype=np.int64)
-    cdef int64_t[::1] ov = offsets
-    for c in range(k):
-        ov[c + 1] = ov[c]
-        for ch in range(nch):
-            ov[c + 1] += outs[ch * k + c].size()
-    out = np.empty(ov[k], dtype=np.uint32)
-    cdef uint32_t[::1] o = out
-    cdef int64_t at
-    for c in range(k):
-        at = ov[c]
-        for ch in range(nch):
-            slot = ch * k + c
-            if outs[slot].size():
-                memcpy(&o[at], outs[slot].data(), outs[slot].size() * sizeof(uint32_t))
-                at += outs[slot].size()
-    return out, offsets
-
-
-cdef inline void _push_range(vector[int64_t]* v, int64_t s, int64_t e) noexcept nogil:
-    cdef size_t m = v.size()
-    if m > 0 and v[0][m - 1] == s:
-        v[0][m - 1] = e
-    else:
-        v.push_back(s)
-        v.push_back(e)
-
-
-cdef inline uint32_t _u32(const uint8_t* p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline uint16_t _u16(const uint8_t* p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
-
-
-def bitmap_ranges(const uint8_t[::1] buf):
-    """The maximal ``[start, end)`` runs of a roaring bitmap, from its portable serialisation.
-
-    Reads the RoaringFormatSpec layout (cookie, descriptive header, optional
-    run flags and offsets, then array, bitmap and run containers) without
-    materialising the values, so a 60 M-device audience held as a few
-    thousand runs costs a few thousand steps.  Raises ``ValueError`` on bytes
-    that are not a well-formed serialisation.  In numpy, this operation is
-    equivalent to ``consecutive_ranges(np.asarray(BitMap.deserialize(buf).to_array(), np.uint32))``.
-    """
-    cdef Py_ssize_t size_b = buf.shape[0], pos, size, i, j, card, nruns
-    cdef const uint8_t* p = &buf[0] if size_b > 0 else NULL
-    cdef uint32_t cookie
-    cdef bint has_run
-    cdef Py_ssize_t flags_at = 0, desc_at
-    cdef int64_t base, st, ln, t, ones
-    cdef uint64_t w, x
-    cdef vector[int64_t] v
-    if size_b < 4:
-        raise ValueError("roaring bitmap: truncated header")
-    cookie = _u32(p)
-    if (cookie & 0xFFFF) == 12347:
-        has_run = True
-        size = (cookie >> 16) + 1
-        flags_at = 4
-        pos = 4 + (size + 7) // 8
-    elif cookie == 12346:
-        if size_b < 8:
-            raise ValueError("roaring bitmap: truncated header")
-        has_run = False
-        size = _u32(p + 4)
-        pos = 8
-    else:
-        raise ValueError(f"roaring bitmap: unknown cookie {cookie}")
-    desc_at = pos
-    pos += 4 * size
-    if not has_run or size >= 4:
-        pos += 4 * size   # offset header; containers are read in order, so it is not needed
-    if pos > size_b:
-        raise ValueError("roaring bitmap: truncated header")
-    for i in range(size):
-        base = <int64_t>_u16(p + desc_at + 4 * i) << 16
-        card = <Py_ssize_t>_u16(p + desc_at + 4 * i + 2) + 1
-        if has_run and (p[flags_at + i // 8] >> (i % 8)) & 1:
-            if pos + 2 > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
-            nruns = _u16(p + pos)
-            pos += 2
-            if pos + 4 * nruns > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
-            for j in range(nruns):
-                st = _u16(p + pos + 4 * j)
-                ln = <int64_t>_u16(p + pos + 4 * j + 2) + 1
-                _push_range(&v, base + st, base + st + ln)
-            pos += 4 * nruns
-        elif card > 4096:
-            if pos + 8192 > size_b:
-                raise ValueError("roaring bitmap: truncated bitmap container")
-            for j in range(1024):
-                memcpy(&w, p + pos + 8 * j, 8)
-                while w:
-                    t = __builtin_ctzll(w)
-                    x = ~(w >> t)
-                    ones = __builtin_ctzll(x) if x else 64 - t
-                    _push_range(&v, base + 64 * j + t, base + 64 * j + t + ones)
-                    if t + ones >= 64:
-                        w = 0
-                    else:
-                        w &= ~((((<uint64_t>1) << ones) - 1) << t)
-            pos += 8192
-        else:
-            if pos + 2 * card > size_b:
-                raise ValueError("roaring bitmap: truncated array container")
-            for j in range(card):
-                st = _u16(p + pos + 2 * j)
-                _push_range(&v, base + st, base + st + 1)
-            pos += 2 * card
-    out = np.empty((v.size() // 2, 2), dtype=np.int64)
-    cdef int64_t[:, ::1] o = out
-    if v.size():
-        memcpy(&o[0, 0], v.data(), v.size() * sizeof(int64_t))
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
 
-from . import _kernels
+from . import _array_kernels
 
 
 def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
@@ -32,18 +32,18 @@ def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
     keys = np.ascontiguousarray(keys, dtype=np.uint32)
     if keys.size == 0:
         return BitMap()
-    runs, ascending = _kernels.count_runs(keys)
+    runs, ascending = _array_kernels.count_runs(keys)
     if runs * 4 <= keys.size:
-        return _bitmap_from_ranges(_kernels.consecutive_ranges(keys))
+        return _bitmap_from_ranges(_array_kernels.consecutive_ranges(keys))
     if not ascending and keys.size >= _SORT_MIN:
         # Index order can interleave keys of different ingest batches (at 400 M
         # a leaf holds keys from ~80 batches), hiding runs the key *set* has;
         # a radix sort brings them back, and sorted input is what the bulk add
         # is fastest on.
         keys = keys.copy()
-        _kernels.sort_inplace(keys)
-        if _kernels.count_runs(keys)[0] * 4 <= keys.size:
-            return _bitmap_from_ranges(_kernels.consecutive_ranges(keys))
+        _array_kernels.sort_inplace(keys)
+        if _array_kernels.count_runs(keys)[0] * 4 <= keys.size:
+            return _bitmap_from_ranges(_array_kernels.consecutive_ranges(keys))
     buf = array("I")
     buf.frombytes(keys.tobytes())
     bm = BitMap(buf)
@@ -182,9 +182,9 @@ class Audience:
             offsets = np.zeros(runs.shape[0], dtype=np.int64)
             np.cumsum(lengths[:-1], out=offsets[1:])
             if self._index.keys_are_rows:
-                _kernels.fill_rows(runs, offsets, out)
+                _array_kernels.fill_rows(runs, offsets, out)
             else:
-                _kernels.gather_runs_u32(self._index.keys, runs, offsets, out)
+                _array_kernels.gather_runs_u32(self._index.keys, runs, offsets, out)
         return self._count
 
     def keys(self) -> np.ndarray:
@@ -196,7 +196,7 @@ class Audience:
                 k = np.empty(self._count, dtype=np.uint32)
                 self.fill(k)
                 if not self._index.keys_are_rows:  # else ascending runs of rows: sorted already
-                    _kernels.sort_inplace(k)
+                    _array_kernels.sort_inplace(k)
             k.flags.writeable = False
             self._keys = k
         return self._keys
@@ -213,8 +213,8 @@ class Audience:
         """Sorted uint64 device ids (one gather, one radix sort)."""
         keys = self._unordered_keys()
         out = np.empty(keys.shape[0], dtype=np.uint64)
-        _kernels.take(self._store.device_id, keys, out)
-        _kernels.sort_inplace(out)
+        _array_kernels.take(self._store.device_id, keys, out)
+        _array_kernels.sort_inplace(out)
         return out
 
     def by_app(self) -> dict:
@@ -227,12 +227,12 @@ class Audience:
         store = self._store
         keys = self._unordered_keys()
         ids = np.empty(keys.shape[0], dtype=np.uint64)
-        _kernels.take(store.device_id, keys, ids)
-        ids, rows = _kernels.sort_ids(ids)
+        _array_kernels.take(store.device_id, keys, ids)
+        ids, rows = _array_kernels.sort_ids(ids)
         k = np.empty(keys.shape[0], dtype=np.uint32)
-        _kernels.take(keys, rows, k)
+        _array_kernels.take(keys, rows, k)
         codes = np.empty(keys.shape[0], dtype=np.int8)
-        _kernels.take(store.app_codes, k, codes)
+        _array_kernels.take(store.app_codes, k, codes)
         by_code = np.argsort(codes, kind="stable")   # a radix sort for int8: stays in id order
         ids, k = ids[by_code], k[by_code]
         counts = np.bincount(codes.astype(np.int64) & 0xFF, minlength=len(store.app_names))

@@ -80,7 +80,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without Ray
     raise ImportError("geotarget.cluster needs Ray: pip install 'geotarget[ray]'") from _exc
 
-from . import _kernels
+from . import _kernels, _array_kernels
 from .audience import Audience
 from .errors import CorruptFileError, GeotargetError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
@@ -239,7 +239,7 @@ class ShardServer:
         if runs.shape[0]:
             offsets = np.zeros(runs.shape[0], dtype=np.int64)
             np.cumsum(runs[:-1, 1] - runs[:-1, 0], out=offsets[1:])
-            _kernels.gather_runs_u32(self.leaf_keys, runs, offsets, out)
+            _array_kernels.gather_runs_u32(self.leaf_keys, runs, offsets, out)
         return out
 
     def count(self, lat, lon, radius_km, seen_since, apps) -> int:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap
 
-from . import _kernels
+from . import _refresh_kernels
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
@@ -400,11 +400,11 @@ class AlertEngine:
             fresh: dict[str, tuple[AbstractBitMap, float]] = {}
             if topups:
                 t0 = time.perf_counter()
-                skips = [_kernels.bitmap_ranges(self.log.notified(a.alert_id).serialize()) for a, _ in topups]
+                skips = [_refresh_kernels.bitmap_ranges(self.log.notified(a.alert_id).serialize()) for a, _ in topups]
                 skip_offsets = np.zeros(len(skips) + 1, dtype=np.int64)
                 np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
                 circles = np.array([(a.lat, a.lon, r) for a, r in topups], dtype=np.float64)
-                keys, offsets = _kernels.circles_new_points(
+                keys, offsets = _refresh_kernels.circles_new_points(
                     delta[0], delta[1], _DELTA_BLOCK, delta[2], delta[3], circles,
                     np.ascontiguousarray(np.concatenate(skips)), skip_offsets)
                 cutoff = (epoch_seconds(now - self.max_location_age)
@@ -459,7 +459,7 @@ class AlertEngine:
         if (pts is None or ll is None or pts.shape[0] != keys.shape[0] or ll.shape != (2, keys.shape[0])
                 or not np.array_equal(pts["key"], keys)):
             pts, ll = changed_device_points(store.lat, store.lon, keys)
-        return pts, _kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
+        return pts, _refresh_kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
 
     # -- reading ------------------------------------------------------------
 

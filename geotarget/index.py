@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _array_kernels
 from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
@@ -82,8 +82,8 @@ def changed_device_points(lat: np.ndarray, lon: np.ndarray, keys) -> tuple[np.nd
     pts = np.empty(keys.shape[0], dtype=_kernels.POINT_DTYPE)
     ll = np.empty((2, keys.shape[0]), dtype=np.float64)   # rows: lat, lon
     if keys.size:
-        _kernels.take(lat, keys, ll[0])
-        _kernels.take(lon, keys, ll[1])
+        _array_kernels.take(lat, keys, ll[0])
+        _array_kernels.take(lon, keys, ll[1])
         _kernels.fill_points(ll[0], ll[1], pts, keys)
     return pts, ll
 
@@ -128,7 +128,7 @@ class SpatialIndex:
         #: True when ``keys[i] == i`` (a first generation ingested in one batch: the
         #: ingest already put its rows in this tree's leaf order, so the build moved
         #: nothing).  Audiences then write key ranges without reading ``keys``.
-        self.keys_are_rows = bool(_kernels.is_iota(np.ascontiguousarray(self.keys))
+        self.keys_are_rows = bool(_array_kernels.is_iota(np.ascontiguousarray(self.keys))
                                   if keys_are_rows is None else keys_are_rows)
         self.bounds = _readonly(bounds)
         self.depth = int(depth)
@@ -183,8 +183,8 @@ class SpatialIndex:
             seen = _empty(n, np.uint32)
             app = _empty(n, np.int8)
             if n:
-                _kernels.gather_seen(store.last_seen_s, keys, seen)
-                _kernels.take(store.app_codes, keys, app)
+                _array_kernels.gather_seen(store.last_seen_s, keys, seen)
+                _array_kernels.take(store.app_codes, keys, app)
             store.release()
             step("filters")
         return cls(store, pts, keys, bounds, depth, seen, app, leaf_size, delta_points=delta,

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import _kernels, _store_kernels
+from . import _kernels, _array_kernels, _store_kernels
 from ._fs import fsync_dir as _fsync_dir
 from ._fs import start_writeback as _start_writeback
 from .errors import CorruptFileError, InvalidInputError
@@ -116,7 +116,7 @@ def _check_ids(device_id, *, sort: bool = False):
     if sort:
         if ids.size > MAX_DEVICES:  # rows are carried as uint32
             raise InvalidInputError(f"device_id: {ids.size} ids exceed the {MAX_DEVICES} key space")
-        s, rows = _kernels.sort_ids(ids)
+        s, rows = _array_kernels.sort_ids(ids)
         dup = s[1:] == s[:-1]
         if dup.any():
             i = int(rows[1:][dup].min())
@@ -125,7 +125,7 @@ def _check_ids(device_id, *, sort: bool = False):
     if ids.size > 1:
         s = np.sort(ids)  # SIMD sort; the row-carrying sort only runs to name the culprit
         if (s[1:] == s[:-1]).any():
-            sorted_ids, rows = _kernels.sort_ids(ids)
+            sorted_ids, rows = _array_kernels.sort_ids(ids)
             dup = sorted_ids[1:] == sorted_ids[:-1]
             i = int(rows[1:][dup].min())
             raise InvalidInputError(f"device_id[{i}] = {ids[i]} is a duplicate within this batch")
@@ -239,7 +239,7 @@ def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.n
 def _take(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """``src[idx]`` gathered over both cores."""
     out = np.empty(idx.shape[0], dtype=src.dtype)
-    _kernels.take(np.ascontiguousarray(src), np.ascontiguousarray(idx, dtype=np.int64), out)
+    _array_kernels.take(np.ascontiguousarray(src), np.ascontiguousarray(idx, dtype=np.int64), out)
     return out
 
 
@@ -418,7 +418,7 @@ class DeviceStore:
     def _ids_sorted(self):
         """(sorted device ids, their keys); the permutation is cached and saved with the store."""
         if self._id_index is None:
-            sorted_ids, order = _kernels.sort_ids(self.device_id)
+            sorted_ids, order = _array_kernels.sort_ids(self.device_id)
             self._id_index = order
             self._sorted_ids = sorted_ids
         if getattr(self, "_sorted_ids", None) is None:
@@ -435,7 +435,7 @@ class DeviceStore:
         # front to back instead of jumping around them.  The parallel bucket
         # sort pays for its 2^16-bucket set-up only on large batches.
         if (1 << 16) <= ids.size <= MAX_DEVICES:
-            q, rows = _kernels.sort_ids(ids)
+            q, rows = _array_kernels.sort_ids(ids)
         else:
             rows = np.argsort(ids, kind="stable")
             q = ids[rows]
@@ -573,7 +573,7 @@ class DeviceStore:
                               None, hold=False)
             # Movers in key order, so output chunk [s, e) patches one contiguous
             # slice of them; their values are gathered once, then read front to back.
-            upd_keys, perm = _kernels.sort_ids(key_of_q[found].view(np.uint64))
+            upd_keys, perm = _array_kernels.sort_ids(key_of_q[found].view(np.uint64))
             upd_rows = q_rows[found][perm]
             del perm
             patches = {1: _take(lat, upd_rows), 2: _take(lon, upd_rows), 4: _take(seen, upd_rows)}
@@ -815,7 +815,7 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     """``np.unique(a)`` of uint32 keys by radix sort and compare (NumPy 2.4's hash-based
     unique is ~30x slower on millions of distinct ints: 12 s for 4 M uint32)."""
     s = np.array(a, dtype=np.uint32, copy=True)
-    _kernels.sort_inplace(s)
+    _array_kernels.sort_inplace(s)
     if s.size > 1:
         keep = np.empty(s.size, dtype=bool)
         keep[0] = True
@@ -1245,7 +1245,7 @@ class StoreWriter:
             mm = _map_file(self.tmp)
             try:
                 ids = np.frombuffer(mm, dtype=np.uint64, count=self.n, offset=self.offsets[0])
-                sorted_ids, order = _kernels.sort_ids(ids)
+                sorted_ids, order = _array_kernels.sort_ids(ids)
                 del ids
             finally:
                 mm.close()

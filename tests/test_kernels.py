@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import geotarget as gt
-from geotarget import _kernels
+from geotarget import _kernels, _array_kernels, _refresh_kernels
 from geotarget.geo import HALF_CIRCUMFERENCE_KM, haversine_km, unit_vectors
 from geotarget.index import build_tree_reference, within_reference
 
@@ -170,7 +170,7 @@ def test_take_matches_numpy():
       for dtype in (np.uint64, np.int64, np.float64, np.int8, np.uint32):
         src = rng.integers(-100, 100, 1000).astype(dtype)
         out = np.empty(n_idx, dtype=dtype)
-        _kernels.take(src, idx, out)
+        _array_kernels.take(src, idx, out)
         np.testing.assert_array_equal(out, src[idx])
 
 
@@ -179,10 +179,10 @@ def test_take_with_uint32_indices_and_gather_seen():
     keys = rng.integers(0, 500, 2000).astype(np.uint32)
     src = rng.integers(-10, 2**33, 500)
     out = np.empty(2000, np.int64)
-    _kernels.take(src, keys, out)
+    _array_kernels.take(src, keys, out)
     np.testing.assert_array_equal(out, src[keys])
     seen = np.empty(2000, np.uint32)
-    _kernels.gather_seen(src, keys, seen)
+    _array_kernels.gather_seen(src, keys, seen)
     np.testing.assert_array_equal(seen, np.clip(src[keys], 0, 2**32 - 1))
 
 
@@ -192,7 +192,7 @@ def test_sort_ids_matches_argsort():
                 rng.integers(0, 50, 5000).astype(np.uint64),          # many duplicates
                 np.arange(5000, dtype=np.uint64)[::-1].copy(),
                 np.array([], dtype=np.uint64), np.array([2**64 - 1, 0], dtype=np.uint64)):
-        s, rows = _kernels.sort_ids(ids)
+        s, rows = _array_kernels.sort_ids(ids)
         order = np.argsort(ids, kind="stable")
         np.testing.assert_array_equal(s, ids[order])
         np.testing.assert_array_equal(rows, order)
@@ -233,7 +233,7 @@ def test_build_tree_large_ranges_use_sampled_select_exactly(parallel_top, n):
 @given(hnp.arrays(np.uint32, st.integers(0, 200),
                   elements=st.one_of(st.integers(0, 40), st.just(2**32 - 1), st.just(2**32 - 2))))
 def test_consecutive_ranges_matches_reference(keys):
-    got = _kernels.consecutive_ranges(keys)
+    got = _array_kernels.consecutive_ranges(keys)
     if len(keys) == 0:
         assert got.shape == (0, 2)
         return
@@ -329,7 +329,7 @@ def test_circles_new_points_matches_reference(cloud, centres, data):
     circles = np.array(centres, dtype=np.float64).reshape(-1, 3)
     skip = np.concatenate(skips) if skips else np.empty((0, 2), np.int64)
     skip_off = np.r_[0, np.cumsum([len(x) for x in skips], dtype=np.int64)].astype(np.int64)
-    keys, off = _kernels.circles_new_points(pts, _kernels.block_bounds(pts, block), block, lat[subset],
+    keys, off = _refresh_kernels.circles_new_points(pts, _refresh_kernels.block_bounds(pts, block), block, lat[subset],
                                             lon[subset], circles, np.ascontiguousarray(skip), skip_off)
     assert off.shape == (len(centres) + 1,) and off[-1] == len(keys)
     for c, (clat, clon, r) in enumerate(centres):
@@ -349,7 +349,7 @@ def test_circles_new_points_matches_reference(cloud, centres, data):
 def test_circles_new_points_rejects_coordinates_of_another_length():
     pts = np.zeros(3, dtype=_kernels.POINT_DTYPE)
     with pytest.raises(ValueError, match="lat/lon"):
-        _kernels.circles_new_points(pts, _kernels.block_bounds(pts, 2), 2, np.zeros(2), np.zeros(3),
+        _refresh_kernels.circles_new_points(pts, _refresh_kernels.block_bounds(pts, 2), 2, np.zeros(2), np.zeros(3),
                                     np.zeros((1, 3)), np.empty((0, 2), np.int64), np.zeros(2, np.int64))
 
 
@@ -362,7 +362,7 @@ def test_circles_new_points_on_both_cores_is_exact_and_repeatable():
     subset = np.sort(rng.choice(n, n // 3, replace=False)).astype(np.uint32)
     pts = np.empty(len(subset), dtype=_kernels.POINT_DTYPE)
     _kernels.fill_points(lat[subset], lon[subset], pts, subset)
-    blocks = _kernels.block_bounds(pts, 256)
+    blocks = _refresh_kernels.block_bounds(pts, 256)
     circles = np.array([(30 + rng.normal(0, 3), 115 + rng.normal(0, 5), r) for r in
                         rng.choice([50.0, 100.0, 300.0, 500.0], 24)], dtype=np.float64)
     skips = [_ranges_of(rng.choice(n, rng.integers(0, n // 2), replace=False)) for _ in circles]
@@ -370,7 +370,7 @@ def test_circles_new_points_on_both_cores_is_exact_and_repeatable():
     skip_off = np.r_[0, np.cumsum([len(x) for x in skips])].astype(np.int64)
     first = None
     for _ in range(3):
-        keys, off = _kernels.circles_new_points(pts, blocks, 256, lat[subset], lon[subset], circles, skip,
+        keys, off = _refresh_kernels.circles_new_points(pts, blocks, 256, lat[subset], lon[subset], circles, skip,
                                                 skip_off)
         if first is None:
             first = (keys, off)
@@ -396,8 +396,8 @@ def test_bitmap_ranges_matches_reference(spec, singles, optimize):
         bm.update(range(a + length + 1, min(a + length + 6000, 2**32), 2))   # a dense, not run-like stretch
     if optimize:
         bm.run_optimize()
-    got = _kernels.bitmap_ranges(bm.serialize())
-    ref = _kernels.consecutive_ranges(np.asarray(bm.to_array(), dtype=np.uint32)) if len(bm) else \
+    got = _refresh_kernels.bitmap_ranges(bm.serialize())
+    ref = _array_kernels.consecutive_ranges(np.asarray(bm.to_array(), dtype=np.uint32)) if len(bm) else \
         np.empty((0, 2), np.int64)
     np.testing.assert_array_equal(got, ref)
 
@@ -406,7 +406,7 @@ def test_bitmap_ranges_matches_reference(spec, singles, optimize):
                                   b"\x3a\x30\x00\x00\x02\x00\x00\x00"])
 def test_bitmap_ranges_rejects_malformed_bytes(blob):
     with pytest.raises(ValueError, match="roaring bitmap"):
-        _kernels.bitmap_ranges(blob)
+        _refresh_kernels.bitmap_ranges(blob)
 
 
 def test_bitmap_ranges_rejects_truncated_containers():
@@ -415,7 +415,7 @@ def test_bitmap_ranges_rejects_truncated_containers():
         blob = bm.serialize()
         for cut in range(1, len(blob) - 1, max(1, len(blob) // 40)):
             with pytest.raises(ValueError, match="roaring bitmap"):
-                _kernels.bitmap_ranges(blob[:cut])
+                _refresh_kernels.bitmap_ranges(blob[:cut])
 
 
 def _runs_and_offsets(lengths, gaps):
@@ -442,11 +442,11 @@ def test_gather_runs_and_fill_rows_both_paths(total, shape):
     runs, offsets = _runs_and_offsets(lengths, gaps)
     src = rng.integers(0, 2**32, int(runs[-1, 1]) + 1, dtype=np.uint64).astype(np.uint32)
     out = np.full(int(lengths.sum()) + 1, 7, np.uint32)
-    _kernels.gather_runs_u32(src, runs, offsets, out)
+    _array_kernels.gather_runs_u32(src, runs, offsets, out)
     np.testing.assert_array_equal(out[:-1], np.concatenate([src[a:b] for a, b in runs]))
     assert out[-1] == 7
     out[:] = 7
-    _kernels.fill_rows(runs, offsets, out)
+    _array_kernels.fill_rows(runs, offsets, out)
     np.testing.assert_array_equal(out[:-1], np.concatenate([np.arange(a, b) for a, b in runs]))
     assert out[-1] == 7
 
@@ -464,7 +464,7 @@ def test_fill_rows_matches_arange(spec, base):
     runs += base
     assume(runs.size == 0 or runs[-1, 1] <= 2**32)
     out = np.full(int(lengths.sum()) + 2, 3, np.uint32)
-    _kernels.fill_rows(runs, offsets, out)
+    _array_kernels.fill_rows(runs, offsets, out)
     ref = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs] or [np.empty(0, np.int64)])
     np.testing.assert_array_equal(out[: ref.size], ref.astype(np.uint32))
     assert np.all(out[ref.size:] == 3)
@@ -473,12 +473,12 @@ def test_fill_rows_matches_arange(spec, base):
 @settings(max_examples=60, deadline=None)
 @given(hnp.arrays(np.uint32, st.integers(0, 300), elements=st.integers(0, 300)))
 def test_is_iota_matches_reference(keys):
-    assert _kernels.is_iota(keys) == np.array_equal(keys, np.arange(keys.size))
+    assert _array_kernels.is_iota(keys) == np.array_equal(keys, np.arange(keys.size))
     ident = np.arange(keys.size, dtype=np.uint32)
-    assert _kernels.is_iota(ident)
+    assert _array_kernels.is_iota(ident)
     if keys.size > 1:
         ident[-1] += 1
-        assert not _kernels.is_iota(ident)
+        assert not _array_kernels.is_iota(ident)
 
 
 @settings(max_examples=40, deadline=None)
@@ -527,7 +527,7 @@ def test_block_bounds_matches_reference(cloud, block):
     lat, lon = cloud
     pts = np.empty(len(lat), dtype=_kernels.POINT_DTYPE)
     _kernels.fill_points(lat, lon, pts)
-    got = _kernels.block_bounds(pts, block)
+    got = _refresh_kernels.block_bounds(pts, block)
     assert got.shape == ((len(lat) + block - 1) // block, 6)
     for b in range(got.shape[0]):
         p = pts[b * block:(b + 1) * block]
@@ -555,8 +555,8 @@ def test_bitmap_from_keys_matches_set(keys, rnd):
 def test_count_runs_matches_reference(keys):
     d = np.diff(keys.astype(np.int64))
     ref = (int(keys.size > 0) + int(np.count_nonzero(d != 1)), bool(np.all(d > 0)))
-    assert _kernels.count_runs(keys) == ref
-    assert ref[0] == len(_kernels.consecutive_ranges(keys))
+    assert _array_kernels.count_runs(keys) == ref
+    assert ref[0] == len(_array_kernels.consecutive_ranges(keys))
 
 
 def test_bitmap_from_keys_dense_and_sparse_containers():
@@ -588,5 +588,5 @@ def test_sort_inplace_matches_numpy(dtype, n, seed, mode):
         a = np.sort(rng.integers(0, top, n, dtype=dtype, endpoint=True))
         a = a if mode == "sorted" else a[::-1].copy()
     got = a.copy()
-    _kernels.sort_inplace(got)
+    _array_kernels.sort_inplace(got)
     np.testing.assert_array_equal(got, np.sort(a))

@@ -353,7 +353,7 @@ def _assert_same_generation(disk, mem, everyone):
     np.testing.assert_array_equal(disk.changed_keys, mem.changed_keys)
     assert disk.parent_generation == mem.parent_generation
     # the id files are exactly a fresh sort of the new ids
-    want_ids, want_keys = gt.store._kernels.sort_ids(np.ascontiguousarray(mem.device_id))
+    want_ids, want_keys = gt.store._array_kernels.sort_ids(np.ascontiguousarray(mem.device_id))
     np.testing.assert_array_equal(disk._sorted_ids, want_ids)
     np.testing.assert_array_equal(disk._id_index, want_keys)
     np.testing.assert_array_equal(disk.lookup(everyone), mem.lookup(everyone))
