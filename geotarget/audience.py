@@ -36,6 +36,9 @@ def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
     if runs * 4 <= keys.size:
         return _bitmap_from_ranges(_array_kernels.consecutive_ranges(keys))
     if not ascending and keys.size >= _SORT_MIN:
+        key_space = int(keys.max()) + 1
+        if _dense(keys.size, key_space):
+            return _bitmap_from_runs(keys, np.array([[0, keys.size]], dtype=np.int64), key_space)
         # Index order can interleave keys of different ingest batches (at 400 M
         # a leaf holds keys from ~80 batches), hiding runs the key *set* has;
         # a radix sort brings them back, and sorted input is what the bulk add
@@ -53,6 +56,26 @@ def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
 
 #: From this many scattered keys up, sorting first beats inserting them in index order.
 _SORT_MIN = 1 << 16
+
+
+def _dense(count: int, key_space: int) -> bool:
+    """Whether a dense bitset of the key space is the cheaper way to a bitmap of ``count`` keys.
+
+    The bitset costs one bit per key of the space (50 MB at 400 M devices) and
+    a scan of it; from one key in 256 of the space that is less than sorting.
+    """
+    return count >= _SORT_MIN and count * 256 >= key_space
+
+
+def _bitmap_from_runs(src: np.ndarray, runs: np.ndarray, key_space: int) -> BitMap:
+    """The keys ``src[s:e]`` of every run as a roaring bitmap, through a dense bitset (no sort).
+
+    At 400 M devices the 61.8 M keys of a dense 500 km audience, interleaved
+    from 80 ingest chunks, took 1.23 s by radix sort and ranges; the bitset
+    takes 0.25 s, and writes each container in its smallest form.
+    """
+    return BitMap.deserialize(_array_kernels.roaring_from_runs(np.ascontiguousarray(src, dtype=np.uint32),
+                                                               runs, key_space))
 _SERIAL_COOKIE = 12347       # RoaringFormatSpec: "has run containers"
 _NO_OFFSET_THRESHOLD = 4     # below this many containers the offset header is omitted
 
@@ -259,6 +282,8 @@ class Audience:
             if self._runs is not None and self._index.keys_are_rows:
                 # runs of rows are runs of keys
                 self._bitmap = _bitmap_from_ranges(self._runs) if self._runs.shape[0] else BitMap()
+            elif self._runs is not None and _dense(self._count, len(self._store)):
+                self._bitmap = _bitmap_from_runs(self._index.keys, self._runs, len(self._store))
             else:
                 # roaring takes keys in any order; no sort needed
                 self._bitmap = _bitmap_from_keys(self._unordered_keys())

@@ -254,6 +254,29 @@ def test_a_new_generation_with_moved_devices_reads_its_keys(tmp_path):
     assert not gt.SpatialIndex.open(tmp_path / "g2").keys_are_rows
 
 
+def test_bitmap_of_a_large_audience_whose_rows_are_not_keys():
+    """From 2^16 keys (and one in 256 of the store) the bitmap comes from a dense bitset
+    of the runs' keys; it must be the same set as the keys, whatever their order."""
+    from geotarget.audience import _bitmap_from_keys, _dense
+    lat, lon = _uniform(150_000, 23)
+    g1 = _store(lat, lon)
+    rng = np.random.default_rng(23)
+    movers = rng.choice(150_000, 30_000, replace=False)
+    g2 = g1.with_updates(g1.device_id[movers], rng.uniform(-60, 60, movers.size), rng.uniform(-180, 180, movers.size))
+    index = gt.SpatialIndex.build(g2)
+    assert not index.keys_are_rows
+    for centre, r in (((10, 10), 12_000), ((0, 0), 25_000)):
+        aud = index.within(*centre, r)
+        assert _dense(len(aud), len(g2))
+        keys = aud.keys()
+        np.testing.assert_array_equal(keys, within_reference(g2, *centre, r))
+        bm = aud.bitmap()
+        assert bm == _bitmap_from_keys(keys) and len(bm) == len(keys)
+        np.testing.assert_array_equal(np.asarray(bm.to_array(), np.uint32), keys)
+        shuffled = keys[rng.permutation(keys.size)]
+        assert _bitmap_from_keys(shuffled) == bm
+
+
 def test_resident_copy_of_a_mapped_array(tmp_path):
     from geotarget.index import resident_copy
     a = np.arange(100_000, dtype=np.uint32).reshape(50_000, 2)

@@ -590,3 +590,49 @@ def test_sort_inplace_matches_numpy(dtype, n, seed, mode):
     got = a.copy()
     _array_kernels.sort_inplace(got)
     np.testing.assert_array_equal(got, np.sort(a))
+
+
+@st.composite
+def key_sets(draw):
+    """Keys over a few 2^16 containers: empty, sparse (array), dense (bitmap), runs, and
+    runs crossing word and container boundaries, in any order, split into runs of a source."""
+    space = draw(st.sampled_from([1, 64, 65_536, 65_537, 3 * 65_536 + 70, 2**20]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    parts = []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["sparse", "dense", "run", "edge"]))
+        if kind == "sparse":
+            parts.append(rng.integers(0, space, draw(st.integers(1, 300))))
+        elif kind == "dense":
+            lo = int(rng.integers(0, space))
+            parts.append(rng.integers(lo, min(space, lo + 65_536), draw(st.integers(1, 40_000))))
+        elif kind == "run":
+            lo = int(rng.integers(0, space))
+            parts.append(np.arange(lo, min(space, lo + draw(st.integers(1, 140_000)))))
+        else:
+            edges = np.array([0, 63, 64, 65_535, 65_536, 65_599, space - 1])
+            parts.append(edges[edges < space])
+    keys = np.concatenate(parts).astype(np.uint32) if parts else np.empty(0, np.uint32)
+    keys = keys[rng.permutation(keys.size)]
+    cuts = np.sort(rng.integers(0, keys.size + 1, draw(st.integers(0, 6))))
+    edges = np.r_[0, cuts, keys.size]
+    runs = np.stack([edges[:-1], edges[1:]], 1).astype(np.int64)
+    runs = runs[rng.permutation(len(runs))][: max(1, len(runs) - draw(st.integers(0, 1)))].copy()
+    return keys, runs, space
+
+
+@settings(max_examples=80, deadline=None)
+@given(key_sets())
+def test_roaring_from_runs_matches_pyroaring(case):
+    """The serialisation deserialises to the set pyroaring builds, in run_optimize's sizes."""
+    from pyroaring import BitMap
+    keys, runs, space = case
+    blob = _array_kernels.roaring_from_runs(keys, runs, space)
+    chosen = np.concatenate([keys[a:b] for a, b in runs] or [np.empty(0, np.uint32)])
+    ref = BitMap(chosen.tolist())
+    got = BitMap.deserialize(blob)
+    assert got == ref
+    ref.run_optimize()
+    assert len(blob) <= len(ref.serialize())
+    np.testing.assert_array_equal(_refresh_kernels.bitmap_ranges(blob),
+                                  _array_kernels.consecutive_ranges(np.asarray(ref.to_array(), np.uint32)))
