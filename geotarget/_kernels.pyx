@@ -420,6 +420,25 @@ def copy_keys(const GtPoint[::1] pts, uint32_t[::1] keys):
             keys[i] = pts[i].key
 
 
+def same_keys(const GtPoint[::1] pts, const uint32_t[::1] keys):
+    """Whether the points carry exactly these keys, in this order.
+
+    A refresh checks saved changed-device points against the store's changed
+    keys before trusting them; NumPy's comparison of the strided key field
+    took 1.5 s for 40 M points.  In numpy, this operation is equivalent to
+    ``pts.shape[0] == keys.shape[0] and np.array_equal(pts["key"], keys)``.
+    """
+    cdef Py_ssize_t i, n = pts.shape[0]
+    cdef int64_t bad = 0
+    if keys.shape[0] != n:
+        return False
+    with nogil:
+        for i in prange(n, schedule="static"):
+            if pts[i].key != keys[i]:
+                bad += 1
+    return bad == 0
+
+
 # ---------------------------------------------------------------------------
 # query
 # ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap
 
-from . import _refresh_kernels
+from . import _kernels, _refresh_kernels
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
@@ -456,8 +456,8 @@ class AlertEngine:
             # read whole, once: cheaper than faulting the mappings in page by page
             pts, ll = resident_copy(pts), resident_copy(ll)
         # a stale file (keys other than the store's) is recomputed, never trusted
-        if (pts is None or ll is None or pts.shape[0] != keys.shape[0] or ll.shape != (2, keys.shape[0])
-                or not np.array_equal(pts["key"], keys)):
+        if (pts is None or ll is None or ll.shape != (2, keys.shape[0])
+                or not _kernels.same_keys(pts, keys)):
             pts, ll = changed_device_points(store.lat, store.lon, keys)
         return pts, _refresh_kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
 

@@ -869,6 +869,11 @@ def _pread_into(fd: int, buf: np.ndarray, pos: int, what: str = "store file") ->
         done += got
 
 
+def _offset_in(mm, arr: np.ndarray) -> int:
+    """Byte offset of ``arr``'s data inside the mapping ``mm`` (ValueError if the mapping is closed)."""
+    return arr.ctypes.data - np.frombuffer(mm, dtype=np.uint8).ctypes.data
+
+
 def _drop_pages(arr, start: int = 0, stop: int | None = None) -> None:
     """Drop this process's resident pages of elements [start, stop) of a memory-mapped .npy.
 
@@ -879,7 +884,7 @@ def _drop_pages(arr, start: int = 0, stop: int | None = None) -> None:
     if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     try:
-        at = arr.ctypes.data - np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        at = _offset_in(mm, arr)
         lo = (at + start * arr.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
         hi = min(len(mm), at + (arr.shape[0] if stop is None else stop) * arr.itemsize)
         if hi > lo:
@@ -1050,8 +1055,7 @@ class _OldColumns:
             return
         try:
             st = os.fstat(fd)
-            base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-            offs = [a.ctypes.data - base for a in self.arrays]
+            offs = [_offset_in(mm, a) for a in self.arrays]
             ok = ((st.st_dev, st.st_ino) == tuple(ident) and st.st_size == len(mm)
                   and all(0 <= o and o + a.nbytes <= len(mm) for o, a in zip(offs, self.arrays)))
         except (ValueError, OSError):  # a closed mapping

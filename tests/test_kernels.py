@@ -636,3 +636,18 @@ def test_roaring_from_runs_matches_pyroaring(case):
     assert len(blob) <= len(ref.serialize())
     np.testing.assert_array_equal(_refresh_kernels.bitmap_ranges(blob),
                                   _array_kernels.consecutive_ranges(np.asarray(ref.to_array(), np.uint32)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.uint32, st.integers(0, 200), elements=st.integers(0, 50)), st.data())
+def test_same_keys_matches_reference(keys, data):
+    pts = np.zeros(keys.size, dtype=_kernels.POINT_DTYPE)
+    pts["key"] = keys
+    other = keys.copy()
+    if other.size and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, other.size - 1))
+        other[i] = other[i] + 1
+    if data.draw(st.booleans()):
+        other = other[: max(0, other.size - 1)]
+    ref = pts.shape[0] == other.shape[0] and np.array_equal(pts["key"], other)
+    assert _kernels.same_keys(pts, np.ascontiguousarray(other)) == ref
