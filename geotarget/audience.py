@@ -76,6 +76,8 @@ def _bitmap_from_runs(src: np.ndarray, runs: np.ndarray, key_space: int) -> BitM
     """
     return BitMap.deserialize(_array_kernels.roaring_from_runs(np.ascontiguousarray(src, dtype=np.uint32),
                                                                runs, key_space))
+
+
 _SERIAL_COOKIE = 12347       # RoaringFormatSpec: "has run containers"
 _NO_OFFSET_THRESHOLD = 4     # below this many containers the offset header is omitted
 
