@@ -90,6 +90,7 @@ import numpy as np
 from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from ._fs import fsync_dir as _fsync_dir
+from ._refresh_kernels import bitmap_ranges
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      UnknownAlertError, UnknownPushError)
 from .geo import check_aware, check_radius
@@ -717,9 +718,6 @@ class RecipientLog:
 
     def _audience_ranges(self, row) -> np.ndarray:
         """One logged audience as ``[start, end)`` key ranges, read from its checked bytes (no bitmap)."""
-        # Imported here: the log is otherwise pure Python, and the crash tests load it without
-        # the compiled package.
-        from ._refresh_kernels import bitmap_ranges
         rec = self._decode(row, False)          # record and state checksums
         log_seq, digest, nbytes, purged_at = row[0], row[9], row[10], row[14]
         where = f"{self._path}: push {rec.push_id!r} (log row {log_seq})"
