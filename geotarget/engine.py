@@ -400,7 +400,7 @@ class AlertEngine:
             fresh: dict[str, tuple[AbstractBitMap, float]] = {}
             if topups:
                 t0 = time.perf_counter()
-                skips = [self.log.notified_ranges(a.alert_id) for a, _ in topups]
+                skips = [_refresh_kernels.bitmap_ranges(self.log.notified(a.alert_id).serialize()) for a, _ in topups]
                 skip_offsets = np.zeros(len(skips) + 1, dtype=np.int64)
                 np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
                 circles = np.array([(a.lat, a.lon, r) for a, r in topups], dtype=np.float64)

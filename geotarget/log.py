@@ -90,7 +90,6 @@ import numpy as np
 from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from ._fs import fsync_dir as _fsync_dir
-from ._refresh_kernels import bitmap_ranges
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      UnknownAlertError, UnknownPushError)
 from .geo import check_aware, check_radius
@@ -689,17 +688,13 @@ class RecipientLog:
                           created_at=created_at, audience=bm, meta=meta_obj,
                           acked=acked_at is not None, count=count, purged=purged_at is not None)
 
-    def _audience_blob(self, log_seq, digest, nbytes, where) -> bytes:
+    def _read_audience(self, log_seq, digest, nbytes, count, where) -> FrozenBitMap:
         row = self._conn.execute("SELECT bitmap FROM audiences WHERE log_seq=?", (log_seq,)).fetchone()
         if row is None:
             raise CorruptFileError(f"{where}: its audience row is missing")
         blob = row[0]
         if not isinstance(blob, bytes) or len(blob) != nbytes or hashlib.sha256(blob).digest() != digest:
             raise CorruptFileError(f"{where}: audience bytes do not match their SHA-256 digest")
-        return blob
-
-    def _read_audience(self, log_seq, digest, nbytes, count, where) -> FrozenBitMap:
-        blob = self._audience_blob(log_seq, digest, nbytes, where)
         try:
             bm = FrozenBitMap.deserialize(blob)
         except Exception as exc:  # pyroaring raises ValueError or its own errors on bad bytes
@@ -715,49 +710,6 @@ class RecipientLog:
         rows = self._rows(conn, "WHERE alert_id=? AND kind IN (?,?,?) ORDER BY seq",
                           (alert_id, *NEW_DEVICE_KINDS))
         return BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows))
-
-    def _audience_ranges(self, row) -> np.ndarray:
-        """One logged audience as ``[start, end)`` key ranges, read from its checked bytes (no bitmap)."""
-        rec = self._decode(row, False)          # record and state checksums
-        log_seq, digest, nbytes, purged_at = row[0], row[9], row[10], row[14]
-        where = f"{self._path}: push {rec.push_id!r} (log row {log_seq})"
-        if purged_at is not None:
-            raise AlertStateError(f"the audience of push {rec.push_id!r} (alert {rec.alert_id!r}) was purged "
-                                  f"at {purged_at} under the retention setting; its {rec.count} recipients "
-                                  f"are no longer stored")
-        try:
-            r = bitmap_ranges(np.frombuffer(self._audience_blob(log_seq, digest, nbytes, where), dtype=np.uint8))
-        except ValueError as exc:
-            raise CorruptFileError(f"{where}: audience bitmap does not decode: {exc}") from None
-        if int((r[:, 1] - r[:, 0]).sum()) != rec.count:
-            raise CorruptFileError(f"{where}: audience holds {int((r[:, 1] - r[:, 0]).sum())} keys, "
-                                   f"the record says {rec.count}")
-        return r
-
-    def notified_ranges(self, alert_id: str) -> np.ndarray:
-        """The devices notified so far for the alert, as sorted, disjoint, non-touching
-        ``[start, end)`` key ranges (int64 ``(m, 2)``): the set :meth:`notified` returns.
-
-        Read straight from each logged audience's (digest-checked) bytes and
-        merged, without building the union: a refresh skips these ranges inside
-        its kernel.  At 400 M devices the 50 alerts' notified unions serialised to
-        386 MB that were only read for their ranges.
-        """
-        alert_id = _check_id(alert_id, "alert_id")
-        with self._guard() as conn:
-            self._known_alert(conn, alert_id)
-            rows = self._rows(conn, "WHERE alert_id=? AND kind IN (?,?,?) ORDER BY seq",
-                              (alert_id, *NEW_DEVICE_KINDS))
-            parts = [self._audience_ranges(r) for r in rows]
-        parts = [p for p in parts if p.shape[0]]
-        if not parts:
-            return np.empty((0, 2), dtype=np.int64)
-        r = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if len(parts) > 1:
-            r = r[np.argsort(r[:, 0], kind="stable")]   # disjoint sets: ranges never overlap
-            cut = np.flatnonzero(r[1:, 0] != r[:-1, 1]) + 1   # merge ranges that touch
-            r = np.stack([r[np.r_[0, cut], 0], r[np.r_[cut - 1, len(r) - 1], 1]], axis=1)
-        return np.ascontiguousarray(r, dtype=np.int64)
 
     def append_push(self, *, push_id: str, alert_id: str, seq: int, kind: str, radius_km: float,
                     created_at: _dt.datetime, audience: AbstractBitMap, meta: dict) -> PushRecord:

@@ -167,15 +167,6 @@ def test_follow_up_pushes_go_to_exactly_the_notified_devices(log, kind):
     assert rec.count == 15
 
 
-def _ranges(bm):
-    """Maximal [start, end) runs of a bitmap, the NumPy way."""
-    k = np.asarray(bm.to_array(), dtype=np.int64)
-    if k.size == 0:
-        return np.empty((0, 2), dtype=np.int64)
-    cut = np.flatnonzero(np.diff(k) != 1) + 1
-    return np.stack([k[np.r_[0, cut]], k[np.r_[cut - 1, k.size - 1]] + 1], axis=1)
-
-
 def test_notified_is_the_union_of_alert_expand_and_topup(log):
     _push(log, audience=range(0, 10))
     _push(log, seq=1, kind="expand", audience=range(100, 110))
@@ -183,19 +174,12 @@ def test_notified_is_the_union_of_alert_expand_and_topup(log):
     _push(log, seq=3, kind="topup", audience=[55, 4_000_000_000])
     want = BitMap(range(0, 10)) | BitMap(range(100, 110)) | BitMap([55, 4_000_000_000])
     assert log.notified("A") == want
-    np.testing.assert_array_equal(log.notified_ranges("A"), _ranges(want))
     _push(log, seq=4, kind="closure", audience=want)
     assert log.notified("A") == want
-    # pushes whose ranges touch come back as one range
-    _push(log, seq=5, kind="topup", audience=range(10, 55))
-    np.testing.assert_array_equal(log.notified_ranges("A"), [[0, 56], [100, 110], [4_000_000_000, 4_000_000_001]])
     log.save_alert("quiet", {})
     assert log.notified("quiet") == BitMap()
-    assert log.notified_ranges("quiet").shape == (0, 2)
     with pytest.raises(UnknownAlertError, match="nope"):
         log.notified("nope")
-    with pytest.raises(UnknownAlertError, match="nope"):
-        log.notified_ranges("nope")
     with pytest.raises(UnknownAlertError):
         log.pushes("nope")
 
@@ -443,8 +427,6 @@ def test_an_edited_bitmap_is_never_returned(logged, byte):
         with pytest.raises(CorruptFileError, match="'A.1'"):
             log.notified("A")
         with pytest.raises(CorruptFileError, match="'A.1'"):
-            log.notified_ranges("A")
-        with pytest.raises(CorruptFileError, match="'A.1'"):
             log.verify()
 
 
@@ -590,8 +572,6 @@ def test_purged_audiences_are_gone_but_counts_and_audit_stay(tmp_path):
             log.push("A.1")
         with pytest.raises(AlertStateError, match="purged"):
             log.notified("A")
-        with pytest.raises(AlertStateError, match="purged"):
-            log.notified_ranges("A")
         with pytest.raises(AlertStateError, match="purged"):
             log.pushes("A")
         with pytest.raises(AlertStateError, match="purged"):
@@ -870,7 +850,6 @@ class LogMachine(RuleBasedStateMachine):
                                          else [])] == [p["audience"] for p in self._of(alert)]
             if self._of(alert) or alert in self.alerts:
                 assert log.notified(alert) == self._notified(alert)
-                np.testing.assert_array_equal(log.notified_ranges(alert), _ranges(self._notified(alert)))
         assert [p.push_id for p in log.unacked()] == [i for i in self.order if i not in self.acked]
         assert log.alerts() == self.alerts
         assert [(e["action"], e["alert_id"], e["count"]) for e in log.audit_entries()] == self.audit
