@@ -37,7 +37,7 @@ from .authority import Authority
 from .cap import render_push
 from .errors import AlertStateError, InvalidInputError, UnknownAlertError
 from .geo import check_aware, check_point, epoch_seconds
-from .index import changed_device_points, resident_copy
+from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
 from .stats import AlertRecord, check_outcome, compute
@@ -453,8 +453,7 @@ class AlertEngine:
         pts = getattr(index, "delta_points", None)
         ll = getattr(index, "delta_latlon", None)
         if pts is not None and ll is not None:
-            # read whole, once: cheaper than faulting the mappings in page by page
-            pts, ll = resident_copy(pts), resident_copy(ll)
+            pts, ll = populate(pts), populate(ll)   # read in place, from the page cache
         # a stale file (keys other than the store's) is recomputed, never trusted
         if (pts is None or ll is None or ll.shape != (2, keys.shape[0])
                 or not _kernels.same_keys(pts, keys)):

@@ -277,16 +277,15 @@ def test_bitmap_of_a_large_audience_whose_rows_are_not_keys():
         assert _bitmap_from_keys(shuffled) == bm
 
 
-def test_resident_copy_of_a_mapped_array(tmp_path):
-    from geotarget.index import resident_copy
+def test_populate_maps_a_mapped_array_in_place(tmp_path):
+    from geotarget.index import populate
     a = np.arange(100_000, dtype=np.uint32).reshape(50_000, 2)
     np.save(tmp_path / "a.npy", a)
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    copy = resident_copy(mapped)
-    assert not isinstance(copy, np.memmap) and not copy.flags.writeable
-    np.testing.assert_array_equal(copy, a)
+    assert populate(mapped) is mapped
+    np.testing.assert_array_equal(mapped, a)
     plain = np.ones(3)
-    assert resident_copy(plain) is plain
+    assert populate(plain) is plain
 
 
 def test_save_open_round_trip_is_exact(tmp_path):
