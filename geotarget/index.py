@@ -36,7 +36,7 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from .store import DeviceStore, _fsync_dir, _save_npy, load_json, load_npy
+from .store import DeviceStore, _advise_mapping, _fsync_dir, _save_npy, load_json, load_npy
 
 INDEX_META = "index.json"
 FORMAT_VERSION = 1
@@ -103,12 +103,8 @@ def populate(a: np.ndarray) -> np.ndarray:
     the cached pages took 0.1-0.2 s.  Kernels without MADV_POPULATE_READ just
     fault the pages in as they are read.
     """
-    mm = getattr(a, "_mmap", None)
-    if mm is not None and sys.platform.startswith("linux"):
-        try:
-            mm.madvise(_MADV_POPULATE_READ)
-        except (OSError, ValueError):  # an older kernel, or a closed mapping
-            pass
+    if sys.platform.startswith("linux"):
+        _advise_mapping(a, _MADV_POPULATE_READ)
     return a
 
 

@@ -166,8 +166,6 @@ def _check_app(app, n: int, names: list[str] | None = None):
     for chunk in chunks:  # each chunk has its own dictionary
         codes[row0:row0 + len(chunk)] = _encode_app_chunk(chunk, names, row0, pc)
         row0 += len(chunk)
-    if len(names) > MAX_APPS:
-        raise InvalidInputError(f"app: {len(names)} distinct apps, at most {MAX_APPS} are supported")
     return codes, names
 
 
@@ -893,14 +891,23 @@ def _drop_pages(arr, start: int = 0, stop: int | None = None) -> None:
         pass
 
 
-def _prefetch(arr) -> None:
-    """Ask the kernel to read a memory-mapped .npy ahead, asynchronously (no-op for other arrays)."""
+def _advise_mapping(arr, advice: int) -> None:
+    """``madvise`` the whole mapping of a memory-mapped .npy (no-op for other arrays).
+
+    Advice is a hint: a kernel without it, or a closed mapping, is ignored.
+    """
     mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_WILLNEED"):
+    if mm is not None:
         try:
-            mm.madvise(mmap.MADV_WILLNEED)
+            mm.madvise(advice)
         except (ValueError, OSError):
             pass
+
+
+def _prefetch(arr) -> None:
+    """Ask the kernel to read a memory-mapped .npy ahead, asynchronously (no-op for other arrays)."""
+    if hasattr(mmap, "MADV_WILLNEED"):
+        _advise_mapping(arr, mmap.MADV_WILLNEED)
 
 
 def _stage_npy(path: Path, array: np.ndarray):
