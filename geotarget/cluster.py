@@ -2,7 +2,7 @@
 
 Why and how
 -----------
-One machine is meant to serve 400 M devices (DESIGN §5), but a national
+One machine is meant to serve 400 M devices (docs/design.md, Targets), but a national
 platform also wants its index on several hosts: to survive the loss of one,
 and to add memory and cores for many simultaneous alerts.  This module splits one store
 generation into K spatial partitions, serves each from a Ray actor, and fans
