@@ -101,3 +101,15 @@ def test_unloadable_kernel_names_the_module_and_the_cause(tmp_path):
     assert "circular import" not in message
     assert "geotarget._kernels exists" in message and "cannot be loaded" in message
     assert "build_ext --inplace" in message
+
+
+def test_ci_runs_the_readme_commands():
+    """The README's test command is what CI runs, so the README cannot promise an untested path."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert commands[1] in ci
+    install = commands[0].split("&&")[0].strip()
+    assert install in ci
