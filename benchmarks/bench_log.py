@@ -12,7 +12,7 @@ pushes of the alert.  Audiences are seeded:
 * ``random-5M``: 5 M keys with no spatial order (the worst case: no runs).
 
 Usage: ``python benchmarks/bench_log.py [--dir DIR] [--repeat N]``.  The target
-(DESIGN §5) is 500 ms or less for logging a 90 M-recipient push durably.
+(docs/design.md, Targets) is 500 ms or less for logging a 90 M-recipient push durably.
 """
 from __future__ import annotations
 

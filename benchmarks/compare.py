@@ -14,7 +14,7 @@ Peers (each optional: a missing library is skipped with a message):
 
 Every query is also checked: each peer's set of device ids must equal
 geotarget's ``device_ids()``.  The only tolerated difference is a device whose
-reference distance lies within 1e-6 km of the radius (DESIGN §2); any other
+reference distance lies within 1e-6 km of the radius (docs/design.md, Distance); any other
 mismatch is printed loudly and the script exits with status 1.
 
 The floor: for every query the script also times writing the answer's
@@ -28,7 +28,7 @@ a time budget are reached; the table shows the best time, the JSON also the
 median.  Ratios are peer time / geotarget time (above 1: geotarget is faster).
 
 Memory per device: geotarget reports ``index.nbytes / n`` (float32 unit
-vectors, uint32 keys, node boxes: what DESIGN §5 calls serving memory) and,
+vectors, uint32 keys, node boxes: what docs/design.md, Targets, calls serving memory) and,
 like the peers, the growth of the process's resident set (``/proc/self/statm``)
 from before the peer's input array is made to after its tree is built, so the
 peer's copy of the coordinates is counted, as geotarget's unit vectors are.
@@ -62,14 +62,14 @@ from geotarget.index import SpatialIndex  # noqa: E402
 from geotarget.population import generate_arrays  # noqa: E402
 from geotarget.store import DeviceStore  # noqa: E402
 
-#: DESIGN §5 centres.
+#: The centres of docs/design.md, Targets.
 CENTRES = {
     "dense": (31.23, 121.47),    # Shanghai
     "medium": (36.06, 103.83),   # Lanzhou
     "rural": (33.5, 88.5),       # the Chang Tang
 }
 RADII_KM = (100.0, 500.0)
-#: DESIGN §2: the only allowed disagreement with the float64 reference.
+#: docs/design.md, Distance: the only allowed disagreement with the float64 reference.
 TIE_KM = 1e-6
 PEERS = ("balltree", "ckdtree", "brute")
 TARGETS = {
@@ -435,7 +435,7 @@ def markdown(res) -> str:
             t = q[p]["count"]["best_s"]
             row += f" {_ms(t)} | {t / gc_:,.0f}× |"
         lines.append(row)
-    lines += ["", "**Targets** (DESIGN §5)", "", "| target | measured | |", "|---|---:|---|"]
+    lines += ["", "**Targets** (docs/design.md, Targets)", "", "| target | measured | |", "|---|---:|---|"]
     for t in res["targets"]:
         mark = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
         if t["met"] is False and t.get("feasible") is False:

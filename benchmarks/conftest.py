@@ -3,7 +3,7 @@
 Run with ``pytest benchmarks/ --benchmark-only`` (the default ``pytest`` run
 collects ``tests/`` only).  The device count comes from the environment
 variable ``GEOTARGET_BENCH_DEVICES`` (default ``2M``; ``20M`` reproduces
-DESIGN §5, slowly: the BallTree build alone takes most of a minute).
+the 20 M targets of docs/design.md, slowly: the BallTree build alone takes most of a minute).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DESIGN §5 scale run: 400 M devices on one machine, every number measured.
+"""The scale run of docs/design.md, Targets: 400 M devices on one machine, every number measured.
 
 ``python benchmarks/scale.py --devices 400M --workdir DIR`` runs the phases
 below, each in its own child process (``--phase NAME``, which prints one JSON
@@ -6,7 +6,7 @@ line on stdout), so that each phase's peak resident set
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own and not the maximum of
 everything run before it.  The parent checks the disk, runs the children,
 writes ``DIR/scale.json`` (every raw number) and ``DIR/scale.md`` (a table of
-every measure against its DESIGN §5 target, with the shortfall of each missed
+every measure against its target (docs/design.md, Targets), with the shortfall of each missed
 one) and prints the Markdown.
 
 Phases (``--phases`` runs a subset and reuses what ``DIR`` already holds):
@@ -16,7 +16,7 @@ Phases (``--phases`` runs a subset and reuses what ``DIR`` already holds):
 ``build``     ``SpatialIndex.build`` of g1 alone, then ``index.save``; peak
               RSS; serving bytes per device (``index.nbytes / n``).
 ``serve``     ``SpatialIndex.open`` first, then ``within`` + ``fill`` into one
-              reused buffer and ``count`` at the DESIGN centres, then a
+              reused buffer and ``count`` at the design's centres, then a
               chunked float64 brute-force check of every query's key set.
 ``log``       the dense 500 km audience as a roaring bitmap (timed apart: the
               engine does that work), then durable ``RecipientLog.append_push``.
@@ -68,9 +68,9 @@ UTC = dt.timezone.utc
 PHASES = ("generate", "build", "serve", "log", "refresh", "build2", "retarget")
 CENTRES = {"dense": (31.23, 121.47), "medium": (36.06, 103.83), "rural": (33.5, 88.5)}
 RADII_KM = (100.0, 500.0)
-#: DESIGN §2: the only disagreement with the float64 reference that is allowed.
+#: docs/design.md, Distance: the only disagreement with the float64 reference that is allowed.
 TIE_KM = 1e-6
-#: The 400 M-device targets of DESIGN §5.
+#: The 400 M-device targets of docs/design.md, Targets.
 TARGET_N = 400_000_000
 GIB = 1 << 30
 #: Rows per slice when the script itself scans a column (brute-force check,
@@ -801,7 +801,7 @@ def markdown(report: dict) -> str:
              f"- workdir {report['workdir']}: {fmt_bytes(report.get('workdir_bytes'))} on disk"
              + ("" if report.get("keep", True) else " (data removed after the run)"), ""]
     if n != TARGET_N:
-        lines += [f"Targets are DESIGN §5's for {TARGET_N:,} devices; at {n:,} met/missed is indicative only.", ""]
+        lines += [f"Targets are docs/design.md's for {TARGET_N:,} devices; at {n:,} met/missed is indicative only.", ""]
     lines += ["| phase | measure | value | target | status | shortfall | note |",
               "|---|---|---|---|---|---|---|"]
     for m in report["measures"]:

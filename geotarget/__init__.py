@@ -2,11 +2,16 @@
 
 This module only re-exports; each name lives in the module that owns it.
 """
+from ._build_check import require_kernels as _require_kernels
+
+_require_kernels(__path__[0])  # first: an unbuilt checkout gets a plain message, not a failure deep inside
+
 from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
 from .engine import Alert, AlertEngine, Push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
-                     UnauthorizedError, UnknownAlertError, UnknownOfficerError, UnknownPushError)
+                     ShardUnavailableError, UnauthorizedError, UnknownAlertError, UnknownOfficerError,
+                     UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
 from .index import SpatialIndex
 from .log import RecipientLog
@@ -22,4 +27,5 @@ __all__ = [
     "AlertEngine", "Alert", "Push", "OUTCOMES",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
+    "ShardUnavailableError",
 ]

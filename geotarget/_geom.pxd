@@ -1,6 +1,6 @@
 # cython: language_level=3
 """What the kernel modules share: the point record, the OpenMP switch, the
-exact haversine and the box and threshold tests of the query (DESIGN §2).
+exact haversine and the box and threshold tests of the query (docs/design.md, Distance).
 
 Everything here is inline, so each module compiles its own copy; the
 algorithm is explained at the top of ``geotarget/_kernels.pyx``.
@@ -20,7 +20,7 @@ cdef extern from * nogil:
     static const int GT_HAVE_OPENMP = 0;
     #endif
     struct GtPoint { float x; float y; float z; uint32_t key; };
-    /* Mean Earth radius (IUGG), km: DESIGN 2 fixes it. */
+    /* Mean Earth radius (IUGG), km: docs/design.md, Distance, fixes it. */
     static const double GT_EARTH_R = 6371.0088;
     static const double GT_DEG2RAD = 0.017453292519943295;
     /* Guard band in chord units (unit sphere): the essay of _kernels.pyx, point 4. */

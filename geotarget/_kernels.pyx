@@ -7,7 +7,7 @@ Why the index is shaped the way it is
 
 An alert asks one question, many times: *which devices lie within r km of this
 point?*  The answer must equal, device for device, what a float64 NumPy
-haversine scan over the stored coordinates returns (DESIGN §2), anywhere on
+haversine scan over the stored coordinates returns (docs/design.md, Distance), anywhere on
 Earth, and it must come back in milliseconds for tens of millions of devices.
 
 1. **Unit vectors, not latitude/longitude.**  Every device is stored as a point

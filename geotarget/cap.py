@@ -2,7 +2,7 @@
 
 Every push the engine returns carries one CAP 1.2 ``<alert>`` (namespace
 :data:`CAP_NS`) so dispatch services and public-warning gateways can relay it
-unchanged.  The mapping from push kind to CAP is fixed (DESIGN §2):
+unchanged.  The mapping from push kind to CAP is fixed (docs/design.md, CAP 1.2):
 
 ============  =========  ============================================
 kind          msgType    extra

@@ -2,7 +2,7 @@
 
 Why and how
 -----------
-One machine is meant to serve 400 M devices (DESIGN §5), but a national
+One machine is meant to serve 400 M devices (docs/design.md, Targets), but a national
 platform also wants its index on several hosts: to survive the loss of one,
 and to add memory and cores for many simultaneous alerts.  This module splits one store
 generation into K spatial partitions, serves each from a Ray actor, and fans
@@ -82,7 +82,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without Ray
 
 from . import _kernels, _array_kernels
 from .audience import Audience
-from .errors import CorruptFileError, GeotargetError, InvalidInputError
+from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
 from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import DEFAULT_LEAF_SIZE, SpatialIndex
 from .progress import bar
@@ -108,9 +108,6 @@ DEFAULT_TASK_RETRIES = 3
 #: short-lived (a 90 M-device audience is 360 MB), so keep it modest.
 DEFAULT_OBJECT_STORE = 512 * 2**20
 MAX_SHARDS = 1024
-
-class ShardUnavailableError(GeotargetError, RuntimeError):
-    """A shard did not answer in time, or its actor is gone for good."""
 
 
 # ---------------------------------------------------------------------------

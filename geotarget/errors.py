@@ -45,3 +45,7 @@ class UnknownPushError(GeotargetError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class ShardUnavailableError(GeotargetError, RuntimeError):
+    """A shard of a ``ShardedIndex`` did not answer in time, or its Ray actor is gone for good."""

@@ -1,6 +1,6 @@
 """Distance reference and input validation at the public boundary.
 
-:func:`haversine_km` is the contract (DESIGN §2): every compiled kernel must
+:func:`haversine_km` is the contract (docs/design.md, Distance): every compiled kernel must
 agree with it.  The validators here are the *only* place public inputs are
 checked; kernels below them assume clean, contiguous arrays.
 """

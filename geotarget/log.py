@@ -23,7 +23,7 @@ What it stores
 The log also guards the delivery rules it is the only durable witness of: an
 ``alert``/``expand``/``topup`` audience must be disjoint from every device
 already notified for that alert, and an ``update``/``closure``/``retraction``
-audience must equal exactly that union (DESIGN, "Pushes").
+audience must equal exactly that union (docs/design.md, Pushes).
 
 Storage and durability
 ----------------------
@@ -41,7 +41,7 @@ Torn tails versus corruption
 ----------------------------
 SQLite recovers a WAL by reading frames while their checksum chain holds and
 keeping everything up to the last commit frame in that valid prefix.  That is
-exactly "a torn tail is dropped" (DESIGN, Durability) -- but SQLite applies the
+exactly "a torn tail is dropped" (docs/design.md, Durability) -- but SQLite applies the
 same rule to a frame damaged in the *middle* of the WAL and would silently drop
 every transaction after it.  So before SQLite touches the files, :func:`_scan_wal`
 re-validates the WAL itself and refuses (:class:`CorruptFileError`) when an

@@ -1,6 +1,6 @@
 """Radius schedules: how far an alert reaches as time passes since the child went missing.
 
-A schedule is a step function of ``t = now - missing_since`` (DESIGN §2).  The
+A schedule is a step function of ``t = now - missing_since`` (docs/design.md, Radius schedule).  The
 anchor is the moment the child went missing, not the moment the alert was
 published, so a late report starts at the radius already due.  Steps are
 ``(bound, radius_km)`` pairs read as "for t <= bound, radius_km"; the first

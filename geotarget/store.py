@@ -14,7 +14,7 @@ app        dictionary<int8, string>                  partner app
 last_seen  timestamp[s, tz=UTC]                      time of the location fix
 ========== ======================================== ==============================
 
-The **device key** (DESIGN §2 Identity) is the row number.  Rows are never
+The **device key** (docs/design.md, Device keys) is the row number.  Rows are never
 reordered or deleted once written: an update rewrites values in place and a new
 device is appended, so a key stays valid for the life of every log that holds
 it and ``key -> row`` costs nothing.  At first ingest a batch is written in KD

@@ -53,7 +53,7 @@ def _assert_exact(store, index, clat, clon, r):
     """Both directions: nothing returned lies outside, nothing inside is missed.
 
     The only tolerated disagreement is a device whose reference distance lies
-    within 1e-6 km of r (DESIGN §2).
+    within 1e-6 km of r (docs/design.md, Distance).
     """
     got = index.within(clat, clon, r).keys()
     ref = within_reference(store, clat, clon, r)

@@ -1,6 +1,6 @@
 """RecipientLog under crashes and damage: SIGKILLed writers, torn WALs, truncated and bit-flipped files.
 
-The promise under test (DESIGN, Durability): a crash at any instant loses
+The promise under test (docs/design.md, Durability): a crash at any instant loses
 nothing that was returned; a torn tail is dropped; damage anywhere else is a
 clear CorruptFileError -- and never, in any case, a different audience.
 """

@@ -1,0 +1,115 @@
+"""The package as a newcomer meets it: the error family, and importing an unbuilt checkout."""
+import importlib
+import importlib.machinery
+import inspect
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import geotarget as gt
+from geotarget import errors
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(gt.__file__).resolve().parent
+
+
+def _error_family():
+    return {name: obj for name, obj in vars(errors).items()
+            if inspect.isclass(obj) and issubclass(obj, errors.GeotargetError)}
+
+
+def _design_errors_section():
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Errors\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert match, "docs/design.md has no '## Errors' section"
+    return match.group(1)
+
+
+def test_error_family_is_not_empty():
+    assert {"GeotargetError", "InvalidInputError", "CorruptFileError"} <= set(_error_family())
+
+
+@pytest.mark.parametrize("name", sorted(_error_family()))
+def test_error_is_exported_and_documented(name):
+    cls = _error_family()[name]
+    assert getattr(gt, name, None) is cls, f"geotarget.{name} is not exported"
+    assert name in gt.__all__
+    assert (cls.__dict__.get("__doc__") or "").strip(), f"{name} has no docstring of its own"
+    assert f"`{name}`" in _design_errors_section(), f"{name} is not listed in docs/design.md, Errors"
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_geotarget_error_lives_in_errors_module():
+    """An error class defined elsewhere would escape the export and documentation checks above."""
+    for info in pkgutil.iter_modules(gt.__path__):
+        try:
+            importlib.import_module(f"geotarget.{info.name}")
+        except ImportError:
+            if info.name != "cluster":  # the one module with an optional dependency (Ray)
+                raise
+    strays = [f"{c.__module__}.{c.__qualname__}" for c in _subclasses(errors.GeotargetError)
+              if c.__module__ != "geotarget.errors" and c.__module__.startswith("geotarget")]
+    assert strays == []
+
+
+def _source_copy(tmp_path):
+    """The package's sources, without any compiled module, in a fresh directory."""
+    dst = tmp_path / "checkout"
+    shutil.copytree(PACKAGE, dst / "geotarget",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__", "*.cpp"))
+    shutil.copy(ROOT / "setup.py", dst / "setup.py")
+    return dst
+
+
+def _import_in(cwd):
+    return subprocess.run([sys.executable, "-c", "import geotarget"], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"})
+
+
+def test_unbuilt_checkout_says_what_happened_and_what_to_do(tmp_path):
+    checkout = _source_copy(tmp_path)
+    proc = _import_in(checkout)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()
+    message = proc.stderr[proc.stderr.index("ImportError:"):]
+    assert "circular import" not in proc.stderr, last[-1]
+    assert "compiled kernels are missing" in message
+    assert "_kernels" in message and "_store_kernels" in message
+    assert str(checkout) in message
+    assert "build_ext --inplace" in message and "pip install ." in message
+
+
+def test_unloadable_kernel_names_the_module_and_the_cause(tmp_path):
+    """A compiled file that exists but cannot load (another Python, a damaged build)."""
+    checkout = _source_copy(tmp_path)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in ("_kernels", "_array_kernels", "_refresh_kernels", "_store_kernels"):
+        (checkout / "geotarget" / (name + suffix)).write_bytes(b"not an ELF file")
+    proc = _import_in(checkout)
+    assert proc.returncode != 0
+    message = proc.stderr[proc.stderr.index("ImportError:"):]
+    assert "circular import" not in message
+    assert "geotarget._kernels exists" in message and "cannot be loaded" in message
+    assert "build_ext --inplace" in message
+
+
+def test_ci_runs_the_readme_commands():
+    """The README's test command is what CI runs, so the README cannot promise an untested path."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert commands[1] in ci
+    install = commands[0].split("&&")[0].strip()
+    assert install in ci
