@@ -200,7 +200,7 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 area_desc: str = "", outcome: str | None = None, language: str = "zh-CN",
                 contact: str = "", web: str = "", expires: _dt.datetime | None = None,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
-                note: str = "", status: str = "Actual") -> str:
+                note: str = "", status: str = "Actual", signer=None) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -212,6 +212,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     ``language`` (Chinese for ``zh*``, else English); closures and retractions
     prefix the headline and open the description with what happened.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
+
+    ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
+    XML signature as the alert's last child; the signed document is written
+    without indentation (see :mod:`geotarget.signing`).
     """
     if kind not in MSG_TYPES:
         raise InvalidInputError(f"kind={kind!r} must be one of {', '.join(KINDS)}")
@@ -325,11 +329,13 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     _sub(area, "areaDesc", area_desc)
     _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
 
-    ET.indent(root, space="  ")
+    if signer is None:
+        ET.indent(root, space="  ")
     body = ET.tostring(root, encoding="unicode", default_namespace=CAP_NS)
     # only text content can hold a raw CR (we write no attributes but xmlns)
     body = body.replace("\r", "&#13;")
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+    doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+    return doc if signer is None else signer.sign(doc)
 
 
 def _check_references(references, kind: str, sender: str, identifier: str) -> str:

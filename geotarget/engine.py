@@ -40,6 +40,7 @@ from .geo import check_aware, check_point, epoch_seconds
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
+from .signing import CapSigner
 from .stats import AlertRecord, check_outcome, compute
 
 #: Kinds whose audience is new devices only (update, closure, retraction go to everyone notified).
@@ -128,12 +129,17 @@ class AlertEngine:
 
     def __init__(self, index, log: RecipientLog, authority: Authority,
                  schedule: RadiusSchedule | None = None, *, sender: str = DEFAULT_SENDER,
-                 max_location_age: _dt.timedelta | None = None, workers: int = 2):
+                 max_location_age: _dt.timedelta | None = None, workers: int = 2,
+                 signer: CapSigner | None = None):
         self.index = index
         self.log = log
         self.authority = authority
         self.schedule = schedule or RadiusSchedule.default()
         self.sender = sender
+        if signer is not None and not isinstance(signer, CapSigner):
+            raise InvalidInputError(f"signer must be a CapSigner or None, got {type(signer).__name__}")
+        # Every CAP message is signed when a signer is set (docs/design.md, "Signed CAP").
+        self.signer = signer
         if max_location_age is not None and max_location_age <= _dt.timedelta(0):
             raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
         self.max_location_age = max_location_age
@@ -188,7 +194,7 @@ class AlertEngine:
             radius_km=radius, references=self._references(alert) if seq else (),
             headline=str(details.get("headline", "")), description=str(details.get("description", "")),
             instruction=str(details.get("instruction", "")), area_desc=str(details.get("area", "")),
-            outcome=alert.outcome if kind == "closure" else None)
+            outcome=alert.outcome if kind == "closure" else None, signer=self.signer)
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius

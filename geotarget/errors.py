@@ -45,3 +45,7 @@ class UnknownPushError(GeotargetError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class SignatureError(GeotargetError, ValueError):
+    """Key material cannot be used, or a signed CAP message does not verify against the trusted certificate."""
