@@ -85,10 +85,13 @@ _TEXT = {
         "headline": "儿童失踪紧急信息",
         "found": "孩子已找到",
         "not_found": "结案:孩子尚未找回",
-        "found_desc": "结案说明:该失踪儿童已找到。情况:{label}。",
+        "found_desc": "结案说明:该失踪儿童已找到。情况:{label}。感谢社会各界的关注和帮助。",
         "not_found_desc": "结案说明:本次儿童失踪信息已结案,孩子尚未找回。",
         "retracted": "撤销",
         "retracted_desc": "此前发布的儿童失踪信息有误,现予撤销。",
+        "found_instruction": "孩子已找到,无需再留意或报告线索。",
+        "not_found_instruction": "本次信息推送已结束。如仍有线索,可向当地公安机关报告。",
+        "retracted_instruction": "请忽略此前发布的信息,无需采取任何行动。",
         "area": "以 {lat},{lon} 为中心半径 {r} 公里范围",
         "sep": ":",
     },
@@ -96,10 +99,15 @@ _TEXT = {
         "headline": "Missing child emergency",
         "found": "Child found",
         "not_found": "Case closed: child not found",
-        "found_desc": "Case closed: the missing child has been found. Circumstances: {label}.",
+        "found_desc": ("Case closed: the missing child has been found. Circumstances: {label}. "
+                       "Thank you to everyone who helped."),
         "not_found_desc": "Case closed: the alert has ended and the child has not been found.",
         "retracted": "Retracted",
         "retracted_desc": "The earlier missing-child alert was issued in error and is withdrawn.",
+        "found_instruction": "The child has been found: no need to look out or report sightings.",
+        "not_found_instruction": ("This alert has ended. Information can still be reported to the "
+                                  "local police."),
+        "retracted_instruction": "Disregard the earlier message; no action is needed.",
         "area": "Within {r} km of {lat},{lon}",
         "sep": ": ",
     },
@@ -210,7 +218,9 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     ``<references>`` element.  ``outcome`` is required for ``closure`` and
     refused otherwise.  Empty ``headline`` and ``area_desc`` get a default in
     ``language`` (Chinese for ``zh*``, else English); closures and retractions
-    prefix the headline and open the description with what happened.
+    prefix the headline, open the description with what happened, and carry
+    an instruction that says what to do now (nothing, for a found child)
+    unless ``instruction`` is given.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
 
     ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
@@ -279,9 +289,13 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         lead = t["not_found"] if outcome == "not_found" else t["found"]
         headline = f"{lead}{t['sep']}{headline}" if headline else lead
         description = outcome_text(outcome, language) + ("\n\n" + description if description else "")
+        # An all-clear must not repeat the alert's "look out, call 110": it says what to do now.
+        instruction = instruction or t["not_found_instruction" if outcome == "not_found"
+                                       else "found_instruction"]
     elif kind == "retraction":
         headline = f"{t['retracted']}{t['sep']}{headline or t['headline']}"
         description = t["retracted_desc"] + ("\n\n" + description if description else "")
+        instruction = instruction or t["retracted_instruction"]
     else:
         headline = headline or t["headline"]
     area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +57,36 @@ def _iso(t: _dt.datetime | None) -> str | None:
 
 def _from_iso(s: str | None) -> _dt.datetime | None:
     return _dt.datetime.fromisoformat(s) if s is not None else None
+
+
+#: Detail keys that become CAP text; every other detail goes out as a CAP <parameter>.
+_TEXT_DETAILS = ("headline", "description", "instruction", "area", "retraction_reason")
+
+
+def _cap_texts(kind: str, details: dict) -> dict:
+    """The CAP text of a push of ``kind`` from the alert's details.
+
+    Rings and updates carry the alert's description and instruction ("look
+    out, call 110").  A closure or a retraction must not repeat them: CAP
+    writes what happened and what to do now, and a retraction carries its
+    reason.  Details without a text field of their own (age, clothing, ...)
+    reach receivers as ``<parameter>`` pairs, named after the detail.
+    """
+    texts = {"headline": str(details.get("headline", "")), "area_desc": str(details.get("area", ""))}
+    if kind == "retraction":
+        texts["description"] = str(details.get("retraction_reason", ""))
+    elif kind != "closure":
+        texts["description"] = str(details.get("description", ""))
+        texts["instruction"] = str(details.get("instruction", ""))
+    params = {}
+    for key, value in details.items():
+        if key in _TEXT_DETAILS or value is None:
+            continue
+        name = f"detail_{key}" if key in ("kind", "outcome") else str(key)
+        params[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                                       sort_keys=True)
+    texts["parameters"] = params
+    return texts
 
 
 @dataclasses.dataclass
@@ -192,9 +223,8 @@ class AlertEngine:
         cap_xml = render_push(
             identifier=push_id, sender=self.sender, sent=now, kind=kind, lat=alert.lat, lon=alert.lon,
             radius_km=radius, references=self._references(alert) if seq else (),
-            headline=str(details.get("headline", "")), description=str(details.get("description", "")),
-            instruction=str(details.get("instruction", "")), area_desc=str(details.get("area", "")),
-            outcome=alert.outcome if kind == "closure" else None, signer=self.signer)
+            outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
+            **_cap_texts(kind, details))
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius
