@@ -6,12 +6,13 @@ from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
 from .engine import Alert, AlertEngine, Push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
-                     SignatureError, UnauthorizedError, UnknownAlertError, UnknownOfficerError,
+                     RateLimitError, SignatureError, UnauthorizedError, UnknownAlertError, UnknownOfficerError,
                      UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
 from .index import SpatialIndex
 from .log import RecipientLog
 from .schedule import RadiusSchedule
+from .settings import Settings
 from .signing import CapSigner, verify_cap
 from .stats import OUTCOMES
 from .store import DeviceStore
@@ -24,5 +25,5 @@ __all__ = [
     "AlertEngine", "Alert", "Push", "OUTCOMES", "CapSigner", "verify_cap",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
-    "SignatureError",
+    "SignatureError", "RateLimitError", "Settings",
 ]

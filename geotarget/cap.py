@@ -94,6 +94,7 @@ _TEXT = {
         "retracted_instruction": "请忽略此前发布的信息,无需采取任何行动。",
         "area": "以 {lat},{lon} 为中心半径 {r} 公里范围",
         "sep": ":",
+        "exercise": "【演练,非真实警报】",
     },
     "en": {
         "headline": "Missing child emergency",
@@ -110,6 +111,7 @@ _TEXT = {
         "retracted_instruction": "Disregard the earlier message; no action is needed.",
         "area": "Within {r} km of {lat},{lon}",
         "sep": ": ",
+        "exercise": "[EXERCISE, NOT A REAL ALERT] ",
     },
 }
 
@@ -208,7 +210,8 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 area_desc: str = "", outcome: str | None = None, language: str = "zh-CN",
                 contact: str = "", web: str = "", expires: _dt.datetime | None = None,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
-                note: str = "", status: str = "Actual", signer=None) -> str:
+                note: str = "", status: str = "Actual", signer=None, event: str = EVENT,
+                event_code: str = "CAE") -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -246,6 +249,11 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                         ("instruction", instruction), ("area_desc", area_desc),
                         ("contact", contact), ("sender_name", sender_name), ("note", note)):
         _check_text(value, name)
+    _check_text(event, "event")
+    if not event.strip():
+        raise InvalidInputError("event must not be blank")
+    if not isinstance(event_code, str) or not re.fullmatch(r"[A-Z]{3}", event_code):
+        raise InvalidInputError(f"event_code={event_code!r} must be a three-letter SAME code")
     _check_text(language, "language")
     if not _LANGUAGE.fullmatch(language):
         raise InvalidInputError(f"language={language!r} is not a language tag such as 'zh-CN'")
@@ -298,6 +306,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         instruction = instruction or t["retracted_instruction"]
     else:
         headline = headline or t["headline"]
+    if status == "Exercise":
+        # A drill must be impossible to take for a real alert, whatever reads only the text.
+        headline = t["exercise"] + headline
+        note = note or t["exercise"].strip()
     area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
 
     root = ET.Element(f"{{{CAP_NS}}}alert")
@@ -314,13 +326,13 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     info = _sub(root, "info")
     _sub(info, "language", language)
     _sub(info, "category", "Rescue")
-    _sub(info, "event", EVENT)
+    _sub(info, "event", event)
     if kind == "closure":
         _sub(info, "responseType", "AllClear")
     _sub(info, "urgency", "Immediate")
     _sub(info, "severity", "Severe")
     _sub(info, "certainty", "Observed")
-    _pair(info, "eventCode", "SAME", "CAE")
+    _pair(info, "eventCode", "SAME", event_code)
     if expires_s is not None:
         _sub(info, "expires", expires_s)
     if sender_name:

@@ -49,3 +49,7 @@ class UnknownPushError(GeotargetError, KeyError):
 
 class SignatureError(GeotargetError, ValueError):
     """Key material cannot be used, or a signed CAP message does not verify against the trusted certificate."""
+
+
+class RateLimitError(GeotargetError):
+    """A report exceeds the per-officer or per-division rate limit of the settings."""
