@@ -211,7 +211,8 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 contact: str = "", web: str = "", expires: _dt.datetime | None = None,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
                 note: str = "", status: str = "Actual", signer=None, event: str = EVENT,
-                event_code: str = "CAE") -> str:
+                event_code: str = "CAE",
+                translations: Mapping[str, Mapping[str, str]] = {}) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -225,6 +226,12 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     an instruction that says what to do now (nothing, for a found child)
     unless ``instruction`` is given.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
+
+    ``translations`` maps further language tags to their own texts
+    (``headline``, ``description``, ``instruction``, ``area_desc``; any may be
+    missing): each becomes an ``<info>`` of its own after the first, with
+    the same event, area and parameters, and the engine's own wording
+    (closures, retractions, defaults) in that language.
 
     ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
     XML signature as the alert's last child; the signed document is written
@@ -290,27 +297,12 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
 
     refs = _check_references(references, kind, sender, identifier)
 
-    lang = _lang(language)
-    t = _TEXT[lang]
     lat_s, lon_s, r_s = _fmt_num(lat, 6), _fmt_num(lon, 6), _fmt_radius(r)
-    if kind == "closure":
-        lead = t["not_found"] if outcome == "not_found" else t["found"]
-        headline = f"{lead}{t['sep']}{headline}" if headline else lead
-        description = outcome_text(outcome, language) + ("\n\n" + description if description else "")
-        # An all-clear must not repeat the alert's "look out, call 110": it says what to do now.
-        instruction = instruction or t["not_found_instruction" if outcome == "not_found"
-                                       else "found_instruction"]
-    elif kind == "retraction":
-        headline = f"{t['retracted']}{t['sep']}{headline or t['headline']}"
-        description = t["retracted_desc"] + ("\n\n" + description if description else "")
-        instruction = instruction or t["retracted_instruction"]
-    else:
-        headline = headline or t["headline"]
+    blocks = [(language, {"headline": headline, "description": description,
+                          "instruction": instruction, "area_desc": area_desc})]
+    blocks += _check_translations(translations, language)
     if status == "Exercise":
-        # A drill must be impossible to take for a real alert, whatever reads only the text.
-        headline = t["exercise"] + headline
-        note = note or t["exercise"].strip()
-    area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
+        note = note or _TEXT[_lang(language)]["exercise"].strip()
 
     root = ET.Element(f"{{{CAP_NS}}}alert")
     _sub(root, "identifier", identifier)
@@ -323,37 +315,59 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         _sub(root, "note", note)
     if refs:
         _sub(root, "references", refs)
-    info = _sub(root, "info")
-    _sub(info, "language", language)
-    _sub(info, "category", "Rescue")
-    _sub(info, "event", event)
-    if kind == "closure":
-        _sub(info, "responseType", "AllClear")
-    _sub(info, "urgency", "Immediate")
-    _sub(info, "severity", "Severe")
-    _sub(info, "certainty", "Observed")
-    _pair(info, "eventCode", "SAME", event_code)
-    if expires_s is not None:
-        _sub(info, "expires", expires_s)
-    if sender_name:
-        _sub(info, "senderName", sender_name)
-    _sub(info, "headline", headline)
-    if description:
-        _sub(info, "description", description)
-    if instruction:
-        _sub(info, "instruction", instruction)
-    if web:
-        _sub(info, "web", web)
-    if contact:
-        _sub(info, "contact", contact)
-    _pair(info, "parameter", "kind", kind)
-    if outcome is not None:
-        _pair(info, "parameter", "outcome", outcome)
-    for pname, pvalue in params:
-        _pair(info, "parameter", pname, pvalue)
-    area = _sub(info, "area")
-    _sub(area, "areaDesc", area_desc)
-    _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+    for tag, texts in blocks:
+        headline, description, instruction, area_desc = (
+            texts.get(k, "") for k in ("headline", "description", "instruction", "area_desc"))
+        t = _TEXT[_lang(tag)]
+        if kind == "closure":
+            lead = t["not_found"] if outcome == "not_found" else t["found"]
+            headline = f"{lead}{t['sep']}{headline}" if headline else lead
+            description = outcome_text(outcome, tag) + ("\n\n" + description if description else "")
+            # An all-clear must not repeat the alert's "look out, call 110": it says what to do now.
+            instruction = instruction or t["not_found_instruction" if outcome == "not_found"
+                                           else "found_instruction"]
+        elif kind == "retraction":
+            headline = f"{t['retracted']}{t['sep']}{headline or t['headline']}"
+            description = t["retracted_desc"] + ("\n\n" + description if description else "")
+            instruction = instruction or t["retracted_instruction"]
+        else:
+            headline = headline or t["headline"]
+        if status == "Exercise":
+            # A drill must be impossible to take for a real alert, whatever reads only the text.
+            headline = t["exercise"] + headline
+        area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
+
+        info = _sub(root, "info")
+        _sub(info, "language", tag)
+        _sub(info, "category", "Rescue")
+        _sub(info, "event", event)
+        if kind == "closure":
+            _sub(info, "responseType", "AllClear")
+        _sub(info, "urgency", "Immediate")
+        _sub(info, "severity", "Severe")
+        _sub(info, "certainty", "Observed")
+        _pair(info, "eventCode", "SAME", event_code)
+        if expires_s is not None:
+            _sub(info, "expires", expires_s)
+        if sender_name:
+            _sub(info, "senderName", sender_name)
+        _sub(info, "headline", headline)
+        if description:
+            _sub(info, "description", description)
+        if instruction:
+            _sub(info, "instruction", instruction)
+        if web:
+            _sub(info, "web", web)
+        if contact:
+            _sub(info, "contact", contact)
+        _pair(info, "parameter", "kind", kind)
+        if outcome is not None:
+            _pair(info, "parameter", "outcome", outcome)
+        for pname, pvalue in params:
+            _pair(info, "parameter", pname, pvalue)
+        area = _sub(info, "area")
+        _sub(area, "areaDesc", area_desc)
+        _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
 
     if signer is None:
         ET.indent(root, space="  ")
@@ -362,6 +376,34 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     body = body.replace("\r", "&#13;")
     doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
     return doc if signer is None else signer.sign(doc)
+
+
+_TRANSLATED = ("headline", "description", "instruction", "area_desc")
+
+
+def _check_translations(translations, language: str) -> list[tuple[str, dict]]:
+    if not isinstance(translations, Mapping):
+        raise InvalidInputError(f"translations must be a mapping of language to texts, "
+                                f"got {type(translations).__name__}")
+    out = []
+    seen = {language.lower()}
+    for tag, texts in translations.items():
+        _check_text(tag, "translations language")
+        if not _LANGUAGE.fullmatch(tag):
+            raise InvalidInputError(f"translations: {tag!r} is not a language tag such as 'en-US'")
+        if tag.lower() in seen:
+            raise InvalidInputError(f"translations: language {tag!r} appears twice")
+        seen.add(tag.lower())
+        if not isinstance(texts, Mapping):
+            raise InvalidInputError(f"translations[{tag!r}] must be a mapping of texts")
+        unknown = set(texts) - set(_TRANSLATED)
+        if unknown:
+            raise InvalidInputError(f"translations[{tag!r}] has unknown field(s) {sorted(unknown)}; "
+                                    f"known: {', '.join(_TRANSLATED)}")
+        for k, v in texts.items():
+            _check_text(v, f"translations[{tag!r}][{k!r}]")
+        out.append((tag, dict(texts)))
+    return out
 
 
 def _check_references(references, kind: str, sender: str, identifier: str) -> str:

@@ -61,10 +61,10 @@ def _from_iso(s: str | None) -> _dt.datetime | None:
 
 
 #: Detail keys that become CAP text; every other detail goes out as a CAP <parameter>.
-_TEXT_DETAILS = ("headline", "description", "instruction", "area", "retraction_reason")
+_TEXT_DETAILS = ("headline", "description", "instruction", "area", "retraction_reason", "translations")
 
 
-def _cap_texts(kind: str, details: dict) -> dict:
+def _cap_texts(kind: str, details: dict, languages: tuple[str, ...] = ("zh-CN",)) -> dict:
     """The CAP text of a push of ``kind`` from the alert's details.
 
     Rings and updates carry the alert's description and instruction ("look
@@ -72,8 +72,14 @@ def _cap_texts(kind: str, details: dict) -> dict:
     writes what happened and what to do now, and a retraction carries its
     reason.  Details without a text field of their own (age, clothing, ...)
     reach receivers as ``<parameter>`` pairs, named after the detail.
+
+    The first of ``languages`` carries the officer's own text; each further
+    language gets an ``<info>`` of its own, with the texts given under
+    ``details["translations"][language]`` (the same field names) where there
+    are any, and geotarget's own wording otherwise.
     """
-    texts = {"headline": str(details.get("headline", "")), "area_desc": str(details.get("area", ""))}
+    texts = {"headline": str(details.get("headline", "")), "area_desc": str(details.get("area", "")),
+             "language": languages[0]}
     if kind == "retraction":
         texts["description"] = str(details.get("retraction_reason", ""))
     elif kind != "closure":
@@ -87,6 +93,19 @@ def _cap_texts(kind: str, details: dict) -> dict:
         params[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
                                                                        sort_keys=True)
     texts["parameters"] = params
+    given = details.get("translations") or {}
+    if not isinstance(given, dict) or not all(isinstance(t, dict) for t in given.values()):
+        raise ValueError("translations must map a language tag to a dict of texts")
+    translations = {}
+    for lang in languages[1:]:
+        t = given.get(lang, {})
+        unknown = set(t) - {"headline", "description", "instruction", "area"}
+        if unknown:
+            raise ValueError(f"translations[{lang!r}] has unknown field(s) {sorted(unknown)}")
+        keep = ("headline", "area") if kind in ("closure", "retraction") else (
+            "headline", "description", "instruction", "area")
+        translations[lang] = {("area_desc" if k == "area" else k): t[k] for k in keep if k in t}
+    texts["translations"] = translations
     return texts
 
 
@@ -137,6 +156,14 @@ class Alert:
 
     def expired(self, now: _dt.datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+    def stats_record(self) -> AlertRecord | None:
+        """What the statistics count of this alert; None for a drill or a merged or held duplicate."""
+        if self.drill or self.status in ("held", "merged"):
+            return None
+        return AlertRecord(alert_id=self.alert_id, division=self.division, published_at=self.published_at,
+                           status=self.status, outcome=self.outcome, closed_at=self.closed_at,
+                           pushes=self.pushes, devices_reached=self.reached)
 
     @property
     def id(self) -> str:
@@ -269,7 +296,7 @@ class AlertEngine:
             outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
             event=case.event, event_code=case.event_code, expires=self._cap_expires(alert, kind, now),
             sender_name=self.settings.sender_name, status="Exercise" if alert.drill else "Actual",
-            **_cap_texts(kind, details))
+            **_cap_texts(kind, details, self.settings.languages))
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius
@@ -353,6 +380,7 @@ class AlertEngine:
         if details is not None and not isinstance(details, dict):
             raise InvalidInputError(f"details must be a dict, got {type(details).__name__}")
         case = self.settings.case(case_type)
+        self._check_cap_texts(dict(details or {}), clat, clon, now)
         if not isinstance(drill, bool):
             raise InvalidInputError(f"drill must be True or False, got {drill!r}")
         if schedule is not None and not isinstance(schedule, RadiusSchedule):
@@ -382,6 +410,20 @@ class AlertEngine:
                         "expires_at": _iso(alert.expires_at), "drill": drill,
                         "duplicate_of": alert.duplicate_of})
             return alert
+
+    def _check_cap_texts(self, details: dict, lat: float, lon: float, now: _dt.datetime) -> None:
+        """Render the texts once, as a ring and as a retraction would be, before anything is saved.
+
+        Text that CAP cannot carry is refused at the door (InvalidInputError)
+        instead of failing every later tick of the alert.
+        """
+        for kind in ("alert", "retraction"):
+            try:
+                texts = _cap_texts(kind, details, self.settings.languages)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"details cannot be written into CAP: {exc}") from None
+            render_push(identifier="check", sender=self.sender, sent=now, kind=kind, lat=lat, lon=lon,
+                        radius_km=1.0, **texts)
 
     def _check_rate(self, officer_id: str, division: str, now: _dt.datetime) -> None:
         """Refuse a report over the per-officer or per-division limit of any sliding hour."""
@@ -542,6 +584,7 @@ class AlertEngine:
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
             alert = dataclasses.replace(alert, details={**alert.details, **details})
+            self._check_cap_texts(alert.details, alert.lat, alert.lon, now)
             return self._follow(alert, "update", officer_id, now)
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:
@@ -696,11 +739,7 @@ class AlertEngine:
             since = check_aware(since, "since")
         if until is not None:
             until = check_aware(until, "until")
-        records = [AlertRecord(alert_id=a.alert_id, division=a.division, published_at=a.published_at,
-                               status=a.status, outcome=a.outcome, closed_at=a.closed_at,
-                               pushes=a.pushes, devices_reached=a.reached)
-                   for a in self._alerts.values()
-                   if not a.drill and a.status not in ("held", "merged")]
+        records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
         return compute(records, since=since, until=until, division=division)
 
     def verify(self) -> None:

@@ -80,3 +80,61 @@ def test_update_details_reach_the_cap(engine):
                                      "clothes": "blue jacket"}, now=_minutes(40))
     assert _info(p.cap_xml)["description"] == "Seen at Hangzhou East station, 09:40"
     assert parse_identifiers(p.cap_xml)["parameters"]["clothes"] == "blue jacket"
+
+
+def test_each_language_is_its_own_info(tmp_path):
+    import tomllib
+    from geotarget.settings import DEFAULTS, Settings
+    doc = tomllib.loads(DEFAULTS)
+    doc["dispatch"]["languages"] = ["zh-CN", "en-US", "ug-CN"]
+    settings = Settings._from_doc(doc, "test", None)
+    rng = np.random.default_rng(3)
+    store = gt.DeviceStore.from_arrays(np.arange(1, 501, dtype=np.uint64),
+                                       30.27 + rng.normal(0, 0.5, 500), 120.15 + rng.normal(0, 0.5, 500))
+    officers = [gt.Officer("S-1", level="city", division="330100")]
+    with gt.RecipientLog(tmp_path / "l.sqlite") as log:
+        eng = gt.AlertEngine(gt.SpatialIndex.build(store), log=log, authority=gt.Authority(officers),
+                             settings=settings)
+        details = {"headline": "女童走失", "description": "身穿红色外套",
+                   "translations": {"en-US": {"headline": "Girl missing", "description": "Red coat"}}}
+        a = eng.report("S-1", lat=30.27, lon=120.15, missing_since=T0, division="330100",
+                       details=details, now=_minutes(5))
+        (p,) = eng.tick(_minutes(10))
+        closure = eng.close(a.id, "S-1", outcome="lost", now=_minutes(20))
+    from lxml import etree
+    ns = {"c": "urn:oasis:names:tc:emergency:cap:1.2"}
+    infos = etree.fromstring(p.cap_xml.encode()).findall("c:info", ns)
+    assert [i.findtext("c:language", None, ns) for i in infos] == ["zh-CN", "en-US", "ug-CN"]
+    assert [i.findtext("c:headline", None, ns) for i in infos] == ["女童走失", "Girl missing",
+                                                                    "Missing child emergency"]
+    assert infos[1].findtext("c:description", None, ns) == "Red coat"
+    assert "translations" not in parse_identifiers(p.cap_xml)["parameters"]
+    closing = etree.fromstring(closure.cap_xml.encode()).findall("c:info", ns)
+    assert closing[1].findtext("c:headline", None, ns) == "Child found: Girl missing"
+    assert "Red coat" not in closing[1].findtext("c:description", None, ns)
+
+
+@pytest.mark.parametrize("details,match", [
+    ({"headline": "bad\x0bline"}, "headline contains U\\+000B"),
+    ({"description": "x\x00"}, "description"),
+    ({"translations": "en"}, "translations"),
+    ({"translations": {"en": {"headline": 5}}}, "translations"),
+    ({"translations": {"en": {"title": "x"}}}, "unknown field"),
+    ({"age": object()}, "cannot be written into CAP"),
+])
+def test_text_cap_cannot_carry_is_refused_at_report_and_update(engine, details, match):
+    """A poison detail is refused at the door; it would otherwise fail every later tick."""
+    from geotarget.settings import DEFAULTS, Settings
+    import tomllib
+    doc = tomllib.loads(DEFAULTS)
+    doc["dispatch"]["languages"] = ["zh-CN", "en"]
+    engine.settings = Settings._from_doc(doc, "test", None)
+    with pytest.raises(gt.InvalidInputError, match=match):
+        engine.report("C-1", lat=30.27, lon=120.15, missing_since=T0, division="330102",
+                      details=details, now=_minutes(5))
+    assert engine.alerts() == []
+    a, _ = _open(engine)
+    with pytest.raises(gt.InvalidInputError, match=match):
+        engine.update(a.id, "C-1", details, now=_minutes(20))
+    assert len(engine.log.pushes(a.id)) == 1
+    assert len(engine.tick(_minutes(70))) == 1          # the alert goes on
