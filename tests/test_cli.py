@@ -105,7 +105,9 @@ def source(work):
 @pytest.fixture(scope="module")
 def lifecycle(work, world):
     """Report -> approve -> tick (not acked) -> tick --ack (replay + expand) -> close --ack."""
-    common = ("--log", "log.sqlite", "--index", "st", "--officers", "officers.json")
+    # every device, however stale: the audiences are compared with unfiltered scans
+    common = ("--log", "log.sqlite", "--index", "st", "--officers", "officers.json",
+              "--max-location-age", "0")
     rep = ok_json("alert", "report", *common, "--officer", "C-330102", "--lat", HZ["lat"], "--lon",
                   HZ["lon"], "--missing-since", T.format("08:10"), "--now", T.format("08:25"),
                   "--headline", "Missing girl, 6, red coat", cwd=work)
@@ -288,7 +290,7 @@ def check_png(path):
 
 def test_refresh_tops_up_and_retraction_reaches_everyone(work, world):
     """A ministry report (no approval), a ring, a new generation via ingest --base, a top-up."""
-    common = ("--log", "log2.sqlite", "--officers", "officers.json")
+    common = ("--log", "log2.sqlite", "--officers", "officers.json", "--max-location-age", "0")
     aid = ok_json("alert", "report", *common, "--index", "st", "--officer", "MPS", "--lat", HZ["lat"],
                   "--lon", HZ["lon"], "--division", "330102", "--missing-since", T.format("08:00"),
                   "--now", T.format("08:05"), cwd=work)["alert_id"]
