@@ -10,12 +10,15 @@ from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
 from .engine import Alert, AlertEngine, Push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
-                     ShardUnavailableError, UnauthorizedError, UnknownAlertError, UnknownOfficerError,
+                     RateLimitError, ShardUnavailableError, SignatureError,
+                     UnauthorizedError, UnknownAlertError, UnknownOfficerError,
                      UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
 from .index import SpatialIndex
 from .log import RecipientLog
 from .schedule import RadiusSchedule
+from .settings import Settings
+from .signing import CapSigner, verify_cap
 from .stats import OUTCOMES
 from .store import DeviceStore
 
@@ -24,8 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Audience", "DeviceStore", "SpatialIndex", "haversine_km", "EARTH_RADIUS_KM", "HALF_CIRCUMFERENCE_KM",
     "Officer", "Authority", "ApprovalPolicy", "RadiusSchedule", "RecipientLog",
-    "AlertEngine", "Alert", "Push", "OUTCOMES",
+    "AlertEngine", "Alert", "Push", "OUTCOMES", "CapSigner", "verify_cap",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
     "ShardUnavailableError",
+    "SignatureError", "RateLimitError", "Settings",
 ]

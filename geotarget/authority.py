@@ -38,7 +38,7 @@ LEVELS = ("ministry", "province", "city", "county")
 #: Lower rank = more senior; "strictly superior" compares ranks.
 _RANK = {lvl: i for i, lvl in enumerate(LEVELS)}
 #: What check_act guards; reporting and approving have their own checks.
-ACTIONS = ("update", "close", "retract")
+ACTIONS = ("update", "close", "retract", "renew", "confirm")
 _SIX_DIGITS = re.compile(r"[0-9]{6}")
 
 
@@ -280,7 +280,7 @@ class Authority:
         return self._covering(approver_id, division, "approve")
 
     def check_act(self, officer_id: str, division: str, action: str) -> Officer:
-        """The officer, if they may ``update``, ``close`` or ``retract`` an alert in ``division``."""
+        """The officer, if they may take ``action`` (one of :data:`ACTIONS`) on an alert in ``division``."""
         if action not in ACTIONS:
             raise InvalidInputError(f"action={action!r} must be one of {', '.join(ACTIONS)}")
         return self._covering(officer_id, division, action)

@@ -85,23 +85,33 @@ _TEXT = {
         "headline": "儿童失踪紧急信息",
         "found": "孩子已找到",
         "not_found": "结案:孩子尚未找回",
-        "found_desc": "结案说明:该失踪儿童已找到。情况:{label}。",
+        "found_desc": "结案说明:该失踪儿童已找到。情况:{label}。感谢社会各界的关注和帮助。",
         "not_found_desc": "结案说明:本次儿童失踪信息已结案,孩子尚未找回。",
         "retracted": "撤销",
         "retracted_desc": "此前发布的儿童失踪信息有误,现予撤销。",
+        "found_instruction": "孩子已找到,无需再留意或报告线索。",
+        "not_found_instruction": "本次信息推送已结束。如仍有线索,可向当地公安机关报告。",
+        "retracted_instruction": "请忽略此前发布的信息,无需采取任何行动。",
         "area": "以 {lat},{lon} 为中心半径 {r} 公里范围",
         "sep": ":",
+        "exercise": "【演练,非真实警报】",
     },
     "en": {
         "headline": "Missing child emergency",
         "found": "Child found",
         "not_found": "Case closed: child not found",
-        "found_desc": "Case closed: the missing child has been found. Circumstances: {label}.",
+        "found_desc": ("Case closed: the missing child has been found. Circumstances: {label}. "
+                       "Thank you to everyone who helped."),
         "not_found_desc": "Case closed: the alert has ended and the child has not been found.",
         "retracted": "Retracted",
         "retracted_desc": "The earlier missing-child alert was issued in error and is withdrawn.",
+        "found_instruction": "The child has been found: no need to look out or report sightings.",
+        "not_found_instruction": ("This alert has ended. Information can still be reported to the "
+                                  "local police."),
+        "retracted_instruction": "Disregard the earlier message; no action is needed.",
         "area": "Within {r} km of {lat},{lon}",
         "sep": ": ",
+        "exercise": "[EXERCISE, NOT A REAL ALERT] ",
     },
 }
 
@@ -200,7 +210,9 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 area_desc: str = "", outcome: str | None = None, language: str = "zh-CN",
                 contact: str = "", web: str = "", expires: _dt.datetime | None = None,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
-                note: str = "", status: str = "Actual") -> str:
+                note: str = "", status: str = "Actual", signer=None, event: str = EVENT,
+                event_code: str = "CAE",
+                translations: Mapping[str, Mapping[str, str]] = {}) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -210,8 +222,20 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     ``<references>`` element.  ``outcome`` is required for ``closure`` and
     refused otherwise.  Empty ``headline`` and ``area_desc`` get a default in
     ``language`` (Chinese for ``zh*``, else English); closures and retractions
-    prefix the headline and open the description with what happened.
+    prefix the headline, open the description with what happened, and carry
+    an instruction that says what to do now (nothing, for a found child)
+    unless ``instruction`` is given.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
+
+    ``translations`` maps further language tags to their own texts
+    (``headline``, ``description``, ``instruction``, ``area_desc``; any may be
+    missing): each becomes an ``<info>`` of its own after the first, with
+    the same event, area and parameters, and the engine's own wording
+    (closures, retractions, defaults) in that language.
+
+    ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
+    XML signature as the alert's last child; the signed document is written
+    without indentation (see :mod:`geotarget.signing`).
     """
     if kind not in MSG_TYPES:
         raise InvalidInputError(f"kind={kind!r} must be one of {', '.join(KINDS)}")
@@ -232,6 +256,11 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                         ("instruction", instruction), ("area_desc", area_desc),
                         ("contact", contact), ("sender_name", sender_name), ("note", note)):
         _check_text(value, name)
+    _check_text(event, "event")
+    if not event.strip():
+        raise InvalidInputError("event must not be blank")
+    if not isinstance(event_code, str) or not re.fullmatch(r"[A-Z]{3}", event_code):
+        raise InvalidInputError(f"event_code={event_code!r} must be a three-letter SAME code")
     _check_text(language, "language")
     if not _LANGUAGE.fullmatch(language):
         raise InvalidInputError(f"language={language!r} is not a language tag such as 'zh-CN'")
@@ -268,19 +297,12 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
 
     refs = _check_references(references, kind, sender, identifier)
 
-    lang = _lang(language)
-    t = _TEXT[lang]
     lat_s, lon_s, r_s = _fmt_num(lat, 6), _fmt_num(lon, 6), _fmt_radius(r)
-    if kind == "closure":
-        lead = t["not_found"] if outcome == "not_found" else t["found"]
-        headline = f"{lead}{t['sep']}{headline}" if headline else lead
-        description = outcome_text(outcome, language) + ("\n\n" + description if description else "")
-    elif kind == "retraction":
-        headline = f"{t['retracted']}{t['sep']}{headline or t['headline']}"
-        description = t["retracted_desc"] + ("\n\n" + description if description else "")
-    else:
-        headline = headline or t["headline"]
-    area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
+    blocks = [(language, {"headline": headline, "description": description,
+                          "instruction": instruction, "area_desc": area_desc})]
+    blocks += _check_translations(translations, language)
+    if status == "Exercise":
+        note = note or _TEXT[_lang(language)]["exercise"].strip()
 
     root = ET.Element(f"{{{CAP_NS}}}alert")
     _sub(root, "identifier", identifier)
@@ -293,43 +315,95 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         _sub(root, "note", note)
     if refs:
         _sub(root, "references", refs)
-    info = _sub(root, "info")
-    _sub(info, "language", language)
-    _sub(info, "category", "Rescue")
-    _sub(info, "event", EVENT)
-    if kind == "closure":
-        _sub(info, "responseType", "AllClear")
-    _sub(info, "urgency", "Immediate")
-    _sub(info, "severity", "Severe")
-    _sub(info, "certainty", "Observed")
-    _pair(info, "eventCode", "SAME", "CAE")
-    if expires_s is not None:
-        _sub(info, "expires", expires_s)
-    if sender_name:
-        _sub(info, "senderName", sender_name)
-    _sub(info, "headline", headline)
-    if description:
-        _sub(info, "description", description)
-    if instruction:
-        _sub(info, "instruction", instruction)
-    if web:
-        _sub(info, "web", web)
-    if contact:
-        _sub(info, "contact", contact)
-    _pair(info, "parameter", "kind", kind)
-    if outcome is not None:
-        _pair(info, "parameter", "outcome", outcome)
-    for pname, pvalue in params:
-        _pair(info, "parameter", pname, pvalue)
-    area = _sub(info, "area")
-    _sub(area, "areaDesc", area_desc)
-    _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+    for tag, texts in blocks:
+        headline, description, instruction, area_desc = (
+            texts.get(k, "") for k in ("headline", "description", "instruction", "area_desc"))
+        t = _TEXT[_lang(tag)]
+        if kind == "closure":
+            lead = t["not_found"] if outcome == "not_found" else t["found"]
+            headline = f"{lead}{t['sep']}{headline}" if headline else lead
+            description = outcome_text(outcome, tag) + ("\n\n" + description if description else "")
+            # An all-clear must not repeat the alert's "look out, call 110": it says what to do now.
+            instruction = instruction or t["not_found_instruction" if outcome == "not_found"
+                                           else "found_instruction"]
+        elif kind == "retraction":
+            headline = f"{t['retracted']}{t['sep']}{headline or t['headline']}"
+            description = t["retracted_desc"] + ("\n\n" + description if description else "")
+            instruction = instruction or t["retracted_instruction"]
+        else:
+            headline = headline or t["headline"]
+        if status == "Exercise":
+            # A drill must be impossible to take for a real alert, whatever reads only the text.
+            headline = t["exercise"] + headline
+        area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
 
-    ET.indent(root, space="  ")
+        info = _sub(root, "info")
+        _sub(info, "language", tag)
+        _sub(info, "category", "Rescue")
+        _sub(info, "event", event)
+        if kind == "closure":
+            _sub(info, "responseType", "AllClear")
+        _sub(info, "urgency", "Immediate")
+        _sub(info, "severity", "Severe")
+        _sub(info, "certainty", "Observed")
+        _pair(info, "eventCode", "SAME", event_code)
+        if expires_s is not None:
+            _sub(info, "expires", expires_s)
+        if sender_name:
+            _sub(info, "senderName", sender_name)
+        _sub(info, "headline", headline)
+        if description:
+            _sub(info, "description", description)
+        if instruction:
+            _sub(info, "instruction", instruction)
+        if web:
+            _sub(info, "web", web)
+        if contact:
+            _sub(info, "contact", contact)
+        _pair(info, "parameter", "kind", kind)
+        if outcome is not None:
+            _pair(info, "parameter", "outcome", outcome)
+        for pname, pvalue in params:
+            _pair(info, "parameter", pname, pvalue)
+        area = _sub(info, "area")
+        _sub(area, "areaDesc", area_desc)
+        _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+
+    if signer is None:
+        ET.indent(root, space="  ")
     body = ET.tostring(root, encoding="unicode", default_namespace=CAP_NS)
     # only text content can hold a raw CR (we write no attributes but xmlns)
     body = body.replace("\r", "&#13;")
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+    doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
+    return doc if signer is None else signer.sign(doc)
+
+
+_TRANSLATED = ("headline", "description", "instruction", "area_desc")
+
+
+def _check_translations(translations, language: str) -> list[tuple[str, dict]]:
+    if not isinstance(translations, Mapping):
+        raise InvalidInputError(f"translations must be a mapping of language to texts, "
+                                f"got {type(translations).__name__}")
+    out = []
+    seen = {language.lower()}
+    for tag, texts in translations.items():
+        _check_text(tag, "translations language")
+        if not _LANGUAGE.fullmatch(tag):
+            raise InvalidInputError(f"translations: {tag!r} is not a language tag such as 'en-US'")
+        if tag.lower() in seen:
+            raise InvalidInputError(f"translations: language {tag!r} appears twice")
+        seen.add(tag.lower())
+        if not isinstance(texts, Mapping):
+            raise InvalidInputError(f"translations[{tag!r}] must be a mapping of texts")
+        unknown = set(texts) - set(_TRANSLATED)
+        if unknown:
+            raise InvalidInputError(f"translations[{tag!r}] has unknown field(s) {sorted(unknown)}; "
+                                    f"known: {', '.join(_TRANSLATED)}")
+        for k, v in texts.items():
+            _check_text(v, f"translations[{tag!r}][{k!r}]")
+        out.append((tag, dict(texts)))
+    return out
 
 
 def _check_references(references, kind: str, sender: str, identifier: str) -> str:

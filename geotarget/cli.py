@@ -105,6 +105,16 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
 def _when(text: str | None, name: str) -> _dt.datetime | None:
     """An aware datetime from ISO 8601; ``None`` stays ``None``."""
     if text is None:
@@ -222,9 +232,29 @@ def _engine(args, officers_required: bool):
     if officers_required and not args.officers:
         raise InvalidInputError(f"alert {args.action} needs --officers FILE (who may act)")
     authority = load_officers(args.officers) if args.officers else Authority([])
+    settings = _settings(args)
+    age = settings.max_location_age
+    if getattr(args, "max_location_age", None) is not None:
+        age = _dt.timedelta(hours=args.max_location_age) if args.max_location_age > 0 else None
+    signer = settings.signer()
     index = _open_index(args.index)
     log = _open_log(args.log, create=args.action == "report")
-    return AlertEngine(index, log=log, authority=authority)
+    return AlertEngine(index, log=log, authority=authority, settings=settings, max_location_age=age,
+                       signer=signer)
+
+
+def _settings(args):
+    from .settings import Settings
+    return Settings.load(getattr(args, "config", None))
+
+
+def cmd_config(args) -> int:
+    settings = _settings(args)
+    if args.json:
+        _emit_json(settings.to_dict())
+    else:
+        sys.stdout.write(settings.to_toml())
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -519,7 +549,8 @@ def cmd_alert(args) -> int:
     action = args.action
     if action == "show":
         return _alert_show(args)
-    engine = _engine(args, officers_required=action in ("report", "approve", "update", "close", "retract"))
+    engine = _engine(args, officers_required=action in ("report", "approve", "update", "close", "retract",
+                                                         "renew", "confirm"))
     try:
         now = _now(args)
         if action == "report":
@@ -528,14 +559,36 @@ def cmd_alert(args) -> int:
             division = args.division or officer.division
             alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
                                   missing_since=_when(args.missing_since, "--missing-since"),
-                                  division=division, details=details, now=now)
+                                  division=division, details=details, now=now,
+                                  case_type=args.case_type, drill=args.drill)
             doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
-                   "reporter": alert.reporter, "reported_at": _iso(alert.reported_at)}
+                   "reporter": alert.reporter, "reported_at": _iso(alert.reported_at),
+                   "case_type": alert.case_type, "drill": alert.drill,
+                   "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of}
             if args.json:
                 _emit_json(doc)
             else:
-                _out(f"alert {alert.id} reported by {alert.reporter} in division {alert.division}: "
-                     + ("pending approval" if alert.status == "pending" else "published"))
+                state = {"pending": "pending approval", "open": "published",
+                         "held": f"HELD as a possible duplicate of {alert.duplicate_of}: an officer "
+                                 f"confirms with 'alert confirm --distinct' or '--duplicate'"}
+                _out(("DRILL (exercise, not a real alert): " if alert.drill else "")
+                     + f"{alert.case_type} alert {alert.id} reported by {alert.reporter} in division "
+                     f"{alert.division}: {state.get(alert.status, alert.status)}")
+            return EXIT_OK
+        if action in ("renew", "confirm"):
+            if action == "renew":
+                alert = engine.renew(args.alert_id, args.officer, now=now, hours=args.hours)
+            elif args.distinct:
+                alert = engine.confirm_distinct(args.alert_id, args.officer, now=now)
+            else:
+                alert = engine.confirm_duplicate(args.alert_id, args.officer, now=now)
+            doc = {"alert_id": alert.id, "status": alert.status, "expires_at": _iso(alert.expires_at),
+                   "duplicate_of": alert.duplicate_of}
+            if args.json:
+                _emit_json(doc)
+            else:
+                _out(f"alert {alert.id}: {alert.status}"
+                     + (f", expires {alert.expires_at.isoformat()}" if alert.expires_at else ""))
             return EXIT_OK
         if action == "approve":
             alert = engine.approve(args.alert_id, args.officer, now=now)
@@ -667,13 +720,11 @@ def _alert_show(args) -> int:
 
 def _records(log):
     from .engine import Alert
-    from .stats import AlertRecord
 
     for rec in log.alerts().values():
-        a = Alert.from_record(rec)
-        yield AlertRecord(alert_id=a.alert_id, division=a.division, published_at=a.published_at,
-                          status=a.status, outcome=a.outcome, closed_at=a.closed_at, pushes=a.pushes,
-                          devices_reached=a.reached)
+        r = Alert.from_record(rec).stats_record()
+        if r is not None:
+            yield r
 
 
 def cmd_stats(args) -> int:
@@ -905,6 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
             ap.add_argument("--officer", required=True, metavar="ID", help="the acting officer")
         if now:
             ap.add_argument("--now", metavar="ISO", help="the time of the action (default: the clock)")
+        if index:
+            ap.add_argument("--config", metavar="FILE", help="settings TOML (see 'geotarget config show')")
+            ap.add_argument("--max-location-age", type=_nonneg_float, metavar="HOURS",
+                            help="only devices seen this recently get rings (0: all; default: settings)")
         ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         return ap
 
@@ -925,6 +980,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lon", type=float, required=True)
     ap.add_argument("--missing-since", required=True, metavar="ISO")
     ap.add_argument("--division", metavar="CODE", help="6-digit division (default: the officer's)")
+    ap.add_argument("--case-type", default="child", metavar="TYPE",
+                    help="child (default), elderly, other, or a type the settings add")
+    ap.add_argument("--drill", action="store_true",
+                    help="an exercise: CAP status Exercise, test devices only, never in statistics")
     texts(ap)
     action("approve", "approve a pending report")
     handoff(action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
@@ -942,10 +1001,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = action("retract", "withdraw an erroneous or false report")
     ap.add_argument("--reason", default="")
     handoff(ap)
+    ap = action("renew", "extend an open alert's expiry (an expired alert resumes its rings)")
+    ap.add_argument("--hours", type=_nonneg_float, metavar="H", help="default: the case type's expiry")
+    ap = action("confirm", "decide a report held as a possible duplicate")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--distinct", action="store_true", help="another person: it goes on")
+    which.add_argument("--duplicate", action="store_true", help="the same person: merged, never sent")
     ap = action("show", "an alert's state and pushes (all alerts without ALERT_ID)", index=False,
                 officers=False, alert_id=False, officer=False, now=False)
     ap.add_argument("alert_id", metavar="ALERT_ID", nargs="?")
     ap.add_argument("--index", metavar="DIR", help="also split each push by app")
+
+    sp = verb("config", "the settings in force (defaults overlaid with --config FILE), as TOML", cmd_config)
+    csub = sp.add_subparsers(dest="config_action", required=True, metavar="ACTION")
+    cp = csub.add_parser("show", help="print the settings in force")
+    cp.add_argument("--config", metavar="FILE", help="settings TOML (default: the built-in defaults)")
+    cp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
     sp = verb("stats", "published, found, not found, open, recovery rate, outcomes", cmd_stats)
     sp.add_argument("--log", required=True, metavar="LOG")

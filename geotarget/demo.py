@@ -50,6 +50,7 @@ from .index import SpatialIndex
 from .log import RecipientLog
 from .population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
 from .schedule import RadiusSchedule
+from .signing import self_signed, verify_cap
 
 __all__ = ["run_demo", "format_report", "demo_officers", "DEFAULT_DEVICES", "DEFAULT_CITY"]
 
@@ -76,7 +77,8 @@ _DISTRICTS = {
     "610100": ("610102", "Xincheng District"), "620100": ("620102", "Chengguan District"),
 }
 
-FILES = {"log": "recipients.sqlite", "cap": "cap", "map": "alert_map.png", "index": "index"}
+FILES = {"log": "recipients.sqlite", "cap": "cap", "map": "alert_map.png", "index": "index",
+         "keys": "keys"}
 
 
 def _minutes(m: int) -> _dt.timedelta:
@@ -241,8 +243,11 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
     county, dname = roles["county"]
     superior = roles["superior"]
     log = RecipientLog(work / FILES["log"])
+    # A key made for this run: a deployment signs with the key its certificate authority issued.
+    signer = self_signed("geotarget demo sender (not a real authority)", work / FILES["keys"])
     engine = AlertEngine(index, log=log, authority=Authority(officers),
-                         schedule=RadiusSchedule.default(), max_location_age=MAX_LOCATION_AGE)
+                         schedule=RadiusSchedule.default(), max_location_age=MAX_LOCATION_AGE,
+                         signer=signer)
     t0 = MISSING_SINCE
     details = {
         "headline": f"{c['name_zh']}儿童失踪:女童,6岁,身穿红色外套",
@@ -331,11 +336,14 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
         moved_away = len(union - inside_bm)
         log.verify()
         audit = len(log.audit_entries())
+        # what a partner app does: every message verifies against the sender's pinned certificate
+        for p in received:
+            verify_cap(p.cap_xml, signer.certificate_pem)
     check = {"closure_equals_union": equal, "rings_disjoint": disjoint, "union": len(union),
              "closure": int(len(closure_keys)), "ring_pushes": len(rings),
              "last_radius_km": last_r, "within_last_radius_now": len(inside_bm),
              "within_last_radius_all_notified": bool(covered), "notified_outside_now": moved_away,
-             "log_verified": True, "audit_entries": audit}
+             "log_verified": True, "audit_entries": audit, "cap_signatures_verified": len(received)}
     check["ok"] = bool(equal and disjoint and covered)
 
     # 6. files: index and map ----------------------------------------------------
@@ -428,6 +436,8 @@ def format_report(result: dict, top_apps: int = 3) -> str:
         f"      {ck['notified_outside_now']:,} notified devices have moved out or gone silent since, "
         "and got the closure too",
         f"CHECK OK: recipient log and hash-chained audit trail ({ck['audit_entries']} entries) verified",
+        f"CHECK OK: all {ck['cap_signatures_verified']} CAP messages carry an XML signature that verifies "
+        "against the sender's certificate",
         "",
         "files:",
         f"  CAP 1.2 messages  {Path(result['files']['cap'][0]).parent}/<push_id>.xml "

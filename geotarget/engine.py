@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pyroaring import AbstractBitMap
+from pyroaring import AbstractBitMap, BitMap
 
 from . import _kernels, _refresh_kernels
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import AlertStateError, InvalidInputError, UnknownAlertError
-from .geo import check_aware, check_point, epoch_seconds
+from .errors import AlertStateError, InvalidInputError, RateLimitError, UnknownAlertError
+from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
 from .schedule import RadiusSchedule
+from .settings import Settings
+from .signing import CapSigner
 from .stats import AlertRecord, check_outcome, compute
 
 #: Kinds whose audience is new devices only (update, closure, retraction go to everyone notified).
@@ -57,6 +60,71 @@ def _from_iso(s: str | None) -> _dt.datetime | None:
     return _dt.datetime.fromisoformat(s) if s is not None else None
 
 
+#: Detail keys that become CAP text; every other detail goes out as a CAP <parameter>.
+_TEXT_DETAILS = ("headline", "description", "instruction", "area", "retraction_reason", "translations")
+
+
+def _cap_texts(kind: str, details: dict, languages: tuple[str, ...] = ("zh-CN",)) -> dict:
+    """The CAP text of a push of ``kind`` from the alert's details.
+
+    Rings and updates carry the alert's description and instruction ("look
+    out, call 110").  A closure or a retraction must not repeat them: CAP
+    writes what happened and what to do now, and a retraction carries its
+    reason.  Details without a text field of their own (age, clothing, ...)
+    reach receivers as ``<parameter>`` pairs, named after the detail.
+
+    The first of ``languages`` carries the officer's own text; each further
+    language gets an ``<info>`` of its own, with the texts given under
+    ``details["translations"][language]`` (the same field names) where there
+    are any, and geotarget's own wording otherwise.
+    """
+    texts = {"headline": str(details.get("headline", "")), "area_desc": str(details.get("area", "")),
+             "language": languages[0]}
+    if kind == "retraction":
+        texts["description"] = str(details.get("retraction_reason", ""))
+    elif kind != "closure":
+        texts["description"] = str(details.get("description", ""))
+        texts["instruction"] = str(details.get("instruction", ""))
+    params = {}
+    for key, value in details.items():
+        if key in _TEXT_DETAILS or value is None:
+            continue
+        name = f"detail_{key}" if key in ("kind", "outcome") else str(key)
+        params[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                                       sort_keys=True)
+    texts["parameters"] = params
+    given = details.get("translations") or {}
+    if not isinstance(given, dict) or not all(isinstance(t, dict) for t in given.values()):
+        raise ValueError("translations must map a language tag to a dict of texts")
+    translations = {}
+    for lang in languages[1:]:
+        t = given.get(lang, {})
+        unknown = set(t) - {"headline", "description", "instruction", "area"}
+        if unknown:
+            raise ValueError(f"translations[{lang!r}] has unknown field(s) {sorted(unknown)}")
+        keep = ("headline", "area") if kind in ("closure", "retraction") else (
+            "headline", "description", "instruction", "area")
+        translations[lang] = {("area_desc" if k == "area" else k): t[k] for k in keep if k in t}
+    texts["translations"] = translations
+    return texts
+
+
+_TIME_FIELDS = ("missing_since", "reported_at", "published_at", "closed_at", "expires_at", "expired_at")
+_HOUR = _dt.timedelta(hours=1)
+
+
+def _person_name(details: dict) -> str | None:
+    """The missing person's name, normalised for comparison (None: no name given)."""
+    name = details.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return " ".join(name.split()).casefold()
+
+
+#: How long receivers keep showing a closure, a retraction or an update sent after expiry.
+_FOLLOW_UP_VALIDITY = _dt.timedelta(hours=24)
+
+
 @dataclasses.dataclass
 class Alert:
     """The engine's state of one alert (persisted as JSON in the log)."""
@@ -70,7 +138,7 @@ class Alert:
     reported_at: _dt.datetime
     details: dict
     schedule: dict
-    status: str = "pending"          # pending | open | closed | retracted
+    status: str = "pending"          # pending | open | closed | retracted | held | merged
     published_at: _dt.datetime | None = None
     approved_by: str | None = None
     outcome: str | None = None
@@ -80,6 +148,22 @@ class Alert:
     next_seq: int = 0
     pushes: int = 0
     reached: int = 0                 # devices notified so far (size of the closure audience)
+    case_type: str = "child"
+    drill: bool = False                      # an exercise: CAP status Exercise, test devices only
+    duplicate_of: str | None = None          # held: possibly the same person as this alert
+    expires_at: _dt.datetime | None = None   # rings stop here unless an officer renews
+    expired_at: _dt.datetime | None = None   # when the engine noticed the expiry (audited once)
+
+    def expired(self, now: _dt.datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def stats_record(self) -> AlertRecord | None:
+        """What the statistics count of this alert; None for a drill or a merged or held duplicate."""
+        if self.drill or self.status in ("held", "merged"):
+            return None
+        return AlertRecord(alert_id=self.alert_id, division=self.division, published_at=self.published_at,
+                           status=self.status, outcome=self.outcome, closed_at=self.closed_at,
+                           pushes=self.pushes, devices_reached=self.reached)
 
     @property
     def id(self) -> str:
@@ -87,15 +171,15 @@ class Alert:
 
     def to_record(self) -> dict:
         d = dataclasses.asdict(self)
-        for k in ("missing_since", "reported_at", "published_at", "closed_at"):
+        for k in _TIME_FIELDS:
             d[k] = _iso(d[k])
         return d
 
     @classmethod
     def from_record(cls, d: dict) -> "Alert":
         d = dict(d)
-        for k in ("missing_since", "reported_at", "published_at", "closed_at"):
-            d[k] = _from_iso(d[k])
+        for k in _TIME_FIELDS:
+            d[k] = _from_iso(d.get(k))
         return cls(**d)
 
 
@@ -113,6 +197,10 @@ class Push:
     created_at: _dt.datetime
     #: Wall time this process spent on the push (``query_ms``, ``log_ms``); empty on a replay.
     timings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    #: An exercise (CAP status ``Exercise``); its audience is the test devices only.
+    drill: bool = False
+    #: For a drill ring: how many devices a real alert's ring would have reached.
+    as_if_real: int | None = None
 
     def __len__(self) -> int:
         return len(self.audience)
@@ -127,13 +215,23 @@ class AlertEngine:
     """The alert lifecycle.  Thread-safe: dispatchers may call ``tick``/``ack`` concurrently."""
 
     def __init__(self, index, log: RecipientLog, authority: Authority,
-                 schedule: RadiusSchedule | None = None, *, sender: str = DEFAULT_SENDER,
-                 max_location_age: _dt.timedelta | None = None, workers: int = 2):
+                 schedule: RadiusSchedule | None = None, *, sender: str | None = None,
+                 max_location_age: _dt.timedelta | None = None, workers: int = 2,
+                 signer: CapSigner | None = None, settings: Settings | None = None):
         self.index = index
         self.log = log
         self.authority = authority
-        self.schedule = schedule or RadiusSchedule.default()
-        self.sender = sender
+        if settings is not None and not isinstance(settings, Settings):
+            raise InvalidInputError(f"settings must be a Settings or None, got {type(settings).__name__}")
+        # Case types (CAP event, schedule, expiry) and the sender come from the settings.
+        self.settings = settings if settings is not None else Settings.default()
+        #: An engine-wide schedule overrides the case types' own (None: each case type's).
+        self.schedule = schedule
+        self.sender = sender if sender is not None else self.settings.sender
+        if signer is not None and not isinstance(signer, CapSigner):
+            raise InvalidInputError(f"signer must be a CapSigner or None, got {type(signer).__name__}")
+        # Every CAP message is signed when a signer is set (docs/design.md, "Signed CAP").
+        self.signer = signer
         if max_location_age is not None and max_location_age <= _dt.timedelta(0):
             raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
         self.max_location_age = max_location_age
@@ -164,7 +262,8 @@ class AlertEngine:
     def _to_push(self, rec: PushRecord, timings: dict | None = None) -> Push:
         return Push(rec.alert_id, rec.seq, rec.kind, rec.radius_km, rec.push_id,
                     self._audience(rec.audience), rec.meta.get("cap_xml", ""), rec.created_at,
-                    timings or {})
+                    timings or {}, drill=bool(rec.meta.get("drill", False)),
+                    as_if_real=rec.meta.get("as_if_real"))
 
     def _query(self, alert: Alert, radius: float, now: _dt.datetime, index=None) -> Audience:
         idx = index or self.index
@@ -180,20 +279,29 @@ class AlertEngine:
         """Log the push (with the alert's new state and an audit entry) durably, then return it."""
         t0 = time.perf_counter()
         bm = audience.bitmap() if isinstance(audience, Audience) else audience
+        drill_meta = {}
+        if alert.drill:
+            drill_meta = {"drill": True}
+            if kind in RING_KINDS:
+                # counted as if real, sent only to the test devices
+                drill_meta["as_if_real"] = len(bm)
+                bm = bm & self._drill_keys()
         seq = alert.next_seq
         push_id = f"{alert.alert_id}.{seq}"
         details = alert.details
+        case = self.settings.case(alert.case_type)
         cap_xml = render_push(
             identifier=push_id, sender=self.sender, sent=now, kind=kind, lat=alert.lat, lon=alert.lon,
             radius_km=radius, references=self._references(alert) if seq else (),
-            headline=str(details.get("headline", "")), description=str(details.get("description", "")),
-            instruction=str(details.get("instruction", "")), area_desc=str(details.get("area", "")),
-            outcome=alert.outcome if kind == "closure" else None)
+            outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
+            event=case.event, event_code=case.event_code, expires=self._cap_expires(alert, kind, now),
+            sender_name=self.settings.sender_name, status="Exercise" if alert.drill else "Actual",
+            **_cap_texts(kind, details, self.settings.languages))
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius
             updated.reached = alert.reached + len(bm)
-        meta = {"cap_xml": cap_xml, "actor": actor}
+        meta = {"cap_xml": cap_xml, "actor": actor, **drill_meta}
         if extra:
             meta.update(extra)
         with self.log.transaction():
@@ -215,12 +323,54 @@ class AlertEngine:
                            count=alert.reached, at=now, detail=detail)
         self._alerts[alert.alert_id] = alert
 
+    @staticmethod
+    def _cap_expires(alert: Alert, kind: str, now: _dt.datetime) -> _dt.datetime:
+        """CAP <expires>: the alert's expiry while it runs; a day after the message otherwise.
+
+        A closure, a retraction or an update sent after the alert expired stays
+        on receivers' screens for a day (:data:`_FOLLOW_UP_VALIDITY`).
+        """
+        if kind in RING_KINDS + ("update",) and alert.expires_at is not None and alert.expires_at > now:
+            return alert.expires_at
+        return now + _FOLLOW_UP_VALIDITY
+
+    def _expire_if_due(self, alert: Alert, now: _dt.datetime) -> bool:
+        """True if ``alert`` has expired at ``now``; the first time, the expiry is audited."""
+        if not alert.expired(now):
+            return False
+        if alert.expired_at is None:
+            self._save(dataclasses.replace(alert, expired_at=now), "expire", "engine", now,
+                       {"expires_at": _iso(alert.expires_at)})
+        return True
+
+    def _drill_keys(self) -> BitMap:
+        """Keys of the settings' test devices in the current store (unknown ids reach nobody)."""
+        ids = np.asarray(self.settings.drill_devices, dtype=np.uint64)
+        keys = self.index.store.lookup(ids) if ids.size else np.empty(0, dtype=np.int64)
+        return BitMap(keys[keys >= 0].astype(np.uint32))
+
     # -- lifecycle ------------------------------------------------------------
 
     def report(self, officer_id: str, *, lat: float, lon: float, missing_since: _dt.datetime,
                division: str, details: dict | None = None, now: _dt.datetime | None = None,
-               schedule: RadiusSchedule | None = None) -> Alert:
-        """Register a missing child.  Published at once unless policy requires approval."""
+               schedule: RadiusSchedule | None = None, case_type: str = "child",
+               drill: bool = False) -> Alert:
+        """Register a missing person.  Published at once unless policy requires approval.
+
+        ``case_type`` (``child``, ``elderly``, ``other`` or one the settings add)
+        chooses the CAP event, the radius schedule and the expiry.
+
+        ``drill=True`` runs an exercise: the id starts with ``DRILL-``, every CAP
+        message has status ``Exercise`` and says so in its headline, rings go
+        only to the settings' test devices (or to nobody) while their counts
+        are computed as if real, and statistics never count it.
+
+        A report over the settings' rate limits raises :class:`RateLimitError`
+        and logs nothing.  A report close in place and time to a pending or
+        open alert about a person of the same name is ``held`` and linked to
+        it (``duplicate_of``) until an officer calls :meth:`confirm_distinct`
+        or :meth:`confirm_duplicate`; it is never pushed before that.
+        """
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         missing_since = check_aware(missing_since, "missing_since")
         if missing_since > now:
@@ -229,21 +379,107 @@ class AlertEngine:
         clat, clon = check_point(lat, lon)
         if details is not None and not isinstance(details, dict):
             raise InvalidInputError(f"details must be a dict, got {type(details).__name__}")
+        case = self.settings.case(case_type)
+        self._check_cap_texts(dict(details or {}), clat, clon, now)
+        if not isinstance(drill, bool):
+            raise InvalidInputError(f"drill must be True or False, got {drill!r}")
+        if schedule is not None and not isinstance(schedule, RadiusSchedule):
+            raise InvalidInputError(f"schedule must be a RadiusSchedule or None, got {schedule!r}")
         with self._lock:
             officer = self.authority.check_report(officer_id, division)
-            sched = schedule or self.schedule
+            self._check_rate(officer.officer_id, division, now)
+            sched = schedule or self.schedule or case.schedule
             # Sequential per log, so an id is never reused even across restarts.
             alert_id = f"GT-{division}-{now:%Y%m%d}-{len(self._alerts) + 1:06d}"
+            if drill:
+                alert_id = "DRILL-" + alert_id
             alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
                           missing_since=missing_since, reported_at=now, details=dict(details or {}),
-                          schedule=sched.to_dict())
-            if not self.authority.needs_approval(officer):
+                          schedule=sched.to_dict(), case_type=case.name, drill=drill)
+            twin = None if drill else self._possible_duplicate(alert)
+            if twin is not None:
+                alert.status = "held"
+                alert.duplicate_of = twin.alert_id
+            elif not self.authority.needs_approval(officer):
                 alert.status = "open"
                 alert.published_at = now
+                alert.expires_at = now + case.expiry
             self._save(alert, "report", officer.officer_id, now,
                        {"lat": clat, "lon": clon, "division": division, "status": alert.status,
-                        "missing_since": _iso(missing_since)})
+                        "missing_since": _iso(missing_since), "case_type": case.name,
+                        "expires_at": _iso(alert.expires_at), "drill": drill,
+                        "duplicate_of": alert.duplicate_of})
             return alert
+
+    def _check_cap_texts(self, details: dict, lat: float, lon: float, now: _dt.datetime) -> None:
+        """Render the texts once, as a ring and as a retraction would be, before anything is saved.
+
+        Text that CAP cannot carry is refused at the door (InvalidInputError)
+        instead of failing every later tick of the alert.
+        """
+        for kind in ("alert", "retraction"):
+            try:
+                texts = _cap_texts(kind, details, self.settings.languages)
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"details cannot be written into CAP: {exc}") from None
+            render_push(identifier="check", sender=self.sender, sent=now, kind=kind, lat=lat, lon=lon,
+                        radius_km=1.0, **texts)
+
+    def _check_rate(self, officer_id: str, division: str, now: _dt.datetime) -> None:
+        """Refuse a report over the per-officer or per-division limit of any sliding hour."""
+        lim = self.settings.limits
+        hour = [a for a in self._alerts.values() if now - _HOUR < a.reported_at <= now]
+        for limit, mine, what in ((lim.per_officer_per_hour, lambda a: a.reporter == officer_id,
+                                   f"officer {officer_id}"),
+                                  (lim.per_division_per_hour, lambda a: a.division == division,
+                                   f"division {division}")):
+            if limit and sum(1 for a in hour if mine(a)) >= limit:
+                raise RateLimitError(f"{what} has reported {limit} alerts in the last hour, the "
+                                     f"limit of the settings ([limits]); the report was not logged")
+
+    def _possible_duplicate(self, new: Alert) -> Alert | None:
+        """A pending or open alert of the same case type about a person of the same name, nearby."""
+        window = self.settings.duplicate_window
+        name = _person_name(new.details)
+        if not window or name is None:
+            return None
+        for a in self._alerts.values():
+            if (a.status in ("pending", "open") and not a.drill and a.case_type == new.case_type
+                    and _person_name(a.details) == name
+                    and abs(a.missing_since - new.missing_since) <= window
+                    and float(haversine_km(a.lat, a.lon, new.lat, new.lon)) <= self.settings.duplicate_km):
+                return a
+        return None
+
+    def confirm_distinct(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
+        """A held report is another person after all: it goes on as any report would."""
+        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        with self._lock:
+            alert = self._held(alert_id, officer_id)
+            updated = dataclasses.replace(alert, status="pending")
+            if not self.authority.needs_approval(alert.reporter):
+                case = self.settings.case(alert.case_type)
+                updated = dataclasses.replace(updated, status="open", published_at=now,
+                                              expires_at=now + case.expiry)
+            self._save(updated, "confirm-distinct", officer_id, now,
+                       {"duplicate_of": alert.duplicate_of, "status": updated.status})
+            return updated
+
+    def confirm_duplicate(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
+        """A held report is the same person as the alert it is linked to: it is merged, never pushed."""
+        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        with self._lock:
+            alert = self._held(alert_id, officer_id)
+            updated = dataclasses.replace(alert, status="merged", closed_at=now, closed_by=officer_id)
+            self._save(updated, "confirm-duplicate", officer_id, now, {"duplicate_of": alert.duplicate_of})
+            return updated
+
+    def _held(self, alert_id: str, officer_id: str) -> Alert:
+        alert = self.alert(alert_id)
+        self.authority.check_act(officer_id, alert.division, "confirm")
+        if alert.status != "held":
+            raise AlertStateError(f"alert {alert_id} is {alert.status}, not held as a possible duplicate")
+        return alert
 
     def approve(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
@@ -252,8 +488,32 @@ class AlertEngine:
             if alert.status != "pending":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}, not pending approval")
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
-            updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id)
+            updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id,
+                                          expires_at=now + self.settings.case(alert.case_type).expiry)
             self._save(updated, "approve", officer.officer_id, now)
+            return updated
+
+    def renew(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None,
+              hours: float | None = None) -> Alert:
+        """Extend an open alert's expiry to ``now + hours`` (default: its case type's expiry).
+
+        An expired alert resumes its rings and top-ups from the next tick.
+        Only an officer who may act on the alert renews it; the renewal is audited.
+        """
+        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
+                                  or not 0 < hours <= 24 * 366):
+            raise InvalidInputError(f"hours must be a number in (0, 8784], got {hours!r}")
+        with self._lock:
+            alert = self.alert(alert_id)
+            self.authority.check_act(officer_id, alert.division, "renew")
+            if alert.status != "open":
+                raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts can be renewed")
+            span = (_dt.timedelta(hours=hours) if hours is not None
+                    else self.settings.case(alert.case_type).expiry)
+            updated = dataclasses.replace(alert, expires_at=now + span, expired_at=None)
+            self._save(updated, "renew", officer_id, now,
+                       {"expires_at": _iso(updated.expires_at), "was": _iso(alert.expires_at)})
             return updated
 
     def tick(self, now: _dt.datetime) -> list[Push]:
@@ -267,7 +527,7 @@ class AlertEngine:
             for alert in list(self._alerts.values()):
                 if alert.status != "open":
                     continue
-                if now < alert.missing_since:
+                if now < alert.missing_since or self._expire_if_due(alert, now):
                     continue
                 radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
                 if alert.next_seq == 0:
@@ -324,6 +584,7 @@ class AlertEngine:
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
             alert = dataclasses.replace(alert, details={**alert.details, **details})
+            self._check_cap_texts(alert.details, alert.lat, alert.lon, now)
             return self._follow(alert, "update", officer_id, now)
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:
@@ -389,6 +650,8 @@ class AlertEngine:
             todo = []
             for alert in self._alerts.values():
                 if alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since:
+                    continue
+                if self._expire_if_due(alert, now):
                     continue
                 radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
                 todo.append((alert, radius))
@@ -476,10 +739,7 @@ class AlertEngine:
             since = check_aware(since, "since")
         if until is not None:
             until = check_aware(until, "until")
-        records = [AlertRecord(alert_id=a.alert_id, division=a.division, published_at=a.published_at,
-                               status=a.status, outcome=a.outcome, closed_at=a.closed_at,
-                               pushes=a.pushes, devices_reached=a.reached)
-                   for a in self._alerts.values()]
+        records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
         return compute(records, since=since, until=until, division=division)
 
     def verify(self) -> None:

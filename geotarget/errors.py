@@ -49,3 +49,11 @@ class UnknownPushError(GeotargetError, KeyError):
 
 class ShardUnavailableError(GeotargetError, RuntimeError):
     """A shard of a ``ShardedIndex`` did not answer in time, or its Ray actor is gone for good."""
+
+
+class SignatureError(GeotargetError, ValueError):
+    """Key material cannot be used, or a signed CAP message does not verify against the trusted certificate."""
+
+
+class RateLimitError(GeotargetError):
+    """A report exceeds the per-officer or per-division rate limit of the settings."""

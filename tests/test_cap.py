@@ -133,7 +133,31 @@ def test_closure_in_english(lxml_etree):
                                      headline="Boy missing in Hangzhou").encode())
     assert find(doc, "c:info/c:headline").text == "Child found: Boy missing in Hangzhou"
     assert find(doc, "c:info/c:description").text == (
-        "Case closed: the missing child has been found. Circumstances: got lost.")
+        "Case closed: the missing child has been found. Circumstances: got lost. "
+        "Thank you to everyone who helped.")
+    assert find(doc, "c:info/c:instruction").text == (
+        "The child has been found: no need to look out or report sightings.")
+
+
+@pytest.mark.parametrize("kind,outcome,says,never", [
+    ("closure", "lost", ["孩子已找到", "感谢"], ["110", "报警"]),
+    ("closure", "not_found", ["尚未找回", "推送已结束"], ["已找到"]),
+    ("retraction", None, ["撤销", "请忽略"], ["110", "已找到"]),
+])
+def test_follow_up_texts_say_what_they_are(lxml_etree, kind, outcome, says, never):
+    """An all-clear or a retraction never repeats the alert's call to look out and call 110."""
+    doc = lxml_etree.fromstring(push(kind, outcome=outcome).encode())
+    info = find(doc, "c:info")
+    text = " ".join(find(info, f"c:{f}").text for f in ("headline", "description", "instruction"))
+    for word in says:
+        assert word in text, (word, text)
+    for word in never:
+        assert word not in text, (word, text)
+
+
+def test_explicit_instruction_wins_on_closure(lxml_etree):
+    doc = lxml_etree.fromstring(push("closure", outcome="lost", instruction="到派出所领取失物").encode())
+    assert find(doc, "c:info/c:instruction").text == "到派出所领取失物"
 
 
 def test_outcome_texts_are_distinct():
@@ -268,7 +292,10 @@ def test_any_text_still_validates(schema, kind, headline, description, instructi
         if headline:
             assert got_headline == headline
         assert text(info, "c:description") == description
-    assert text(info, "c:instruction") == instruction
+    if instruction or kind not in ("closure", "retraction"):
+        assert text(info, "c:instruction") == instruction
+    else:  # a follow-up that ends the alert always says what to do now
+        assert text(info, "c:instruction")
     if area:
         assert find(info, "c:area/c:areaDesc").text == area
     assert parse_identifiers(xml)["msgType"] == MSG_TYPES[kind]

@@ -34,6 +34,7 @@ from geotarget.geo import haversine_km
 from geotarget.index import SpatialIndex, within_reference
 from geotarget.log import RecipientLog
 from geotarget.population import city, generate_arrays
+from geotarget.signing import verify_cap
 
 # The subprocess must import the geotarget these tests imported: the directory
 # that holds the package goes first on its path.  For an in-place build that is
@@ -104,7 +105,9 @@ def source(work):
 @pytest.fixture(scope="module")
 def lifecycle(work, world):
     """Report -> approve -> tick (not acked) -> tick --ack (replay + expand) -> close --ack."""
-    common = ("--log", "log.sqlite", "--index", "st", "--officers", "officers.json")
+    # every device, however stale: the audiences are compared with unfiltered scans
+    common = ("--log", "log.sqlite", "--index", "st", "--officers", "officers.json",
+              "--max-location-age", "0")
     rep = ok_json("alert", "report", *common, "--officer", "C-330102", "--lat", HZ["lat"], "--lon",
                   HZ["lon"], "--missing-since", T.format("08:10"), "--now", T.format("08:25"),
                   "--headline", "Missing girl, 6, red coat", cwd=work)
@@ -287,7 +290,7 @@ def check_png(path):
 
 def test_refresh_tops_up_and_retraction_reaches_everyone(work, world):
     """A ministry report (no approval), a ring, a new generation via ingest --base, a top-up."""
-    common = ("--log", "log2.sqlite", "--officers", "officers.json")
+    common = ("--log", "log2.sqlite", "--officers", "officers.json", "--max-location-age", "0")
     aid = ok_json("alert", "report", *common, "--index", "st", "--officer", "MPS", "--lat", HZ["lat"],
                   "--lon", HZ["lon"], "--division", "330102", "--missing-since", T.format("08:00"),
                   "--now", T.format("08:05"), cwd=work)["alert_id"]
@@ -332,7 +335,8 @@ def test_demo_runs_end_to_end(work):
     out = p.stdout
     assert "%|" not in p.stderr
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
-    assert len(checks) == 3 and all(c.startswith("CHECK OK") for c in checks)
+    assert len(checks) == 4 and all(c.startswith("CHECK OK") for c in checks)
+    assert "all 6 CAP messages carry an XML signature that verifies" in checks[3]
     m = re.search(r"closure audience \(([\d,]+)\) == union of the 5 ring pushes \(([\d,]+)\); "
                   r"no device got two ring pushes", checks[0])
     assert m and m.group(1) == m.group(2)
@@ -343,9 +347,11 @@ def test_demo_runs_end_to_end(work):
     caps = sorted((d / "cap").glob("GT-*.xml"))
     assert len(caps) == 6
     schema = cap_schema()
+    cert = (d / "keys" / "signing-cert.pem").read_bytes()
     for c in caps:
         doc = etree.parse(str(c))
         assert schema.validate(doc), (c.name, schema.error_log)
+        verify_cap(c.read_bytes(), cert)  # the files on disk are the signed messages
     check_png(d / "alert_map.png")
     assert (d / "index" / "index.json").exists() and (d / "index" / "store.arrow").exists()
     with RecipientLog(d / "recipients.sqlite") as log:
