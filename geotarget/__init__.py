@@ -4,9 +4,11 @@ This module only re-exports; each name lives in the module that owns it.
 """
 from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
+from .divisions import Division, Divisions
 from .engine import Alert, AlertEngine, Push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
-                     UnauthorizedError, UnknownAlertError, UnknownOfficerError, UnknownPushError)
+                     UnauthorizedError, UnknownAlertError, UnknownDivisionError, UnknownOfficerError,
+                     UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
 from .index import SpatialIndex
 from .log import RecipientLog
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Audience", "DeviceStore", "SpatialIndex", "haversine_km", "EARTH_RADIUS_KM", "HALF_CIRCUMFERENCE_KM",
     "Officer", "Authority", "ApprovalPolicy", "RadiusSchedule", "RecipientLog",
-    "AlertEngine", "Alert", "Push", "OUTCOMES",
+    "AlertEngine", "Alert", "Push", "OUTCOMES", "Division", "Divisions",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
-    "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
+    "UnknownOfficerError", "UnknownPushError", "UnknownDivisionError", "UnauthorizedError", "AlertStateError",
 ]

@@ -45,3 +45,10 @@ class UnknownPushError(GeotargetError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownDivisionError(GeotargetError, KeyError):
+    """No administrative division with that code is registered."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
