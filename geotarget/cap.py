@@ -187,6 +187,10 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None) -> ET.Element:
     return el
 
 
+#: valueName of the division code in ``<geocode>`` (China's adcodes are GB/T 2260 codes).
+GEOCODE_NAME = "GB/T 2260"
+
+
 def _pair(parent: ET.Element, tag: str, name: str, value: str) -> None:
     el = _sub(parent, tag)
     _sub(el, "valueName", name)
@@ -200,7 +204,8 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 area_desc: str = "", outcome: str | None = None, language: str = "zh-CN",
                 contact: str = "", web: str = "", expires: _dt.datetime | None = None,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
-                note: str = "", status: str = "Actual") -> str:
+                note: str = "", status: str = "Actual", geocode: str = "",
+                circle: bool = True) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -211,8 +216,16 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     refused otherwise.  Empty ``headline`` and ``area_desc`` get a default in
     ``language`` (Chinese for ``zh*``, else English); closures and retractions
     prefix the headline and open the description with what happened.
+    ``geocode`` is the alert's administrative division code (GB/T 2260
+    adcode), carried as ``<geocode>`` with valueName ``GEOCODE_NAME``; with
+    ``circle=False`` (an alert over a whole division) the area is that code
+    and ``area_desc`` alone, without a ``<circle>``, and then both are required.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
     """
+    if geocode:
+        _check_token(geocode, "geocode")
+    if not circle and not (geocode and area_desc):
+        raise InvalidInputError("circle=False (a division-wide area) needs geocode and area_desc")
     if kind not in MSG_TYPES:
         raise InvalidInputError(f"kind={kind!r} must be one of {', '.join(KINDS)}")
     if status not in STATUSES:
@@ -323,7 +336,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         _pair(info, "parameter", pname, pvalue)
     area = _sub(info, "area")
     _sub(area, "areaDesc", area_desc)
-    _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+    if circle:
+        _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+    if geocode:
+        _pair(area, "geocode", GEOCODE_NAME, geocode)
 
     ET.indent(root, space="  ")
     body = ET.tostring(root, encoding="unicode", default_namespace=CAP_NS)

@@ -80,6 +80,8 @@ class Alert:
     next_seq: int = 0
     pushes: int = 0
     reached: int = 0                 # devices notified so far (size of the closure audience)
+    #: True: the area is the whole division (its polygon), not a growing circle.
+    division_wide: bool = False
 
     @property
     def id(self) -> str:
@@ -169,7 +171,13 @@ class AlertEngine:
     def _query(self, alert: Alert, radius: float, now: _dt.datetime, index=None) -> Audience:
         idx = index or self.index
         seen = now - self.max_location_age if self.max_location_age is not None else None
+        if alert.division_wide:
+            return idx.within_polygon(self.authority.divisions.polygon(alert.division), seen_since=seen)
         return idx.within(alert.lat, alert.lon, radius, seen_since=seen)
+
+    def place(self, alert_id: str) -> str:
+        """The names of an alert's division, e.g. ``浙江省 杭州市 上城区 (330102)``: what an approver is shown."""
+        return self.authority.place(self.alert(alert_id).division)
 
     def _references(self, alert: Alert):
         return [(self.sender, r.push_id, r.created_at)
@@ -187,8 +195,9 @@ class AlertEngine:
             identifier=push_id, sender=self.sender, sent=now, kind=kind, lat=alert.lat, lon=alert.lon,
             radius_km=radius, references=self._references(alert) if seq else (),
             headline=str(details.get("headline", "")), description=str(details.get("description", "")),
-            instruction=str(details.get("instruction", "")), area_desc=str(details.get("area", "")),
-            outcome=alert.outcome if kind == "closure" else None)
+            instruction=str(details.get("instruction", "")), area_desc=self._area_desc(alert),
+            outcome=alert.outcome if kind == "closure" else None, geocode=alert.division,
+            circle=not alert.division_wide)
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius
@@ -208,6 +217,13 @@ class AlertEngine:
             timings["query_ms"] = query_ms
         return self._to_push(rec, timings)
 
+    def _area_desc(self, alert: Alert) -> str:
+        # the division by its names, then the officer's own words for the area
+        divs = self.authority.divisions
+        names = divs.full_name(alert.division) if alert.division in divs else ""
+        extra = str(alert.details.get("area", ""))
+        return " ".join(x for x in (names, extra) if x)
+
     def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None):
         with self.log.transaction():
             self.log.save_alert(alert.alert_id, alert.to_record())
@@ -219,8 +235,14 @@ class AlertEngine:
 
     def report(self, officer_id: str, *, lat: float, lon: float, missing_since: _dt.datetime,
                division: str, details: dict | None = None, now: _dt.datetime | None = None,
-               schedule: RadiusSchedule | None = None) -> Alert:
-        """Register a missing child.  Published at once unless policy requires approval."""
+               schedule: RadiusSchedule | None = None, division_wide: bool = False) -> Alert:
+        """Register a missing child.  Published at once unless policy requires approval.
+
+        The point must lie in ``division`` (within the authority's tolerance).
+        ``division_wide=True`` targets the whole division's polygon instead of
+        a circle growing by the schedule, like a statewide AMBER alert: one
+        ``alert`` push, then top-ups on refresh; its pushes carry radius 0.
+        """
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         missing_since = check_aware(missing_since, "missing_since")
         if missing_since > now:
@@ -230,19 +252,22 @@ class AlertEngine:
         if details is not None and not isinstance(details, dict):
             raise InvalidInputError(f"details must be a dict, got {type(details).__name__}")
         with self._lock:
-            officer = self.authority.check_report(officer_id, division)
+            if not isinstance(division_wide, bool):
+                raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
+            officer = self.authority.check_report(officer_id, division, clat, clon)
             sched = schedule or self.schedule
             # Sequential per log, so an id is never reused even across restarts.
             alert_id = f"GT-{division}-{now:%Y%m%d}-{len(self._alerts) + 1:06d}"
             alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
                           missing_since=missing_since, reported_at=now, details=dict(details or {}),
-                          schedule=sched.to_dict())
+                          schedule=sched.to_dict(), division_wide=division_wide)
             if not self.authority.needs_approval(officer):
                 alert.status = "open"
                 alert.published_at = now
             self._save(alert, "report", officer.officer_id, now,
                        {"lat": clat, "lon": clon, "division": division, "status": alert.status,
-                        "missing_since": _iso(missing_since)})
+                        "missing_since": _iso(missing_since), "place": self.authority.place(division),
+                        "division_wide": division_wide})
             return alert
 
     def approve(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
@@ -253,7 +278,8 @@ class AlertEngine:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}, not pending approval")
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
             updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id)
-            self._save(updated, "approve", officer.officer_id, now)
+            self._save(updated, "approve", officer.officer_id, now,
+                       {"place": self.authority.place(alert.division)})
             return updated
 
     def tick(self, now: _dt.datetime) -> list[Push]:
@@ -268,6 +294,13 @@ class AlertEngine:
                 if alert.status != "open":
                     continue
                 if now < alert.missing_since:
+                    continue
+                if alert.division_wide:
+                    if alert.next_seq == 0:   # the area never grows: one alert, then top-ups
+                        t0 = time.perf_counter()
+                        aud = self._query(alert, 0.0, now)
+                        out.append(self._emit(alert, "alert", 0.0, aud, now, "engine",
+                                              query_ms=(time.perf_counter() - t0) * 1e3))
                     continue
                 radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
                 if alert.next_seq == 0:
@@ -390,13 +423,15 @@ class AlertEngine:
             for alert in self._alerts.values():
                 if alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since:
                     continue
-                radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
+                radius = (alert.radius_km if alert.division_wide else
+                          max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km))
                 todo.append((alert, radius))
 
             # Top-ups against the changed devices: every open alert in one pass
             # over both cores, with each alert's notified devices skipped inside
             # the kernel, so only the devices new to an alert come out.
-            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km]
+            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km
+                      and not ar[0].division_wide]
             fresh: dict[str, tuple[AbstractBitMap, float]] = {}
             if topups:
                 t0 = time.perf_counter()
