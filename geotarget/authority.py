@@ -17,7 +17,9 @@ county     ``XXYYZZ``  itself only
 Municipalities fit without special cases: Shanghai is ``310000``, its
 districts (``310101``) are counties under the city-level prefix ``3101``.
 Counties directly administered by a province use ``YY = 90`` in real codes
-(``429004``), so a county with ``YY = 00`` is malformed and refused.
+(``429004``); the districts of Hong Kong and Macau sit directly under the
+region with ``YY = 00`` (``810001``), so that pattern is well-formed too, and
+the registry of real divisions (below) decides whether a code exists.
 
 The ~6,000 officers of the real system are held in one dict; every check is
 a dict lookup plus string slicing.  Checks raise and never mutate, so a
@@ -41,7 +43,7 @@ from typing import Iterable, Iterator
 
 from .errors import InvalidInputError, UnauthorizedError, UnknownDivisionError, UnknownOfficerError
 
-__all__ = ["LEVELS", "ACTIONS", "Officer", "ApprovalPolicy", "Authority",
+__all__ = ["LEVELS", "ACTIONS", "DEFAULT_TOLERANCE_KM", "Officer", "ApprovalPolicy", "Authority",
            "division_covers", "division_level", "validate_division", "province_of"]
 
 LEVELS = ("ministry", "province", "city", "county")
@@ -60,7 +62,8 @@ def validate_division(code: str) -> str:
     """Return ``code`` if it is a well-formed 6-digit division code, else raise.
 
     Well-formed: ASCII digits only, and the level pattern holds (``000000``,
-    ``XX0000``, ``XXYY00`` or ``XXYYZZ`` with each named pair non-zero).
+    ``XX0000``, ``XXYY00`` or ``XXYYZZ`` with ``XX`` non-zero).  Whether the
+    code names a real division is the registry's question (:class:`Authority`).
     Integers are refused: ``010000`` would silently lose its leading zero.
     """
     if not isinstance(code, str):
@@ -72,9 +75,6 @@ def validate_division(code: str) -> str:
         if code[:2] == "00":
             raise InvalidInputError(
                 f"division={code!r}: province digits '00' are only valid in '000000' (ministry)")
-        if code[2:4] == "00" and code[4:] != "00":
-            raise InvalidInputError(
-                f"division={code!r}: a county code needs non-zero city digits (YY != 00)")
     return code
 
 
@@ -284,15 +284,32 @@ class Authority:
 
     def _known(self, division: str) -> str:
         validate_division(division)
-        if division not in self._divisions:
+        if division != "000000" and division not in self._divisions:
             raise UnknownDivisionError(f"division {division!r} is not a known division")
         return division
 
     def place(self, division: str) -> str:
         """The division's names, e.g. ``浙江省 杭州市 上城区 (330102)``; the ministry's code names China."""
-        if division == "000000":
-            return "全国 (000000)"
-        return f"{self._divisions.full_name(self._known(division))} ({division})"
+        return f"{self.names(division)} ({division})"
+
+    def names(self, division: str) -> str:
+        """The division's names alone, e.g. ``浙江省 杭州市 上城区``; ``全国`` (the whole country) for ``000000``."""
+        if self._known(division) == "000000":
+            return "全国"
+        return self._divisions.full_name(division)
+
+    def area(self, division: str):
+        """The polygon of a division; the country's outline for ``000000``."""
+        if self._known(division) == "000000":
+            return self._divisions.country
+        return self._divisions.polygon(division)
+
+    def distance_km(self, division: str, lat, lon) -> float:
+        """How far (lat, lon) lies outside ``division`` (0 inside); see :meth:`Divisions.distance_km`."""
+        if self._known(division) == "000000":
+            from .divisions import distance_to_km
+            return distance_to_km(self._divisions.country, lat, lon)
+        return self._divisions.distance_km(division, lat, lon)
 
     def officer(self, officer_id: str) -> Officer:
         try:
@@ -317,7 +334,7 @@ class Authority:
         """
         off = self._covering(officer_id, self._known(division), "report")
         if lat is not None or lon is not None:
-            d = self._divisions.distance_km(division, lat, lon)
+            d = self.distance_km(division, lat, lon)
             if d > self._tolerance_km:
                 raise UnauthorizedError(
                     f"officer {off.officer_id} may not report a point at ({lat}, {lon}) in "

@@ -51,7 +51,7 @@ from shapely.geometry.base import BaseGeometry
 from .errors import CorruptFileError, InvalidInputError, UnknownDivisionError
 from .geo import check_point, haversine_km
 
-__all__ = ["Division", "Divisions", "DIVISION_LEVELS"]
+__all__ = ["Division", "Divisions", "DIVISION_LEVELS", "distance_to_km"]
 
 DIVISION_LEVELS = ("province", "city", "county")
 _RANK = {lvl: i for i, lvl in enumerate(DIVISION_LEVELS)}
@@ -99,12 +99,6 @@ def _read_geojson_geometry(path: Path, where: str) -> BaseGeometry:
     except Exception as exc:  # GEOS reports malformed GeoJSON as a generic error
         raise CorruptFileError(f"{where}: {str(path)!r} is not a GeoJSON geometry: {exc}") from None
     return _check_geometry(geom, where)
-
-
-def _local_xy(lon, lat, lon0: float, lat0: float):
-    # Equirectangular metres-like plane centred on (lat0, lon0): distances near
-    # the centre are true to well under 0.1 % over a few tens of km.
-    return (np.asarray(lon) - lon0) * np.cos(np.radians(lat0)), np.asarray(lat) - lat0
 
 
 class Divisions:
@@ -422,13 +416,18 @@ class Divisions:
         far below a metre per km; far away the result is an upper bound,
         still far above any tolerance.
         """
-        clat, clon = check_point(lat, lon)
-        poly = self.polygon(code)
-        if shapely.intersects_xy(poly, clon, clat):
-            return 0.0
-        local = shapely.transform(poly, lambda xy: np.column_stack(_local_xy(xy[:, 0], xy[:, 1], clon, clat)))
-        near = shapely.get_coordinates(shapely.shortest_line(shapely.Point(0.0, 0.0), local))[1]
-        nlat = clat + near[1]
-        nlon = clon + near[0] / np.cos(np.radians(clat))
-        return float(haversine_km(clat, clon, nlat, nlon))
+        return distance_to_km(self.polygon(code), lat, lon)
+
+
+def distance_to_km(poly: BaseGeometry, lat, lon) -> float:
+    """0 if (lat, lon) lies in ``poly`` or on its boundary, else its distance to it in km (see
+    :meth:`Divisions.distance_km` for how it is measured)."""
+    clat, clon = check_point(lat, lon)
+    if shapely.intersects_xy(poly, clon, clat):
+        return 0.0
+    # cos(lat) floored so that a pole does not divide by zero; no division reaches it
+    c = max(float(np.cos(np.radians(clat))), 1e-6)
+    local = shapely.transform(poly, lambda xy: np.column_stack(((xy[:, 0] - clon) * c, xy[:, 1] - clat)))
+    near = shapely.get_coordinates(shapely.shortest_line(shapely.Point(0.0, 0.0), local))[1]
+    return float(haversine_km(clat, clon, clat + near[1], clon + near[0] / c))
 

@@ -172,7 +172,7 @@ class AlertEngine:
         idx = index or self.index
         seen = now - self.max_location_age if self.max_location_age is not None else None
         if alert.division_wide:
-            return idx.within_polygon(self.authority.divisions.polygon(alert.division), seen_since=seen)
+            return idx.within_polygon(self.authority.area(alert.division), seen_since=seen)
         return idx.within(alert.lat, alert.lon, radius, seen_since=seen)
 
     def place(self, alert_id: str) -> str:
@@ -219,8 +219,7 @@ class AlertEngine:
 
     def _area_desc(self, alert: Alert) -> str:
         # the division by its names, then the officer's own words for the area
-        divs = self.authority.divisions
-        names = divs.full_name(alert.division) if alert.division in divs else ""
+        names = self.authority.names(alert.division)
         extra = str(alert.details.get("area", ""))
         return " ".join(x for x in (names, extra) if x)
 
