@@ -12,6 +12,7 @@ Verbs
 ``audit verify|list``     check the log and its hash-chained audit trail; list the trail
 ``bench``                 in-process timings of within/count on an index
 ``map``                   the map PNG of any alert in a log
+``divisions``             China's administrative divisions by code, name or point
 
 A store and its index share one directory (``--store DIR`` where it is
 written, ``--index DIR`` where it is read).
@@ -528,23 +529,27 @@ def cmd_alert(args) -> int:
             division = args.division or officer.division
             alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
                                   missing_since=_when(args.missing_since, "--missing-since"),
-                                  division=division, details=details, now=now)
+                                  division=division, details=details, now=now,
+                                  division_wide=bool(getattr(args, "division_wide", False)))
             doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
+                   "place": engine.authority.names(alert.division),
                    "reporter": alert.reporter, "reported_at": _iso(alert.reported_at)}
             if args.json:
                 _emit_json(doc)
             else:
-                _out(f"alert {alert.id} reported by {alert.reporter} in division {alert.division}: "
+                _out(f"alert {alert.id} reported by {alert.reporter} in {engine.place(alert.id)}: "
                      + ("pending approval" if alert.status == "pending" else "published"))
             return EXIT_OK
         if action == "approve":
             alert = engine.approve(args.alert_id, args.officer, now=now)
             doc = {"alert_id": alert.id, "status": alert.status, "approved_by": alert.approved_by,
-                   "published_at": _iso(alert.published_at)}
+                   "division": alert.division, "place": engine.authority.names(alert.division),
+                   "lat": alert.lat, "lon": alert.lon, "published_at": _iso(alert.published_at)}
             if args.json:
                 _emit_json(doc)
             else:
-                _out(f"alert {alert.id} approved by {alert.approved_by}: published at "
+                _out(f"alert {alert.id} in {engine.place(alert.id)} (last seen {alert.lat:.5f}, "
+                     f"{alert.lon:.5f}) approved by {alert.approved_by}: published at "
                      f"{alert.published_at.isoformat()}")
             return EXIT_OK
         replay_ids = {r.push_id for r in engine.log.unacked()} if action in ("tick", "refresh") else set()
@@ -925,6 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lon", type=float, required=True)
     ap.add_argument("--missing-since", required=True, metavar="ISO")
     ap.add_argument("--division", metavar="CODE", help="6-digit division (default: the officer's)")
+    ap.add_argument("--division-wide", action="store_true",
+                    help="target the whole division's area instead of a growing circle")
     texts(ap)
     action("approve", "approve a pending report")
     handoff(action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
@@ -972,12 +979,61 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--radii", default="100,200,300,500", metavar="KM,KM")
     sp.add_argument("--repeat", type=_nonneg_int, default=20)
 
+    _divisions_parser(verb)
+
     sp = verb("map", "draw the map PNG of an alert in a recipient log", cmd_map)
     sp.add_argument("--log", required=True, metavar="LOG")
     sp.add_argument("--index", required=True, metavar="DIR")
     sp.add_argument("--alert", required=True, metavar="ALERT_ID")
     sp.add_argument("--out", metavar="PNG", help="default: <ALERT_ID>.png")
     return p
+
+
+def cmd_divisions(args) -> int:
+    """Look a division up by code, by name or by point (China's registry)."""
+    from .divisions import Divisions
+    divs = Divisions.china()
+    if args.point is not None:
+        lat, lon = _parse_point(args.point)
+        d = divs.locate(lat, lon)
+        codes = [d.code] if d is not None else []
+        if d is None and not args.json:
+            _out(f"({lat}, {lon}) lies in no division of China")
+    elif args.query is None:
+        codes = divs.children(None)
+    elif args.query.isdigit():
+        divs[args.query]   # unknown codes are refused, never guessed
+        codes = [args.query]
+    else:
+        codes = divs.find(args.query)
+        if not codes:
+            from .errors import UnknownDivisionError
+            raise UnknownDivisionError(f"no division is named like {args.query!r}")
+    rows = [{"code": c, "name": divs.name(c), "level": divs.level(c), "parent": divs.parent(c),
+             "place": divs.full_name(c), "children": len(divs.children(c))} for c in codes]
+    if args.json:
+        _emit_json(rows)
+        return EXIT_OK
+    for r in rows:
+        _out(f"{r['code']}  {r['level']:<8} {r['place']}"
+             + (f"   ({r['children']} divisions under it)" if r["children"] else ""))
+    return EXIT_OK
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise InvalidInputError(f"--point={text!r} must be LAT,LON (e.g. 30.25,120.17)") from None
+
+
+def _divisions_parser(verb) -> None:
+    sp = verb("divisions", "look up China's administrative divisions by code, name or point", cmd_divisions)
+    sp.add_argument("query", nargs="?", help="a 6-digit code or a name (part of one); none: the provinces")
+    sp.add_argument("--point", metavar="LAT,LON", help="the finest division containing this point")
 
 
 def _one_line(exc: BaseException) -> str:
