@@ -686,8 +686,10 @@ def cmd_stats(args) -> int:
 
     log = _open_log(args.log)
     try:
+        from .divisions import Divisions
         s = compute(list(_records(log)), since=_when(args.since, "--since"),
-                    until=_when(args.until, "--until"), division=args.division)
+                    until=_when(args.until, "--until"), division=args.division,
+                    divisions=Divisions.china())
     finally:
         log.close()
     if args.json:
@@ -702,7 +704,7 @@ def cmd_stats(args) -> int:
         _out("outcomes: " + ", ".join(f"{k} {v:,}" for k, v in outcomes))
     _out(f"pushes {s['pushes']:,}, devices reached {s['devices_reached']:,}")
     for div, row in s["by_division"].items():
-        _out(f"  {div}  published {row['published']:,}  found {row['found']:,}  "
+        _out(f"  {div} {row.get('name', '')}  published {row['published']:,}  found {row['found']:,}  "
              f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}")
     return EXIT_OK
 

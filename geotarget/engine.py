@@ -505,7 +505,11 @@ class AlertEngine:
         return self._audience(self.log.notified(alert_id))
 
     def stats(self, since=None, until=None, division=None) -> dict[str, Any]:
-        """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached."""
+        """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached.
+
+        ``by_division`` breaks the figures down by the divisions directly under
+        ``division`` (the provinces without one), each row with its ``name``.
+        """
         if since is not None:
             since = check_aware(since, "since")
         if until is not None:
@@ -514,7 +518,8 @@ class AlertEngine:
                                status=a.status, outcome=a.outcome, closed_at=a.closed_at,
                                pushes=a.pushes, devices_reached=a.reached)
                    for a in self._alerts.values()]
-        return compute(records, since=since, until=until, division=division)
+        return compute(records, since=since, until=until, division=division,
+                       divisions=self.authority.divisions)
 
     def verify(self) -> None:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""

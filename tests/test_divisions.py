@@ -411,3 +411,26 @@ def test_division_wide_alert_exactly_once_and_exact_closure(divs, tmp_path):
     closure = eng.close(a.id, "C-330100", outcome="runaway", now=T0 + dt.timedelta(hours=7))
     assert set(closure.audience.keys().tolist()) == inside | inside2
     assert closure.audience.bitmap() == first.audience.bitmap() | tops[0].audience.bitmap()
+
+
+# -- statistics by division ------------------------------------------------------------------------
+
+def test_stats_by_division_with_names(divs):
+    from geotarget.stats import AlertRecord, compute
+
+    def rec(i, division, outcome="lost"):
+        return AlertRecord(f"a{i}", division, T0, "closed", outcome)
+    records = [rec(1, "330102"), rec(2, "330106", "not_found"), rec(3, "330203"), rec(4, "330100"),
+               rec(5, "110101"), rec(6, "500101")]
+    top = compute(records, divisions=divs)["by_division"]
+    assert {k: (r["name"], r["published"]) for k, r in top.items()} == {
+        "110000": ("北京市", 1), "330000": ("浙江省", 4), "500000": ("重庆市", 1)}
+    zj = compute(records, division="330000", divisions=divs)
+    assert zj["published"] == 4
+    assert {k: (r["name"], r["published"], r["found"]) for k, r in zj["by_division"].items()} == {
+        "330100": ("浙江省 杭州市", 3, 2), "330200": ("浙江省 宁波市", 1, 1)}
+    hz = compute(records, division="330100", divisions=divs)["by_division"]
+    assert {k: r["published"] for k, r in hz.items()} == {"330100": 1, "330102": 1, "330106": 1}
+    assert hz["330106"]["name"] == "浙江省 杭州市 西湖区" and hz["330106"]["not_found"] == 1
+    # the children's rows add up to the parent's figures
+    assert sum(r["published"] for r in hz.values()) == compute(records, division="330100")["published"]
