@@ -434,3 +434,33 @@ def test_stats_by_division_with_names(divs):
     assert hz["330106"]["name"] == "浙江省 杭州市 西湖区" and hz["330106"]["not_found"] == 1
     # the children's rows add up to the parent's figures
     assert sum(r["published"] for r in hz.values()) == compute(records, division="330100")["published"]
+
+
+# -- the synthetic population on land ---------------------------------------------------------------
+
+def test_on_land_is_exactly_shapely(divs):
+    from geotarget.population import land_mask, on_land
+    mask, lon0, lat0, cell = land_mask()
+    assert set(np.unique(mask)) == {0, 1, 2}
+    rng = np.random.default_rng(9)
+    lat = rng.uniform(lat0 - 2, lat0 + mask.shape[0] * cell + 2, 300_000)
+    lon = rng.uniform(lon0 - 2, lon0 + mask.shape[1] * cell + 2, 300_000)
+    # adversarial: on cell edges and corners, and on the polygon's own vertices (outside: boundary)
+    lat[:50_000] = lat0 + cell * rng.integers(0, mask.shape[0], 50_000)
+    lon[50_000:100_000] = lon0 + cell * rng.integers(0, mask.shape[1], 50_000)
+    xy = shapely.get_coordinates(divs.country)
+    pick = rng.integers(0, len(xy), 50_000)
+    lon[100_000:150_000], lat[100_000:150_000] = xy[pick, 0], xy[pick, 1]
+    got = on_land(lat, lon)
+    np.testing.assert_array_equal(got, shapely.contains_xy(divs.country, lon, lat))
+    assert 0.2 < got.mean() < 0.8
+    assert not on_land(np.array([90.0, -90.0, 0.0]), np.array([0.0, 180.0, -180.0])).any()
+
+
+def test_generated_devices_are_on_land_in_china(divs):
+    from geotarget.population import generate_arrays, on_land
+    cols = generate_arrays(300_000, seed=4)
+    assert on_land(cols["lat"], cols["lon"]).all()
+    # the coast is still populated: Shanghai's and Zhoushan's devices were redrawn, not dropped
+    near_sh = (np.abs(cols["lat"] - 31.23) < 0.5) & (np.abs(cols["lon"] - 121.47) < 0.5)
+    assert near_sh.sum() > 3000
