@@ -313,6 +313,12 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
     pad_lon = (big_lon.max() - big_lon.min()) * 0.12
     zoom = (big_lon.min() - pad_lon, big_lon.max() + pad_lon,
             max(-90.0, big_lat.min() - pad_lat), min(90.0, big_lat.max() + pad_lat))
+    wide = bool(_field(alert, "division_wide", False))
+    if wide:   # the area is the division: frame its bounds
+        from .divisions import Divisions
+        x0, y0, x1, y1 = Divisions.china().polygon(division).bounds
+        px, py = (x1 - x0) * 0.08, (y1 - y0) * 0.08
+        zoom = (x0 - px, x1 + px, max(-90.0, y0 - py), min(90.0, y1 + py))
     s_lat, s_lon, s_scale = _sample(lat_all, lon_all, sample, seed)
     if s_lat.size:
         lo_lat, hi_lat = np.percentile(s_lat, [0.05, 99.95])
@@ -386,7 +392,8 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
 
     ax0.set_title(f"{n:,} devices, density on a log scale; the frame is the right panel",
                   fontsize=10.5, loc="left", color="#333333")
-    ax1.set_title(f"within {rmax:g} km of {place}: each ring is one push (new devices only)",
+    ax1.set_title(f"the whole of division {division}, shaded: each push reaches only new devices"
+                  if wide else f"within {rmax:g} km of {place}: each ring is one push (new devices only)",
                   fontsize=10.5, loc="left", color="#333333")
     status = _field(alert, "status", "")
     outcome = _field(alert, "outcome")
