@@ -464,3 +464,17 @@ def test_generated_devices_are_on_land_in_china(divs):
     # the coast is still populated: Shanghai's and Zhoushan's devices were redrawn, not dropped
     near_sh = (np.abs(cols["lat"] - 31.23) < 0.5) & (np.abs(cols["lon"] - 121.47) < 0.5)
     assert near_sh.sum() > 3000
+
+
+def test_demo_officers_are_real_for_every_city(divs):
+    # every city of the embedded table can run the demo: its reporter's division is real, holds the
+    # seat of government, and its superior may approve
+    from geotarget.authority import ApprovalPolicy
+    from geotarget.demo import demo_officers
+    from geotarget.population import cities
+    for c in cities().to_pylist():
+        officers, roles = demo_officers(c)
+        county, superior = roles["county"][0], roles["superior"]
+        auth = Authority(officers, ApprovalPolicy(needs_approval=frozenset({county.level})), divisions=divs)
+        auth.check_report(county.officer_id, county.division, c["lat"], c["lon"])
+        auth.check_approve(superior.officer_id, county.officer_id, county.division)
