@@ -105,7 +105,14 @@ def polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
     """Sorted row runs of the devices of ``index`` inside ``geom`` passing the filters, and their count.
 
     ``seen_min`` < 0 means no freshness filter; ``codes`` None means all apps.
+    Queries on one polygon from several threads take turns (see ``GEOS_LOCK``).
     """
+    from .divisions import GEOS_LOCK
+    with GEOS_LOCK:
+        return _polygon_runs(index, geom, seen_min, codes)
+
+
+def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
     n = len(index)
     if n == 0:
         return np.empty((0, 2), dtype=np.int64), 0

@@ -58,6 +58,11 @@ _RANK = {lvl: i for i, lvl in enumerate(DIVISION_LEVELS)}
 #: Amap's level names in ``administrative.db``.
 _AMAP_LEVELS = {"省": "province", "市": "city", "区县": "county"}
 _CODE6 = re.compile(r"[0-9]{6}")
+#: Held around every GEOS call on a shared (prepared) geometry.  GEOS builds a
+#: prepared geometry's index lazily and is not thread-safe there
+#: (libgeos/geos#825): two threads testing points against one polygon crashed
+#: the population generator in a test run.
+GEOS_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -389,8 +394,12 @@ class Divisions:
         """
         clat, clon = check_point(lat, lon)
         pt = shapely.Point(clon, clat)
-        found = None
-        parent = None
+        with GEOS_LOCK:
+            found = self._descend(pt, clat, clon)
+        return self[found] if found is not None else None
+
+    def _descend(self, pt, clat: float, clon: float) -> str | None:
+        found = parent = None
         while True:
             codes, tree = self._tree(parent)
             if not codes:
@@ -404,7 +413,7 @@ class Divisions:
             if hit is None:
                 break
             found = parent = hit
-        return self[found] if found is not None else None
+        return found
 
     def distance_km(self, code: str, lat, lon) -> float:
         """0 if the point lies in ``code``'s polygon (or on its boundary), else the distance to it in km.
@@ -423,8 +432,9 @@ def distance_to_km(poly: BaseGeometry, lat, lon) -> float:
     """0 if (lat, lon) lies in ``poly`` or on its boundary, else its distance to it in km (see
     :meth:`Divisions.distance_km` for how it is measured)."""
     clat, clon = check_point(lat, lon)
-    if shapely.intersects_xy(poly, clon, clat):
-        return 0.0
+    with GEOS_LOCK:
+        if shapely.intersects_xy(poly, clon, clat):
+            return 0.0
     # cos(lat) floored so that a pole does not divide by zero; no division reaches it
     c = max(float(np.cos(np.radians(clat))), 1e-6)
     local = shapely.transform(poly, lambda xy: np.column_stack(((xy[:, 0] - clon) * c, xy[:, 1] - clat)))

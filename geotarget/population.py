@@ -471,6 +471,12 @@ def land_mask() -> tuple[np.ndarray, float, float, float]:
     judged right.  Built once per process by splitting the border cells of a
     0.64-degree grid five times.
     """
+    from .divisions import GEOS_LOCK
+    with GEOS_LOCK:   # GEOS calls on the shared outline, one thread at a time
+        return _build_land_mask()
+
+
+def _build_land_mask():
     import shapely
     from .divisions import Divisions
     country = Divisions.china().country
@@ -521,7 +527,10 @@ def on_land(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     out = cls == 1
     edge = np.flatnonzero(cls == 2)
     if edge.size:
-        out[edge] = shapely.contains_xy(Divisions.china().country, lon[edge], lat[edge])
+        from .divisions import GEOS_LOCK
+        country = Divisions.china().country
+        with GEOS_LOCK:   # the generator's threads share the prepared outline
+            out[edge] = shapely.contains_xy(country, lon[edge], lat[edge])
     return out
 
 
@@ -565,6 +574,7 @@ class _Filler:
         self.seed, self.n, self.now_s, self.pool = seed, n, now_s, pool
         self._kept: tuple[int, dict] | None = None
         _tables()  # build the shared tables once, before the worker threads need them
+        land_mask()
 
     def fill(self, start: int, stop: int, out: dict, offset: int = 0, tick=None) -> None:
         if stop <= start:
