@@ -121,6 +121,7 @@ def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
     bounds = np.asarray(index.bounds)
     seen_bounds = np.asarray(index.seen_bounds)
     inside: list[np.ndarray] = []      # (k, 2) row ranges wholly inside
+    inside_fresh: list[np.ndarray] = []  # whether all of that node passes the freshness filter
     border_s: list[np.ndarray] = []
     border_e: list[np.ndarray] = []
     nodes = np.zeros(1, dtype=np.int64)
@@ -138,6 +139,11 @@ def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
         boxes = shapely.box(box[:, 0], box[:, 1], box[:, 2], box[:, 3])
         full = shapely.contains_properly(geom, boxes)
         inside.append(np.stack([s[full], e[full]], axis=1))
+        if seen_min >= 0 and seen_bounds.shape[0]:
+            # a subtree seen no earlier than the cutoff passes whole, like in ``within``
+            inside_fresh.append(seen_bounds[nodes[full], 0] >= seen_min)
+        else:
+            inside_fresh.append(np.zeros(int(full.sum()), dtype=bool))
         rest = ~full
         rest[rest] = shapely.intersects(geom, boxes[rest])
         if level == index.depth:
@@ -161,10 +167,15 @@ def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
         return m
 
     inside_runs = np.concatenate(inside) if inside else np.empty((0, 2), dtype=np.int64)
+    parts = []
     if filtered and inside_runs.shape[0]:
-        rows = _aranges(inside_runs[:, 0], inside_runs[:, 1])
-        inside_runs = rows_to_runs(np.sort(rows[passes(rows)]))
-    parts = [inside_runs]
+        whole = np.concatenate(inside_fresh) if codes is None else np.zeros(inside_runs.shape[0], dtype=bool)
+        parts.append(inside_runs[whole])
+        rest = inside_runs[~whole]
+        rows = _aranges(rest[:, 0], rest[:, 1])
+        parts.append(rows_to_runs(np.sort(rows[passes(rows)])))
+    else:
+        parts.append(inside_runs)
     if border_s:
         rows = _aranges(np.concatenate(border_s), np.concatenate(border_e))
         if rows.size:

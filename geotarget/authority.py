@@ -396,11 +396,12 @@ class Authority:
                 "officers": [o.to_dict() for o in self._officers.values()]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Authority":
+    def from_dict(cls, d: dict, *, divisions=None, tolerance_km: float = DEFAULT_TOLERANCE_KM) -> "Authority":
         if not isinstance(d, dict) or "officers" not in d:
             raise InvalidInputError("authority dict must have an 'officers' list")
         officers = d["officers"]
         if not isinstance(officers, list):
             raise InvalidInputError(f"officers must be a list, got {type(officers).__name__}")
         policy = ApprovalPolicy.from_dict(d["policy"]) if "policy" in d else None
-        return cls((Officer.from_dict(o) for o in officers), policy)
+        return cls((Officer.from_dict(o) for o in officers), policy, divisions=divisions,
+                   tolerance_km=tolerance_km)

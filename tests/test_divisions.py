@@ -478,3 +478,21 @@ def test_demo_officers_are_real_for_every_city(divs):
         auth = Authority(officers, ApprovalPolicy(needs_approval=frozenset({county.level})), divisions=divs)
         auth.check_report(county.officer_id, county.division, c["lat"], c["lon"])
         auth.check_approve(superior.officer_id, county.officer_id, county.division)
+
+
+def test_within_polygon_freshness_by_whole_subtrees():
+    # freshness correlated with place, so whole subtrees pass or fail the cutoff by their bounds
+    rng = np.random.default_rng(12)
+    n = 50_000
+    lat = rng.uniform(28, 32, n)
+    lon = rng.uniform(118, 123, n)
+    seen = int(T0.timestamp()) - np.where(lat > 30.0, 600, 7200) - rng.integers(0, 60, n)
+    idx = gt.SpatialIndex.build(_store(lat, lon, seen=seen, app=np.where(lon > 120, "amap", "qq")),
+                                leaf_size=8)
+    ring = shapely.Polygon([(119, 29), (122, 29), (122, 31.5), (119, 31.5)],
+                           holes=[[(120, 30.2), (121, 30.2), (121, 31), (120, 31)]])
+    for kw in ({"seen_since": T0 - dt.timedelta(hours=1)}, {"seen_since": T0 - dt.timedelta(minutes=5)},
+               {"seen_since": T0 - dt.timedelta(hours=1), "apps": ["amap"]}):
+        got = _check(idx, ring, **kw)
+        assert 0 <= len(got) < n
+    assert len(_check(idx, ring, seen_since=T0 - dt.timedelta(hours=1))) > 1000
