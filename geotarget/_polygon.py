@@ -172,8 +172,9 @@ def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
         whole = np.concatenate(inside_fresh) if codes is None else np.zeros(inside_runs.shape[0], dtype=bool)
         parts.append(inside_runs[whole])
         rest = inside_runs[~whole]
+        rest = rest[np.argsort(rest[:, 0], kind="stable")]   # disjoint ranges: rows come out sorted
         rows = _aranges(rest[:, 0], rest[:, 1])
-        parts.append(rows_to_runs(np.sort(rows[passes(rows)])))
+        parts.append(rows_to_runs(rows[passes(rows)]))
     else:
         parts.append(inside_runs)
     if border_s:
@@ -183,7 +184,8 @@ def _polygon_runs(index, geom, seen_min: int, codes) -> tuple[np.ndarray, int]:
             hit = shapely.contains_xy(geom, np.asarray(store.lon)[k], np.asarray(store.lat)[k])
             if filtered:
                 hit &= passes(rows)
-            parts.append(rows_to_runs(np.sort(rows[hit])))
+            # border leaves come level by level in node order, which is row order
+            parts.append(rows_to_runs(rows[hit]))
     runs = merge_runs(np.concatenate(parts).astype(np.int64))
     count = int((runs[:, 1] - runs[:, 0]).sum()) if runs.shape[0] else 0
     return runs, count
