@@ -646,7 +646,9 @@ def _alert_show(args) -> int:
             return EXIT_OK
         _out(f"alert {rec['alert_id']}  status {rec['status']}"
              + (f" (outcome {rec['outcome']})" if rec.get("outcome") else ""))
-        _out(f"  centre {rec['lat']:.5f}, {rec['lon']:.5f}   division {rec['division']}   "
+        _out(f"  centre {rec['lat']:.5f}, {rec['lon']:.5f}   division {rec['division']} "
+             f"{_place_names(rec['division'])}" + ("  (the whole division)" if rec.get("division_wide") else "")
+             + "   "
              f"reporter {rec['reporter']}" + (f"   approved by {rec['approved_by']}" if rec.get("approved_by") else ""))
         _out(f"  missing since {rec['missing_since']}   published {rec.get('published_at') or '-'}"
              + (f"   closed {rec['closed_at']} by {rec['closed_by']}" if rec.get("closed_at") else ""))
@@ -1020,6 +1022,13 @@ def cmd_divisions(args) -> int:
         _out(f"{r['code']}  {r['level']:<8} {r['place']}"
              + (f"   ({r['children']} divisions under it)" if r["children"] else ""))
     return EXIT_OK
+
+
+def _place_names(code: str) -> str:
+    """The names of a division code, or "" for a code the registry does not hold (an old log)."""
+    from .divisions import Divisions
+    divs = Divisions.china()
+    return "全国" if code == "000000" else (divs.full_name(code) if code in divs else "")
 
 
 def _parse_point(text: str) -> tuple[float, float]:

@@ -57,7 +57,6 @@ DIVISION_LEVELS = ("province", "city", "county")
 _RANK = {lvl: i for i, lvl in enumerate(DIVISION_LEVELS)}
 #: Amap's level names in ``administrative.db``.
 _AMAP_LEVELS = {"省": "province", "市": "city", "区县": "county"}
-_CODE6 = re.compile(r"[0-9]{6}")
 #: Held around every GEOS call on a shared (prepared) geometry.  GEOS builds a
 #: prepared geometry's index lazily and is not thread-safe there
 #: (libgeos/geos#825): two threads testing points against one polygon crashed

@@ -566,3 +566,19 @@ def test_divisions_verb_and_the_approvers_place(batch, lifecycle):
     # the approver is shown the place by its names, not only the code
     assert lifecycle["approve"]["place"] == "浙江省 杭州市 上城区"
     assert lifecycle["report"]["place"] == "浙江省 杭州市 上城区"
+
+
+def test_division_wide_report_from_the_cli(work, world):
+    """--division-wide: one push to exactly the devices inside Hangzhou's polygon, no circle in its CAP."""
+    import shapely
+    common = ("--log", "wide.sqlite", "--index", "st", "--officers", "officers.json")
+    ok_json("alert", "report", *common, "--officer", "MPS", "--lat", 30.25, "--lon", 120.17,
+            "--division", "330100", "--division-wide", "--missing-since", T.format("08:00"),
+            "--now", T.format("08:05"), cwd=work)
+    (push,) = ok_json("alert", "tick", *common, "--now", T.format("08:10"), "--out", "out-wide", "--ack",
+                      cwd=work)["pushes"]
+    store = SpatialIndex.open(work / "st").store
+    inside = shapely.contains_xy(geotarget.Divisions.china().polygon("330100"), store.lon, store.lat)
+    assert push["kind"] == "alert" and push["radius_km"] == 0 and push["recipients"] == int(inside.sum()) > 0
+    cap = next((work / "out-wide").rglob("*.xml")).read_text(encoding="utf-8")
+    assert "<circle>" not in cap and "浙江省 杭州市" in cap and "330100" in cap
