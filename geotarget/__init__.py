@@ -8,10 +8,11 @@ _require_kernels(__path__[0])  # first: an unbuilt checkout gets a plain message
 
 from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
+from .divisions import Division, Divisions
 from .engine import Alert, AlertEngine, Push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      RateLimitError, ShardUnavailableError, SignatureError,
-                     UnauthorizedError, UnknownAlertError, UnknownOfficerError,
+                     UnauthorizedError, UnknownAlertError, UnknownDivisionError, UnknownOfficerError,
                      UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
 from .index import SpatialIndex
@@ -31,5 +32,5 @@ __all__ = [
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
     "ShardUnavailableError",
-    "SignatureError", "RateLimitError", "Settings",
+    "SignatureError", "RateLimitError", "Settings", "Division", "Divisions", "UnknownDivisionError",
 ]

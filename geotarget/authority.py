@@ -17,11 +17,23 @@ county     ``XXYYZZ``  itself only
 Municipalities fit without special cases: Shanghai is ``310000``, its
 districts (``310101``) are counties under the city-level prefix ``3101``.
 Counties directly administered by a province use ``YY = 90`` in real codes
-(``429004``), so a county with ``YY = 00`` is malformed and refused.
+(``429004``); the districts of Hong Kong and Macau sit directly under the
+region with ``YY = 00`` (``810001``), so that pattern is well-formed too, and
+the registry of real divisions (below) decides whether a code exists.
 
 The ~6,000 officers of the real system are held in one dict; every check is
 a dict lookup plus string slicing.  Checks raise and never mutate, so a
 refused action changes nothing.
+
+Real places
+-----------
+Codes are checked against a :class:`~geotarget.divisions.Divisions` registry
+(China's by default): an officer or an alert in a code the registry does not
+hold is refused, and a report's point must lie in the alert's division (which
+lies in the reporter's), or within ``tolerance_km`` of it so that a child last
+seen across a street on the border can still be reported.  The distance is
+the haversine distance from the point to the nearest point of the division's
+polygon (see :meth:`Divisions.distance_km`).
 """
 from __future__ import annotations
 
@@ -29,9 +41,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from .errors import InvalidInputError, UnauthorizedError, UnknownOfficerError
+from .errors import InvalidInputError, UnauthorizedError, UnknownDivisionError, UnknownOfficerError
 
-__all__ = ["LEVELS", "ACTIONS", "Officer", "ApprovalPolicy", "Authority",
+__all__ = ["LEVELS", "ACTIONS", "DEFAULT_TOLERANCE_KM", "Officer", "ApprovalPolicy", "Authority",
            "division_covers", "division_level", "validate_division", "province_of"]
 
 LEVELS = ("ministry", "province", "city", "county")
@@ -40,13 +52,18 @@ _RANK = {lvl: i for i, lvl in enumerate(LEVELS)}
 #: What check_act guards; reporting and approving have their own checks.
 ACTIONS = ("update", "close", "retract", "renew", "confirm")
 _SIX_DIGITS = re.compile(r"[0-9]{6}")
+#: How far outside its division a report's point may lie (km).  Amap's
+#: polygons are simplified to tens of metres; 3 km covers them and a report
+#: taken at a border checkpoint, yet no neighbouring county's centre.
+DEFAULT_TOLERANCE_KM = 3.0
 
 
 def validate_division(code: str) -> str:
     """Return ``code`` if it is a well-formed 6-digit division code, else raise.
 
     Well-formed: ASCII digits only, and the level pattern holds (``000000``,
-    ``XX0000``, ``XXYY00`` or ``XXYYZZ`` with each named pair non-zero).
+    ``XX0000``, ``XXYY00`` or ``XXYYZZ`` with ``XX`` non-zero).  Whether the
+    code names a real division is the registry's question (:class:`Authority`).
     Integers are refused: ``010000`` would silently lose its leading zero.
     """
     if not isinstance(code, str):
@@ -58,9 +75,6 @@ def validate_division(code: str) -> str:
         if code[:2] == "00":
             raise InvalidInputError(
                 f"division={code!r}: province digits '00' are only valid in '000000' (ministry)")
-        if code[2:4] == "00" and code[4:] != "00":
-            raise InvalidInputError(
-                f"division={code!r}: a county code needs non-zero city digits (YY != 00)")
     return code
 
 
@@ -211,9 +225,10 @@ class ApprovalPolicy:
 class Authority:
     """The registry of officers and the rules they act under."""
 
-    __slots__ = ("_officers", "_policy")
+    __slots__ = ("_officers", "_policy", "_divisions", "_tolerance_km")
 
-    def __init__(self, officers: Iterable[Officer], policy: ApprovalPolicy | None = None) -> None:
+    def __init__(self, officers: Iterable[Officer], policy: ApprovalPolicy | None = None, *,
+                 divisions=None, tolerance_km: float = DEFAULT_TOLERANCE_KM) -> None:
         if policy is None:
             policy = ApprovalPolicy()
         elif not isinstance(policy, ApprovalPolicy):
@@ -231,10 +246,70 @@ class Authority:
             table[off.officer_id] = off
         self._officers = table
         self._policy = policy
+        self._init_divisions(divisions, tolerance_km)
 
     @property
     def policy(self) -> ApprovalPolicy:
         return self._policy
+
+    # -- real places ---------------------------------------------------------------
+
+    def _init_divisions(self, divisions, tolerance_km) -> None:
+        from .divisions import Divisions
+        if divisions is None:
+            divisions = Divisions.china()
+        elif not isinstance(divisions, Divisions):
+            raise InvalidInputError(f"divisions must be a Divisions registry, got {type(divisions).__name__}")
+        try:
+            tol = float(tolerance_km)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"tolerance_km={tolerance_km!r} must be a number") from None
+        if not (0.0 <= tol <= 100.0):
+            raise InvalidInputError(f"tolerance_km={tolerance_km!r} must be in [0, 100] km")
+        for off in self._officers.values():
+            if off.division != "000000" and off.division not in divisions:
+                raise UnknownDivisionError(
+                    f"officer {off.officer_id}: division {off.division!r} is not a known division")
+        self._divisions = divisions
+        self._tolerance_km = tol
+
+    @property
+    def divisions(self):
+        """The registry of divisions officers and alerts are checked against."""
+        return self._divisions
+
+    @property
+    def tolerance_km(self) -> float:
+        return self._tolerance_km
+
+    def _known(self, division: str) -> str:
+        validate_division(division)
+        if division != "000000" and division not in self._divisions:
+            raise UnknownDivisionError(f"division {division!r} is not a known division")
+        return division
+
+    def place(self, division: str) -> str:
+        """The division's names, e.g. ``浙江省 杭州市 上城区 (330102)``; the ministry's code names China."""
+        return f"{self.names(division)} ({division})"
+
+    def names(self, division: str) -> str:
+        """The division's names alone, e.g. ``浙江省 杭州市 上城区``; ``全国`` (the whole country) for ``000000``."""
+        if self._known(division) == "000000":
+            return "全国"
+        return self._divisions.full_name(division)
+
+    def area(self, division: str):
+        """The polygon of a division; the country's outline for ``000000``."""
+        if self._known(division) == "000000":
+            return self._divisions.country
+        return self._divisions.polygon(division)
+
+    def distance_km(self, division: str, lat, lon) -> float:
+        """How far (lat, lon) lies outside ``division`` (0 inside); see :meth:`Divisions.distance_km`."""
+        if self._known(division) == "000000":
+            from .divisions import distance_to_km
+            return distance_to_km(self._divisions.country, lat, lon)
+        return self._divisions.distance_km(division, lat, lon)
 
     def officer(self, officer_id: str) -> Officer:
         try:
@@ -251,9 +326,21 @@ class Authority:
                 f"an alert in division {division}: outside their jurisdiction")
         return off
 
-    def check_report(self, officer_id: str, division: str) -> Officer:
-        """The reporting officer, if ``division`` lies within their jurisdiction."""
-        return self._covering(officer_id, division, "report")
+    def check_report(self, officer_id: str, division: str, lat=None, lon=None) -> Officer:
+        """The reporting officer, if ``division`` is a known division within their jurisdiction.
+
+        With a point (``lat``, ``lon``), it must lie in ``division`` or within
+        ``tolerance_km`` of it.
+        """
+        off = self._covering(officer_id, self._known(division), "report")
+        if lat is not None or lon is not None:
+            d = self.distance_km(division, lat, lon)
+            if d > self._tolerance_km:
+                raise UnauthorizedError(
+                    f"officer {off.officer_id} may not report a point at ({lat}, {lon}) in "
+                    f"{self.place(division)}: it lies {d:.1f} km outside that division "
+                    f"(tolerance {self._tolerance_km:g} km)")
+        return off
 
     def needs_approval(self, officer: Officer | str) -> bool:
         """Whether a report by this officer waits for approval before it is sent."""
@@ -309,11 +396,12 @@ class Authority:
                 "officers": [o.to_dict() for o in self._officers.values()]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Authority":
+    def from_dict(cls, d: dict, *, divisions=None, tolerance_km: float = DEFAULT_TOLERANCE_KM) -> "Authority":
         if not isinstance(d, dict) or "officers" not in d:
             raise InvalidInputError("authority dict must have an 'officers' list")
         officers = d["officers"]
         if not isinstance(officers, list):
             raise InvalidInputError(f"officers must be a list, got {type(officers).__name__}")
         policy = ApprovalPolicy.from_dict(d["policy"]) if "policy" in d else None
-        return cls((Officer.from_dict(o) for o in officers), policy)
+        return cls((Officer.from_dict(o) for o in officers), policy, divisions=divisions,
+                   tolerance_km=tolerance_km)

@@ -197,6 +197,10 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None) -> ET.Element:
     return el
 
 
+#: valueName of the division code in ``<geocode>`` (China's adcodes are GB/T 2260 codes).
+GEOCODE_NAME = "GB/T 2260"
+
+
 def _pair(parent: ET.Element, tag: str, name: str, value: str) -> None:
     el = _sub(parent, tag)
     _sub(el, "valueName", name)
@@ -212,7 +216,8 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 parameters: Mapping[str, str] = {}, sender_name: str = "",
                 note: str = "", status: str = "Actual", signer=None, event: str = EVENT,
                 event_code: str = "CAE",
-                translations: Mapping[str, Mapping[str, str]] = {}) -> str:
+                translations: Mapping[str, Mapping[str, str]] = {}, geocode: str = "",
+                circle: bool = True) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -225,6 +230,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     prefix the headline, open the description with what happened, and carry
     an instruction that says what to do now (nothing, for a found child)
     unless ``instruction`` is given.
+    ``geocode`` is the alert's administrative division code (GB/T 2260
+    adcode), carried as ``<geocode>`` with valueName ``GEOCODE_NAME``; with
+    ``circle=False`` (an alert over a whole division) the area is that code
+    and ``area_desc`` alone, without a ``<circle>``, and then both are required.
     Encode the result as UTF-8 before handing it to byte-oriented parsers.
 
     ``translations`` maps further language tags to their own texts
@@ -237,6 +246,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     XML signature as the alert's last child; the signed document is written
     without indentation (see :mod:`geotarget.signing`).
     """
+    if geocode:
+        _check_token(geocode, "geocode")
+    if not circle and not (geocode and area_desc):
+        raise InvalidInputError("circle=False (a division-wide area) needs geocode and area_desc")
     if kind not in MSG_TYPES:
         raise InvalidInputError(f"kind={kind!r} must be one of {', '.join(KINDS)}")
     if status not in STATUSES:
@@ -335,7 +348,9 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         if status == "Exercise":
             # A drill must be impossible to take for a real alert, whatever reads only the text.
             headline = t["exercise"] + headline
-        area_desc = area_desc or t["area"].format(lat=lat_s, lon=lon_s, r=r_s)
+        # a division-wide area has no circle to describe: it keeps the division's own names
+        area_desc = area_desc or (t["area"].format(lat=lat_s, lon=lon_s, r=r_s) if circle
+                                  else blocks[0][1]["area_desc"])
 
         info = _sub(root, "info")
         _sub(info, "language", tag)
@@ -367,7 +382,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
             _pair(info, "parameter", pname, pvalue)
         area = _sub(info, "area")
         _sub(area, "areaDesc", area_desc)
-        _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+        if circle:
+            _sub(area, "circle", f"{lat_s},{lon_s} {r_s}")
+        if geocode:
+            _pair(area, "geocode", GEOCODE_NAME, geocode)
 
     if signer is None:
         ET.indent(root, space="  ")

@@ -12,6 +12,7 @@ Verbs
 ``audit verify|list``     check the log and its hash-chained audit trail; list the trail
 ``bench``                 in-process timings of within/count on an index
 ``map``                   the map PNG of any alert in a log
+``divisions``             China's administrative divisions by code, name or point
 
 A store and its index share one directory (``--store DIR`` where it is
 written, ``--index DIR`` where it is read).
@@ -560,8 +561,10 @@ def cmd_alert(args) -> int:
             alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
                                   missing_since=_when(args.missing_since, "--missing-since"),
                                   division=division, details=details, now=now,
-                                  case_type=args.case_type, drill=args.drill)
+                                  case_type=args.case_type, drill=args.drill,
+                                  division_wide=bool(getattr(args, "division_wide", False)))
             doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
+                   "place": engine.authority.names(alert.division),
                    "reporter": alert.reporter, "reported_at": _iso(alert.reported_at),
                    "case_type": alert.case_type, "drill": alert.drill,
                    "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of}
@@ -572,8 +575,8 @@ def cmd_alert(args) -> int:
                          "held": f"HELD as a possible duplicate of {alert.duplicate_of}: an officer "
                                  f"confirms with 'alert confirm --distinct' or '--duplicate'"}
                 _out(("DRILL (exercise, not a real alert): " if alert.drill else "")
-                     + f"{alert.case_type} alert {alert.id} reported by {alert.reporter} in division "
-                     f"{alert.division}: {state.get(alert.status, alert.status)}")
+                     + f"{alert.case_type} alert {alert.id} reported by {alert.reporter} in "
+                     f"{engine.place(alert.id)}: {state.get(alert.status, alert.status)}")
             return EXIT_OK
         if action in ("renew", "confirm"):
             if action == "renew":
@@ -593,11 +596,13 @@ def cmd_alert(args) -> int:
         if action == "approve":
             alert = engine.approve(args.alert_id, args.officer, now=now)
             doc = {"alert_id": alert.id, "status": alert.status, "approved_by": alert.approved_by,
-                   "published_at": _iso(alert.published_at)}
+                   "division": alert.division, "place": engine.authority.names(alert.division),
+                   "lat": alert.lat, "lon": alert.lon, "published_at": _iso(alert.published_at)}
             if args.json:
                 _emit_json(doc)
             else:
-                _out(f"alert {alert.id} approved by {alert.approved_by}: published at "
+                _out(f"alert {alert.id} in {engine.place(alert.id)} (last seen {alert.lat:.5f}, "
+                     f"{alert.lon:.5f}) approved by {alert.approved_by}: published at "
                      f"{alert.published_at.isoformat()}")
             return EXIT_OK
         replay_ids = {r.push_id for r in engine.log.unacked()} if action in ("tick", "refresh") else set()
@@ -694,7 +699,9 @@ def _alert_show(args) -> int:
             return EXIT_OK
         _out(f"alert {rec['alert_id']}  status {rec['status']}"
              + (f" (outcome {rec['outcome']})" if rec.get("outcome") else ""))
-        _out(f"  centre {rec['lat']:.5f}, {rec['lon']:.5f}   division {rec['division']}   "
+        _out(f"  centre {rec['lat']:.5f}, {rec['lon']:.5f}   division {rec['division']} "
+             f"{_place_names(rec['division'])}" + ("  (the whole division)" if rec.get("division_wide") else "")
+             + "   "
              f"reporter {rec['reporter']}" + (f"   approved by {rec['approved_by']}" if rec.get("approved_by") else ""))
         _out(f"  missing since {rec['missing_since']}   published {rec.get('published_at') or '-'}"
              + (f"   closed {rec['closed_at']} by {rec['closed_by']}" if rec.get("closed_at") else ""))
@@ -732,8 +739,10 @@ def cmd_stats(args) -> int:
 
     log = _open_log(args.log)
     try:
+        from .divisions import Divisions
         s = compute(list(_records(log)), since=_when(args.since, "--since"),
-                    until=_when(args.until, "--until"), division=args.division)
+                    until=_when(args.until, "--until"), division=args.division,
+                    divisions=Divisions.china())
     finally:
         log.close()
     if args.json:
@@ -748,7 +757,7 @@ def cmd_stats(args) -> int:
         _out("outcomes: " + ", ".join(f"{k} {v:,}" for k, v in outcomes))
     _out(f"pushes {s['pushes']:,}, devices reached {s['devices_reached']:,}")
     for div, row in s["by_division"].items():
-        _out(f"  {div}  published {row['published']:,}  found {row['found']:,}  "
+        _out(f"  {div} {row.get('name', '')}  published {row['published']:,}  found {row['found']:,}  "
              f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}")
     return EXIT_OK
 
@@ -984,6 +993,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="child (default), elderly, other, or a type the settings add")
     ap.add_argument("--drill", action="store_true",
                     help="an exercise: CAP status Exercise, test devices only, never in statistics")
+    ap.add_argument("--division-wide", action="store_true",
+                    help="target the whole division's area instead of a growing circle")
     texts(ap)
     action("approve", "approve a pending report")
     handoff(action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
@@ -1043,12 +1054,68 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--radii", default="100,200,300,500", metavar="KM,KM")
     sp.add_argument("--repeat", type=_nonneg_int, default=20)
 
+    _divisions_parser(verb)
+
     sp = verb("map", "draw the map PNG of an alert in a recipient log", cmd_map)
     sp.add_argument("--log", required=True, metavar="LOG")
     sp.add_argument("--index", required=True, metavar="DIR")
     sp.add_argument("--alert", required=True, metavar="ALERT_ID")
     sp.add_argument("--out", metavar="PNG", help="default: <ALERT_ID>.png")
     return p
+
+
+def cmd_divisions(args) -> int:
+    """Look a division up by code, by name or by point (China's registry)."""
+    from .divisions import Divisions
+    divs = Divisions.china()
+    if args.point is not None:
+        lat, lon = _parse_point(args.point)
+        d = divs.locate(lat, lon)
+        codes = [d.code] if d is not None else []
+        if d is None and not args.json:
+            _out(f"({lat}, {lon}) lies in no division of China")
+    elif args.query is None:
+        codes = divs.children(None)
+    elif args.query.isdigit():
+        divs[args.query]   # unknown codes are refused, never guessed
+        codes = [args.query]
+    else:
+        codes = divs.find(args.query)
+        if not codes:
+            from .errors import UnknownDivisionError
+            raise UnknownDivisionError(f"no division is named like {args.query!r}")
+    rows = [{"code": c, "name": divs.name(c), "level": divs.level(c), "parent": divs.parent(c),
+             "place": divs.full_name(c), "children": len(divs.children(c))} for c in codes]
+    if args.json:
+        _emit_json(rows)
+        return EXIT_OK
+    for r in rows:
+        _out(f"{r['code']}  {r['level']:<8} {r['place']}"
+             + (f"   ({r['children']} divisions under it)" if r["children"] else ""))
+    return EXIT_OK
+
+
+def _place_names(code: str) -> str:
+    """The names of a division code, or "" for a code the registry does not hold (an old log)."""
+    from .divisions import Divisions
+    divs = Divisions.china()
+    return "全国" if code == "000000" else (divs.full_name(code) if code in divs else "")
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise InvalidInputError(f"--point={text!r} must be LAT,LON (e.g. 30.25,120.17)") from None
+
+
+def _divisions_parser(verb) -> None:
+    sp = verb("divisions", "look up China's administrative divisions by code, name or point", cmd_divisions)
+    sp.add_argument("query", nargs="?", help="a 6-digit code or a name (part of one); none: the provinces")
+    sp.add_argument("--point", metavar="LAT,LON", help="the finest division containing this point")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import numpy as np
 from pyroaring import BitMap
 
-from .authority import Authority, Officer
+from .authority import ApprovalPolicy, Authority, Officer, division_covers, division_level
 from .engine import AlertEngine, Push
 from .errors import InvalidInputError
 from .geo import epoch_seconds, haversine_km
@@ -69,10 +69,10 @@ NEW_SHARE = 0.002
 # A real county-level district under the big cities (GB/T 2260); other cities
 # fall back to their "urban districts" code XXYY01 (市辖区).
 _DISTRICTS = {
-    "110000": ("110101", "Dongcheng District"), "120000": ("120101", "Heping District"),
+    "110000": ("110101", "Dongcheng District"), "120000": ("120103", "Hexi District"),
     "310000": ("310101", "Huangpu District"), "500000": ("500103", "Yuzhong District"),
     "330100": ("330102", "Shangcheng District"), "320100": ("320102", "Xuanwu District"),
-    "440100": ("440104", "Yuexiu District"), "440300": ("440303", "Luohu District"),
+    "440100": ("440104", "Yuexiu District"), "440300": ("440304", "Futian District"),
     "510100": ("510104", "Jinjiang District"), "420100": ("420102", "Jiang'an District"),
     "610100": ("610102", "Xincheng District"), "620100": ("620102", "Chengguan District"),
 }
@@ -91,21 +91,24 @@ def demo_officers(c: dict) -> tuple[list[Officer], dict]:
     Returns the officers and ``{"county": (officer, district name), "superior": officer}``.
     """
     code = c["adcode"]
-    if code in _DISTRICTS:
-        district, dname = _DISTRICTS[code]
-    elif code[4:] != "00":          # a county-level city under its province
-        district, dname = code, c["name_en"]
-    elif code[2:] == "0000":        # a municipality: XX0101
-        district, dname = code[:2] + "0101", f"urban districts of {c['name_en']}"
+    # the real district holding the seat of government; a city without
+    # counties (Dongguan) or a county-level city reports as itself
+    from .divisions import Divisions
+    found = Divisions.china().locate(c["lat"], c["lon"])
+    if found is not None and found.code != code and division_covers(code, found.code):
+        district = found.code
+        known = _DISTRICTS.get(code)
+        dname = known[1] if known and known[0] == district else f"the district of {c['name_en']}'s seat"
     else:
-        district, dname = code[:4] + "01", f"urban districts of {c['name_en']}"
-    if code[2:] == "0000" or code[4:] != "00":
+        district, dname = code, c["name_en"]
+    if code[2:] == "0000" or code[4:] != "00" or district == code:
         superior = Officer(f"P-{code[:2]}0000", level="province", division=code[:2] + "0000",
                            name=f"{c['province_en']} Public Security Department")
     else:
         superior = Officer(f"S-{code}", level="city", division=code,
                            name=f"{c['name_en']} Public Security Bureau")
-    county = Officer(f"C-{district}", level="county", division=district, name=f"{dname} police")
+    county = Officer(f"C-{district}", level=division_level(district), division=district,
+                     name=f"{dname} police")
     ministry = Officer("MPS-000000", level="ministry", division="000000", name="Ministry of Public Security")
     return [county, superior, ministry], {"county": (county, dname), "superior": superior}
 
@@ -243,9 +246,11 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
     county, dname = roles["county"]
     superior = roles["superior"]
     log = RecipientLog(work / FILES["log"])
+    # the reporter's report waits for its superior, whatever its level
+    policy = ApprovalPolicy(needs_approval=frozenset({county.level}))
     # A key made for this run: a deployment signs with the key its certificate authority issued.
     signer = self_signed("geotarget demo sender (not a real authority)", work / FILES["keys"])
-    engine = AlertEngine(index, log=log, authority=Authority(officers),
+    engine = AlertEngine(index, log=log, authority=Authority(officers, policy),
                          schedule=RadiusSchedule.default(), max_location_age=MAX_LOCATION_AGE,
                          signer=signer)
     t0 = MISSING_SINCE

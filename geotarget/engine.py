@@ -153,6 +153,8 @@ class Alert:
     duplicate_of: str | None = None          # held: possibly the same person as this alert
     expires_at: _dt.datetime | None = None   # rings stop here unless an officer renews
     expired_at: _dt.datetime | None = None   # when the engine noticed the expiry (audited once)
+    #: True: the area is the whole division (its polygon), not a growing circle.
+    division_wide: bool = False
 
     def expired(self, now: _dt.datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -268,7 +270,13 @@ class AlertEngine:
     def _query(self, alert: Alert, radius: float, now: _dt.datetime, index=None) -> Audience:
         idx = index or self.index
         seen = now - self.max_location_age if self.max_location_age is not None else None
+        if alert.division_wide:
+            return idx.within_polygon(self.authority.area(alert.division), seen_since=seen)
         return idx.within(alert.lat, alert.lon, radius, seen_since=seen)
+
+    def place(self, alert_id: str) -> str:
+        """The names of an alert's division, e.g. ``浙江省 杭州市 上城区 (330102)``: what an approver is shown."""
+        return self.authority.place(self.alert(alert_id).division)
 
     def _references(self, alert: Alert):
         return [(self.sender, r.push_id, r.created_at)
@@ -296,7 +304,8 @@ class AlertEngine:
             outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
             event=case.event, event_code=case.event_code, expires=self._cap_expires(alert, kind, now),
             sender_name=self.settings.sender_name, status="Exercise" if alert.drill else "Actual",
-            **_cap_texts(kind, details, self.settings.languages))
+            geocode=alert.division, circle=not alert.division_wide,
+            **{**_cap_texts(kind, details, self.settings.languages), "area_desc": self._area_desc(alert)})
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
             updated.radius_km = radius
@@ -315,6 +324,12 @@ class AlertEngine:
         if query_ms is not None:
             timings["query_ms"] = query_ms
         return self._to_push(rec, timings)
+
+    def _area_desc(self, alert: Alert) -> str:
+        # the division by its names, then the officer's own words for the area
+        names = self.authority.names(alert.division)
+        extra = str(alert.details.get("area", ""))
+        return " ".join(x for x in (names, extra) if x)
 
     def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None):
         with self.log.transaction():
@@ -354,8 +369,13 @@ class AlertEngine:
     def report(self, officer_id: str, *, lat: float, lon: float, missing_since: _dt.datetime,
                division: str, details: dict | None = None, now: _dt.datetime | None = None,
                schedule: RadiusSchedule | None = None, case_type: str = "child",
-               drill: bool = False) -> Alert:
+               drill: bool = False, division_wide: bool = False) -> Alert:
         """Register a missing person.  Published at once unless policy requires approval.
+
+        The point must lie in ``division`` (within the authority's tolerance).
+        ``division_wide=True`` targets the whole division's polygon instead of
+        a circle growing by the schedule, like a statewide AMBER alert: one
+        ``alert`` push, then top-ups on refresh; its pushes carry radius 0.
 
         ``case_type`` (``child``, ``elderly``, ``other`` or one the settings add)
         chooses the CAP event, the radius schedule and the expiry.
@@ -386,7 +406,9 @@ class AlertEngine:
         if schedule is not None and not isinstance(schedule, RadiusSchedule):
             raise InvalidInputError(f"schedule must be a RadiusSchedule or None, got {schedule!r}")
         with self._lock:
-            officer = self.authority.check_report(officer_id, division)
+            if not isinstance(division_wide, bool):
+                raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
+            officer = self.authority.check_report(officer_id, division, clat, clon)
             self._check_rate(officer.officer_id, division, now)
             sched = schedule or self.schedule or case.schedule
             # Sequential per log, so an id is never reused even across restarts.
@@ -395,7 +417,8 @@ class AlertEngine:
                 alert_id = "DRILL-" + alert_id
             alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
                           missing_since=missing_since, reported_at=now, details=dict(details or {}),
-                          schedule=sched.to_dict(), case_type=case.name, drill=drill)
+                          schedule=sched.to_dict(), case_type=case.name, drill=drill,
+                          division_wide=division_wide)
             twin = None if drill else self._possible_duplicate(alert)
             if twin is not None:
                 alert.status = "held"
@@ -408,7 +431,8 @@ class AlertEngine:
                        {"lat": clat, "lon": clon, "division": division, "status": alert.status,
                         "missing_since": _iso(missing_since), "case_type": case.name,
                         "expires_at": _iso(alert.expires_at), "drill": drill,
-                        "duplicate_of": alert.duplicate_of})
+                        "duplicate_of": alert.duplicate_of, "place": self.authority.place(division),
+                        "division_wide": division_wide})
             return alert
 
     def _check_cap_texts(self, details: dict, lat: float, lon: float, now: _dt.datetime) -> None:
@@ -490,7 +514,8 @@ class AlertEngine:
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
             updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id,
                                           expires_at=now + self.settings.case(alert.case_type).expiry)
-            self._save(updated, "approve", officer.officer_id, now)
+            self._save(updated, "approve", officer.officer_id, now,
+                       {"place": self.authority.place(alert.division)})
             return updated
 
     def renew(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None,
@@ -528,6 +553,13 @@ class AlertEngine:
                 if alert.status != "open":
                     continue
                 if now < alert.missing_since or self._expire_if_due(alert, now):
+                    continue
+                if alert.division_wide:
+                    if alert.next_seq == 0:   # the area never grows: one alert, then top-ups
+                        t0 = time.perf_counter()
+                        aud = self._query(alert, 0.0, now)
+                        out.append(self._emit(alert, "alert", 0.0, aud, now, "engine",
+                                              query_ms=(time.perf_counter() - t0) * 1e3))
                     continue
                 radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
                 if alert.next_seq == 0:
@@ -653,13 +685,15 @@ class AlertEngine:
                     continue
                 if self._expire_if_due(alert, now):
                     continue
-                radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
+                radius = (alert.radius_km if alert.division_wide else
+                          max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km))
                 todo.append((alert, radius))
 
             # Top-ups against the changed devices: every open alert in one pass
             # over both cores, with each alert's notified devices skipped inside
             # the kernel, so only the devices new to an alert come out.
-            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km]
+            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km
+                      and not ar[0].division_wide]
             fresh: dict[str, tuple[AbstractBitMap, float]] = {}
             if topups:
                 t0 = time.perf_counter()
@@ -734,13 +768,18 @@ class AlertEngine:
         return self._audience(self.log.notified(alert_id))
 
     def stats(self, since=None, until=None, division=None) -> dict[str, Any]:
-        """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached."""
+        """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached.
+
+        ``by_division`` breaks the figures down by the divisions directly under
+        ``division`` (the provinces without one), each row with its ``name``.
+        """
         if since is not None:
             since = check_aware(since, "since")
         if until is not None:
             until = check_aware(until, "until")
         records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
-        return compute(records, since=since, until=until, division=division)
+        return compute(records, since=since, until=until, division=division,
+                       divisions=self.authority.divisions)
 
     def verify(self) -> None:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""

@@ -57,3 +57,10 @@ class SignatureError(GeotargetError, ValueError):
 
 class RateLimitError(GeotargetError):
     """A report exceeds the per-officer or per-division rate limit of the settings."""
+
+
+class UnknownDivisionError(GeotargetError, KeyError):
+    """No administrative division with that code is registered."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""

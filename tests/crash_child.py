@@ -40,7 +40,7 @@ def main():
     path, seed = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(seed)
     eng = gt.AlertEngine(world(seed, 0), log=gt.RecipientLog(path), authority=gt.Authority(OFFICERS))
-    centres = [(30.27, 120.15), (29.5, 121.0), (31.0, 119.0)]
+    centres = [(30.27, 120.15), (29.6, 119.0), (30.05, 119.95)]  # inside Hangzhou (330100)
     alerts = [eng.report("city-1", lat=la, lon=lo, division="330100", missing_since=T0, now=T0).id
               for la, lo in centres]
     now = T0

@@ -381,7 +381,7 @@ BAD = {
     "query-naive-time": (["query", "--index", "st", "--lat", 30, "--lon", 120, "--radius", 5,
                           "--seen-since", "2026-11-23T08:00"], "offset"),
     "report-outside-jurisdiction": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
-                                     "officers.json", "--officer", "C-330102", "--division", "330103",
+                                     "officers.json", "--officer", "C-330102", "--division", "330105",
                                      "--lat", 30.2, "--lon", 120.2, "--missing-since", T.format("08:00")],
                                     "outside their jurisdiction"),
     "report-bad-officers-file": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
@@ -403,6 +403,20 @@ BAD = {
     "audit-verify-tampered": (["audit", "verify", "--log", "{tampered}"], "audit"),
     "bench-bad-radii": (["bench", "--index", "st", "--radii", "a,b"], "radii"),
     "map-unknown-alert": (["map", "--log", "{log}", "--index", "st", "--alert", "GT-nope"], "GT-nope"),
+    # a Hangzhou officer cannot centre an alert in Beijing; unknown codes are refused
+    "report-hangzhou-officer-in-beijing": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
+                                            "officers.json", "--officer", "C-330102", "--lat", 39.9042,
+                                            "--lon", 116.4074, "--missing-since", T.format("08:00")],
+                                           "km outside that division"),
+    "report-unknown-division": (["alert", "report", "--log", "{log}", "--index", "st", "--officers",
+                                 "officers.json", "--officer", "MPS", "--division", "330199", "--lat", 30.25,
+                                 "--lon", 120.17, "--missing-since", T.format("08:00")], "330199"),
+    "report-officers-file-unknown-division": (["alert", "report", "--log", "{log}", "--index", "st",
+                                               "--officers", "officers-unknown.json", "--officer", "P-99",
+                                               "--lat", 30.25, "--lon", 120.17,
+                                               "--missing-since", T.format("08:00")], "990000"),
+    "divisions-unknown-code": (["divisions", "330199"], "330199"),
+    "divisions-bad-point": (["divisions", "--point", "30.2"], "LAT,LON"),
 }
 USAGE = {
     "no-verb": [],
@@ -424,6 +438,8 @@ READS = {
     "audit-list": ["audit", "list", "--log", "{log}", "--alert", ALERT, "--json"],
     "bench": ["bench", "--index", "st", "--city", "Hangzhou", "--radii", "50,300", "--repeat", 2, "--json"],
     "map": ["map", "--log", "{log}", "--index", "st", "--alert", ALERT, "--out", "m.png"],
+    "divisions-point": ["divisions", "--point", "30.25,120.17", "--json"],
+    "divisions-name": ["divisions", "西湖区", "--json"],
 }
 
 
@@ -442,6 +458,8 @@ def batch(work, lifecycle):
     process", and a refused case could pass for the wrong reason).
     """
     (work / "bad.csv").write_text("device_id,lat,lon\n1,30.0,120.0\n2,95.0,120.0\n")
+    (work / "officers-unknown.json").write_text(
+        json.dumps([{"officer_id": "P-99", "level": "province", "division": "990000"}]))
     aid = lifecycle["id"]
     tampered = work / "tampered.sqlite"
     shutil.copy(work / "log.sqlite", tampered)
@@ -545,3 +563,30 @@ def test_officers_files(tmp_path):
     (tmp_path / "zero.csv").write_text("officer_id,level,division\nM,ministry,0\n")
     with pytest.raises(geotarget.InvalidInputError, match="line 2"):
         load_officers(tmp_path / "zero.csv")
+
+
+def test_divisions_verb_and_the_approvers_place(batch, lifecycle):
+    (d,) = json.loads(passed(batch["divisions-point"]))
+    assert (d["code"], d["place"], d["level"]) == ("330102", "浙江省 杭州市 上城区", "county")
+    assert [r["code"] for r in json.loads(passed(batch["divisions-name"]))] == ["330106", "360103"]
+    # the approver is shown the place by its names, not only the code
+    assert lifecycle["approve"]["place"] == "浙江省 杭州市 上城区"
+    assert lifecycle["report"]["place"] == "浙江省 杭州市 上城区"
+
+
+def test_division_wide_report_from_the_cli(work, world):
+    """--division-wide: one push to exactly the devices inside Hangzhou's polygon, no circle in its CAP."""
+    import shapely
+    # every device inside, however stale (the alert verbs default to the settings' 24 h window)
+    common = ("--log", "wide.sqlite", "--index", "st", "--officers", "officers.json",
+              "--max-location-age", "0")
+    ok_json("alert", "report", *common, "--officer", "MPS", "--lat", 30.25, "--lon", 120.17,
+            "--division", "330100", "--division-wide", "--missing-since", T.format("08:00"),
+            "--now", T.format("08:05"), cwd=work)
+    (push,) = ok_json("alert", "tick", *common, "--now", T.format("08:10"), "--out", "out-wide", "--ack",
+                      cwd=work)["pushes"]
+    store = SpatialIndex.open(work / "st").store
+    inside = shapely.contains_xy(geotarget.Divisions.china().polygon("330100"), store.lon, store.lat)
+    assert push["kind"] == "alert" and push["radius_km"] == 0 and push["recipients"] == int(inside.sum()) > 0
+    cap = next((work / "out-wide").rglob("*.xml")).read_text(encoding="utf-8")
+    assert "<circle>" not in cap and "浙江省 杭州市" in cap and "330100" in cap

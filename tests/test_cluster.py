@@ -395,7 +395,8 @@ def lifecycle(index1, index2, path):
                          max_location_age=dt.timedelta(days=2))
     alert = eng.report("county-1", lat=HZ[0], lon=HZ[1], division="330102", missing_since=T0,
                        now=T0 + dt.timedelta(minutes=10), details={"headline": "Missing boy, 5"})
-    other = eng.report("city-1", lat=HZ[0] + 1.5, lon=HZ[1] - 1.0, division="330100", missing_since=T0,
+    # Chun'an county, 100 km from the first alert and inside Hangzhou (330100)
+    other = eng.report("city-1", lat=29.6, lon=119.0, division="330100", missing_since=T0,
                        now=T0 + dt.timedelta(minutes=15))
     pushes = list(eng.tick(T0 + dt.timedelta(minutes=15)))
     eng.approve(alert.id, "city-1", now=T0 + dt.timedelta(minutes=20))

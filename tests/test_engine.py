@@ -18,7 +18,7 @@ HZ = (30.27, 120.15)  # Hangzhou
 
 OFFICERS = [
     gt.Officer("county-1", level="county", division="330102"),
-    gt.Officer("county-2", level="county", division="330103"),
+    gt.Officer("county-2", level="county", division="330105"),
     gt.Officer("city-1", level="city", division="330100"),
     gt.Officer("prov-1", level="province", division="330000"),
     gt.Officer("prov-sh", level="province", division="310000"),
@@ -157,7 +157,7 @@ def test_retraction_goes_to_everyone_and_is_not_an_outcome(world, tmp_path):
 def test_authority_refusals_change_nothing(world, tmp_path):
     eng = engine_for(world, tmp_path / "log")
     with pytest.raises(UnauthorizedError):      # outside jurisdiction
-        eng.report("county-1", lat=HZ[0], lon=HZ[1], division="330103", missing_since=T0, now=T0)
+        eng.report("county-1", lat=HZ[0], lon=HZ[1], division="330105", missing_since=T0, now=T0)
     with pytest.raises(UnknownOfficerError):
         eng.report("ghost", lat=HZ[0], lon=HZ[1], division="330102", missing_since=T0, now=T0)
     a = eng.report("county-1", lat=HZ[0], lon=HZ[1], division="330102", missing_since=T0, now=T0)
@@ -256,10 +256,13 @@ class EngineModel(RuleBasedStateMachine):
             else:
                 assert ks == a["notified"]
 
-    @rule(city=st.sampled_from([(30.27, 120.15), (30.0, 121.0), (31.0, 119.5)]),
+    # points inside the reporter's division: Shangcheng for the county, Fuyang and Chun'an for the city
+    @rule(city=st.sampled_from([(30.25, 120.17), (30.05, 119.95), (29.6, 119.0)]),
           ago=st.integers(0, 300), officer=st.sampled_from(["county-1", "city-1"]))
     def report(self, city, ago, officer):
-        div = "330102" if officer == "county-1" else "330100"
+        div = "330100"
+        if officer == "county-1":
+            city, div = (30.25, 120.17), "330102"
         a = self.eng.report(officer, lat=city[0], lon=city[1], division=div,
                             missing_since=self.now - dt.timedelta(minutes=ago), now=self.now)
         self.alerts[a.id] = {"centre": city, "notified": set(), "closed": False,
@@ -362,7 +365,7 @@ def test_tick_and_ack_from_several_threads(world, tmp_path):
     """Dispatch threads tick and ack concurrently: every push is offered once, rings stay disjoint."""
     import threading
     eng = engine_for(world, tmp_path / "log")
-    centres = [(30.27, 120.15), (29.5, 121.0), (31.0, 119.0), (30.0, 120.5)]
+    centres = [(30.27, 120.15), (29.6, 119.0), (30.05, 119.95), (30.3, 119.6)]  # inside Hangzhou
     ids = [eng.report("city-1", lat=la, lon=lo, division="330100", missing_since=T0, now=T0).id
            for la, lo in centres]
     offered, lock, errors = [], threading.Lock(), []

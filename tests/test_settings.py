@@ -305,7 +305,8 @@ def test_same_child_reported_twice_is_held_not_pushed(make_engine):
     assert twin.status == "held" and twin.duplicate_of == first.id
     assert [p.alert_id for p in eng.tick(T0 + dt.timedelta(minutes=70))] == [first.id]   # only the expand
     # far away, another name or another case type: not held
-    assert _report(eng, 3, officer="S-1", lat=31.3, details={"name": "Wang Xiaoming"}).status == "open"
+    assert _report(eng, 3, officer="S-1", division="330100", lat=30.05, lon=119.95,   # ~30 km away
+                   details={"name": "Wang Xiaoming"}).status == "open"
     assert _report(eng, 4, officer="S-1", details={"name": "Li Hua"}).status == "open"
     assert _report(eng, 5, officer="S-1", details={"name": "Wang Xiaoming"},
                    case_type="elderly").status == "open"
