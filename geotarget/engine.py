@@ -17,13 +17,40 @@ the alert's new state and an audit entry are written in ONE fsynced SQLite
 transaction *before* the push is returned, so a crash can lose nothing that a
 caller saw.  Pushes form an outbox: a reopened engine offers every logged but
 unacknowledged push again on its first ``tick``, under the same ``push_id``.
+
+Faults short of a crash
+-----------------------
+A push that was logged but not handed to the caller (the call that logged it
+failed afterwards, or a later alert of the same ``tick`` failed) stays in an
+in-process outbox and is offered by the next ``tick``.  ``tick`` and
+``refresh`` never raise because of one alert: they return a :class:`TickResult`
+(a list of pushes) whose ``errors`` name each failed alert.  A failure of the
+environment (``OSError``: a full disk, an I/O error) leaves the alert as it was,
+to be tried again on the next tick; any other failure is the alert's own
+(a record no message can be made of) and quarantines it, with an audit entry,
+until an officer updates or retracts it.  Healthy alerts keep being pushed.
+
+Ids, clocks and officers
+------------------------
+Alert ids are ``GT-<division>-<date>-<log instance id>-<number>``: the number
+comes from the log's persistent counter and the instance id is random per log,
+so no id (and no CAP identifier, ``<alert id>.<seq>``) is handed out twice, by
+this log or by another.  One engine owns a log at a time.  ``now`` may not run
+backwards by more than :data:`CLOCK_TOLERANCE` against the latest time the log
+has recorded; an approval may not precede its report, nor a closure the alert's
+first push.  The officers registry is bound to the log by its digest: an engine
+given a different registry is refused, and a change is an audited action of a
+ministry-level officer (:func:`register_officers`).
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
+import json
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,10 +59,11 @@ import pyarrow as pa
 from pyroaring import AbstractBitMap
 
 from . import _kernels, _refresh_kernels
+from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import AlertStateError, InvalidInputError, UnknownAlertError
+from .errors import AlertStateError, InvalidInputError, UnauthorizedError, UnknownAlertError
 from .geo import check_aware, check_point, epoch_seconds
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
@@ -47,6 +75,81 @@ RING_KINDS = ("alert", "expand", "topup")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
 #: Changed devices per box when re-targeting a refresh (see ``_delta_points``).
 _DELTA_BLOCK = 1024
+#: How far ``now`` may lag the latest time the log recorded.  Hosts kept by NTP
+#: agree within milliseconds; two minutes absorbs a badly synchronised dispatch
+#: host, while a backdated report or closure (minutes to years) is refused.
+CLOCK_TOLERANCE = _dt.timedelta(minutes=2)
+#: Longest reason text of a retraction (it goes into the CAP description).
+_REASON_MAX_CHARS = 1000
+
+
+def officers_digest(authority: Authority) -> str:
+    """SHA-256 of the registry's canonical JSON (officers sorted by id, and the policy)."""
+    doc = authority.to_dict()
+    doc["officers"] = sorted(doc["officers"], key=lambda o: o["officer_id"])
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def register_officers(log: RecipientLog, authority: Authority, officer_id: str,
+                      now: _dt.datetime | None = None) -> str:
+    """Register ``authority`` as the log's officers registry; returns its digest.
+
+    The first registration of a log may be made by any ministry-level officer
+    of the new registry; a change must be made by a ministry-level officer of
+    the registry registered now, as ``authority`` alone cannot vouch for itself.
+    Both are audited with the old and new digests.
+    """
+    if not isinstance(log, RecipientLog):
+        raise InvalidInputError(f"log must be a RecipientLog, got {type(log).__name__}")
+    if not isinstance(authority, Authority):
+        raise InvalidInputError(f"authority must be an Authority, got {type(authority).__name__}")
+    if not isinstance(officer_id, str) or not officer_id:
+        raise InvalidInputError(f"officer_id must be a non-empty string, got {officer_id!r}")
+    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    new = officers_digest(authority)
+    old = log.meta_value("officers_digest")
+    if old is None:
+        acting = authority.officer(officer_id)
+    else:
+        current = log.meta_value("officers")
+        acting = Authority.from_dict(json.loads(current)).officer(officer_id) if current else None
+        if acting is None:
+            raise UnauthorizedError("the log's registered officers are unknown; cannot authorise a change")
+    if acting.level != "ministry":
+        raise UnauthorizedError(f"officer {acting.officer_id} ({acting.level}) may not change the officers "
+                                f"registry; only a ministry-level officer may")
+    if new == old:
+        return new
+    with log.transaction():
+        log.set_meta_value("officers_digest", new)
+        log.set_meta_value("officers", json.dumps(authority.to_dict(), sort_keys=True, ensure_ascii=False))
+        log.audit("officers-register" if old is None else "officers-change", actor=acting.officer_id,
+                  at=now, count=len(authority), detail={"old_digest": old, "new_digest": new})
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertFailure:
+    """One alert that ``tick`` or ``refresh`` could not push."""
+
+    alert_id: str
+    error: str                 # the exception's type and message
+    quarantined: bool          # False: an environment fault (OSError); retried next tick
+    exception: BaseException = dataclasses.field(compare=False, repr=False)
+
+
+class TickResult(list):
+    """The pushes of a ``tick`` or ``refresh`` (a list) and ``errors``: the alerts that failed."""
+
+    def __init__(self, pushes=(), errors=()):
+        super().__init__(pushes)
+        self.errors: list[AlertFailure] = list(errors)
+        #: True when ``now`` lagged the log's clock, so only the outbox was offered.
+        self.stale = False
+
+    def __repr__(self) -> str:
+        return f"TickResult({list.__repr__(self)}, errors={self.errors!r})"
 
 
 def _iso(t: _dt.datetime | None) -> str | None:
@@ -80,6 +183,7 @@ class Alert:
     next_seq: int = 0
     pushes: int = 0
     reached: int = 0                 # devices notified so far (size of the closure audience)
+    quarantine: str | None = None    # why tick skips the alert, until an update or retraction
 
     @property
     def id(self) -> str:
@@ -123,30 +227,90 @@ class Push:
         return self.audience.by_app()
 
 
+def _check_index(index, name: str) -> None:
+    """An index is anything with ``within`` and a ``store`` (a SpatialIndex or a ShardedIndex)."""
+    if not callable(getattr(index, "within", None)) or getattr(index, "store", None) is None:
+        raise InvalidInputError(f"{name} must be a SpatialIndex (or an index with within() and a "
+                                f"store), got {type(index).__name__}")
+
+
+def _check_schedule(schedule) -> None:
+    if schedule is not None and not isinstance(schedule, RadiusSchedule):
+        raise InvalidInputError(f"schedule must be a RadiusSchedule, got {type(schedule).__name__} "
+                                f"{schedule!r}")
+
+
 class AlertEngine:
     """The alert lifecycle.  Thread-safe: dispatchers may call ``tick``/``ack`` concurrently."""
 
     def __init__(self, index, log: RecipientLog, authority: Authority,
                  schedule: RadiusSchedule | None = None, *, sender: str = DEFAULT_SENDER,
                  max_location_age: _dt.timedelta | None = None, workers: int = 2):
+        _check_index(index, "index")
+        if not isinstance(log, RecipientLog):
+            raise InvalidInputError(f"log must be a RecipientLog, got {type(log).__name__}")
+        if not isinstance(authority, Authority):
+            raise InvalidInputError(f"authority must be an Authority, got {type(authority).__name__}")
+        _check_schedule(schedule)
+        if not isinstance(sender, str) or not sender:
+            raise InvalidInputError(f"sender must be a non-empty string, got {sender!r}")
+        check_text(sender, "sender", 200, False)
+        if max_location_age is not None and not isinstance(max_location_age, _dt.timedelta):
+            raise InvalidInputError(f"max_location_age must be a datetime.timedelta, got "
+                                    f"{type(max_location_age).__name__}")
+        if max_location_age is not None and max_location_age <= _dt.timedelta(0):
+            raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+            raise InvalidInputError(f"workers must be an integer >= 1, got {workers!r}")
+        if len(authority):
+            registered = log.meta_value("officers_digest")
+            digest = officers_digest(authority)
+            if registered is not None and registered != digest:
+                raise UnauthorizedError(
+                    f"authority: this officers registry (digest {digest[:16]}) is not the one registered "
+                    f"in {log.path} ({registered[:16]}); a change is made by a ministry-level officer "
+                    f"(geotarget officers register)")
         self.index = index
         self.log = log
         self.authority = authority
         self.schedule = schedule or RadiusSchedule.default()
         self.sender = sender
-        if max_location_age is not None and max_location_age <= _dt.timedelta(0):
-            raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
         self.max_location_age = max_location_age
-        self.workers = max(1, int(workers))
+        self.workers = int(workers)
         self._lock = threading.RLock()
         self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
+        clock = log.meta_value("clock")
+        self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
         # Outbox: pushes logged by an earlier process and never acknowledged are
         # offered again on the first tick of this one.
         self._replay: list[PushRecord] | None = log.unacked()
+        # ... and pushes logged by this one but never handed to a caller.
+        self._stranded: dict[str, Push] = {}
+        log.claim(self)
+        if len(authority) and log.meta_value("officers_digest") is None:
+            self._register_first(authority)
+
+    def _register_first(self, authority: Authority) -> None:
+        """A log's first registry is the one its first engine brings, recorded and audited."""
+        digest = officers_digest(authority)
+        with self.log.transaction():
+            self.log.set_meta_value("officers_digest", digest)
+            self.log.set_meta_value("officers", json.dumps(authority.to_dict(), sort_keys=True,
+                                                           ensure_ascii=False))
+            self.log.audit("officers-register", actor="engine", count=len(authority),
+                           detail={"old_digest": None, "new_digest": digest})
+
+    def close(self) -> None:
+        """Let go of the log (closing it); the engine cannot be used afterwards."""
+        with self._lock:
+            self.log.release(self)
+            self.log.close()
 
     # -- helpers ------------------------------------------------------------
 
     def alert(self, alert_id: str) -> Alert:
+        if not isinstance(alert_id, str):
+            raise InvalidInputError(f"alert_id must be a string, got {type(alert_id).__name__}")
         try:
             return self._alerts[alert_id]
         except KeyError:
@@ -202,18 +366,50 @@ class AlertEngine:
             self.log.save_alert(alert.alert_id, updated.to_record())
             self.log.audit(kind, actor=actor, alert_id=alert.alert_id, radius_km=radius,
                            count=len(bm), at=now, detail={"push_id": push_id})
+            self._advance_clock(now)
         self._alerts[alert.alert_id] = updated
+        self._settle_clock(now)
         timings = {"log_ms": (time.perf_counter() - t0) * 1e3}
         if query_ms is not None:
             timings["query_ms"] = query_ms
-        return self._to_push(rec, timings)
+        push = self._to_push(rec, timings)
+        # Logged: from here on the push is offered until a caller has it.
+        self._stranded[push.push_id] = push
+        return push
 
-    def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None):
+    def _deliver(self, pushes):
+        """``pushes`` reach the caller: they leave the in-process outbox."""
+        for p in pushes:
+            self._stranded.pop(p.push_id, None)
+        return pushes
+
+    # -- the clock ------------------------------------------------------------
+
+    def _check_clock(self, now: _dt.datetime) -> None:
+        if self._clock is not None and now < self._clock - CLOCK_TOLERANCE:
+            raise InvalidInputError(
+                f"now={now.isoformat()} is {self._clock - now} before the latest time this log "
+                f"recorded ({self._clock.isoformat()}); time may not run backwards by more than "
+                f"{CLOCK_TOLERANCE}")
+
+    def _advance_clock(self, now: _dt.datetime) -> None:
+        """Inside the action's transaction: the log's clock becomes ``now`` if that is later."""
+        if self._clock is None or now > self._clock:
+            self.log.set_meta_value("clock", now.astimezone(_dt.timezone.utc).isoformat())
+
+    def _settle_clock(self, now: _dt.datetime) -> None:
+        if self._clock is None or now > self._clock:
+            self._clock = now
+
+    def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None,
+              new: bool = False):
         with self.log.transaction():
-            self.log.save_alert(alert.alert_id, alert.to_record())
+            self.log.save_alert(alert.alert_id, alert.to_record(), new=new)
             self.log.audit(action, actor=actor, alert_id=alert.alert_id, radius_km=alert.radius_km or None,
                            count=alert.reached, at=now, detail=detail)
+            self._advance_clock(now)
         self._alerts[alert.alert_id] = alert
+        self._settle_clock(now)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -227,57 +423,95 @@ class AlertEngine:
             raise InvalidInputError(
                 f"missing_since={missing_since.isoformat()} is in the future (now={now.isoformat()})")
         clat, clon = check_point(lat, lon)
-        if details is not None and not isinstance(details, dict):
-            raise InvalidInputError(f"details must be a dict, got {type(details).__name__}")
+        details = check_details(details if details is not None else {})
+        _check_schedule(schedule)
+        if not isinstance(division, str):
+            raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         with self._lock:
+            self._check_clock(now)
             officer = self.authority.check_report(officer_id, division)
             sched = schedule or self.schedule
-            # Sequential per log, so an id is never reused even across restarts.
-            alert_id = f"GT-{division}-{now:%Y%m%d}-{len(self._alerts) + 1:06d}"
-            alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
-                          missing_since=missing_since, reported_at=now, details=dict(details or {}),
-                          schedule=sched.to_dict())
-            if not self.authority.needs_approval(officer):
-                alert.status = "open"
-                alert.published_at = now
-            self._save(alert, "report", officer.officer_id, now,
-                       {"lat": clat, "lon": clon, "division": division, "status": alert.status,
-                        "missing_since": _iso(missing_since)})
+            with self.log.transaction():
+                # The log's counter only grows and its instance id is random:
+                # an id is never handed out twice, by this log or another.
+                number = self.log.next_alert_number()
+                alert_id = f"GT-{division}-{now:%Y%m%d}-{self.log.instance_id}-{number:06d}"
+                alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat,
+                              lon=clon, missing_since=missing_since, reported_at=now, details=details,
+                              schedule=sched.to_dict())
+                if not self.authority.needs_approval(officer):
+                    alert.status = "open"
+                    alert.published_at = now
+                self._save(alert, "report", officer.officer_id, now,
+                           {"lat": clat, "lon": clon, "division": division, "status": alert.status,
+                            "missing_since": _iso(missing_since)}, new=True)
             return alert
 
     def approve(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             if alert.status != "pending":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}, not pending approval")
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: an approval may not precede its report "
+                                        f"({alert.reported_at.isoformat()})")
             updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id)
             self._save(updated, "approve", officer.officer_id, now)
             return updated
 
-    def tick(self, now: _dt.datetime) -> list[Push]:
-        """Pushes due at ``now``: replayed outbox (first call only), first rings, expansions."""
+    def tick(self, now: _dt.datetime) -> TickResult:
+        """Pushes due at ``now``: the outbox (replayed after a restart, or left by a failed
+        call), first rings, expansions.  Never raises because of one alert: its
+        failure is in ``result.errors`` (see the module docstring).
+
+        A ``now`` more than :data:`CLOCK_TOLERANCE` behind the log's clock (a
+        dispatcher whose poll arrives late) pushes nothing new: it gets the
+        outbox only, and ``result.stale`` is True.
+        """
         now = check_aware(now, "now")
         with self._lock:
-            out: list[Push] = []
+            out = TickResult()
+            try:
+                self._check_clock(now)
+            except InvalidInputError:
+                out.stale = True
             if self._replay is not None:
                 out.extend(self._to_push(r) for r in self._replay)
                 self._replay = None
-            for alert in list(self._alerts.values()):
-                if alert.status != "open":
+            offered = {p.push_id for p in out}
+            out.extend(p for p in self._stranded.values() if p.push_id not in offered)
+            for alert in list(self._alerts.values()) if not out.stale else ():
+                if alert.status != "open" or alert.quarantine is not None:
                     continue
                 if now < alert.missing_since:
                     continue
-                radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
-                if alert.next_seq == 0:
-                    t0 = time.perf_counter()
-                    aud = self._query(alert, radius, now)
-                    out.append(self._emit(alert, "alert", radius, aud, now, "engine",
-                                          query_ms=(time.perf_counter() - t0) * 1e3))
-                elif radius > alert.radius_km:
-                    out.extend(self._ring(alert, "expand", radius, now, self.index))
-            return out
+                try:
+                    radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
+                    if alert.next_seq == 0:
+                        t0 = time.perf_counter()
+                        aud = self._query(alert, radius, now)
+                        out.append(self._emit(alert, "alert", radius, aud, now, "engine",
+                                              query_ms=(time.perf_counter() - t0) * 1e3))
+                    elif radius > alert.radius_km:
+                        out.extend(self._ring(alert, "expand", radius, now, self.index))
+                except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
+                    out.errors.append(self._failed(alert.alert_id, exc, now))
+            return self._deliver(out)
+
+    def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
+        """Record one alert's failure; quarantine it unless the environment failed."""
+        error = f"{type(exc).__name__}: {exc}"
+        transient = isinstance(exc, (OSError, MemoryError))
+        if not transient:
+            alert = dataclasses.replace(self._alerts[alert_id], quarantine=error[:1000])
+            try:
+                self._save(alert, "quarantine", "engine", now, {"error": error[:1000]})
+            except Exception:  # noqa: BLE001 - the log itself failing: skip it in this process
+                self._alerts[alert_id] = alert
+        return AlertFailure(alert_id=alert_id, error=error, quarantined=not transient, exception=exc)
 
     def _ring(self, alert: Alert, kind: str, radius: float, now: _dt.datetime, index,
               audience: Audience | None = None, query_ms: float | None = None,
@@ -317,14 +551,19 @@ class AlertEngine:
         """New details, to everyone notified so far."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         if not isinstance(details, dict) or not details:
-            raise InvalidInputError(f"details must be a non-empty dict, got {details!r}")
+            raise InvalidInputError(f"details must be a non-empty dict, got {type(details).__name__} "
+                                    f"{str(details)[:80]!r}")
+        details = check_details(details)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "update")
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
-            alert = dataclasses.replace(alert, details={**alert.details, **details})
-            return self._follow(alert, "update", officer_id, now)
+            merged = check_details({**alert.details, **details})
+            # New details are how an officer repairs a quarantined alert.
+            alert = dataclasses.replace(alert, details=merged, quarantine=None)
+            return self._deliver([self._follow(alert, "update", officer_id, now)])[0]
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:
         """The child is found (or the search ends): closure to exactly everyone notified."""
@@ -341,25 +580,38 @@ class AlertEngine:
                 return self._to_push(closure[-1])
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts can be closed")
+            self._check_clock(now)
+            first = next(iter(self.log.pushes(alert_id, audiences=False)), None)
+            if first is not None and now < first.created_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a closure may not precede the alert's "
+                                        f"first push ({first.created_at.isoformat()})")
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a closure may not precede the report "
+                                        f"({alert.reported_at.isoformat()})")
             alert = dataclasses.replace(alert, status="closed", outcome=outcome, closed_at=now,
                                         closed_by=officer_id)
-            return self._follow(alert, "closure", officer_id, now)
+            return self._deliver([self._follow(alert, "closure", officer_id, now)])[0]
 
     def retract(self, alert_id: str, officer_id: str, reason: str = "", now: _dt.datetime | None = None):
         """The report was erroneous or false.  Not an outcome; not counted in statistics."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        reason = check_text(reason, "reason", _REASON_MAX_CHARS, True)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "retract")
             if alert.status not in ("pending", "open"):
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; it cannot be retracted")
-            details = {**alert.details, "retraction_reason": str(reason)}
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a retraction may not precede the report "
+                                        f"({alert.reported_at.isoformat()})")
+            details = {**alert.details, "retraction_reason": reason}
             alert = dataclasses.replace(alert, status="retracted", closed_at=now, closed_by=officer_id,
                                         details=details)
             if alert.next_seq == 0:
-                self._save(alert, "retract", officer_id, now, {"reason": str(reason)})
+                self._save(alert, "retract", officer_id, now, {"reason": reason})
                 return None
-            return self._follow(alert, "retraction", officer_id, now)
+            return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
 
     def refresh(self, new_index, now: _dt.datetime) -> list[Push]:
         """Switch to a newer index generation and top up every open alert.
@@ -375,11 +627,13 @@ class AlertEngine:
         same circle, and its age only grows, so it cannot be new to the ring.
         """
         now = check_aware(now, "now")
+        _check_index(new_index, "new_index")
         if new_index.store.generation < self.index.store.generation or len(new_index.store) < len(self.index.store):
             raise InvalidInputError(
                 f"new_index is generation {new_index.store.generation} with {len(new_index.store)} devices; "
                 f"it must not be older than the current generation {self.index.store.generation}")
         with self._lock:
+            self._check_clock(now)
             store = new_index.store
             delta = None
             if (getattr(store, "changed_keys", None) is not None
@@ -388,7 +642,8 @@ class AlertEngine:
             self.index = new_index
             todo = []
             for alert in self._alerts.values():
-                if alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since:
+                if (alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since
+                        or alert.quarantine is not None):
                     continue
                 radius = max(self._schedule_of(alert).radius_at(alert.missing_since, now), alert.radius_km)
                 todo.append((alert, radius))
@@ -419,24 +674,35 @@ class AlertEngine:
             def target(ar):
                 alert, radius = ar
                 t0 = time.perf_counter()
-                aud = self._query(alert, radius, now, new_index)
-                aud.bitmap()  # roaring build in the worker thread too
+                try:
+                    aud = self._query(alert, radius, now, new_index)
+                    aud.bitmap()  # roaring build in the worker thread too
+                except Exception as exc:  # noqa: BLE001 - reported per alert below
+                    return exc, 0.0
                 return aud, (time.perf_counter() - t0) * 1e3
 
             rings = [ar for ar in todo if ar[0].alert_id not in fresh]
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 auds = dict(zip((a.alert_id for a, _ in rings), pool.map(target, rings)))
-            out: list[Push] = []
+            out = TickResult()
+            offered = set()
             for alert, radius in todo:
                 kind = "expand" if radius > alert.radius_km else "topup"
                 current = self._alerts[alert.alert_id]
-                if alert.alert_id in fresh:
-                    new, q_ms = fresh[alert.alert_id]
-                    out.extend(self._ring(current, kind, radius, now, new_index, query_ms=q_ms, new=new))
-                else:
-                    aud, q_ms = auds[alert.alert_id]
-                    out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
-            return out
+                try:
+                    if alert.alert_id in fresh:
+                        new, q_ms = fresh[alert.alert_id]
+                        out.extend(self._ring(current, kind, radius, now, new_index, query_ms=q_ms, new=new))
+                    else:
+                        aud, q_ms = auds[alert.alert_id]
+                        if isinstance(aud, Exception):
+                            raise aud
+                        out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
+                except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
+                    out.errors.append(self._failed(alert.alert_id, exc, now))
+                offered.update(p.push_id for p in out)
+            out.extend(p for p in self._stranded.values() if p.push_id not in offered)
+            return self._deliver(out)
 
     @staticmethod
     def _delta_points(index):
@@ -471,6 +737,8 @@ class AlertEngine:
         return self._audience(self.log.notified(alert_id))
 
     def stats(self, since=None, until=None, division=None) -> dict[str, Any]:
+        if division is not None and not isinstance(division, str):
+            raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached."""
         if since is not None:
             since = check_aware(since, "since")
@@ -482,6 +750,6 @@ class AlertEngine:
                    for a in self._alerts.values()]
         return compute(records, since=since, until=until, division=division)
 
-    def verify(self) -> None:
+    def verify(self, anchor=None) -> dict:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""
-        self.log.verify()
+        return self.log.verify(anchor)

@@ -586,6 +586,9 @@ class RecipientLog:
                 _create(p, self._key)
             self._conn = self._connect()
             _OPEN_LOGS[real] = weakref.ref(self)
+        # A log dropped without close() (or left open at interpreter exit) is
+        # closed cleanly too, or its next open would see an owner without a WAL.
+        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
         self._real = real
         try:
             self._load_identity()
@@ -620,10 +623,9 @@ class RecipientLog:
             with _OPEN_LOGS_LOCK:
                 if _OPEN_LOGS.get(self._real) is not None and _OPEN_LOGS[self._real]() is self:
                     del _OPEN_LOGS[self._real]
+            self._finalizer.detach()
             try:
-                with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the row stays
-                    conn.execute("DELETE FROM owner")
-                conn.close()
+                _close_connection(conn)
             except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
@@ -789,6 +791,25 @@ class RecipientLog:
     def authenticated(self) -> bool:
         """Whether reads check the keyed MACs (the key is held)."""
         return self._key is not None
+
+    def claim(self, owner) -> None:
+        """Make ``owner`` (an engine) the one user of this log in this process.
+
+        A second live owner gets :class:`InvalidInputError`: two engines on one
+        log would each hand out pushes from their own view of the alerts.
+        """
+        with self._lock:
+            current = self._owner_engine() if self._owner_engine is not None else None
+            if current is not None and current is not owner:
+                raise InvalidInputError(f"log {self._path!r} is already owned by another engine "
+                                        f"({current!r}); one engine owns a log at a time")
+            self._owner_engine = weakref.ref(owner)
+
+    def release(self, owner) -> None:
+        """Undo :meth:`claim` (when ``owner`` holds it)."""
+        with self._lock:
+            if self._owner_engine is not None and self._owner_engine() is owner:
+                self._owner_engine = None
 
     def _mac(self, *parts: bytes) -> bytes:
         return _mac_of(self._key, *parts)
@@ -1297,6 +1318,15 @@ class RecipientLog:
                 "audit_entries": audits, "recipients_logged": recipients,
                 "audience_bytes": kept, "bytes_on_disk": on_disk,
                 "bytes_per_recipient": on_disk / recipients if recipients else None}
+
+
+def _close_connection(conn: sqlite3.Connection) -> None:
+    """Clear the owner mark, then close (SQLite checkpoints and removes the WAL)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the mark stays, and so does the WAL
+        conn.execute("DELETE FROM owner")
+    conn.close()
 
 
 def _create(path: str, key: bytes | None) -> None:
