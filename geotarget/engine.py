@@ -285,7 +285,7 @@ class AlertEngine:
         # offered again on the first tick of this one.
         self._replay: list[PushRecord] | None = log.unacked()
         # ... and pushes logged by this one but never handed to a caller.
-        self._stranded: dict[str, Push] = {}
+        self._stranded: dict[str, PushRecord] = {}
         log.claim(self)
         if len(authority) and log.meta_value("officers_digest") is None:
             self._register_first(authority)
@@ -300,8 +300,8 @@ class AlertEngine:
             self.log.audit("officers-register", actor="engine", count=len(authority),
                            detail={"old_digest": None, "new_digest": digest})
 
-    def close(self) -> None:
-        """Let go of the log (closing it); the engine cannot be used afterwards."""
+    def shutdown(self) -> None:
+        """Let go of the log and close it; the engine cannot be used afterwards."""
         with self._lock:
             self.log.release(self)
             self.log.close()
@@ -372,10 +372,20 @@ class AlertEngine:
         timings = {"log_ms": (time.perf_counter() - t0) * 1e3}
         if query_ms is not None:
             timings["query_ms"] = query_ms
-        push = self._to_push(rec, timings)
         # Logged: from here on the push is offered until a caller has it.
-        self._stranded[push.push_id] = push
-        return push
+        self._stranded[rec.push_id] = rec
+        return self._to_push(rec, timings)
+
+    def _offer_stranded(self, out: TickResult) -> None:
+        """Add the in-process outbox to ``out`` (each push once)."""
+        offered = {p.push_id for p in out}
+        for rec in list(self._stranded.values()):
+            if rec.push_id in offered:
+                continue
+            try:
+                out.append(self._to_push(rec))
+            except Exception as exc:  # noqa: BLE001 - stays in the outbox for the next tick
+                out.errors.append(AlertFailure(rec.alert_id, f"{type(exc).__name__}: {exc}", False, exc))
 
     def _deliver(self, pushes):
         """``pushes`` reach the caller: they leave the in-process outbox."""
@@ -481,8 +491,7 @@ class AlertEngine:
             if self._replay is not None:
                 out.extend(self._to_push(r) for r in self._replay)
                 self._replay = None
-            offered = {p.push_id for p in out}
-            out.extend(p for p in self._stranded.values() if p.push_id not in offered)
+            self._offer_stranded(out)
             for alert in list(self._alerts.values()) if not out.stale else ():
                 if alert.status != "open" or alert.quarantine is not None:
                     continue
@@ -685,7 +694,6 @@ class AlertEngine:
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 auds = dict(zip((a.alert_id for a, _ in rings), pool.map(target, rings)))
             out = TickResult()
-            offered = set()
             for alert, radius in todo:
                 kind = "expand" if radius > alert.radius_km else "topup"
                 current = self._alerts[alert.alert_id]
@@ -700,8 +708,7 @@ class AlertEngine:
                         out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
                 except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
                     out.errors.append(self._failed(alert.alert_id, exc, now))
-                offered.update(p.push_id for p in out)
-            out.extend(p for p in self._stranded.values() if p.push_id not in offered)
+            self._offer_stranded(out)
             return self._deliver(out)
 
     @staticmethod

@@ -751,6 +751,54 @@ class RecipientLog:
                     conn.execute("ROLLBACK")
                 raise
 
+    # -- copies -------------------------------------------------------------
+
+    def backup(self, dst) -> str:
+        """Copy the whole log, WAL included, into a new file ``dst`` with SQLite's online backup.
+
+        The copy is consistent (taken between transactions), fsynced, linked
+        into place only when complete, and carries no owner mark: it opens as a
+        cleanly closed log with the same instance id and key.  Returns its path.
+        """
+        try:
+            d = os.fsdecode(os.fspath(dst))
+        except TypeError:
+            raise InvalidInputError(f"dst must be a str or os.PathLike, got {dst!r}") from None
+        if os.path.isdir(d):
+            d = os.path.join(d, FILENAME)
+        if os.path.lexists(d):
+            raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file")
+        parent = os.path.dirname(os.path.abspath(d))
+        if not os.path.isdir(parent):
+            raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(d)}.", suffix=".backup", dir=parent)
+        os.close(fd)
+        try:
+            with self._guard() as conn:
+                if self._depth:
+                    raise GeotargetError(f"{self._path}: backup() called inside a transaction")
+                target = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    conn.backup(target)
+                    target.execute("PRAGMA journal_mode=WAL")
+                    target.execute("DELETE FROM owner")
+                finally:
+                    target.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, d)
+            _fsync_dir(parent)
+        except FileExistsError:
+            raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file") from None
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        return d
+
     # -- identity, keyed MACs and named values --------------------------------
 
     def _load_identity(self) -> None:
