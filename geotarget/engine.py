@@ -48,6 +48,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import os
 import threading
 import time
 import weakref
@@ -129,6 +130,57 @@ def register_officers(log: RecipientLog, authority: Authority, officer_id: str,
     return new
 
 
+def record_outputs(log: RecipientLog, push_id: str, files, actor: str = "cli") -> None:
+    """Note in the log's audit that files holding a push's recipients were written, so that
+    retention can remove them with the log's own copy of the audience."""
+    files = [str(f) for f in files]
+    rec = log.push(push_id)
+    log.audit("output", actor=actor, alert_id=rec.alert_id, count=rec.count,
+              detail={"push_id": push_id, "files": files})
+
+
+def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | None = None,
+                  actor: str = "retention") -> dict:
+    """Apply the retention setting: for every alert closed or retracted more than
+    ``retention_days`` ago, drop its logged audiences and delete every output file
+    recorded for it (:func:`record_outputs`).  Both are audited.
+
+    An alert with unacknowledged pushes is kept (its audiences are still owed to a
+    dispatcher) and listed under ``waiting``.  Returns ``{"purged": {alert_id:
+    audiences dropped}, "files": [deleted paths], "waiting": [alert ids]}``.
+    """
+    if (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
+            or not retention_days >= 0 or retention_days == float("inf")):
+        raise InvalidInputError(f"retention_days must be a finite number of days >= 0, got {retention_days!r}")
+    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    cutoff = now - _dt.timedelta(days=retention_days)
+    result: dict[str, Any] = {"purged": {}, "files": [], "waiting": []}
+    for alert_id, rec in log.alerts().items():
+        closed_at = _from_iso(rec.get("closed_at"))
+        if rec.get("status") not in ("closed", "retracted") or closed_at is None or closed_at > cutoff:
+            continue
+        pushes = log.pushes(alert_id, audiences=False)
+        if any(not p.acked for p in pushes):
+            result["waiting"].append(alert_id)
+            continue
+        if pushes and not all(p.purged for p in pushes):
+            result["purged"][alert_id] = log.purge_audiences(alert_id, actor=actor)
+        files = [f for e in log.audit_entries(alert_id) if e["action"] == "output"
+                 for f in (e["detail"] or {}).get("files", [])]
+        gone = []
+        for f in files:
+            try:
+                os.unlink(f)
+                gone.append(f)
+            except FileNotFoundError:
+                pass
+        if gone:
+            log.audit("purge_outputs", actor=actor, alert_id=alert_id, count=len(gone), at=now,
+                      detail={"files": gone})
+            result["files"].extend(gone)
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class AlertFailure:
     """One alert that ``tick`` or ``refresh`` could not push."""
@@ -147,6 +199,8 @@ class TickResult(list):
         self.errors: list[AlertFailure] = list(errors)
         #: True when ``now`` lagged the log's clock, so only the outbox was offered.
         self.stale = False
+        #: What retention removed (see :func:`purge_expired`), when the engine has a retention setting.
+        self.purged: dict | None = None
 
     def __repr__(self) -> str:
         return f"TickResult({list.__repr__(self)}, errors={self.errors!r})"
@@ -245,8 +299,16 @@ class AlertEngine:
 
     def __init__(self, index, log: RecipientLog, authority: Authority,
                  schedule: RadiusSchedule | None = None, *, sender: str = DEFAULT_SENDER,
-                 max_location_age: _dt.timedelta | None = None, workers: int = 2):
+                 max_location_age: _dt.timedelta | None = None, workers: int = 2,
+                 retention_days: float | None = None):
         _check_index(index, "index")
+        if retention_days is not None and (isinstance(retention_days, bool)
+                                           or not isinstance(retention_days, (int, float))
+                                           or not 0 <= retention_days < float("inf")):
+            raise InvalidInputError(f"retention_days must be None or a finite number of days >= 0, "
+                                    f"got {retention_days!r}")
+        #: Days after closure that recipients are kept; each tick purges older ones.
+        self.retention_days = retention_days
         if not isinstance(log, RecipientLog):
             raise InvalidInputError(f"log must be a RecipientLog, got {type(log).__name__}")
         if not isinstance(authority, Authority):
@@ -708,7 +770,11 @@ class AlertEngine:
                         out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
                 except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
                     out.errors.append(self._failed(alert.alert_id, exc, now))
-            self._offer_stranded(out)
+            if self.retention_days is not None and not out.stale:
+                try:
+                    out.purged = purge_expired(self.log, self.retention_days, now)
+                except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
+                    out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
             return self._deliver(out)
 
     @staticmethod
