@@ -570,6 +570,11 @@ class AlertEngine:
                         out.extend(self._ring(alert, "expand", radius, now, self.index))
                 except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
                     out.errors.append(self._failed(alert.alert_id, exc, now))
+            if self.retention_days is not None and not out.stale:
+                try:
+                    out.purged = purge_expired(self.log, self.retention_days, now)
+                except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
+                    out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
             return self._deliver(out)
 
     def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
@@ -770,11 +775,7 @@ class AlertEngine:
                         out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
                 except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
                     out.errors.append(self._failed(alert.alert_id, exc, now))
-            if self.retention_days is not None and not out.stale:
-                try:
-                    out.purged = purge_expired(self.log, self.retention_days, now)
-                except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
-                    out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
+            self._offer_stranded(out)
             return self._deliver(out)
 
     @staticmethod
