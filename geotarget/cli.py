@@ -378,6 +378,14 @@ def cmd_ingest(args) -> int:
     seconds = {}
     t0 = time.perf_counter()
     table = _read_table(path, args.format)
+    for name, typ in zip(table.column_names, table.schema.types):
+        import pyarrow as pa
+
+        if name.lower() == "last_seen" and pa.types.is_timestamp(typ) and typ.tz is None:
+            # As in the library: a time without an offset is ambiguous, never read as UTC.
+            raise InvalidInputError(f"input {str(path)!r}: column {name!r} holds times without a UTC "
+                                    f"offset (e.g. 2026-11-23 08:00:00); write them with one "
+                                    f"(+08:00 or Z), or as epoch seconds")
     if args.base:
         # a new generation of an existing store: known devices keep their keys,
         # so recipient logs written against the base stay meaningful

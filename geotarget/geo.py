@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 
 import numpy as np
 
@@ -83,8 +84,16 @@ def check_coordinates(lat, lon, *, lat_name="lat", lon_name="lon"):
     return lat, lon
 
 
+def _is_real(value) -> bool:
+    """A real number: not a string, bool or complex, which float() would quietly accept or coerce."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_point(lat, lon):
     """Validate one centre; return it as two Python floats."""
+    if not (_is_real(lat) and _is_real(lon)):
+        raise InvalidInputError(f"centre must be real numbers, got lat={lat!r} ({type(lat).__name__}), "
+                                f"lon={lon!r} ({type(lon).__name__})")
     try:
         flat, flon = float(lat), float(lon)
     except (TypeError, ValueError):
@@ -99,6 +108,8 @@ def check_point(lat, lon):
 
 
 def check_radius(radius_km, name="radius_km"):
+    if not _is_real(radius_km):
+        raise InvalidInputError(f"{name} must be a real number, got {radius_km!r} ({type(radius_km).__name__})")
     try:
         r = float(radius_km)
     except (TypeError, ValueError):

@@ -232,6 +232,13 @@ def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.n
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidInputError(f"last_seen[{i}] = {out[i]} is outside 1970..2106 (epoch seconds)")
+    # A fix from the future would pass every freshness filter for years; a day
+    # absorbs skewed device clocks and time-zone slips.
+    late = np.flatnonzero(out > int(_dt.datetime.now(_dt.timezone.utc).timestamp()) + 86400)
+    if late.size:
+        i = int(late[0])
+        raise InvalidInputError(f"last_seen[{i}] = {out[i]} ({_dt.datetime.fromtimestamp(int(out[i]), _dt.timezone.utc):%Y-%m-%d}) "
+                                f"is more than a day in the future")
     return out
 
 
