@@ -21,16 +21,27 @@ HALF_CIRCUMFERENCE_KM = math.pi * EARTH_RADIUS_KM
 _DEG2RAD = 0.017453292519943295
 
 
+def _real_array(value, name: str) -> np.ndarray:
+    """float64 from real numbers or arrays of them; NumPy would also parse strings."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be real numbers: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise InvalidInputError(f"{name} must be real numbers, got {type(value).__name__} of dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
 def haversine_km(lat1, lon1, lat2, lon2):
     """Great-circle distance in km by the haversine formula, vectorised, float64.
 
     This is the reference every kernel is tested against.  Inputs broadcast
     like NumPy arrays; the result is a float64 array (or scalar).
     """
-    lat1 = np.asarray(lat1, dtype=np.float64)
-    lon1 = np.asarray(lon1, dtype=np.float64)
-    lat2 = np.asarray(lat2, dtype=np.float64)
-    lon2 = np.asarray(lon2, dtype=np.float64)
+    lat1 = _real_array(lat1, "lat1")
+    lon1 = _real_array(lon1, "lon1")
+    lat2 = _real_array(lat2, "lat2")
+    lon2 = _real_array(lon2, "lon2")
     p1 = lat1 * _DEG2RAD
     p2 = lat2 * _DEG2RAD
     dphi = (lat2 - lat1) * _DEG2RAD
