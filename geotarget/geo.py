@@ -103,7 +103,7 @@ def _is_real(value) -> bool:
 def check_point(lat, lon):
     """Validate one centre; return it as two Python floats."""
     if not (_is_real(lat) and _is_real(lon)):
-        raise InvalidInputError(f"centre must be real numbers, got lat={lat!r} ({type(lat).__name__}), "
+        raise InvalidInputError(f"centre must be numeric (real numbers), got lat={lat!r} ({type(lat).__name__}), "
                                 f"lon={lon!r} ({type(lon).__name__})")
     try:
         flat, flon = float(lat), float(lon)
@@ -120,7 +120,8 @@ def check_point(lat, lon):
 
 def check_radius(radius_km, name="radius_km"):
     if not _is_real(radius_km):
-        raise InvalidInputError(f"{name} must be a real number, got {radius_km!r} ({type(radius_km).__name__})")
+        raise InvalidInputError(f"{name} must be a number (a real one), got {radius_km!r} "
+                                f"({type(radius_km).__name__})")
     try:
         r = float(radius_km)
     except (TypeError, ValueError):
