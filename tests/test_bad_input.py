@@ -250,3 +250,27 @@ def test_every_public_name_is_walked():
     params = set(inspect.signature(gt.AlertEngine).parameters)
     assert params <= {name for label, name, *_ in CASES if label == "AlertEngine"}, params
     assert sys.modules["geotarget"] is gt
+
+
+def test_last_seen_in_2100_is_refused():
+    in_2100 = int(dt.datetime(2100, 1, 1, tzinfo=UTC).timestamp())
+    with pytest.raises(gt.InvalidInputError, match=r"last_seen\[1\] = .* \(2100-01-01\) is more than a day"):
+        gt.DeviceStore.from_arrays(np.arange(3, dtype=np.uint64), np.zeros(3), np.zeros(3),
+                                   last_seen=np.array([1_700_000_000, in_2100, 1_700_000_000]))
+
+
+@pytest.mark.parametrize("stamp, ok", [("2026-11-23 08:00:00", False), ("2026-11-23T08:00:00", False),
+                                       ("2026-11-23T08:00:00+08:00", True), ("2026-11-23T00:00:00Z", True)])
+def test_ingest_refuses_csv_times_without_an_offset(tmp_path, capsys, stamp, ok):
+    from geotarget.cli import main
+
+    rows = "\n".join(f"{i + 1},30.{i},120.{i},amap,{stamp}" for i in range(5))
+    (tmp_path / "d.csv").write_text("device_id,lat,lon,app,last_seen\n" + rows + "\n")
+    code = main(["ingest", str(tmp_path / "d.csv"), "--store", str(tmp_path / "st")])
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0, err
+        assert gt.DeviceStore.open(tmp_path / "st").last_seen_s[0] == int(
+            dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    else:
+        assert code == 2 and "without a UTC offset" in err and not (tmp_path / "st").exists()

@@ -8,6 +8,7 @@ officers file and a backdated clock.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import resource
@@ -104,6 +105,61 @@ def test_enospc_on_the_second_of_three_pushes_strands_nothing(world, tmp_path):
     logged = {r.push_id for r in eng.log.pushes(audiences=False)}
     assert logged == {p.push_id for p in list(first) + list(second)}
     eng.verify()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up (needs root and mount; skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path) -> None:
+    """Write until the disk is full (ENOSPC)."""
+    with open(path, "wb", buffering=0) as f:
+        chunk = b"\0" * 4096
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def test_a_full_disk_on_the_second_of_three_pushes(world, small_disk):
+    """The same situation with a real ENOSPC: the disk is filled just before the 2nd push."""
+    eng = engine(world, small_disk / "log")
+    ids = report_three(eng)
+    real_append = eng.log.append_push
+    calls = []
+    filler = small_disk / "filler"
+
+    def append(**kw):
+        calls.append(kw["push_id"])
+        if len(calls) == 2:
+            _fill(filler)
+        elif filler.exists():
+            filler.unlink()
+        return real_append(**kw)
+
+    eng.log.append_push = append
+    now = T0 + dt.timedelta(minutes=10)
+    first = eng.tick(now)
+    assert [p.alert_id for p in first] == [ids[0], ids[2]]
+    [failure] = first.errors
+    assert failure.alert_id == ids[1] and not failure.quarantined and isinstance(failure.exception, OSError)
+    second = eng.tick(now)
+    assert [(p.alert_id, p.kind) for p in second] == [(ids[1], "alert")] and not second.errors
+    eng.verify()
+    eng.shutdown()
 
 
 def test_a_push_logged_by_a_failed_call_is_offered_by_the_next_tick(world, tmp_path):
