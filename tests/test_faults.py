@@ -521,3 +521,113 @@ def test_the_clock_survives_a_restart(world, tmp_path):
     eng = engine(world, tmp_path / "log")
     with pytest.raises(InvalidInputError, match="backwards"):
         eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
+
+
+# -- the outbox as a state machine --------------------------------------------------------
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule  # noqa: E402
+
+
+class OutboxUnderFaults(RuleBasedStateMachine):
+    """Reports, ticks, acks and closures, with faults injected before and after commits.
+
+    Model: the set of push ids this process handed to a caller.  After every
+    tick, every logged push has been handed out exactly once (no stranded push,
+    no duplicate), and no call but the faulty one ever raised.
+    """
+
+    index = None
+
+    @initialize()
+    def start(self):
+        import tempfile
+
+        if OutboxUnderFaults.index is None:
+            rng = np.random.default_rng(9)
+            store = gt.DeviceStore.from_arrays(np.arange(1500, dtype=np.uint64) + 1, HZ[0] + rng.uniform(-6, 6, 1500),
+                                               HZ[1] + rng.uniform(-6, 6, 1500))
+            OutboxUnderFaults.index = gt.SpatialIndex.build(store)
+        self.dir = tempfile.mkdtemp(prefix="outbox_")
+        self.eng = engine(self.index, os.path.join(self.dir, "log"))
+        self.now = T0
+        self.handed: list[str] = []
+        self.fault = None                     # "before" (the commit fails) or "after" (it succeeded)
+        real_append, real_to_push = self.eng.log.append_push, self.eng._to_push
+
+        def append(**kw):
+            if self.fault == "before":
+                self.fault = None
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_append(**kw)
+
+        def to_push(rec, timings=None):
+            if self.fault == "after" and timings is not None:   # only the call that logged it
+                self.fault = None
+                raise MemoryError("after the commit")
+            return real_to_push(rec, timings)
+
+        self.eng.log.append_push = append
+        self.eng._to_push = to_push
+
+    def teardown(self):
+        if hasattr(self, "eng"):
+            self.eng.shutdown()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _advance(self, minutes):
+        self.now += dt.timedelta(minutes=minutes)
+
+    @rule(k=st.integers(0, 2), minutes=st.integers(0, 50))
+    def report(self, k, minutes):
+        self._advance(minutes)
+        la, lo = CENTRES[k]
+        self.eng.report("city-1", lat=la, lon=lo, division="330100", missing_since=self.now - dt.timedelta(minutes=5),
+                        now=self.now)
+
+    @rule(minutes=st.integers(0, 90), fault=st.sampled_from([None, None, "before", "after"]))
+    def tick(self, minutes, fault):
+        self._advance(minutes)
+        self.fault = fault
+        out = self.eng.tick(self.now)
+        self.fault = None
+        self.handed += [p.push_id for p in out]
+        for f in out.errors:
+            assert not f.quarantined and isinstance(f.exception, (OSError, MemoryError))
+
+    @rule(data=st.data(), fault=st.sampled_from([None, "before", "after"]))
+    def close_one(self, data, fault):
+        open_ = [a.alert_id for a in self.eng.alerts() if a.status == "open" and a.next_seq > 0]
+        if not open_:
+            return
+        aid = data.draw(st.sampled_from(open_))
+        self.fault = fault
+        try:
+            p = self.eng.close(aid, "mps", outcome="lost", now=self.now)
+        except (OSError, MemoryError):
+            assert fault is not None
+        else:
+            self.handed.append(p.push_id)
+        finally:
+            self.fault = None
+
+    @rule(data=st.data())
+    def ack_one(self, data):
+        if self.handed:
+            self.eng.ack(data.draw(st.sampled_from(self.handed)))
+
+    @invariant()
+    def nothing_stranded_after_a_tick(self):
+        if not hasattr(self, "eng"):
+            return
+        out = self.eng.tick(self.now)            # same now: only what is owed
+        self.handed += [p.push_id for p in out]
+        logged = [r.push_id for r in self.eng.log.pushes(audiences=False)]
+        assert sorted(self.handed) == sorted(logged)
+        assert len(set(self.handed)) == len(self.handed)
+
+
+TestOutboxUnderFaults = OutboxUnderFaults.TestCase
+TestOutboxUnderFaults.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
