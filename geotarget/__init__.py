@@ -4,7 +4,7 @@ This module only re-exports; each name lives in the module that owns it.
 """
 from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
-from .engine import Alert, AlertEngine, Push
+from .engine import Alert, AlertEngine, AlertFailure, Push, TickResult
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      UnauthorizedError, UnknownAlertError, UnknownOfficerError, UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Audience", "DeviceStore", "SpatialIndex", "haversine_km", "EARTH_RADIUS_KM", "HALF_CIRCUMFERENCE_KM",
     "Officer", "Authority", "ApprovalPolicy", "RadiusSchedule", "RecipientLog",
-    "AlertEngine", "Alert", "Push", "OUTCOMES",
+    "AlertEngine", "Alert", "Push", "TickResult", "AlertFailure", "OUTCOMES",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
 ]

@@ -64,6 +64,26 @@ rules), every alert checksum and the whole audit chain.  Like any hash chain
 without an outside anchor, the chains cannot tell their newest entries being
 cut off from those entries never having been written.
 
+Keys, copies and identity
+-------------------------
+A ``macs`` table holds ``HMAC-SHA256(key, checksum)`` of every push (record
+and ack/purge state checksums), alert, audit entry (its chain hash) and
+``log_meta`` value.  The key is kept outside the log (``key=``,
+``$GEOTARGET_LOG_KEY`` or the file named by ``$GEOTARGET_LOG_KEY_FILE``); the
+log records only a key id.  With the key every read checks the MACs, so an
+edit whose checksums were recomputed is caught; without it a keyed log reads
+and verifies unkeyed (``verify()`` says ``authenticated: False``) and refuses
+writes.  :meth:`RecipientLog.anchor` gives the audit chain's head for an
+outside witness, and ``verify(anchor)`` detects entries cut off since.
+
+``log_meta`` also holds a random ``instance_id`` (part of every alert id, so
+two logs never share a CAP identifier) and a persistent alert counter.  While
+a process owns the log, an ``owner`` row is checkpointed into the main file
+and removed at a clean close: a main file that has it but no ``-wal`` file was
+copied without its WAL while in use, and is refused instead of silently lacking
+the pushes since the last checkpoint (copy a live log with :meth:`backup`).
+A second :class:`RecipientLog` on the same file in one process is refused too.
+
 Retention
 ---------
 :meth:`RecipientLog.purge_audiences` drops the bitmaps of a closed alert,
