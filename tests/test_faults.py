@@ -631,3 +631,29 @@ class OutboxUnderFaults(RuleBasedStateMachine):
 TestOutboxUnderFaults = OutboxUnderFaults.TestCase
 TestOutboxUnderFaults.settings = settings(max_examples=25, stateful_step_count=12, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_halved_ring_with_a_recomputed_push_chain_is_caught_with_the_key(world, tmp_path):
+    """Halve the first ring's radius and recompute every push checksum after it (the chain)."""
+    path = tmp_path / "log"
+    _keyed_log_with_history(world, path)
+    conn = sqlite3.connect(path)
+    rows = conn.execute(f"SELECT {logmod._PUSH_COLUMNS} FROM pushes ORDER BY log_seq").fetchall()
+    prev = logmod._ZERO_HASH
+    for i, row in enumerate(rows):
+        (log_seq, push_id, alert_id, seq, kind, radius, created, count, meta, digest, nbytes,
+         _, _, acked_at, purged_at, _) = row
+        radius = radius / 2 if i == 0 else radius
+        checksum = logmod._push_checksum(push_id, alert_id, seq, kind, radius, created, count, meta,
+                                         digest, nbytes, prev)
+        conn.execute("UPDATE pushes SET radius_km=?, prev=?, checksum=?, state_sum=? WHERE log_seq=?",
+                     (radius, prev, checksum, logmod._state_sum(checksum, acked_at, purged_at), log_seq))
+        prev = checksum
+    conn.commit()
+    conn.close()
+    with gt.RecipientLog(path) as log:
+        log.verify()                                  # every unkeyed check passes
+        assert log.pushes(audiences=False)[0].radius_km == rows[0][5] / 2
+    with gt.RecipientLog(path, key=KEY) as log:
+        with pytest.raises(CorruptFileError, match="keyed MAC does not match"):
+            log.verify()
