@@ -281,6 +281,16 @@ class Push:
         return self.audience.by_app()
 
 
+def _valid_details(details: dict) -> dict:
+    out = {}
+    for k, v in details.items():
+        try:
+            out.update(check_details({k: v}))
+        except InvalidInputError:
+            pass
+    return out
+
+
 def _check_index(index, name: str) -> None:
     """An index is anything with ``within`` and a ``store`` (a SpatialIndex or a ShardedIndex)."""
     if not callable(getattr(index, "within", None)) or getattr(index, "store", None) is None:
@@ -681,7 +691,9 @@ class AlertEngine:
             if now < alert.reported_at:
                 raise InvalidInputError(f"now={now.isoformat()}: a retraction may not precede the report "
                                         f"({alert.reported_at.isoformat()})")
-            details = {**alert.details, "retraction_reason": reason}
+            # A quarantined alert may hold text no message can carry: the
+            # retraction keeps only the details that pass the checks.
+            details = {**_valid_details(alert.details), "retraction_reason": reason}
             alert = dataclasses.replace(alert, status="retracted", closed_at=now, closed_by=officer_id,
                                         details=details)
             if alert.next_seq == 0:

@@ -218,6 +218,22 @@ def test_poison_headline_is_quarantined_and_the_others_keep_going(world, tmp_pat
     eng.shutdown()
 
 
+def test_a_quarantined_poison_alert_can_be_retracted(world, tmp_path):
+    path = tmp_path / "log"
+    eng = engine(world, path)
+    ids = report_three(eng)
+    eng.tick(T0 + dt.timedelta(minutes=1))
+    rec = eng.log.alert(ids[2])
+    rec["details"] = {"headline": "bad\x0bline", "description": "blue coat"}
+    eng.log.save_alert(ids[2], rec)
+    eng.shutdown()
+    eng = engine(world, path)
+    assert eng.tick(T0 + dt.timedelta(hours=1, minutes=5)).errors[0].alert_id == ids[2]
+    p = eng.retract(ids[2], "city-1", reason="duplicate report", now=T0 + dt.timedelta(hours=1, minutes=6))
+    assert p.kind == "retraction" and "blue coat" in p.cap_xml and "bad" not in p.cap_xml
+    eng.shutdown()
+
+
 def test_quarantine_is_persisted(world, tmp_path):
     path = tmp_path / "log"
     eng = engine(world, path)
