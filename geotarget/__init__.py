@@ -9,7 +9,7 @@ _require_kernels(__path__[0])  # first: an unbuilt checkout gets a plain message
 from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
 from .divisions import Division, Divisions
-from .engine import Alert, AlertEngine, Push
+from .engine import Alert, AlertEngine, AlertFailure, Push, TickResult
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      RateLimitError, ShardUnavailableError, SignatureError,
                      UnauthorizedError, UnknownAlertError, UnknownDivisionError, UnknownOfficerError,
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Audience", "DeviceStore", "SpatialIndex", "haversine_km", "EARTH_RADIUS_KM", "HALF_CIRCUMFERENCE_KM",
     "Officer", "Authority", "ApprovalPolicy", "RadiusSchedule", "RecipientLog",
-    "AlertEngine", "Alert", "Push", "OUTCOMES", "CapSigner", "verify_cap",
+    "AlertEngine", "Alert", "Push", "TickResult", "AlertFailure", "OUTCOMES", "CapSigner", "verify_cap",
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
     "ShardUnavailableError",

@@ -1,8 +1,11 @@
 """Small durable-filesystem helpers shared by the store, the index and the log."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
+import threading
 
 
 def fsync_dir(path) -> None:
@@ -39,3 +42,41 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+_private_lock = threading.Lock()
+_private_depth = 0
+_private_saved = 0
+
+
+@contextlib.contextmanager
+def _private_umask():
+    global _private_depth, _private_saved
+    with _private_lock:
+        if _private_depth == 0:
+            _private_saved = os.umask(0o077)
+        _private_depth += 1
+    try:
+        yield
+    finally:
+        with _private_lock:
+            _private_depth -= 1
+            if _private_depth == 0:
+                os.umask(_private_saved)
+
+
+def private_files(fn=None):
+    """Files and directories created inside are 0600 and 0700 (umask 077): they hold device
+    locations or ids.  A context manager, or a decorator of a function that writes them.
+
+    The umask is per process, so other threads creating files meanwhile get the
+    same private modes: more private, never less.
+    """
+    if fn is None:
+        return _private_umask()
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _private_umask():
+            return fn(*args, **kwargs)
+    return wrapper

@@ -115,7 +115,7 @@ def province_of(code: str) -> str:
 
 
 def _check_level(level: object, what: str = "level") -> str:
-    if level not in _RANK:
+    if not isinstance(level, str) or level not in _RANK:
         raise InvalidInputError(f"{what}={level!r} must be one of {', '.join(LEVELS)}")
     return level  # type: ignore[return-value]
 

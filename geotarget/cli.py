@@ -9,7 +9,11 @@ Verbs
 ``query``                 devices within a circle: counts by app, or ids to Parquet
 ``alert report|approve|tick|refresh|update|close|retract|show``   the alert lifecycle on a log
 ``stats``                 published, found, recovery rate, outcomes
-``audit verify|list``     check the log and its hash-chained audit trail; list the trail
+``audit verify|list|anchor``  check the log and its hash-chained audit trail; list the trail;
+                          print the chain head for an outside witness
+``log backup``            copy a recipient log, WAL included, with SQLite's online backup
+``officers register``     register (or change) the officers registry of a log: a ministry officer
+``alert purge``           apply the retention setting: drop closed alerts' recipients and outputs
 ``bench``                 in-process timings of within/count on an index
 ``map``                   the map PNG of any alert in a log
 ``divisions``             China's administrative divisions by code, name or point
@@ -45,6 +49,10 @@ Conventions
   ``...Z``); a time without one is refused, as in the library.
 * Progress bars (tqdm) go to stderr when it is a terminal, never otherwise
   (``GEOTARGET_PROGRESS=0/1`` overrides).
+* Every file and directory a verb creates is private (0600 / 0700): stores,
+  indexes, logs and per-push outputs hold device locations or ids.
+* A keyed log needs its MAC key in ``GEOTARGET_LOG_KEY`` or a file named by
+  ``GEOTARGET_LOG_KEY_FILE``; without it the log is read and verified unkeyed.
 """
 from __future__ import annotations
 
@@ -113,6 +121,16 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not v >= 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return v
+
+
+def _days(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of days >= 0")
     return v
 
 
@@ -217,13 +235,18 @@ def _open_index(path):
     return SpatialIndex.open(p)
 
 
-def _open_log(path, create: bool = False):
-    from .log import RecipientLog
+def _open_log(path, create: bool = False, args=None):
+    from .log import FILENAME, RecipientLog
 
     p = Path(path)
     if not create and not p.exists():
         raise InvalidInputError(f"--log {str(p)!r}: no recipient log there")
-    return RecipientLog(p)
+    target = p / FILENAME if p.is_dir() else p
+    existed = target.exists()
+    log = RecipientLog(p)
+    if args is not None and not existed:
+        args.created_log = log.path
+    return log
 
 
 def _engine(args, officers_required: bool):
@@ -238,10 +261,27 @@ def _engine(args, officers_required: bool):
     if getattr(args, "max_location_age", None) is not None:
         age = _dt.timedelta(hours=args.max_location_age) if args.max_location_age > 0 else None
     signer = settings.signer()
+    retention = getattr(args, "retention_days", None)
+    if retention is None and settings.retention is not None:
+        retention = settings.retention.total_seconds() / 86400
     index = _open_index(args.index)
-    log = _open_log(args.log, create=args.action == "report")
-    return AlertEngine(index, log=log, authority=authority, settings=settings, max_location_age=age,
-                       signer=signer)
+    log = _open_log(args.log, create=args.action == "report", args=args)
+    try:
+        return AlertEngine(index, log=log, authority=authority, settings=settings,
+                           max_location_age=age, signer=signer, retention_days=retention)
+    except BaseException:
+        _close_log(log, args)
+        raise
+
+
+def _close_log(log, args, failed: bool = True) -> None:
+    """Close the log; one this command created and then refused to use is removed again."""
+    created = getattr(args, "created_log", None)
+    empty = failed and created is not None and not log.alerts()
+    log.close()
+    if empty:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(created)
 
 
 def _settings(args):
@@ -371,6 +411,14 @@ def cmd_ingest(args) -> int:
     seconds = {}
     t0 = time.perf_counter()
     table = _read_table(path, args.format)
+    for name, typ in zip(table.column_names, table.schema.types):
+        import pyarrow as pa
+
+        if name.lower() == "last_seen" and pa.types.is_timestamp(typ) and typ.tz is None:
+            # As in the library: a time without an offset is ambiguous, never read as UTC.
+            raise InvalidInputError(f"input {str(path)!r}: column {name!r} holds times without a UTC "
+                                    f"offset (e.g. 2026-11-23 08:00:00); write them with one "
+                                    f"(+08:00 or Z), or as epoch seconds")
     if args.base:
         # a new generation of an existing store: known devices keep their keys,
         # so recipient logs written against the base stay meaningful
@@ -518,6 +566,9 @@ def _hand_off(engine, pushes, args, replay_ids=()) -> list[dict]:
                  "app": pa.array([], pa.string())})
             pq.write_table(batch, out / f"{p.push_id}.parquet")
             files = {"cap_file": str(cap), "batches_file": str(out / f"{p.push_id}.parquet")}
+            from .engine import record_outputs
+
+            record_outputs(engine.log, p.push_id, [os.path.abspath(f) for f in files.values()])
         acked = bool(getattr(args, "ack", False))
         if acked:
             engine.ack(p.push_id)
@@ -550,91 +601,128 @@ def cmd_alert(args) -> int:
     action = args.action
     if action == "show":
         return _alert_show(args)
+    if action == "purge":
+        return _alert_purge(args)
     engine = _engine(args, officers_required=action in ("report", "approve", "update", "close", "retract",
                                                          "renew", "confirm"))
     try:
-        now = _now(args)
-        if action == "report":
-            details = _details(args)
-            officer = engine.authority.officer(args.officer)
-            division = args.division or officer.division
-            alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
-                                  missing_since=_when(args.missing_since, "--missing-since"),
-                                  division=division, details=details, now=now,
-                                  case_type=args.case_type, drill=args.drill,
-                                  division_wide=bool(getattr(args, "division_wide", False)))
-            doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
-                   "place": engine.authority.names(alert.division),
-                   "reporter": alert.reporter, "reported_at": _iso(alert.reported_at),
-                   "case_type": alert.case_type, "drill": alert.drill,
-                   "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of}
-            if args.json:
-                _emit_json(doc)
-            else:
-                state = {"pending": "pending approval", "open": "published",
-                         "held": f"HELD as a possible duplicate of {alert.duplicate_of}: an officer "
-                                 f"confirms with 'alert confirm --distinct' or '--duplicate'"}
-                _out(("DRILL (exercise, not a real alert): " if alert.drill else "")
-                     + f"{alert.case_type} alert {alert.id} reported by {alert.reporter} in "
-                     f"{engine.place(alert.id)}: {state.get(alert.status, alert.status)}")
-            return EXIT_OK
-        if action in ("renew", "confirm"):
-            if action == "renew":
-                alert = engine.renew(args.alert_id, args.officer, now=now, hours=args.hours)
-            elif args.distinct:
-                alert = engine.confirm_distinct(args.alert_id, args.officer, now=now)
-            else:
-                alert = engine.confirm_duplicate(args.alert_id, args.officer, now=now)
-            doc = {"alert_id": alert.id, "status": alert.status, "expires_at": _iso(alert.expires_at),
-                   "duplicate_of": alert.duplicate_of}
-            if args.json:
-                _emit_json(doc)
-            else:
-                _out(f"alert {alert.id}: {alert.status}"
-                     + (f", expires {alert.expires_at.isoformat()}" if alert.expires_at else ""))
-            return EXIT_OK
-        if action == "approve":
-            alert = engine.approve(args.alert_id, args.officer, now=now)
-            doc = {"alert_id": alert.id, "status": alert.status, "approved_by": alert.approved_by,
-                   "division": alert.division, "place": engine.authority.names(alert.division),
-                   "lat": alert.lat, "lon": alert.lon, "published_at": _iso(alert.published_at)}
-            if args.json:
-                _emit_json(doc)
-            else:
-                _out(f"alert {alert.id} in {engine.place(alert.id)} (last seen {alert.lat:.5f}, "
-                     f"{alert.lon:.5f}) approved by {alert.approved_by}: published at "
-                     f"{alert.published_at.isoformat()}")
-            return EXIT_OK
-        replay_ids = {r.push_id for r in engine.log.unacked()} if action in ("tick", "refresh") else set()
-        if action == "tick":
-            pushes = engine.tick(now)
-        elif action == "refresh":
-            # the engine was opened on --index; refreshing onto the same generation
-            # tops every open alert up with devices now inside and never notified
-            pushes = engine.tick(now)
-            pushes += engine.refresh(engine.index, now)
-        elif action == "update":
-            details = _details(args)
-            if not details:
-                raise InvalidInputError("alert update needs --headline, --description, --instruction "
-                                        "or --details")
-            pushes = [engine.update(args.alert_id, args.officer, details, now=now)]
-        elif action == "close":
-            pushes = [engine.close(args.alert_id, args.officer, outcome=args.outcome, now=now)]
-        else:  # retract
-            p = engine.retract(args.alert_id, args.officer, reason=args.reason or "", now=now)
-            pushes = [p] if p is not None else []
-        docs = _hand_off(engine, pushes, args, replay_ids)
-        if args.json:
-            _emit_json({"pushes": docs})
-        else:
-            if action == "retract" and not pushes:
-                _out(f"alert {args.alert_id} retracted before anything went out: nothing to send")
-            else:
-                _print_pushes(docs)
-        return EXIT_OK
+        code = _alert_action(engine, args, action)
+    except BaseException:
+        _close_log(engine.log, args, failed=True)
+        raise
+    _close_log(engine.log, args, failed=False)
+    return code
+
+
+def _alert_purge(args) -> int:
+    from .engine import purge_expired
+
+    log = _open_log(args.log)
+    try:
+        result = purge_expired(log, args.retention_days, _now(args))
     finally:
-        engine.log.close()
+        log.close()
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    for aid, n in result["purged"].items():
+        _out(f"alert {aid}: {n} audience(s) dropped")
+    for f in result["files"]:
+        _out(f"removed {f}")
+    for aid in result["waiting"]:
+        _out(f"alert {aid}: kept, it has unacknowledged pushes")
+    if not any(result.values()):
+        _out(f"nothing closed more than {args.retention_days:g} days ago holds recipients")
+    return EXIT_OK
+
+
+def _alert_action(engine, args, action) -> int:
+    now = _now(args)
+    if action == "report":
+        details = _details(args)
+        officer = engine.authority.officer(args.officer)
+        division = args.division or officer.division
+        alert = engine.report(args.officer, lat=args.lat, lon=args.lon,
+                              missing_since=_when(args.missing_since, "--missing-since"),
+                              division=division, details=details, now=now,
+                              case_type=args.case_type, drill=args.drill,
+                              division_wide=bool(getattr(args, "division_wide", False)))
+        doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
+               "place": engine.authority.names(alert.division),
+               "reporter": alert.reporter, "reported_at": _iso(alert.reported_at),
+               "case_type": alert.case_type, "drill": alert.drill,
+               "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of}
+        if args.json:
+            _emit_json(doc)
+        else:
+            state = {"pending": "pending approval", "open": "published",
+                     "held": f"HELD as a possible duplicate of {alert.duplicate_of}: an officer "
+                             f"confirms with 'alert confirm --distinct' or '--duplicate'"}
+            _out(("DRILL (exercise, not a real alert): " if alert.drill else "")
+                 + f"{alert.case_type} alert {alert.id} reported by {alert.reporter} in "
+                 f"{engine.place(alert.id)}: {state.get(alert.status, alert.status)}")
+        return EXIT_OK
+    if action in ("renew", "confirm"):
+        if action == "renew":
+            alert = engine.renew(args.alert_id, args.officer, now=now, hours=args.hours)
+        elif args.distinct:
+            alert = engine.confirm_distinct(args.alert_id, args.officer, now=now)
+        else:
+            alert = engine.confirm_duplicate(args.alert_id, args.officer, now=now)
+        doc = {"alert_id": alert.id, "status": alert.status, "expires_at": _iso(alert.expires_at),
+               "duplicate_of": alert.duplicate_of}
+        if args.json:
+            _emit_json(doc)
+        else:
+            _out(f"alert {alert.id}: {alert.status}"
+                 + (f", expires {alert.expires_at.isoformat()}" if alert.expires_at else ""))
+        return EXIT_OK
+    if action == "approve":
+        alert = engine.approve(args.alert_id, args.officer, now=now)
+        doc = {"alert_id": alert.id, "status": alert.status, "approved_by": alert.approved_by,
+               "division": alert.division, "place": engine.authority.names(alert.division),
+               "lat": alert.lat, "lon": alert.lon, "published_at": _iso(alert.published_at)}
+        if args.json:
+            _emit_json(doc)
+        else:
+            _out(f"alert {alert.id} in {engine.place(alert.id)} (last seen {alert.lat:.5f}, "
+                 f"{alert.lon:.5f}) approved by {alert.approved_by}: published at "
+                 f"{alert.published_at.isoformat()}")
+        return EXIT_OK
+    replay_ids = {r.push_id for r in engine.log.unacked()} if action in ("tick", "refresh") else set()
+    if action == "tick":
+        pushes = engine.tick(now)
+    elif action == "refresh":
+        # the engine was opened on --index; refreshing onto the same generation
+        # tops every open alert up with devices now inside and never notified
+        pushes = engine.tick(now)
+        topups = engine.refresh(engine.index, now)
+        pushes.extend(topups)
+        pushes.errors.extend(topups.errors)
+    elif action == "update":
+        details = _details(args)
+        if not details:
+            raise InvalidInputError("alert update needs --headline, --description, --instruction "
+                                    "or --details")
+        pushes = [engine.update(args.alert_id, args.officer, details, now=now)]
+    elif action == "close":
+        pushes = [engine.close(args.alert_id, args.officer, outcome=args.outcome, now=now)]
+    else:  # retract
+        p = engine.retract(args.alert_id, args.officer, reason=args.reason or "", now=now)
+        pushes = [p] if p is not None else []
+    docs = _hand_off(engine, pushes, args, replay_ids)
+    if args.json:
+        _emit_json({"pushes": docs})
+    else:
+        if action == "retract" and not pushes:
+            _out(f"alert {args.alert_id} retracted before anything went out: nothing to send")
+        else:
+            _print_pushes(docs)
+        for f in getattr(pushes, "errors", ()):
+            sys.stderr.write(f"geotarget: alert {f.alert_id}: {f.error}"
+                             + (" (quarantined until updated or retracted)\n" if f.quarantined
+                                else " (tried again on the next tick)\n"))
+    return EXIT_OK
 
 
 def _details(args) -> dict:
@@ -762,24 +850,77 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
+def cmd_log(args) -> int:
+    log = _open_log(args.src)
+    try:
+        dst = log.backup(args.dst)
+    finally:
+        log.close()
+    from .log import RecipientLog
+
+    with RecipientLog(dst) as copy:
+        checked = copy.verify()
+        pushes = copy.stats()["pushes"]
+    doc = {"ok": True, "src": str(args.src), "dst": dst, "pushes": pushes, **checked}
+    if args.json:
+        _emit_json(doc)
+    else:
+        _out(f"backed up {args.src} to {dst}: {pushes} pushes, verified"
+             + ("" if checked["authenticated"] else " (unkeyed)" if not checked["keyed"]
+                else " (keyed log, MACs not checked: no key set)"))
+    return EXIT_OK
+
+
+def cmd_officers(args) -> int:
+    from .engine import register_officers
+
+    authority = load_officers(args.officers)
+    log = _open_log(args.log)
+    try:
+        digest = register_officers(log, authority, args.officer, _now(args))
+    finally:
+        log.close()
+    if args.json:
+        _emit_json({"ok": True, "digest": digest, "officers": len(authority)})
+    else:
+        _out(f"officers registry of {args.log}: {len(authority)} officers, digest {digest[:16]}")
+    return EXIT_OK
+
+
+def _key_note(checked: dict) -> str:
+    if checked["authenticated"]:
+        return "keyed MACs checked"
+    if checked["keyed"]:
+        return "UNKEYED CHECK ONLY: this log is keyed but no key is set (GEOTARGET_LOG_KEY[_FILE])"
+    return "unkeyed log: checksums and chains only, no MACs"
+
+
 def cmd_audit(args) -> int:
     log = _open_log(args.log)
     try:
+        if args.audit_action == "anchor":
+            a = log.anchor()
+            if args.json:
+                _emit_json({"count": a["count"], "head": a["head"], "anchor": a["text"]})
+            else:
+                _out(a["text"])
+            return EXIT_OK
         if args.audit_action == "verify":
             t0 = time.perf_counter()
-            log.verify()
+            checked = log.verify(args.anchor)
             seconds = time.perf_counter() - t0
             sizes = log.stats()
             entries = log.audit_entries()
             doc = {"ok": True, "log": str(log.path), "pushes": sizes["pushes"], "alerts": sizes["alerts"],
                    "audit_entries": len(entries), "head": entries[-1]["hash"] if entries else None,
-                   "seconds": round(seconds, 3)}
+                   "seconds": round(seconds, 3), **checked}
             if args.json:
                 _emit_json(doc)
             else:
                 _out(f"OK {log.path}: {doc['pushes']} pushes (checksums, chain, audiences, delivery rules) "
                      f"and {doc['audit_entries']} audit entries verified"
-                     + (f"; chain head {doc['head'][:16]}" if doc["head"] else ""))
+                     + (f"; chain head {doc['head'][:16]}" if doc["head"] else "")
+                     + f"; {_key_note(checked)}" + ("; anchor extended" if checked["anchored"] else ""))
             return EXIT_OK
         entries = log.audit_entries(args.alert) if args.alert else log.audit_entries()
         if args.json:
@@ -997,10 +1138,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="target the whole division's area instead of a growing circle")
     texts(ap)
     action("approve", "approve a pending report")
-    handoff(action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
-                   alert_id=False, officer=False))
-    handoff(action("refresh", "top up open alerts with devices now inside (after a new --index generation)",
-                   alert_id=False, officer=False))
+    for ap in (action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
+                      alert_id=False, officer=False),
+               action("refresh", "top up open alerts with devices now inside (after a new --index "
+                      "generation)", alert_id=False, officer=False)):
+        handoff(ap)
+        ap.add_argument("--retention-days", type=_days, metavar="DAYS",
+                        help="also apply the retention setting (see alert purge)")
     ap = action("update", "new details, to everyone notified so far")
     texts(ap)
     handoff(ap)
@@ -1022,6 +1166,9 @@ def build_parser() -> argparse.ArgumentParser:
                 officers=False, alert_id=False, officer=False, now=False)
     ap.add_argument("alert_id", metavar="ALERT_ID", nargs="?")
     ap.add_argument("--index", metavar="DIR", help="also split each push by app")
+    ap = action("purge", "retention: drop the recipients of alerts closed more than DAYS ago, and every "
+                "output file written for them", index=False, officers=False, alert_id=False, officer=False)
+    ap.add_argument("--retention-days", type=_days, required=True, metavar="DAYS")
 
     sp = verb("config", "the settings in force (defaults overlaid with --config FILE), as TOML", cmd_config)
     csub = sp.add_subparsers(dest="config_action", required=True, metavar="ACTION")
@@ -1040,10 +1187,32 @@ def build_parser() -> argparse.ArgumentParser:
     aud = sp.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
     ap = aud.add_parser("verify", help="check every push, audience, delivery rule and the hash chain")
     ap.add_argument("--log", required=True, metavar="LOG")
+    ap.add_argument("--anchor", metavar="COUNT:HEAD",
+                    help="a head printed earlier by audit anchor: entries cut off since are detected")
+    ap.add_argument("--json", action="store_true")
+    ap = aud.add_parser("anchor", help="the audit chain's head (count and hash), for an outside witness")
+    ap.add_argument("--log", required=True, metavar="LOG")
     ap.add_argument("--json", action="store_true")
     ap = aud.add_parser("list", help="the audit trail, oldest first")
     ap.add_argument("--log", required=True, metavar="LOG")
     ap.add_argument("--alert", metavar="ALERT_ID")
+    ap.add_argument("--json", action="store_true")
+
+    sp = verb("log", "recipient log files", cmd_log, json_=False)
+    lsub = sp.add_subparsers(dest="log_action", required=True, metavar="ACTION")
+    ap = lsub.add_parser("backup", help="copy a log (WAL included) with SQLite's online backup")
+    ap.add_argument("src", metavar="SRC", help="the recipient log")
+    ap.add_argument("dst", metavar="DST", help="a new file (never overwritten)")
+    ap.add_argument("--json", action="store_true")
+
+    sp = verb("officers", "the officers registry bound to a log", cmd_officers, json_=False)
+    osub = sp.add_subparsers(dest="officers_action", required=True, metavar="ACTION")
+    ap = osub.add_parser("register", help="register or change a log's officers registry (ministry officer)")
+    ap.add_argument("--log", required=True, metavar="LOG")
+    ap.add_argument("--officers", required=True, metavar="FILE")
+    ap.add_argument("--officer", required=True, metavar="ID",
+                    help="a ministry-level officer of the registry registered now (of FILE the first time)")
+    ap.add_argument("--now", metavar="ISO")
     ap.add_argument("--json", action="store_true")
 
     sp = verb("bench", "time within/count on an index at a few radii (in process)", cmd_bench)
@@ -1131,7 +1300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version (0) or a usage error (1)
         return int(exc.code or 0)
     try:
-        return int(args.func(args) or 0)
+        from ._fs import private_files
+
+        with private_files():
+            return int(args.func(args) or 0)
     except GeotargetError as exc:
         sys.stderr.write(f"geotarget: error: {_one_line(exc)}\n")
         return EXIT_REFUSED

@@ -17,14 +17,41 @@ the alert's new state and an audit entry are written in ONE fsynced SQLite
 transaction *before* the push is returned, so a crash can lose nothing that a
 caller saw.  Pushes form an outbox: a reopened engine offers every logged but
 unacknowledged push again on its first ``tick``, under the same ``push_id``.
+
+Faults short of a crash
+-----------------------
+A push that was logged but not handed to the caller (the call that logged it
+failed afterwards, or a later alert of the same ``tick`` failed) stays in an
+in-process outbox and is offered by the next ``tick``.  ``tick`` and
+``refresh`` never raise because of one alert: they return a :class:`TickResult`
+(a list of pushes) whose ``errors`` name each failed alert.  A failure of the
+environment (``OSError``: a full disk, an I/O error) leaves the alert as it was,
+to be tried again on the next tick; any other failure is the alert's own
+(a record no message can be made of) and quarantines it, with an audit entry,
+until an officer updates or retracts it.  Healthy alerts keep being pushed.
+
+Ids, clocks and officers
+------------------------
+Alert ids are ``GT-<division>-<date>-<log instance id>-<number>``: the number
+comes from the log's persistent counter and the instance id is random per log,
+so no id (and no CAP identifier, ``<alert id>.<seq>``) is handed out twice, by
+this log or by another.  One engine owns a log at a time.  ``now`` may not run
+backwards by more than :data:`CLOCK_TOLERANCE` against the latest time the log
+has recorded; an approval may not precede its report, nor a closure the alert's
+first push.  The officers registry is bound to the log by its digest: an engine
+given a different registry is refused, and a change is an audited action of a
+ministry-level officer (:func:`register_officers`).
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
+import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,10 +60,11 @@ import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
 
 from . import _kernels, _refresh_kernels
+from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import AlertStateError, InvalidInputError, RateLimitError, UnknownAlertError
+from .errors import AlertStateError, InvalidInputError, RateLimitError, UnauthorizedError, UnknownAlertError
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
@@ -50,6 +78,134 @@ RING_KINDS = ("alert", "expand", "topup")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
 #: Changed devices per box when re-targeting a refresh (see ``_delta_points``).
 _DELTA_BLOCK = 1024
+#: How far ``now`` may lag the latest time the log recorded.  Hosts kept by NTP
+#: agree within milliseconds; two minutes absorbs a badly synchronised dispatch
+#: host, while a backdated report or closure (minutes to years) is refused.
+CLOCK_TOLERANCE = _dt.timedelta(minutes=2)
+#: Longest reason text of a retraction (it goes into the CAP description).
+_REASON_MAX_CHARS = 1000
+
+
+def officers_digest(authority: Authority) -> str:
+    """SHA-256 of the registry's canonical JSON (officers sorted by id, and the policy)."""
+    doc = authority.to_dict()
+    doc["officers"] = sorted(doc["officers"], key=lambda o: o["officer_id"])
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def register_officers(log: RecipientLog, authority: Authority, officer_id: str,
+                      now: _dt.datetime | None = None) -> str:
+    """Register ``authority`` as the log's officers registry; returns its digest.
+
+    The first registration of a log may be made by any ministry-level officer
+    of the new registry; a change must be made by a ministry-level officer of
+    the registry registered now, as ``authority`` alone cannot vouch for itself.
+    Both are audited with the old and new digests.
+    """
+    if not isinstance(log, RecipientLog):
+        raise InvalidInputError(f"log must be a RecipientLog, got {type(log).__name__}")
+    if not isinstance(authority, Authority):
+        raise InvalidInputError(f"authority must be an Authority, got {type(authority).__name__}")
+    if not isinstance(officer_id, str) or not officer_id:
+        raise InvalidInputError(f"officer_id must be a non-empty string, got {officer_id!r}")
+    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    new = officers_digest(authority)
+    old = log.meta_value("officers_digest")
+    if old is None:
+        acting = authority.officer(officer_id)
+    else:
+        current = log.meta_value("officers")
+        acting = Authority.from_dict(json.loads(current)).officer(officer_id) if current else None
+        if acting is None:
+            raise UnauthorizedError("the log's registered officers are unknown; cannot authorise a change")
+    if acting.level != "ministry":
+        raise UnauthorizedError(f"officer {acting.officer_id} ({acting.level}) may not change the officers "
+                                f"registry; only a ministry-level officer may")
+    if new == old:
+        return new
+    with log.transaction():
+        log.set_meta_value("officers_digest", new)
+        log.set_meta_value("officers", json.dumps(authority.to_dict(), sort_keys=True, ensure_ascii=False))
+        log.audit("officers-register" if old is None else "officers-change", actor=acting.officer_id,
+                  at=now, count=len(authority), detail={"old_digest": old, "new_digest": new})
+    return new
+
+
+def record_outputs(log: RecipientLog, push_id: str, files, actor: str = "cli") -> None:
+    """Note in the log's audit that files holding a push's recipients were written, so that
+    retention can remove them with the log's own copy of the audience."""
+    files = [str(f) for f in files]
+    rec = log.push(push_id)
+    log.audit("output", actor=actor, alert_id=rec.alert_id, count=rec.count,
+              detail={"push_id": push_id, "files": files})
+
+
+def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | None = None,
+                  actor: str = "retention") -> dict:
+    """Apply the retention setting: for every alert closed or retracted more than
+    ``retention_days`` ago, drop its logged audiences and delete every output file
+    recorded for it (:func:`record_outputs`).  Both are audited.
+
+    An alert with unacknowledged pushes is kept (its audiences are still owed to a
+    dispatcher) and listed under ``waiting``.  Returns ``{"purged": {alert_id:
+    audiences dropped}, "files": [deleted paths], "waiting": [alert ids]}``.
+    """
+    if (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
+            or not retention_days >= 0 or retention_days == float("inf")):
+        raise InvalidInputError(f"retention_days must be a finite number of days >= 0, got {retention_days!r}")
+    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    cutoff = now - _dt.timedelta(days=retention_days)
+    result: dict[str, Any] = {"purged": {}, "files": [], "waiting": []}
+    for alert_id, rec in log.alerts().items():
+        closed_at = _from_iso(rec.get("closed_at"))
+        if rec.get("status") not in ("closed", "retracted") or closed_at is None or closed_at > cutoff:
+            continue
+        pushes = log.pushes(alert_id, audiences=False)
+        if any(not p.acked for p in pushes):
+            result["waiting"].append(alert_id)
+            continue
+        if pushes and not all(p.purged for p in pushes):
+            result["purged"][alert_id] = log.purge_audiences(alert_id, actor=actor)
+        files = [f for e in log.audit_entries(alert_id) if e["action"] == "output"
+                 for f in (e["detail"] or {}).get("files", [])]
+        gone = []
+        for f in files:
+            try:
+                os.unlink(f)
+                gone.append(f)
+            except FileNotFoundError:
+                pass
+        if gone:
+            log.audit("purge_outputs", actor=actor, alert_id=alert_id, count=len(gone), at=now,
+                      detail={"files": gone})
+            result["files"].extend(gone)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertFailure:
+    """One alert that ``tick`` or ``refresh`` could not push."""
+
+    alert_id: str
+    error: str                 # the exception's type and message
+    quarantined: bool          # False: an environment fault (OSError); retried next tick
+    exception: BaseException = dataclasses.field(compare=False, repr=False)
+
+
+class TickResult(list):
+    """The pushes of a ``tick`` or ``refresh`` (a list) and ``errors``: the alerts that failed."""
+
+    def __init__(self, pushes=(), errors=()):
+        super().__init__(pushes)
+        self.errors: list[AlertFailure] = list(errors)
+        #: True when ``now`` lagged the log's clock, so only the outbox was offered.
+        self.stale = False
+        #: What retention removed (see :func:`purge_expired`), when the engine has a retention setting.
+        self.purged: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"TickResult({list.__repr__(self)}, errors={self.errors!r})"
 
 
 def _iso(t: _dt.datetime | None) -> str | None:
@@ -156,6 +312,8 @@ class Alert:
     #: True: the area is the whole division (its polygon), not a growing circle.
     division_wide: bool = False
 
+    quarantine: str | None = None    # why tick skips the alert, until an update or retraction
+
     def expired(self, now: _dt.datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
@@ -213,40 +371,120 @@ class Push:
         return self.audience.by_app()
 
 
+def _valid_details(details: dict) -> dict:
+    out = {}
+    for k, v in details.items():
+        try:
+            out.update(check_details({k: v}))
+        except InvalidInputError:
+            pass
+    return out
+
+
+def _check_index(index, name: str) -> None:
+    """An index is anything with ``within`` and a ``store`` (a SpatialIndex or a ShardedIndex)."""
+    if not callable(getattr(index, "within", None)) or getattr(index, "store", None) is None:
+        raise InvalidInputError(f"{name} must be a SpatialIndex (or an index with within() and a "
+                                f"store), got {type(index).__name__}")
+
+
+def _check_schedule(schedule) -> None:
+    if schedule is not None and not isinstance(schedule, RadiusSchedule):
+        raise InvalidInputError(f"schedule must be a RadiusSchedule, got {type(schedule).__name__} "
+                                f"{schedule!r}")
+
+
 class AlertEngine:
     """The alert lifecycle.  Thread-safe: dispatchers may call ``tick``/``ack`` concurrently."""
 
     def __init__(self, index, log: RecipientLog, authority: Authority,
                  schedule: RadiusSchedule | None = None, *, sender: str | None = None,
                  max_location_age: _dt.timedelta | None = None, workers: int = 2,
-                 signer: CapSigner | None = None, settings: Settings | None = None):
-        self.index = index
-        self.log = log
-        self.authority = authority
+                 retention_days: float | None = None, signer: CapSigner | None = None,
+                 settings: Settings | None = None):
+        _check_index(index, "index")
+        if retention_days is not None and (isinstance(retention_days, bool)
+                                           or not isinstance(retention_days, (int, float))
+                                           or not 0 <= retention_days < float("inf")):
+            raise InvalidInputError(f"retention_days must be None or a finite number of days >= 0, "
+                                    f"got {retention_days!r}")
+        #: Days after closure that recipients are kept; each tick purges older ones.
+        self.retention_days = retention_days
+        if not isinstance(log, RecipientLog):
+            raise InvalidInputError(f"log must be a RecipientLog, got {type(log).__name__}")
+        if not isinstance(authority, Authority):
+            raise InvalidInputError(f"authority must be an Authority, got {type(authority).__name__}")
+        _check_schedule(schedule)
         if settings is not None and not isinstance(settings, Settings):
             raise InvalidInputError(f"settings must be a Settings or None, got {type(settings).__name__}")
         # Case types (CAP event, schedule, expiry) and the sender come from the settings.
         self.settings = settings if settings is not None else Settings.default()
-        #: An engine-wide schedule overrides the case types' own (None: each case type's).
-        self.schedule = schedule
-        self.sender = sender if sender is not None else self.settings.sender
+        if sender is None:
+            sender = self.settings.sender
+        if not isinstance(sender, str) or not sender:
+            raise InvalidInputError(f"sender must be a non-empty string, got {sender!r}")
+        check_text(sender, "sender", 200, False)
         if signer is not None and not isinstance(signer, CapSigner):
             raise InvalidInputError(f"signer must be a CapSigner or None, got {type(signer).__name__}")
         # Every CAP message is signed when a signer is set (docs/design.md, "Signed CAP").
         self.signer = signer
+        if max_location_age is not None and not isinstance(max_location_age, _dt.timedelta):
+            raise InvalidInputError(f"max_location_age must be a datetime.timedelta, got "
+                                    f"{type(max_location_age).__name__}")
         if max_location_age is not None and max_location_age <= _dt.timedelta(0):
             raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+            raise InvalidInputError(f"workers must be an integer >= 1, got {workers!r}")
+        if len(authority):
+            registered = log.meta_value("officers_digest")
+            digest = officers_digest(authority)
+            if registered is not None and registered != digest:
+                raise UnauthorizedError(
+                    f"authority: this officers registry (digest {digest[:16]}) is not the one registered "
+                    f"in {log.path} ({registered[:16]}); a change is made by a ministry-level officer "
+                    f"(geotarget officers register)")
+        self.index = index
+        self.log = log
+        self.authority = authority
+        #: An engine-wide schedule overrides the case types' own (None: each case type's).
+        self.schedule = schedule
+        self.sender = sender
         self.max_location_age = max_location_age
-        self.workers = max(1, int(workers))
+        self.workers = int(workers)
         self._lock = threading.RLock()
         self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
+        clock = log.meta_value("clock")
+        self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
         # Outbox: pushes logged by an earlier process and never acknowledged are
         # offered again on the first tick of this one.
         self._replay: list[PushRecord] | None = log.unacked()
+        # ... and pushes logged by this one but never handed to a caller.
+        self._stranded: dict[str, PushRecord] = {}
+        log.claim(self)
+        if len(authority) and log.meta_value("officers_digest") is None:
+            self._register_first(authority)
+
+    def _register_first(self, authority: Authority) -> None:
+        """A log's first registry is the one its first engine brings, recorded and audited."""
+        digest = officers_digest(authority)
+        with self.log.transaction():
+            self.log.set_meta_value("officers_digest", digest)
+            self.log.set_meta_value("officers", json.dumps(authority.to_dict(), sort_keys=True,
+                                                           ensure_ascii=False))
+            self.log.audit("officers-register", actor="engine", count=len(authority),
+                           detail={"old_digest": None, "new_digest": digest})
+
+    def shutdown(self) -> None:
+        """Let go of the log and close it; the engine cannot be used afterwards."""
+        with self._lock:
+            self.log.release(self)
+            self.log.close()
 
     # -- helpers ------------------------------------------------------------
 
     def alert(self, alert_id: str) -> Alert:
+        if not isinstance(alert_id, str):
+            raise InvalidInputError(f"alert_id must be a string, got {type(alert_id).__name__}")
         try:
             return self._alerts[alert_id]
         except KeyError:
@@ -319,10 +557,14 @@ class AlertEngine:
             self.log.save_alert(alert.alert_id, updated.to_record())
             self.log.audit(kind, actor=actor, alert_id=alert.alert_id, radius_km=radius,
                            count=len(bm), at=now, detail={"push_id": push_id})
+            self._advance_clock(now)
         self._alerts[alert.alert_id] = updated
+        self._settle_clock(now)
         timings = {"log_ms": (time.perf_counter() - t0) * 1e3}
         if query_ms is not None:
             timings["query_ms"] = query_ms
+        # Logged: from here on the push is offered until a caller has it.
+        self._stranded[rec.push_id] = rec
         return self._to_push(rec, timings)
 
     def _area_desc(self, alert: Alert) -> str:
@@ -331,12 +573,50 @@ class AlertEngine:
         extra = str(alert.details.get("area", ""))
         return " ".join(x for x in (names, extra) if x)
 
-    def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None):
+    def _offer_stranded(self, out: TickResult) -> None:
+        """Add the in-process outbox to ``out`` (each push once)."""
+        offered = {p.push_id for p in out}
+        for rec in list(self._stranded.values()):
+            if rec.push_id in offered:
+                continue
+            try:
+                out.append(self._to_push(rec))
+            except Exception as exc:  # noqa: BLE001 - stays in the outbox for the next tick
+                out.errors.append(AlertFailure(rec.alert_id, f"{type(exc).__name__}: {exc}", False, exc))
+
+    def _deliver(self, pushes):
+        """``pushes`` reach the caller: they leave the in-process outbox."""
+        for p in pushes:
+            self._stranded.pop(p.push_id, None)
+        return pushes
+
+    # -- the clock ------------------------------------------------------------
+
+    def _check_clock(self, now: _dt.datetime) -> None:
+        if self._clock is not None and now < self._clock - CLOCK_TOLERANCE:
+            raise InvalidInputError(
+                f"now={now.isoformat()} is {self._clock - now} before the latest time this log "
+                f"recorded ({self._clock.isoformat()}); time may not run backwards by more than "
+                f"{CLOCK_TOLERANCE}")
+
+    def _advance_clock(self, now: _dt.datetime) -> None:
+        """Inside the action's transaction: the log's clock becomes ``now`` if that is later."""
+        if self._clock is None or now > self._clock:
+            self.log.set_meta_value("clock", now.astimezone(_dt.timezone.utc).isoformat())
+
+    def _settle_clock(self, now: _dt.datetime) -> None:
+        if self._clock is None or now > self._clock:
+            self._clock = now
+
+    def _save(self, alert: Alert, action: str, actor: str, now: _dt.datetime, detail: dict | None = None,
+              new: bool = False):
         with self.log.transaction():
-            self.log.save_alert(alert.alert_id, alert.to_record())
+            self.log.save_alert(alert.alert_id, alert.to_record(), new=new)
             self.log.audit(action, actor=actor, alert_id=alert.alert_id, radius_km=alert.radius_km or None,
                            count=alert.reached, at=now, detail=detail)
+            self._advance_clock(now)
         self._alerts[alert.alert_id] = alert
+        self._settle_clock(now)
 
     @staticmethod
     def _cap_expires(alert: Alert, kind: str, now: _dt.datetime) -> _dt.datetime:
@@ -397,42 +677,46 @@ class AlertEngine:
             raise InvalidInputError(
                 f"missing_since={missing_since.isoformat()} is in the future (now={now.isoformat()})")
         clat, clon = check_point(lat, lon)
-        if details is not None and not isinstance(details, dict):
-            raise InvalidInputError(f"details must be a dict, got {type(details).__name__}")
+        details = check_details(details if details is not None else {})
+        _check_schedule(schedule)
+        if not isinstance(division, str):
+            raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         case = self.settings.case(case_type)
-        self._check_cap_texts(dict(details or {}), clat, clon, now)
+        self._check_cap_texts(details, clat, clon, now)
         if not isinstance(drill, bool):
             raise InvalidInputError(f"drill must be True or False, got {drill!r}")
-        if schedule is not None and not isinstance(schedule, RadiusSchedule):
-            raise InvalidInputError(f"schedule must be a RadiusSchedule or None, got {schedule!r}")
+        if not isinstance(division_wide, bool):
+            raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
         with self._lock:
-            if not isinstance(division_wide, bool):
-                raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
+            self._check_clock(now)
             officer = self.authority.check_report(officer_id, division, clat, clon)
             self._check_rate(officer.officer_id, division, now)
             sched = schedule or self.schedule or case.schedule
-            # Sequential per log, so an id is never reused even across restarts.
-            alert_id = f"GT-{division}-{now:%Y%m%d}-{len(self._alerts) + 1:06d}"
-            if drill:
-                alert_id = "DRILL-" + alert_id
-            alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat, lon=clon,
-                          missing_since=missing_since, reported_at=now, details=dict(details or {}),
-                          schedule=sched.to_dict(), case_type=case.name, drill=drill,
-                          division_wide=division_wide)
-            twin = None if drill else self._possible_duplicate(alert)
-            if twin is not None:
-                alert.status = "held"
-                alert.duplicate_of = twin.alert_id
-            elif not self.authority.needs_approval(officer):
-                alert.status = "open"
-                alert.published_at = now
-                alert.expires_at = now + case.expiry
-            self._save(alert, "report", officer.officer_id, now,
-                       {"lat": clat, "lon": clon, "division": division, "status": alert.status,
-                        "missing_since": _iso(missing_since), "case_type": case.name,
-                        "expires_at": _iso(alert.expires_at), "drill": drill,
-                        "duplicate_of": alert.duplicate_of, "place": self.authority.place(division),
-                        "division_wide": division_wide})
+            with self.log.transaction():
+                # The log's counter only grows and its instance id is random:
+                # an id is never handed out twice, by this log or another.
+                number = self.log.next_alert_number()
+                alert_id = f"GT-{division}-{now:%Y%m%d}-{self.log.instance_id}-{number:06d}"
+                if drill:
+                    alert_id = "DRILL-" + alert_id
+                alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat,
+                              lon=clon, missing_since=missing_since, reported_at=now, details=details,
+                              schedule=sched.to_dict(), case_type=case.name, drill=drill,
+                              division_wide=division_wide)
+                twin = None if drill else self._possible_duplicate(alert)
+                if twin is not None:
+                    alert.status = "held"
+                    alert.duplicate_of = twin.alert_id
+                elif not self.authority.needs_approval(officer):
+                    alert.status = "open"
+                    alert.published_at = now
+                    alert.expires_at = now + case.expiry
+                self._save(alert, "report", officer.officer_id, now,
+                           {"lat": clat, "lon": clon, "division": division, "status": alert.status,
+                            "missing_since": _iso(missing_since), "case_type": case.name,
+                            "expires_at": _iso(alert.expires_at), "drill": drill,
+                            "duplicate_of": alert.duplicate_of, "place": self.authority.place(division),
+                            "division_wide": division_wide}, new=True)
             return alert
 
     def _check_cap_texts(self, details: dict, lat: float, lon: float, now: _dt.datetime) -> None:
@@ -479,6 +763,7 @@ class AlertEngine:
         """A held report is another person after all: it goes on as any report would."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         with self._lock:
+            self._check_clock(now)
             alert = self._held(alert_id, officer_id)
             updated = dataclasses.replace(alert, status="pending")
             if not self.authority.needs_approval(alert.reporter):
@@ -493,6 +778,7 @@ class AlertEngine:
         """A held report is the same person as the alert it is linked to: it is merged, never pushed."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         with self._lock:
+            self._check_clock(now)
             alert = self._held(alert_id, officer_id)
             updated = dataclasses.replace(alert, status="merged", closed_at=now, closed_by=officer_id)
             self._save(updated, "confirm-duplicate", officer_id, now, {"duplicate_of": alert.duplicate_of})
@@ -509,9 +795,13 @@ class AlertEngine:
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             if alert.status != "pending":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}, not pending approval")
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: an approval may not precede its report "
+                                        f"({alert.reported_at.isoformat()})")
             updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id,
                                           expires_at=now + self.settings.case(alert.case_type).expiry)
             self._save(updated, "approve", officer.officer_id, now,
@@ -530,6 +820,7 @@ class AlertEngine:
                                   or not 0 < hours <= 24 * 366):
             raise InvalidInputError(f"hours must be a number in (0, 8784], got {hours!r}")
         with self._lock:
+            self._check_clock(now)
             alert = self.alert(alert_id)
             self.authority.check_act(officer_id, alert.division, "renew")
             if alert.status != "open":
@@ -541,16 +832,28 @@ class AlertEngine:
                        {"expires_at": _iso(updated.expires_at), "was": _iso(alert.expires_at)})
             return updated
 
-    def tick(self, now: _dt.datetime) -> list[Push]:
-        """Pushes due at ``now``: replayed outbox (first call only), first rings, expansions."""
+    def tick(self, now: _dt.datetime) -> TickResult:
+        """Pushes due at ``now``: the outbox (replayed after a restart, or left by a failed
+        call), first rings, expansions.  Never raises because of one alert: its
+        failure is in ``result.errors`` (see the module docstring).
+
+        A ``now`` more than :data:`CLOCK_TOLERANCE` behind the log's clock (a
+        dispatcher whose poll arrives late) pushes nothing new: it gets the
+        outbox only, and ``result.stale`` is True.
+        """
         now = check_aware(now, "now")
         with self._lock:
-            out: list[Push] = []
+            out = TickResult()
+            try:
+                self._check_clock(now)
+            except InvalidInputError:
+                out.stale = True
             if self._replay is not None:
                 out.extend(self._to_push(r) for r in self._replay)
                 self._replay = None
-            for alert in list(self._alerts.values()):
-                if alert.status != "open":
+            self._offer_stranded(out)
+            for alert in list(self._alerts.values()) if not out.stale else ():
+                if alert.status != "open" or alert.quarantine is not None:
                     continue
                 if now < alert.missing_since or self._expire_if_due(alert, now):
                     continue
@@ -561,15 +864,35 @@ class AlertEngine:
                         out.append(self._emit(alert, "alert", 0.0, aud, now, "engine",
                                               query_ms=(time.perf_counter() - t0) * 1e3))
                     continue
-                radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
-                if alert.next_seq == 0:
-                    t0 = time.perf_counter()
-                    aud = self._query(alert, radius, now)
-                    out.append(self._emit(alert, "alert", radius, aud, now, "engine",
-                                          query_ms=(time.perf_counter() - t0) * 1e3))
-                elif radius > alert.radius_km:
-                    out.extend(self._ring(alert, "expand", radius, now, self.index))
-            return out
+                try:
+                    radius = self._schedule_of(alert).radius_at(alert.missing_since, now)
+                    if alert.next_seq == 0:
+                        t0 = time.perf_counter()
+                        aud = self._query(alert, radius, now)
+                        out.append(self._emit(alert, "alert", radius, aud, now, "engine",
+                                              query_ms=(time.perf_counter() - t0) * 1e3))
+                    elif radius > alert.radius_km:
+                        out.extend(self._ring(alert, "expand", radius, now, self.index))
+                except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
+                    out.errors.append(self._failed(alert.alert_id, exc, now))
+            if self.retention_days is not None and not out.stale:
+                try:
+                    out.purged = purge_expired(self.log, self.retention_days, now)
+                except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
+                    out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
+            return self._deliver(out)
+
+    def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
+        """Record one alert's failure; quarantine it unless the environment failed."""
+        error = f"{type(exc).__name__}: {exc}"
+        transient = isinstance(exc, (OSError, MemoryError))
+        if not transient:
+            alert = dataclasses.replace(self._alerts[alert_id], quarantine=error[:1000])
+            try:
+                self._save(alert, "quarantine", "engine", now, {"error": error[:1000]})
+            except Exception:  # noqa: BLE001 - the log itself failing: skip it in this process
+                self._alerts[alert_id] = alert
+        return AlertFailure(alert_id=alert_id, error=error, quarantined=not transient, exception=exc)
 
     def _ring(self, alert: Alert, kind: str, radius: float, now: _dt.datetime, index,
               audience: Audience | None = None, query_ms: float | None = None,
@@ -609,15 +932,20 @@ class AlertEngine:
         """New details, to everyone notified so far."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         if not isinstance(details, dict) or not details:
-            raise InvalidInputError(f"details must be a non-empty dict, got {details!r}")
+            raise InvalidInputError(f"details must be a non-empty dict, got {type(details).__name__} "
+                                    f"{str(details)[:80]!r}")
+        details = check_details(details)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "update")
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
-            alert = dataclasses.replace(alert, details={**alert.details, **details})
-            self._check_cap_texts(alert.details, alert.lat, alert.lon, now)
-            return self._follow(alert, "update", officer_id, now)
+            merged = check_details({**alert.details, **details})
+            self._check_cap_texts(merged, alert.lat, alert.lon, now)
+            # New details are how an officer repairs a quarantined alert.
+            alert = dataclasses.replace(alert, details=merged, quarantine=None)
+            return self._deliver([self._follow(alert, "update", officer_id, now)])[0]
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:
         """The child is found (or the search ends): closure to exactly everyone notified."""
@@ -634,25 +962,40 @@ class AlertEngine:
                 return self._to_push(closure[-1])
             if alert.status != "open":
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts can be closed")
+            self._check_clock(now)
+            first = next(iter(self.log.pushes(alert_id, audiences=False)), None)
+            if first is not None and now < first.created_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a closure may not precede the alert's "
+                                        f"first push ({first.created_at.isoformat()})")
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a closure may not precede the report "
+                                        f"({alert.reported_at.isoformat()})")
             alert = dataclasses.replace(alert, status="closed", outcome=outcome, closed_at=now,
                                         closed_by=officer_id)
-            return self._follow(alert, "closure", officer_id, now)
+            return self._deliver([self._follow(alert, "closure", officer_id, now)])[0]
 
     def retract(self, alert_id: str, officer_id: str, reason: str = "", now: _dt.datetime | None = None):
         """The report was erroneous or false.  Not an outcome; not counted in statistics."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        reason = check_text(reason, "reason", _REASON_MAX_CHARS, True)
         with self._lock:
             alert = self.alert(alert_id)
+            self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "retract")
             if alert.status not in ("pending", "open"):
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; it cannot be retracted")
-            details = {**alert.details, "retraction_reason": str(reason)}
+            if now < alert.reported_at:
+                raise InvalidInputError(f"now={now.isoformat()}: a retraction may not precede the report "
+                                        f"({alert.reported_at.isoformat()})")
+            # A quarantined alert may hold text no message can carry: the
+            # retraction keeps only the details that pass the checks.
+            details = {**_valid_details(alert.details), "retraction_reason": reason}
             alert = dataclasses.replace(alert, status="retracted", closed_at=now, closed_by=officer_id,
                                         details=details)
             if alert.next_seq == 0:
-                self._save(alert, "retract", officer_id, now, {"reason": str(reason)})
+                self._save(alert, "retract", officer_id, now, {"reason": reason})
                 return None
-            return self._follow(alert, "retraction", officer_id, now)
+            return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
 
     def refresh(self, new_index, now: _dt.datetime) -> list[Push]:
         """Switch to a newer index generation and top up every open alert.
@@ -668,11 +1011,13 @@ class AlertEngine:
         same circle, and its age only grows, so it cannot be new to the ring.
         """
         now = check_aware(now, "now")
+        _check_index(new_index, "new_index")
         if new_index.store.generation < self.index.store.generation or len(new_index.store) < len(self.index.store):
             raise InvalidInputError(
                 f"new_index is generation {new_index.store.generation} with {len(new_index.store)} devices; "
                 f"it must not be older than the current generation {self.index.store.generation}")
         with self._lock:
+            self._check_clock(now)
             store = new_index.store
             delta = None
             if (getattr(store, "changed_keys", None) is not None
@@ -681,7 +1026,8 @@ class AlertEngine:
             self.index = new_index
             todo = []
             for alert in self._alerts.values():
-                if alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since:
+                if (alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since
+                        or alert.quarantine is not None):
                     continue
                 if self._expire_if_due(alert, now):
                     continue
@@ -716,24 +1062,33 @@ class AlertEngine:
             def target(ar):
                 alert, radius = ar
                 t0 = time.perf_counter()
-                aud = self._query(alert, radius, now, new_index)
-                aud.bitmap()  # roaring build in the worker thread too
+                try:
+                    aud = self._query(alert, radius, now, new_index)
+                    aud.bitmap()  # roaring build in the worker thread too
+                except Exception as exc:  # noqa: BLE001 - reported per alert below
+                    return exc, 0.0
                 return aud, (time.perf_counter() - t0) * 1e3
 
             rings = [ar for ar in todo if ar[0].alert_id not in fresh]
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 auds = dict(zip((a.alert_id for a, _ in rings), pool.map(target, rings)))
-            out: list[Push] = []
+            out = TickResult()
             for alert, radius in todo:
                 kind = "expand" if radius > alert.radius_km else "topup"
                 current = self._alerts[alert.alert_id]
-                if alert.alert_id in fresh:
-                    new, q_ms = fresh[alert.alert_id]
-                    out.extend(self._ring(current, kind, radius, now, new_index, query_ms=q_ms, new=new))
-                else:
-                    aud, q_ms = auds[alert.alert_id]
-                    out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
-            return out
+                try:
+                    if alert.alert_id in fresh:
+                        new, q_ms = fresh[alert.alert_id]
+                        out.extend(self._ring(current, kind, radius, now, new_index, query_ms=q_ms, new=new))
+                    else:
+                        aud, q_ms = auds[alert.alert_id]
+                        if isinstance(aud, Exception):
+                            raise aud
+                        out.extend(self._ring(current, kind, radius, now, new_index, aud, q_ms))
+                except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
+                    out.errors.append(self._failed(alert.alert_id, exc, now))
+            self._offer_stranded(out)
+            return self._deliver(out)
 
     @staticmethod
     def _delta_points(index):
@@ -773,6 +1128,8 @@ class AlertEngine:
         ``by_division`` breaks the figures down by the divisions directly under
         ``division`` (the provinces without one), each row with its ``name``.
         """
+        if division is not None and not isinstance(division, str):
+            raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         if since is not None:
             since = check_aware(since, "since")
         if until is not None:
@@ -781,6 +1138,6 @@ class AlertEngine:
         return compute(records, since=since, until=until, division=division,
                        divisions=self.authority.divisions)
 
-    def verify(self) -> None:
+    def verify(self, anchor=None) -> dict:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""
-        self.log.verify()
+        return self.log.verify(anchor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import numbers
 
 import numpy as np
 
@@ -20,16 +21,27 @@ HALF_CIRCUMFERENCE_KM = math.pi * EARTH_RADIUS_KM
 _DEG2RAD = 0.017453292519943295
 
 
+def _real_array(value, name: str) -> np.ndarray:
+    """float64 from real numbers or arrays of them; NumPy would also parse strings."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be real numbers: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise InvalidInputError(f"{name} must be real numbers, got {type(value).__name__} of dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
 def haversine_km(lat1, lon1, lat2, lon2):
     """Great-circle distance in km by the haversine formula, vectorised, float64.
 
     This is the reference every kernel is tested against.  Inputs broadcast
     like NumPy arrays; the result is a float64 array (or scalar).
     """
-    lat1 = np.asarray(lat1, dtype=np.float64)
-    lon1 = np.asarray(lon1, dtype=np.float64)
-    lat2 = np.asarray(lat2, dtype=np.float64)
-    lon2 = np.asarray(lon2, dtype=np.float64)
+    lat1 = _real_array(lat1, "lat1")
+    lon1 = _real_array(lon1, "lon1")
+    lat2 = _real_array(lat2, "lat2")
+    lon2 = _real_array(lon2, "lon2")
     p1 = lat1 * _DEG2RAD
     p2 = lat2 * _DEG2RAD
     dphi = (lat2 - lat1) * _DEG2RAD
@@ -83,8 +95,16 @@ def check_coordinates(lat, lon, *, lat_name="lat", lon_name="lon"):
     return lat, lon
 
 
+def _is_real(value) -> bool:
+    """A real number: not a string, bool or complex, which float() would quietly accept or coerce."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_point(lat, lon):
     """Validate one centre; return it as two Python floats."""
+    if not (_is_real(lat) and _is_real(lon)):
+        raise InvalidInputError(f"centre must be numeric (real numbers), got lat={lat!r} ({type(lat).__name__}), "
+                                f"lon={lon!r} ({type(lon).__name__})")
     try:
         flat, flon = float(lat), float(lon)
     except (TypeError, ValueError):
@@ -99,6 +119,9 @@ def check_point(lat, lon):
 
 
 def check_radius(radius_km, name="radius_km"):
+    if not _is_real(radius_km):
+        raise InvalidInputError(f"{name} must be a number (a real one), got {radius_km!r} "
+                                f"({type(radius_km).__name__})")
     try:
         r = float(radius_km)
     except (TypeError, ValueError):

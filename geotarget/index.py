@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _kernels, _array_kernels
+from ._fs import private_files
 from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
@@ -272,6 +273,7 @@ class SpatialIndex:
 
     # -- persistence --------------------------------------------------------
 
+    @private_files
     def save(self, directory) -> Path:
         """Write the index (and its store, unless already there) to ``directory``."""
         d = Path(directory)

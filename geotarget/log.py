@@ -64,6 +64,26 @@ rules), every alert checksum and the whole audit chain.  Like any hash chain
 without an outside anchor, the chains cannot tell their newest entries being
 cut off from those entries never having been written.
 
+Keys, copies and identity
+-------------------------
+A ``macs`` table holds ``HMAC-SHA256(key, checksum)`` of every push (record
+and ack/purge state checksums), alert, audit entry (its chain hash) and
+``log_meta`` value.  The key is kept outside the log (``key=``,
+``$GEOTARGET_LOG_KEY`` or the file named by ``$GEOTARGET_LOG_KEY_FILE``); the
+log records only a key id.  With the key every read checks the MACs, so an
+edit whose checksums were recomputed is caught; without it a keyed log reads
+and verifies unkeyed (``verify()`` says ``authenticated: False``) and refuses
+writes.  :meth:`RecipientLog.anchor` gives the audit chain's head for an
+outside witness, and ``verify(anchor)`` detects entries cut off since.
+
+``log_meta`` also holds a random ``instance_id`` (part of every alert id, so
+two logs never share a CAP identifier) and a persistent alert counter.  While
+a process owns the log, an ``owner`` row is checkpointed into the main file
+and removed at a clean close: a main file that has it but no ``-wal`` file was
+copied without its WAL while in use, and is refused instead of silently lacking
+the pushes since the last checkpoint (copy a live log with :meth:`backup`).
+A second :class:`RecipientLog` on the same file in one process is refused too.
+
 Retention
 ---------
 :meth:`RecipientLog.purge_audiences` drops the bitmaps of a closed alert,
@@ -78,12 +98,15 @@ import contextlib
 import datetime as _dt
 import functools
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import sqlite3
 import struct
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +117,8 @@ from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidI
                      UnknownAlertError, UnknownPushError)
 from .geo import check_aware, check_radius
 
-__all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS"]
+__all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS", "load_key",
+           "KEY_ENV", "KEY_FILE_ENV"]
 
 #: Kinds that reach only devices never notified for the alert; their union is the closure audience.
 NEW_DEVICE_KINDS = ("alert", "expand", "topup")
@@ -103,7 +127,7 @@ NOTIFIED_KINDS = ("update", "closure", "retraction")
 KINDS = NEW_DEVICE_KINDS + NOTIFIED_KINDS
 
 FILENAME = "recipients.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "GTRL", so a foreign SQLite file is refused, not misread.
 APPLICATION_ID = 0x4754524C
 _ZERO_HASH = bytes(32)
@@ -145,8 +169,14 @@ _SCHEMA = (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL)""",
     "CREATE INDEX audit_by_alert ON audit(alert_id, seq)",
+    # Named values of the log itself (instance id, alert counter, clock, key id, officers digest).
+    "CREATE TABLE log_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL, checksum BLOB NOT NULL)",
+    # Keyed MACs of push, alert, audit and log_meta records, apart from the rows they cover.
+    "CREATE TABLE macs(record TEXT PRIMARY KEY, mac BLOB NOT NULL)",
+    # One row while a process owns the log; see "Copies and backups" in the module docstring.
+    "CREATE TABLE owner(token TEXT NOT NULL)",
 )
-_METADATA_TABLES = ("pushes", "alerts", "audit")
+_METADATA_TABLES = ("pushes", "alerts", "audit", "log_meta", "macs")
 
 # SQLite's own failures; a damaged schema can make even its error message undecodable.
 _SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
@@ -237,6 +267,92 @@ def _alert_checksum(alert_id, record_text) -> bytes:
 
 def _audit_hash(prev_hash: str, entry: dict) -> str:
     return hashlib.sha256((prev_hash + _canon(entry)).encode()).hexdigest()
+
+
+def _meta_checksum(name, value) -> bytes:
+    return _framed_sha256(b"geotarget.meta/1", name, value)
+
+
+# ---------------------------------------------------------------------------
+# the MAC key, kept outside the log
+# ---------------------------------------------------------------------------
+
+#: The key itself (text, at least 16 bytes) ...
+KEY_ENV = "GEOTARGET_LOG_KEY"
+#: ... or the path of a file holding it (raw bytes; one trailing newline is ignored).
+KEY_FILE_ENV = "GEOTARGET_LOG_KEY_FILE"
+# 128 bits: below that an HMAC-SHA256 key is guessable offline from one MAC and its record.
+_MIN_KEY_BYTES = 16
+
+
+def _checked_key(key: bytes, where: str) -> bytes:
+    if len(key) < _MIN_KEY_BYTES:
+        raise InvalidInputError(f"{where}: the log key has {len(key)} bytes; at least "
+                                f"{_MIN_KEY_BYTES} are needed")
+    return key
+
+
+def load_key(key=None) -> bytes | None:
+    """The MAC key: ``key`` if given, else ``$GEOTARGET_LOG_KEY``, else the file named by
+    ``$GEOTARGET_LOG_KEY_FILE``; None when none is set (the log is then unkeyed)."""
+    if key is not None:
+        if isinstance(key, str):
+            key = key.encode()
+        if not isinstance(key, (bytes, bytearray)):
+            raise InvalidInputError(f"key must be bytes or str, got {type(key).__name__}")
+        return _checked_key(bytes(key), "key")
+    text = os.environ.get(KEY_ENV)
+    if text:
+        return _checked_key(text.encode(), KEY_ENV)
+    path = os.environ.get(KEY_FILE_ENV)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise InvalidInputError(f"{KEY_FILE_ENV}={path!r}: cannot read the key file "
+                                    f"({exc.strerror})") from None
+        return _checked_key(data[:-1] if data.endswith(b"\n") else data, f"{KEY_FILE_ENV}={path!r}")
+    return None
+
+
+def _mac_of(key: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 over length-prefixed parts (the record's existing checksums)."""
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+def _key_id(key: bytes) -> str:
+    """Names the key without revealing it, so a wrong key is told apart from a forged record."""
+    return hmac.new(key, b"geotarget.log-key-id", hashlib.sha256).hexdigest()[:16]
+
+
+def _parse_anchor(anchor) -> tuple[int, str]:
+    """``(count, head)`` from a tuple, a dict or the text ``COUNT:HEAD`` printed by ``audit anchor``."""
+    if isinstance(anchor, dict):
+        anchor = (anchor.get("count"), anchor.get("head"))
+    if isinstance(anchor, str):
+        anchor = tuple(anchor.strip().split(":", 1)) if ":" in anchor else (None, None)
+        try:
+            anchor = (int(anchor[0]), anchor[1])
+        except (TypeError, ValueError):
+            anchor = (None, None)
+    if (not isinstance(anchor, tuple) or len(anchor) != 2 or isinstance(anchor[0], bool)
+            or not isinstance(anchor[0], int) or anchor[0] < 1 or not isinstance(anchor[1], str)
+            or len(anchor[1]) != 64):
+        raise InvalidInputError(f"anchor must be 'COUNT:HEAD' as printed by `geotarget audit anchor` "
+                                f"(count >= 1, a 64-digit hash), got {anchor!r}")
+    return anchor
+
+
+# One RecipientLog per file in a process: SQLite's exclusive lock already keeps
+# other processes out, and this keeps a second object in the same process out
+# with a clear error instead of a lock timeout.
+_OPEN_LOGS: dict[str, "weakref.ref"] = {}
+_OPEN_LOGS_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +573,7 @@ class RecipientLog:
     for the whole block.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None):
         try:
             p = os.fspath(path)
         except TypeError:
@@ -469,16 +585,36 @@ class RecipientLog:
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent):
             raise InvalidInputError(f"path={p!r}: directory {parent!r} does not exist")
-        if not isinstance(timeout, (int, float)) or not timeout >= 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self._path = p
         self._timeout = float(timeout)
         self._lock = threading.RLock()
         self._depth = 0
         self._conn = None
-        if not os.path.exists(p):
-            _create(p)
-        self._conn = self._connect()
+        self._key = load_key(key)
+        self._owner_engine = None
+        real = os.path.realpath(p)
+        with _OPEN_LOGS_LOCK:
+            other = _OPEN_LOGS.get(real)
+            other = other() if other is not None else None
+            if other is not None and other._conn is not None:
+                raise InvalidInputError(f"path={p!r} is held by another RecipientLog in this process ({other!r}); a "
+                                        f"recipient log has one owner at a time")
+            created = not os.path.exists(p)
+            if created:
+                _create(p, self._key)
+            self._conn = self._connect()
+            _OPEN_LOGS[real] = weakref.ref(self)
+        # A log dropped without close() (or left open at interpreter exit) is
+        # closed cleanly too, or its next open would see an owner without a WAL.
+        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
+        self._real = real
+        try:
+            self._load_identity()
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -504,8 +640,12 @@ class RecipientLog:
             if self._depth:
                 raise GeotargetError(f"{self._path}: close() called inside a transaction")
             conn, self._conn = self._conn, None
+            with _OPEN_LOGS_LOCK:
+                if _OPEN_LOGS.get(self._real) is not None and _OPEN_LOGS[self._real]() is self:
+                    del _OPEN_LOGS[self._real]
+            self._finalizer.detach()
             try:
-                conn.close()
+                _close_connection(conn)
             except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
@@ -513,6 +653,7 @@ class RecipientLog:
         # Everything SQLite would act on is validated first: once connected, a
         # close would checkpoint the WAL into the file.
         _check_files(self._path)
+        wal_present = os.path.exists(self._path + "-wal")
         try:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
                                    timeout=self._timeout)
@@ -532,8 +673,22 @@ class RecipientLog:
             conn.execute("BEGIN EXCLUSIVE")
             try:
                 self._check_schema(conn)
+                owned = conn.execute("SELECT count(*) FROM owner").fetchone()[0]
             finally:
                 conn.execute("ROLLBACK")
+            if owned and not wal_present:
+                raise CorruptFileError(
+                    f"{self._path}: the log was in use by a process when this file was written, and "
+                    f"its write-ahead log {os.path.basename(self._path)}-wal is missing: pushes "
+                    f"acknowledged after the last checkpoint would be silently lost.  Copy a live log "
+                    f"with `geotarget log backup`, or copy both files together")
+            # Mark the main file as owned, and checkpoint so that the mark (and
+            # everything before it) is in the main file itself.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM owner")
+            conn.execute("INSERT INTO owner(token) VALUES(?)", (secrets.token_hex(8),))
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except BaseException as exc:
             conn.close()
             if isinstance(exc, _SQLITE_ERRORS):
@@ -616,15 +771,199 @@ class RecipientLog:
                     conn.execute("ROLLBACK")
                 raise
 
+    # -- copies -------------------------------------------------------------
+
+    def backup(self, dst) -> str:
+        """Copy the whole log, WAL included, into a new file ``dst`` with SQLite's online backup.
+
+        The copy is consistent (taken between transactions), fsynced, linked
+        into place only when complete, and carries no owner mark: it opens as a
+        cleanly closed log with the same instance id and key.  Returns its path.
+        """
+        try:
+            d = os.fsdecode(os.fspath(dst))
+        except TypeError:
+            raise InvalidInputError(f"dst must be a str or os.PathLike, got {dst!r}") from None
+        if os.path.isdir(d):
+            d = os.path.join(d, FILENAME)
+        if os.path.lexists(d):
+            raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file")
+        parent = os.path.dirname(os.path.abspath(d))
+        if not os.path.isdir(parent):
+            raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(d)}.", suffix=".backup", dir=parent)
+        os.close(fd)
+        try:
+            with self._guard() as conn:
+                if self._depth:
+                    raise GeotargetError(f"{self._path}: backup() called inside a transaction")
+                target = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    conn.backup(target)
+                    target.execute("PRAGMA journal_mode=WAL")
+                    target.execute("DELETE FROM owner")
+                finally:
+                    target.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, d)
+            _fsync_dir(parent)
+        except FileExistsError:
+            raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file") from None
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        return d
+
+    # -- identity, keyed MACs and named values --------------------------------
+
+    def _load_identity(self) -> None:
+        with self._guard() as conn:
+            rows = {r[0]: r for r in conn.execute("SELECT name, value, checksum FROM log_meta")}
+        for name in ("instance_id", "key_id"):
+            if name in rows and _meta_checksum(name, rows[name][1]) != rows[name][2]:
+                raise CorruptFileError(f"{self._path}: log value {name!r}: checksum mismatch")
+        if "instance_id" not in rows:
+            raise CorruptFileError(f"{self._path}: the log has no instance id")
+        key_id = rows["key_id"][1] if "key_id" in rows else None
+        if self._key is not None:
+            if key_id is None:
+                raise CorruptFileError(
+                    f"{self._path}: a MAC key is set but the log records no key: it was written "
+                    f"unkeyed, or its key record was removed; its records cannot be authenticated")
+            if key_id != _key_id(self._key):
+                raise InvalidInputError(f"{self._path}: the MAC key given is not this log's key "
+                                        f"(key id {_key_id(self._key)}, the log's is {key_id})")
+            with self._guard() as conn:
+                self._check_mac(conn, "meta:key_id", rows["key_id"][2], where="log value 'key_id'")
+                self._check_mac(conn, "meta:instance_id", rows["instance_id"][2],
+                                where="log value 'instance_id'")
+        self._key_id = key_id
+        self._instance_id = rows["instance_id"][1]
+
+    @property
+    def instance_id(self) -> str:
+        """Random id of this log, drawn at creation; part of every alert id it hands out."""
+        return self._instance_id
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the log was created with a MAC key (whether or not this object holds it)."""
+        return self._key_id is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether reads check the keyed MACs (the key is held)."""
+        return self._key is not None
+
+    def claim(self, owner) -> None:
+        """Make ``owner`` (an engine) the one user of this log in this process.
+
+        A second live owner gets :class:`InvalidInputError`: two engines on one
+        log would each hand out pushes from their own view of the alerts.
+        """
+        with self._lock:
+            current = self._owner_engine() if self._owner_engine is not None else None
+            if current is not None and current is not owner:
+                raise InvalidInputError(f"log {self._path!r} is already owned by another engine "
+                                        f"({current!r}); one engine owns a log at a time")
+            self._owner_engine = weakref.ref(owner)
+
+    def release(self, owner) -> None:
+        """Undo :meth:`claim` (when ``owner`` holds it)."""
+        with self._lock:
+            if self._owner_engine is not None and self._owner_engine() is owner:
+                self._owner_engine = None
+
+    def _mac(self, *parts: bytes) -> bytes:
+        return _mac_of(self._key, *parts)
+
+    def _put_mac(self, conn, record: str, *parts: bytes) -> None:
+        if self._key_id is not None and self._key is None:
+            raise InvalidInputError(
+                f"{self._path} is a keyed log: writing to it needs its key ({KEY_ENV} or "
+                f"{KEY_FILE_ENV}); without the key it can only be read")
+        if self._key is not None:
+            conn.execute("INSERT OR REPLACE INTO macs(record, mac) VALUES(?,?)",
+                         (record, self._mac(*parts)))
+
+    def _check_mac(self, conn, record: str, *parts: bytes, where: str) -> None:
+        if self._key is None:
+            return
+        row = conn.execute("SELECT mac FROM macs WHERE record=?", (record,)).fetchone()
+        if row is None or not isinstance(row[0], bytes) or not hmac.compare_digest(row[0], self._mac(*parts)):
+            raise CorruptFileError(f"{self._path}: {where}: the keyed MAC does not match: the record "
+                                   f"was altered by someone without the log's key")
+
+    def meta_value(self, name: str) -> str | None:
+        """A named value of the log (checked like every record), or None if never set."""
+        name = _check_id(name, "name")
+        with self._guard() as conn:
+            row = conn.execute("SELECT value, checksum FROM log_meta WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return None
+            if _meta_checksum(name, row[0]) != row[1]:
+                raise CorruptFileError(f"{self._path}: log value {name!r}: checksum mismatch")
+            self._check_mac(conn, f"meta:{name}", row[1], where=f"log value {name!r}")
+            return row[0]
+
+    def set_meta_value(self, name: str, value: str) -> None:
+        """Set a named value (in the caller's transaction, if any)."""
+        name = _check_id(name, "name")
+        if not isinstance(value, str):
+            raise InvalidInputError(f"value must be a str, got {type(value).__name__}")
+        with self.transaction() as log:
+            checksum = _meta_checksum(name, value)
+            log._put_mac(log._conn, f"meta:{name}", checksum)
+            log._conn.execute("INSERT OR REPLACE INTO log_meta(name, value, checksum) VALUES(?,?,?)",
+                              (name, value, checksum))
+
+    def next_alert_number(self) -> int:
+        """Draw the next alert number from the log's persistent counter (1, 2, ...).
+
+        The counter only grows, so a number is never drawn twice, whatever
+        happens to alert rows; call it inside the transaction that saves the alert.
+        """
+        with self.transaction() as log:
+            n = int(log.meta_value("alert_counter") or 0) + 1
+            log.set_meta_value("alert_counter", str(n))
+        return n
+
+    def anchor(self) -> dict:
+        """The audit chain's head: ``{"count", "head"}`` (and ``"text"``, ``COUNT:HEAD``).
+
+        Kept by an outside witness, it lets :meth:`verify` detect the newest
+        entries being cut off, which no chain can detect from inside.
+        """
+        entries = self.audit_entries()
+        head = entries[-1]["hash"] if entries else _AUDIT_GENESIS
+        return {"count": len(entries), "head": head, "text": f"{len(entries)}:{head}"}
+
     # -- alerts -------------------------------------------------------------
 
-    def save_alert(self, alert_id: str, record: dict) -> None:
-        """Store the engine's state of one alert (JSON-able), replacing any earlier one."""
+    def save_alert(self, alert_id: str, record: dict, *, new: bool = False) -> None:
+        """Store the engine's state of one alert (JSON-able), replacing any earlier one.
+
+        ``new=True`` refuses (:class:`AlertStateError`) an id the log already holds,
+        as an alert or in any push, so that a new alert never takes over another's id.
+        """
         alert_id = _check_id(alert_id, "alert_id")
         text = _check_json_dict(record, "record")
         with self.transaction() as log:
-            log._conn.execute("INSERT OR REPLACE INTO alerts(alert_id, record, checksum) VALUES(?,?,?)",
-                              (alert_id, text, _alert_checksum(alert_id, text)))
+            conn = log._conn
+            if new and (conn.execute("SELECT 1 FROM alerts WHERE alert_id=?", (alert_id,)).fetchone()
+                        or conn.execute("SELECT 1 FROM pushes WHERE alert_id=? LIMIT 1",
+                                        (alert_id,)).fetchone()):
+                raise AlertStateError(f"alert_id={alert_id!r} is already used in {self._path}; "
+                                      f"an alert id is never reused")
+            checksum = _alert_checksum(alert_id, text)
+            log._put_mac(conn, f"alert:{alert_id}", checksum)
+            conn.execute("INSERT OR REPLACE INTO alerts(alert_id, record, checksum) VALUES(?,?,?)",
+                         (alert_id, text, checksum))
 
     def _decode_alert(self, alert_id, text, checksum) -> dict:
         try:
@@ -635,6 +974,8 @@ class RecipientLog:
                 raise ValueError("record is not an object")
         except (TypeError, ValueError, AttributeError) as exc:
             raise CorruptFileError(f"{self._path}: alert record {alert_id!r}: {exc}") from None
+        with self._guard() as conn:
+            self._check_mac(conn, f"alert:{alert_id}", checksum, where=f"alert record {alert_id!r}")
         return record
 
     def alerts(self) -> dict[str, dict]:
@@ -676,6 +1017,7 @@ class RecipientLog:
             meta_obj = json.loads(meta)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CorruptFileError(f"{where}: {exc}") from None
+        self._check_mac(self._conn, f"push:{log_seq}", checksum, state_sum, where=where)
         bm = None
         if audience:
             if purged_at is not None:
@@ -775,10 +1117,12 @@ class RecipientLog:
             prev = _ZERO_HASH if prev is None else prev[0]
             checksum = _push_checksum(push_id, alert_id, seq, kind, radius, created, count,
                                       meta_text, digest, len(blob), prev)
+            state_sum = _state_sum(checksum, None, None)
             cur = conn.execute(
                 f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?)",
                 (push_id, alert_id, seq, kind, radius, created, count, meta_text, digest, len(blob),
-                 prev, checksum, _state_sum(checksum, None, None)))
+                 prev, checksum, state_sum))
+            log._put_mac(conn, f"push:{cur.lastrowid}", checksum, state_sum)
             conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (cur.lastrowid, blob))
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
@@ -823,10 +1167,12 @@ class RecipientLog:
                 raise UnknownPushError(f"push_id={push_id!r}: no such push in {self._path}")
             if self._decode(rows[0], False).acked:
                 return False
-            checksum, purged_at = rows[0][12], rows[0][14]
+            log_seq, checksum, purged_at = rows[0][0], rows[0][12], rows[0][14]
             at = _now_iso()
+            state_sum = _state_sum(checksum, at, purged_at)
+            log._put_mac(log._conn, f"push:{log_seq}", checksum, state_sum)
             log._conn.execute("UPDATE pushes SET acked_at=?, state_sum=? WHERE push_id=?",
-                              (at, _state_sum(checksum, at, purged_at), push_id))
+                              (at, state_sum, push_id))
         return True
 
     def unacked(self) -> list[PushRecord]:
@@ -863,8 +1209,10 @@ class RecipientLog:
             at = _now_iso()
             for row, rec in todo:
                 log_seq, checksum, acked_at = row[0], row[12], row[13]
+                state_sum = _state_sum(checksum, acked_at, at)
+                log._put_mac(conn, f"push:{log_seq}", checksum, state_sum)
                 conn.execute("UPDATE pushes SET purged_at=?, state_sum=? WHERE log_seq=?",
-                             (at, _state_sum(checksum, acked_at, at), log_seq))
+                             (at, state_sum, log_seq))
                 conn.execute("DELETE FROM audiences WHERE log_seq=?", (log_seq,))
             if todo:
                 log.audit("purge_audiences", actor=actor, alert_id=alert_id,
@@ -904,6 +1252,7 @@ class RecipientLog:
                      "radius_km": radius, "count": count,
                      "detail": None if detail_text is None else json.loads(detail_text)}
             digest = _audit_hash(prev_hash, entry)
+            log._put_mac(conn, f"audit:{seq}", digest.encode())
             conn.execute(f"INSERT INTO audit({_AUDIT_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
                          (seq, when, actor, action, alert_id, radius, count, detail_text,
                           prev_hash, digest))
@@ -919,6 +1268,8 @@ class RecipientLog:
                 raise ValueError("hash mismatch")
         except (TypeError, ValueError) as exc:
             raise CorruptFileError(f"{self._path}: audit entry {seq}: {exc}") from None
+        with self._guard() as conn:
+            self._check_mac(conn, f"audit:{seq}", digest.encode(), where=f"audit entry {seq}")
         entry["prev_hash"] = prev_hash
         entry["hash"] = digest
         return entry
@@ -951,13 +1302,19 @@ class RecipientLog:
 
     # -- whole-log checks and sizes -----------------------------------------
 
-    def verify(self) -> None:
+    def verify(self, anchor=None) -> dict:
         """Check everything; raise :class:`CorruptFileError` naming the first bad record.
 
         Full SQLite integrity check, every push checksum and the push chain,
         every stored audience (digest, decoding, cardinality) and the delivery
-        rules between them, every alert checksum and the audit hash chain.
+        rules between them, every alert checksum and the audit hash chain; with
+        the key, every record's keyed MAC too.  ``anchor`` (``COUNT:HEAD`` from
+        :meth:`anchor`, kept outside) must still be on the audit chain: entries
+        cut off the end are detected.  Returns what was checked: ``keyed`` (the
+        log has a key), ``authenticated`` (the MACs were checked), ``anchored``.
         """
+        if anchor is not None:
+            anchor = _parse_anchor(anchor)
         with self._guard() as conn:
             rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
             if rows != ["ok"]:
@@ -998,8 +1355,21 @@ class RecipientLog:
                                        f"logged push")
             for r in conn.execute("SELECT alert_id, record, checksum FROM alerts").fetchall():
                 self._decode_alert(*r)
-            self._audit_chain([self._decode_audit(r) for r in conn.execute(
-                f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()])
+            entries = [self._decode_audit(r) for r in conn.execute(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()]
+            self._audit_chain(entries)
+            for (name,) in conn.execute("SELECT name FROM log_meta").fetchall():
+                self.meta_value(name)
+        if anchor is not None:
+            count, head = anchor
+            if len(entries) < count or entries[count - 1]["hash"] != head:
+                have = f"{len(entries)} entries" + (f", entry {count - 1} has hash "
+                                                    f"{entries[count - 1]['hash'][:16]}..."
+                                                    if len(entries) >= count else "")
+                raise CorruptFileError(
+                    f"{self._path}: the audit trail does not extend the anchor {count}:{head[:16]}... "
+                    f"({have}): entries were cut off or rewritten")
+        return {"keyed": self.keyed, "authenticated": self.authenticated, "anchored": anchor is not None}
 
     def stats(self) -> dict:
         """Sizes: pushes, recipients logged, audience bytes, bytes on disk, bytes per recipient."""
@@ -1018,7 +1388,16 @@ class RecipientLog:
                 "bytes_per_recipient": on_disk / recipients if recipients else None}
 
 
-def _create(path: str) -> None:
+def _close_connection(conn: sqlite3.Connection) -> None:
+    """Clear the owner mark, then close (SQLite checkpoints and removes the WAL)."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the mark stays, and so does the WAL
+        conn.execute("DELETE FROM owner")
+    conn.close()
+
+
+def _create(path: str, key: bytes | None) -> None:
     """Build an empty log under a temporary name, then link it into place atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".creating", dir=parent)
@@ -1032,6 +1411,17 @@ def _create(path: str) -> None:
             conn.execute("BEGIN IMMEDIATE")
             for stmt in _SCHEMA:
                 conn.execute(stmt)
+            # Random, so that two logs never hand out the same CAP identifiers.
+            meta = {"instance_id": secrets.token_hex(4)}
+            if key is not None:
+                meta["key_id"] = _key_id(key)
+            for name, value in meta.items():
+                checksum = _meta_checksum(name, value)
+                conn.execute("INSERT INTO log_meta(name, value, checksum) VALUES(?,?,?)",
+                             (name, value, checksum))
+                if key is not None:
+                    conn.execute("INSERT INTO macs(record, mac) VALUES(?,?)",
+                                 (f"meta:{name}", _mac_of(key, checksum)))
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")

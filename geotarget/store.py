@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from . import _kernels, _array_kernels, _store_kernels
 from ._fs import fsync_dir as _fsync_dir
+from ._fs import private_files
 from ._fs import start_writeback as _start_writeback
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_coordinates
@@ -231,6 +232,13 @@ def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.n
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidInputError(f"last_seen[{i}] = {out[i]} is outside 1970..2106 (epoch seconds)")
+    # A fix from the future would pass every freshness filter for years; a day
+    # absorbs skewed device clocks and time-zone slips.
+    late = np.flatnonzero(out > int(_dt.datetime.now(_dt.timezone.utc).timestamp()) + 86400)
+    if late.size:
+        i = int(late[0])
+        raise InvalidInputError(f"last_seen[{i}] = {out[i]} ({_dt.datetime.fromtimestamp(int(out[i]), _dt.timezone.utc):%Y-%m-%d}) "
+                                f"is more than a day in the future")
     return out
 
 
@@ -692,6 +700,7 @@ class DeviceStore:
             pa.array(self.last_seen_s, type=pa.int64()).view(pa.timestamp("s", tz="UTC")),
         ]
 
+    @private_files
     def save(self, directory) -> Path:
         """Write this generation to ``directory/store.arrow`` atomically (fsynced)."""
         d = Path(directory)
@@ -1169,6 +1178,7 @@ class StoreWriter:
     _COLS = (("device_id", np.uint64), ("lat", np.float64), ("lon", np.float64),
              ("app", np.int8), ("last_seen", np.int64))
 
+    @private_files
     def __init__(self, directory, n: int, app_names, generation: int = 1):
         if n > MAX_DEVICES:
             raise InvalidInputError(f"n={n} exceeds the {MAX_DEVICES} key space")
@@ -1229,6 +1239,7 @@ class StoreWriter:
             _start_writeback(self.fd, pos, a.nbytes)
         return job
 
+    @private_files
     def finish(self, id_index: bool = True, staged=()) -> "DeviceStore":
         """Check ids are unique, fsync, move into place with the id lookup files, and open.
 

@@ -18,7 +18,7 @@ def batch(store):
     up = np.concatenate([rng.choice(store.device_id, 20_000, replace=False),
                          np.arange(3000, dtype=np.uint64) + 10**15])
     rng.shuffle(up)
-    return up, rng.uniform(-60, 60, len(up)), rng.uniform(-170, 170, len(up)), np.full(len(up), 1_800_000_000)
+    return up, rng.uniform(-60, 60, len(up)), rng.uniform(-170, 170, len(up)), np.full(len(up), 1_760_000_000)
 
 
 def main():

@@ -115,12 +115,12 @@ def test_each_language_is_its_own_info(tmp_path):
 
 
 @pytest.mark.parametrize("details,match", [
-    ({"headline": "bad\x0bline"}, "headline contains U\\+000B"),
+    ({"headline": "bad\x0bline"}, "headline'\\] has a non-printable character U\\+000B"),
     ({"description": "x\x00"}, "description"),
     ({"translations": "en"}, "translations"),
     ({"translations": {"en": {"headline": 5}}}, "translations"),
     ({"translations": {"en": {"title": "x"}}}, "unknown field"),
-    ({"age": object()}, "cannot be written into CAP"),
+    ({"age": object()}, "details\\['age'\\] must be a string"),
 ])
 def test_text_cap_cannot_carry_is_refused_at_report_and_update(engine, details, match):
     """A poison detail is refused at the door; it would otherwise fail every later tick."""

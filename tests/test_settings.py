@@ -170,8 +170,8 @@ def test_elderly_case_has_its_own_event_schedule_and_expiry(make_engine):
     assert (event, code) == ("Missing and Endangered Person", "MEP")
     assert p.radius_km == 50.0                                   # the elderly schedule, not 100 km
     assert dt.datetime.fromisoformat(expires) == a.expires_at
-    child = _publish(eng, "child")
-    (q,) = eng.tick(T0 + dt.timedelta(minutes=11))
+    child = _publish(eng, "child", at=T0 + dt.timedelta(minutes=6))
+    (q,) = eng.tick(T0 + dt.timedelta(minutes=13))
     assert q.alert_id == child.id and _event(q.cap_xml)[:2] == ("Child Abduction Emergency", "CAE")
     assert q.radius_km == 100.0
     with pytest.raises(gt.InvalidInputError, match="case_type"):
@@ -301,29 +301,29 @@ def test_same_child_reported_twice_is_held_not_pushed(make_engine):
     first = _report(eng, 0, officer="S-1", details={"name": "Wang  Xiaoming", "age": 6})
     assert first.status == "open"
     eng.tick(T0 + dt.timedelta(minutes=5))
-    twin = _report(eng, 2, officer="S-1", lat=30.28, lon=120.16, details={"name": "wang xiaoming"})
+    twin = _report(eng, 6, officer="S-1", lat=30.28, lon=120.16, details={"name": "wang xiaoming"})
     assert twin.status == "held" and twin.duplicate_of == first.id
     assert [p.alert_id for p in eng.tick(T0 + dt.timedelta(minutes=70))] == [first.id]   # only the expand
     # far away, another name or another case type: not held
-    assert _report(eng, 3, officer="S-1", division="330100", lat=30.05, lon=119.95,   # ~30 km away
+    assert _report(eng, 71, officer="S-1", division="330100", lat=30.05, lon=119.95,   # ~30 km away
                    details={"name": "Wang Xiaoming"}).status == "open"
-    assert _report(eng, 4, officer="S-1", details={"name": "Li Hua"}).status == "open"
-    assert _report(eng, 5, officer="S-1", details={"name": "Wang Xiaoming"},
+    assert _report(eng, 72, officer="S-1", details={"name": "Li Hua"}).status == "open"
+    assert _report(eng, 73, officer="S-1", details={"name": "Wang Xiaoming"},
                    case_type="elderly").status == "open"
-    assert _report(eng, 6, officer="S-1").status == "open"              # no name: nothing to match
+    assert _report(eng, 74, officer="S-1").status == "open"              # no name: nothing to match
     # an officer confirms: the same child (merged, never pushed) ...
     with pytest.raises(gt.AlertStateError, match="not held"):
-        eng.confirm_duplicate(first.id, "S-1")
-    merged = eng.confirm_duplicate(twin.id, "S-1", now=T0 + dt.timedelta(minutes=20))
+        eng.confirm_duplicate(first.id, "S-1", now=T0 + dt.timedelta(minutes=75))
+    merged = eng.confirm_duplicate(twin.id, "S-1", now=T0 + dt.timedelta(minutes=75))
     assert merged.status == "merged"
     assert not eng.log.pushes(twin.id)
     # ... or another child after all, which then goes on like any report
-    other = _report(eng, 7, officer="C-1", details={"name": "Li Hua"})
+    other = _report(eng, 76, officer="C-1", details={"name": "Li Hua"})
     assert other.status == "held"
-    distinct = eng.confirm_distinct(other.id, "S-1", now=T0 + dt.timedelta(minutes=21))
+    distinct = eng.confirm_distinct(other.id, "S-1", now=T0 + dt.timedelta(minutes=77))
     assert distinct.status == "pending"                        # a county report still needs approval
-    eng.approve(other.id, "S-1", now=T0 + dt.timedelta(minutes=22))
-    assert other.id in {p.alert_id for p in eng.tick(T0 + dt.timedelta(minutes=23))}
+    eng.approve(other.id, "S-1", now=T0 + dt.timedelta(minutes=78))
+    assert other.id in {p.alert_id for p in eng.tick(T0 + dt.timedelta(minutes=79))}
     assert {e["action"] for e in eng.log.audit_entries()} >= {"confirm-duplicate", "confirm-distinct"}
     st = eng.stats()
     assert st["published"] == len([a for a in eng.alerts() if a.published_at is not None])

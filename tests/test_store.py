@@ -67,7 +67,7 @@ def test_save_open_and_generations_are_bit_exact(tmp_path):
     new = np.arange(300, dtype=np.uint64) + 10**12
     up_ids = np.concatenate([moved, new])
     up_lat, up_lon = rng.uniform(-50, 50, 800), rng.uniform(-170, 170, 800)
-    s2 = o1.with_updates(up_ids, up_lat, up_lon, last_seen=np.full(800, 1_800_000_000), app="weibo")
+    s2 = o1.with_updates(up_ids, up_lat, up_lon, last_seen=np.full(800, 1_760_000_000), app="weibo")
     assert s2.generation == 2 and len(s2) == 2300
     # old keys unchanged, new keys appended
     np.testing.assert_array_equal(s2.device_id[:2000], s1.device_id)
@@ -273,7 +273,7 @@ def test_with_updates_to_disk_equals_in_memory(tmp_path, with_app):
     up = np.concatenate([rng.choice(ids, 3000, replace=False), np.arange(900, dtype=np.uint64) + 10**13])
     rng.shuffle(up)
     ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
-    useen = np.full(len(up), 1_800_000_000)
+    useen = np.full(len(up), 1_760_000_000)
     app = rng.choice(["amap", "didi"], len(up)) if with_app else None
     mem = base.with_updates(up, ulat, ulon, last_seen=useen, app=app)
     disk = base.with_updates(up, ulat, ulon, last_seen=useen, app=app, directory=tmp_path / "g2")
@@ -378,7 +378,7 @@ def test_with_updates_to_disk_matches_in_memory_in_every_shape(tmp_path, batch, 
           "everyone moves": ids.copy()}[batch]
     rng.shuffle(up)
     ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
-    useen = np.full(len(up), 1_800_000_000)
+    useen = np.full(len(up), 1_760_000_000)
     app = rng.choice(["amap", "didi"], len(up)) if with_app else None
     mem = base.with_updates(up, ulat, ulon, last_seen=useen, app=app)
     disk = base._with_updates_to_disk(tmp_path / "g2", up, ulat, ulon, useen, app, None, chunk_rows=chunk_rows)
@@ -412,7 +412,7 @@ def test_with_updates_to_disk_from_every_kind_of_old_generation(tmp_path, monkey
     rng = np.random.default_rng(14)
     up = np.concatenate([rng.choice(ids, 700, replace=False), np.arange(60, dtype=np.uint64) + 10**13])
     ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
-    useen = np.full(len(up), 1_800_000_000)
+    useen = np.full(len(up), 1_760_000_000)
     mem = base.with_updates(up, ulat, ulon, last_seen=useen)
     disk = base._with_updates_to_disk(tmp_path / "g2", up, ulat, ulon, useen, None, None, chunk_rows=1000)
     _assert_same_generation(disk, mem, np.concatenate([ids, up]))
