@@ -1,8 +1,10 @@
 """Small durable-filesystem helpers shared by the store, the index and the log."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def fsync_dir(path) -> None:
@@ -39,3 +41,93 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
+# ---------------------------------------------------------------------------
+# digests and sealed metadata (the integrity chain; see docs/design.md, "Integrity")
+# ---------------------------------------------------------------------------
+
+#: The content hash of every data file: xxh3-128 runs at memory speed (22 GB/s
+#: on one core of the 2-core reference machine, against 0.6 GB/s for blake2b),
+#: so a 400 M-device generation verifies in seconds.  It detects damage and
+#: mix-ups, not a forger who rewrites the manifest too (the manifests are not keyed).
+DIGEST = "xxh3_128"
+#: Bytes hashed per step: the process drops each step's pages from its RSS afterwards.
+_DIGEST_CHUNK = 1 << 26
+
+
+def file_digest(path) -> tuple[int, str]:
+    """``(size, hex xxh3-128)`` of a file's bytes, read through a read-only mapping."""
+    import mmap
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return 0, h.hexdigest()
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            for off in range(0, size, _DIGEST_CHUNK):
+                n = min(_DIGEST_CHUNK, size - off)
+                h.update(view[off:off + n])
+                if hasattr(mmap, "MADV_DONTNEED"):
+                    mm.madvise(mmap.MADV_DONTNEED, off, n)  # the page cache keeps them; RSS does not
+        finally:
+            view.release()
+    finally:
+        mm.close()
+    return size, h.hexdigest()
+
+
+def canonical_json(doc) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def seal(doc: dict) -> dict:
+    """``doc`` with a ``checksum`` over the canonical JSON of everything else in it."""
+    import xxhash
+
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return {**body, "checksum": xxhash.xxh3_128_hexdigest(canonical_json(body).encode())}
+
+
+def read_sealed(path, what: str) -> dict:
+    """Parse a sealed JSON file; :class:`CorruptFileError` if missing, unparsable or its checksum fails."""
+    import xxhash
+
+    from .errors import CorruptFileError
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CorruptFileError(f"{p.parent}: no {p.name}; is this {what}?") from None
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{p}: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("checksum"), str):
+        raise CorruptFileError(f"{p}: not sealed metadata (no checksum); written by an older "
+                               f"geotarget or not {what}")
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    try:
+        ok = xxhash.xxh3_128_hexdigest(canonical_json(body).encode()) == doc["checksum"]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CorruptFileError(f"{p}: checksum mismatch: the metadata was altered or damaged")
+    return body
+
+
+def write_sealed(path, doc: dict) -> None:
+    """Write ``seal(doc)`` to ``path`` atomically (fsynced tmp file renamed; the caller fsyncs the directory)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(canonical_json(seal(doc)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
