@@ -297,14 +297,18 @@ class DeviceStore:
     # -- constructors -----------------------------------------------------
 
     @classmethod
-    def from_arrays(cls, device_id, lat, lon, app=None, last_seen=None, *, generation=1):
+    def from_arrays(cls, device_id, lat, lon, app=None, last_seen=None, *, generation=1, lineage=None):
         """Ingest one batch of devices.
 
         Rows are reordered spatially and device ``i`` of the result has key
         ``i``; use :meth:`lookup` to find a device's key.  Bad input raises
         :class:`~geotarget.errors.InvalidInputError` naming the column and the
-        first bad row; nothing is ingested.
+        first bad row; nothing is ingested.  A first ingest starts a new
+        random lineage; ``lineage`` names one instead, for a process that
+        re-creates the same population deterministically (tests, replays).
         """
+        if lineage is not None and (not isinstance(lineage, str) or not lineage):
+            raise InvalidInputError(f"lineage must be a non-empty string, got {lineage!r}")
         ids = _check_ids(device_id)
         n = ids.shape[0]
         lat, lon = check_coordinates(lat, lon)
@@ -316,7 +320,7 @@ class DeviceStore:
         seen = _check_last_seen(last_seen, n)
         order = _spatial_order(lat, lon)
         return cls(_take(ids, order), _take(lat, order), _take(lon, order), _take(codes, order),
-                   names, _take(seen, order), generation=generation)
+                   names, _take(seen, order), generation=generation, lineage=lineage)
 
     @classmethod
     def from_table(cls, table: pa.Table, *, generation=1):
