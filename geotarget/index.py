@@ -314,6 +314,16 @@ class SpatialIndex:
         self.manifest = meta
         return d
 
+    @staticmethod
+    def remove(directory) -> None:
+        """Delete a saved index (not its store): index.json first, so it stops opening at once."""
+        d = Path(directory)
+        (d / INDEX_META).unlink(missing_ok=True)
+        _fsync_dir(d)
+        for name in list(_ARRAYS) + list(DELTA_ARRAYS):
+            (d / f"{name}.npy").unlink(missing_ok=True)
+        _fsync_dir(d)
+
     @classmethod
     def open(cls, directory) -> "SpatialIndex":
         """Memory-map a saved index and its store (cost independent of n).
