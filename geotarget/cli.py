@@ -224,7 +224,11 @@ def _engine(args, officers_required: bool):
     authority = load_officers(args.officers) if args.officers else Authority([])
     index = _open_index(args.index)
     log = _open_log(args.log, create=args.action == "report")
-    return AlertEngine(index, log=log, authority=authority)
+    try:
+        return AlertEngine(index, log=log, authority=authority)
+    except BaseException:
+        log.close()  # refused (e.g. an index of another lineage): let go of the log's lock
+        raise
 
 
 # ---------------------------------------------------------------------------
