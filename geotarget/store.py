@@ -880,9 +880,15 @@ class DeviceStore:
             path = d / changed_files[0]
             try:
                 parent = int(path.stem[len(CHANGED_PREFIX):])
+            except ValueError:
+                raise CorruptFileError(f"{path}: not a changed-keys file name") from None
+            if parent != meta["parent"]:
+                raise CorruptFileError(f"{path}: changed keys since generation {parent}, but the parent "
+                                       f"is {meta['parent']}")
+            try:
                 changed = np.load(path, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise CorruptFileError(f"{path}: {exc}") from None
+            except Exception as exc:  # see load_npy
+                raise CorruptFileError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
             if changed.dtype != np.uint32 or changed.ndim != 1 or (
                     changed.size and int(changed[-1]) >= batch.num_rows):
                 raise CorruptFileError(f"{path}: not a sorted key list of this store")
@@ -1009,8 +1015,8 @@ def load_npy(path: Path, dtype, shape) -> np.ndarray:
     """Memory-map a ``.npy`` file, or raise CorruptFileError unless it has this dtype and shape."""
     try:
         a = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise CorruptFileError(f"{path}: {exc}") from None
+    except Exception as exc:  # a damaged header surfaces as ValueError, SyntaxError, tokenize.TokenError...
+        raise CorruptFileError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
     if a.dtype != np.dtype(dtype) or a.shape != tuple(shape) or not a.flags.c_contiguous:
         raise CorruptFileError(f"{path}: expected {np.dtype(dtype)} {tuple(shape)}, found {a.dtype} {a.shape}")
     return a
