@@ -23,6 +23,15 @@ long runs of keys (which roaring bitmaps compress to almost nothing).
 
 ``DeviceStore.open`` memory-maps the file: it reads the footer, not the rows,
 and its cost does not grow with the number of devices.
+
+Identity and integrity
+----------------------
+The schema metadata names the generation: its lineage (random at first
+ingest, kept by every later generation), number, parent and a random uid.
+``store.json`` beside it is a sealed manifest listing the size and xxh3-128
+digest of every file of the generation; open checks the seal, that
+store.arrow's identity matches, and the sizes; :meth:`DeviceStore.verify`
+hashes the bytes (see docs/design.md, "Integrity").
 """
 from __future__ import annotations
 
@@ -51,7 +60,7 @@ ID_INDEX_FILE = "id_index.npy"
 ID_SORTED_FILE = "id_sorted.npy"
 #: ``changed_since_<parent generation>.npy``: keys this generation changed (uint32, sorted)
 CHANGED_PREFIX = "changed_since_"
-#: The generation's manifest: identity, lineage and a digest of every file (see ``_manifest``).
+#: The generation's sealed manifest: identity, lineage and a digest of every file (see ``_install``).
 MANIFEST_FILE = "store.json"
 #: 2: store.arrow names its lineage, parent and uid; ``store.json`` seals the files.
 FORMAT_VERSION = 2
