@@ -1047,6 +1047,7 @@ class RecipientLog:
                                        f"logged push")
             for r in conn.execute("SELECT alert_id, record, checksum FROM alerts").fetchall():
                 self._decode_alert(*r)
+            self.lineage()  # re-checks the lineage row's checksum
             self._audit_chain([self._decode_audit(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()])
 

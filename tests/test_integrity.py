@@ -253,6 +253,20 @@ def test_refresh_with_a_fresh_reingest_instead_of_a_descendant_is_refused(world,
         eng.log.close()
 
 
+def test_an_altered_lineage_row_in_the_log_is_refused(world, tmp_path):
+    log = _log_copy(world, tmp_path)
+    other = gt.DeviceStore.open(world["h"][1]).lineage
+    conn = sqlite3.connect(log)
+    conn.execute("UPDATE lineage SET lineage=? WHERE id=1", (other,))   # as if the log were the other's
+    conn.commit()
+    conn.close()
+    with gt.RecipientLog(log) as lg:
+        with pytest.raises(CorruptFileError, match="lineage fails its checksum"):
+            lg.verify()
+    with pytest.raises(CorruptFileError, match="lineage fails its checksum"):
+        close_ids(world["h"][1], log, world["alert"])
+
+
 def test_engine_refuses_an_index_older_than_the_newest_generation_its_log_used(world, tmp_path):
     with pytest.raises(LineageError, match="older than generation 2"):
         engine(gt.SpatialIndex.open(world["g"][0]), _log_copy(world, tmp_path))
