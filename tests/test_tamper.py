@@ -12,10 +12,13 @@ whose every byte is under a digest, any change of bytes must be refused.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from geotarget.errors import GeotargetError
 
@@ -101,3 +104,16 @@ def test_tampered_file_ends_in_a_typed_error_or_the_exact_answer(world, tmp_path
     outcome = _outcome(d, log, world["alert"], world["expected"])
     if name != LOG_FILE and changed:
         assert outcome == "refused", f"{name} changed by {damage} but still opened and answered"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(STORE_FILES + INDEX_FILES), where=st.floats(0.0, 1.0, exclude_max=True),
+       bit=st.integers(0, 7))
+def test_any_single_bit_flip_in_a_store_or_index_file_is_refused(world, name, where, bit):
+    with tempfile.TemporaryDirectory() as tmp:
+        d = copy_dir(world["g"][1], Path(tmp) / "d")
+        raw = bytearray((d / name).read_bytes())
+        raw[int(where * len(raw))] ^= 1 << bit
+        (d / name).write_bytes(bytes(raw))
+        with pytest.raises(GeotargetError):
+            query_ids(d)
