@@ -8,6 +8,12 @@ Two modes, each printing one JSON object:
   and ``verify()`` after ``posix_fadvise(DONTNEED)`` evicted the directory's
   files from the page cache (read from disk; best of 2).  Throughput is the
   bytes under a digest (store and index files) over the time.
+* ``query-ab``: the integrity chain's only change to the query path is one
+  test in ``SpatialIndex._args`` (has this index been verified?).  This
+  mode times the queries with ``_args`` as it is and with the same method
+  minus that test (``_args_before``, the body at 381847a), interleaved in
+  one process, 30 rounds of 10 calls each, so the machine's load hits both
+  alike; it prints the median ratio after / before.
 * ``query``: the query path on an index built in memory from the same
   population: ``within(...).fill(buf)`` and ``count`` at the dense centre
   (Shanghai) at 100 and 500 km, and the dispatch filter (seen in the last
@@ -20,6 +26,7 @@ Usage::
 
     python benchmarks/bench_integrity.py files --devices 20M --workdir /tmp/gt-integrity
     python benchmarks/bench_integrity.py query --devices 20M --reps 40
+    python benchmarks/bench_integrity.py query-ab --devices 20M
 """
 from __future__ import annotations
 
@@ -117,14 +124,57 @@ def mode_query(a) -> dict:
     return out
 
 
+def _args_before(self, lat, lon, radius_km, seen_since, apps):
+    """``SpatialIndex._args`` at 381847a, before the integrity chain (no verified test)."""
+    from geotarget.geo import check_aware, check_point, check_radius, epoch_seconds
+    clat, clon = check_point(lat, lon)
+    r = check_radius(radius_km)
+    seen_min = -1
+    if seen_since is not None:
+        seen_min = max(0, epoch_seconds(check_aware(seen_since, "seen_since")))
+        seen_min = min(seen_min, 2**32 - 1)
+    codes = None
+    if apps is not None:
+        if isinstance(apps, str):
+            apps = [apps]
+        codes = [self.store.app_code(a) for a in apps]
+    return clat, clon, r, seen_min, codes
+
+
+def mode_query_ab(a) -> dict:
+    cls = gt.SpatialIndex
+    after = cls._args
+    index = cls.build(population(a.devices, seed=0))
+    buf = np.empty(len(index), dtype=np.uint32)
+    cases = {"count_500km": lambda: index.count(*SHANGHAI, 500.0),
+             "fill_500km": lambda: index.within(*SHANGHAI, 500.0).fill(buf),
+             "fill_100km": lambda: index.within(*SHANGHAI, 100.0).fill(buf)}
+    out = {"mode": "query-ab", "devices": a.devices, "ms": {}}
+    try:
+        for name, fn in cases.items():
+            t = {"before": [], "after": []}
+            for rnd in range(30):
+                order = (("before", _args_before), ("after", after))
+                for which, method in (order if rnd % 2 == 0 else order[::-1]):
+                    cls._args = method
+                    fn()
+                    t[which] += _times(fn, 10)
+            out["ms"][name] = {w: _summary(v) for w, v in t.items()}
+            out["ms"][name]["median_ratio_after_over_before"] = round(
+                statistics.median(t["after"]) / statistics.median(t["before"]), 4)
+    finally:
+        cls._args = after
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=("files", "query"))
+    p.add_argument("mode", choices=("files", "query", "query-ab"))
     p.add_argument("--devices", type=parse_count, default=20_000_000)
     p.add_argument("--workdir", default="/tmp/gt-integrity-bench")
     p.add_argument("--reps", type=int, default=40)
     a = p.parse_args(argv)
-    res = mode_files(a) if a.mode == "files" else mode_query(a)
+    res = {"files": mode_files, "query": mode_query, "query-ab": mode_query_ab}[a.mode](a)
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
     return 0
