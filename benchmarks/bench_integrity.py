@@ -44,6 +44,7 @@ import numpy as np
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
 import geotarget as gt  # noqa: E402
 from geotarget.cli import parse_count  # noqa: E402
+from geotarget.geo import check_aware, check_point, check_radius, epoch_seconds  # noqa: E402
 from geotarget.population import population  # noqa: E402
 
 SHANGHAI = (31.23, 121.47)
@@ -126,7 +127,6 @@ def mode_query(a) -> dict:
 
 def _args_before(self, lat, lon, radius_km, seen_since, apps):
     """``SpatialIndex._args`` at 381847a, before the integrity chain (no verified test)."""
-    from geotarget.geo import check_aware, check_point, check_radius, epoch_seconds
     clat, clon = check_point(lat, lon)
     r = check_radius(radius_km)
     seen_min = -1
