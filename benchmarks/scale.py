@@ -208,11 +208,14 @@ def phase_generate(a) -> dict:
 def _build(directory: Path) -> dict:
     store = DeviceStore.open(directory)
     rss_open = rss_now()
+    # hashing the store's files is the integrity chain's cost, reported on its own (a build verifies first)
+    _, verify_s = timed(store.verify)
     index, build_s, build_cpu = timed_cpu(SpatialIndex.build, store, progress=None)
     rss_built = rss_now()
     _, save_s, save_cpu = timed_cpu(index.save, directory)
     n = len(index)
     return {"n": n, "generation": index.generation, "build_seconds": build_s, "save_seconds": save_s,
+            "store_verify_seconds": verify_s,
             "build_cpu_seconds": build_cpu, "save_cpu_seconds": save_cpu,
             "depth": index.depth, "leaf_size": index.leaf_size,
             "nbytes": index.nbytes, "nbytes_with_filters": index.nbytes_with_filters,
@@ -272,6 +275,7 @@ def phase_serve(a) -> dict:
     rss_before = rss_now()
     index, open_s = timed(SpatialIndex.open, directory)
     rss_open = rss_now()
+    _, verify_s = timed(index.verify)  # else the first query would hash every file
     n = len(index)
     buf = np.empty(n, dtype=np.uint32)  # allocated once; every fill below reuses it
     queries, auds = {}, {}
@@ -295,7 +299,8 @@ def phase_serve(a) -> dict:
                           "within_fill_median_s": float(np.median(times)),
                           "count_best_s": cbest, "count_median_s": float(np.median(ctimes))}
     rss_queries = rss_now()
-    out = {"n": n, "open_seconds": open_s, "repeat": a.repeat, "count_repeat": a.count_repeat,
+    out = {"n": n, "open_seconds": open_s, "verify_seconds": verify_s, "repeat": a.repeat,
+           "count_repeat": a.count_repeat,
            "rss_before_open": rss_before, "rss_after_open": rss_open, "rss_after_queries": rss_queries,
            "peak_rss_serving": rss_queries.get("VmHWM"), "queries": queries}
     if a.verify:
@@ -445,6 +450,8 @@ def phase_refresh(a) -> dict:
     # names, and this is the cheapest form of them a feed can hand over.
     app = population.app_array(cols["app"])
     rss_inputs = rss_now()
+    # A serving process has verified its generation already (the engine does on start): not timed below.
+    _, verify_s = timed(lambda: (store.verify(), old.verify()))
 
     with QueryLoop(old, a.query_interval) as base:
         time.sleep(a.baseline_seconds)
@@ -473,7 +480,8 @@ def phase_refresh(a) -> dict:
                                       | (new.lon[k_new] != cols["lon"][sample])).sum()),
         "sample_app_wrong": int((new.app_codes[k_new] != cols["app"][sample]).sum()),
     }
-    out = {"n": n, **facts, "make_updates_seconds": make_s, "seconds": secs, "cpu_seconds": cpu,
+    out = {"n": n, **facts, "make_updates_seconds": make_s, "verify_g1_seconds": verify_s,
+           "seconds": secs, "cpu_seconds": cpu,
            "rss_with_inputs": rss_inputs, "baseline_queries": baseline, "queries_during": during,
            "checks": checks, "disk_bytes": dir_bytes(g2)}
     if a.diagnose:
@@ -535,6 +543,8 @@ def phase_retarget(a) -> dict:
     reached_before = sum(engine.alert(p["alert_id"]).reached for p in plan)
 
     now = t_end + dt.timedelta(minutes=1)
+    # An operator verifies the new generation while the old one serves; refresh would do it otherwise.
+    _, verify2_s = timed(idx2.verify)
     pushes, secs, cpu = timed_cpu(engine.refresh, idx2, now)
     sizes = [len(p) for p in pushes]
     # the engine's own per-push split, where it reports one (Push.timings, ms)
@@ -547,7 +557,8 @@ def phase_retarget(a) -> dict:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     out = {"n_g1": len(idx1), "n_g2": len(idx2), "alerts": len(plan), "setup_seconds": setup_s,
            "setup_pushes": setup_pushes, "radii_km": sorted(radii.values()),
-           "devices_notified_before": reached_before, "seconds": secs, "cpu_seconds": cpu, "pushes": len(pushes),
+           "devices_notified_before": reached_before, "verify_g2_seconds": verify2_s,
+           "seconds": secs, "cpu_seconds": cpu, "pushes": len(pushes),
            "kinds": kinds, "devices": int(sum(sizes)), "engine_split_seconds": split,
            "devices_per_push": {"min": min(sizes, default=0), "median": float(np.median(sizes)) if sizes else 0,
                                 "max": max(sizes, default=0)},
@@ -708,11 +719,15 @@ def measures(res: dict, n: int) -> list[dict]:
         if b and "error" not in b:
             add(p, f"SpatialIndex.build ({label})", b["build_seconds"], "s", 60.0, cpu_note(b["build_cpu_seconds"]))
             add(p, f"index.save ({label})", b["save_seconds"], "s", note=cpu_note(b["save_cpu_seconds"]))
+            add(p, f"store.verify ({label}), before the build", b["store_verify_seconds"], "s",
+                note="xxh3-128 of every store file + key checks")
             add(p, "serving memory (positions, index, keys)", b["bytes_per_device"], "B/device", 24.0)
             add(p, "serving memory with seen/app filters", b["bytes_per_device_with_filters"], "B/device")
     s = res.get("serve")
     if s and "error" not in s:
         add("serve", "SpatialIndex.open", s["open_seconds"], "s", 1.0, "page cache not dropped")
+        add("serve", "index.verify (store and index files hashed, keys checked)", s["verify_seconds"], "s",
+            note="once per generation, before its first push")
         add("serve", "dense_500km: first within + fill after open", s["queries"]["dense_500km"]["first_within_fill_s"],
             "s", note="after the dense 100 km queries; pages faulting in")
         for q, v in s["queries"].items():
@@ -741,6 +756,7 @@ def measures(res: dict, n: int) -> list[dict]:
         add("refresh", f"with_updates, {r['updates']:,} updates ({r['new']:,} new)", r["seconds"], "s", 60.0,
             cpu_note(r["cpu_seconds"]) + " (the process, with the query thread)")
         add("refresh", "making the update batch (not timed above)", r["make_updates_seconds"], "s")
+        add("refresh", "verify g1 (store and index; not timed above)", r["verify_g1_seconds"], "s")
         dq, bq = r["queries_during"], r["baseline_queries"]
         add("refresh", "old-generation queries served during the refresh", dq["queries"], "count",
             note=f"dense 100 km within+fill, one every {dq['interval_s'] * 1e3:g} ms at most")
@@ -757,6 +773,7 @@ def measures(res: dict, n: int) -> list[dict]:
     if t and "error" not in t:
         add("retarget", f"engine.refresh, {t['alerts']} alerts", t["seconds"], "s", 5.0,
             note=f"{t['pushes']} pushes {t['kinds']}, {t['devices']:,} devices; {cpu_note(t['cpu_seconds'])}")
+        add("retarget", "idx2.verify before the refresh (not timed above)", t["verify_g2_seconds"], "s")
         for k, v in t.get("engine_split_seconds", {}).items():
             add("retarget", f"  engine's own split: {k.removesuffix('_ms')} (summed over pushes)", v, "s")
         add("retarget", "  the 50 queries alone (context)", t["queries_alone_seconds"], "s",

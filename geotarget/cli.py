@@ -321,14 +321,45 @@ def _store_summary(store, path, seconds: dict) -> dict:
             "apps": list(store.app_names), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
-def _check_store_dir(path) -> Path:
-    """Refuse an output directory that cannot be one, before any long work starts."""
+def _held(d: Path) -> list[str]:
+    from .index import INDEX_META
+    from .store import MANIFEST_FILE, STORE_FILE
+
+    return [what for what, names in (("a store", (STORE_FILE, MANIFEST_FILE)), ("an index", (INDEX_META,)))
+            if any((d / nm).exists() for nm in names)]
+
+
+def _check_store_dir(path, force: bool = False) -> Path:
+    """Refuse an output directory that cannot be one, before any long work starts.
+
+    A directory that already holds a store or an index is refused unless
+    ``force``: a new store next to an old index is how an index came to
+    answer for devices it was not built from.
+    """
     d = Path(path)
     if d.exists() and not d.is_dir():
         raise InvalidInputError(f"--store {str(d)!r} exists and is not a directory")
     if not d.parent.is_dir():
         raise InvalidInputError(f"--store {str(d)!r}: directory {str(d.parent)!r} does not exist")
+    held = _held(d) if d.is_dir() else []
+    if held and not force:
+        raise InvalidInputError(f"--store {str(d)!r} already holds {' and '.join(held)}; pass --force to "
+                                f"replace the store (its index is removed with it)")
     return d
+
+
+def _replace_store(store, d: Path) -> None:
+    """Save ``store`` into ``d``, removing any index there first.
+
+    The index goes before the store is touched, and the store's own save
+    replaces its manifest last: at no instant does ``d`` hold an index and a
+    store that open together but do not belong together.
+    """
+    from .index import SpatialIndex
+
+    if d.is_dir():
+        SpatialIndex.remove(d)
+    store.save(d)
 
 
 def _maybe_build(store, directory, seconds: dict, build: bool):
@@ -344,13 +375,13 @@ def _maybe_build(store, directory, seconds: dict, build: bool):
 def cmd_generate(args) -> int:
     from .population import population
 
-    _check_store_dir(args.store)
+    d = _check_store_dir(args.store, args.force)
     seconds = {}
     t0 = time.perf_counter()
     store = population(args.devices, seed=args.seed)
     seconds["generate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    store.save(args.store)
+    _replace_store(store, d)
     seconds["save"] = time.perf_counter() - t0
     _maybe_build(store, args.store, seconds, args.build)
     summary = _store_summary(store, args.store, seconds)
@@ -407,7 +438,7 @@ def cmd_ingest(args) -> int:
     from .store import DeviceStore
 
     path = Path(args.input)
-    _check_store_dir(args.store)
+    d = _check_store_dir(args.store, args.force)
     seconds = {}
     t0 = time.perf_counter()
     table = _read_table(path, args.format)
@@ -446,7 +477,7 @@ def cmd_ingest(args) -> int:
         store = DeviceStore.from_table(table)
     seconds["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    store.save(args.store)
+    _replace_store(store, d)
     seconds["save"] = time.perf_counter() - t0
     _maybe_build(store, args.store, seconds, args.build)
     summary = _store_summary(store, args.store, seconds)
@@ -467,6 +498,8 @@ def cmd_build(args) -> int:
     d = Path(args.store)
     if not d.is_dir():
         raise InvalidInputError(f"--store {str(d)!r}: no such directory")
+    if "an index" in _held(d) and not args.force:
+        raise InvalidInputError(f"--store {str(d)!r} already holds an index; pass --force to rebuild it")
     store = DeviceStore.open(d)
     t0 = time.perf_counter()
     index = SpatialIndex.build(store)
@@ -1068,6 +1101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=_nonneg_int, default=0)
     sp.add_argument("--store", required=True, metavar="DIR")
     sp.add_argument("--build", action="store_true", help="also build the index")
+    sp.add_argument("--force", action="store_true", help="replace a store (and remove its index) already in DIR")
 
     sp = verb("ingest", "Parquet (or GeoParquet points) or CSV into a store directory", cmd_ingest)
     sp.add_argument("input", metavar="FILE",
@@ -1077,9 +1111,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", metavar="DIR",
                     help="write a new generation of this store: the rows are location updates")
     sp.add_argument("--build", action="store_true", help="also build the index")
+    sp.add_argument("--force", action="store_true", help="replace a store (and remove its index) already in DIR")
 
     sp = verb("build", "build the spatial index of a store directory (written next to it)", cmd_build)
     sp.add_argument("--store", required=True, metavar="DIR")
+    sp.add_argument("--force", action="store_true", help="replace an index already in DIR")
 
     sp = verb("query", "devices within a circle: counts by app, or device ids to Parquet", cmd_query)
     sp.add_argument("--index", required=True, metavar="DIR")

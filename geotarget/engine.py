@@ -64,7 +64,8 @@ from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import AlertStateError, InvalidInputError, RateLimitError, UnauthorizedError, UnknownAlertError
+from .errors import (AlertStateError, CorruptFileError, InvalidInputError, LineageError, RateLimitError,
+                     UnauthorizedError, UnknownAlertError)
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
@@ -452,6 +453,7 @@ class AlertEngine:
         self.max_location_age = max_location_age
         self.workers = int(workers)
         self._lock = threading.RLock()
+        self._bind(index)
         self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
         clock = log.meta_value("clock")
         self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
@@ -480,6 +482,59 @@ class AlertEngine:
             self.log.release(self)
             self.log.close()
 
+    # -- integrity ------------------------------------------------------------
+
+    def _bind(self, index) -> None:
+        """Refuse an index the log's keys do not mean, then verify its bytes (before any push).
+
+        The log records the lineage at its first push and the generation of
+        every push: an index of another lineage maps the logged keys to other
+        devices, and one older than a generation already used lacks devices
+        (or moves) the log relies on.
+        """
+        store = index.store
+        lineage = self.log.lineage()
+        if lineage is not None and store.lineage != lineage:
+            raise LineageError(f"index: its store is of lineage {store.lineage}, but the recipient log "
+                               f"{self.log.path} was written against lineage {lineage}; its device "
+                               f"keys would name other devices")
+        newest = self.log.max_generation()
+        if newest is not None and store.generation < newest:
+            raise LineageError(f"index: its store is generation {store.generation}, older than generation "
+                               f"{newest} that the recipient log {self.log.path} already used")
+        # an index without verify() of its own (the sharded one) still resolves keys through its store
+        getattr(index, "verify", store.verify)()
+
+    def _check_keys(self, bm, what: str) -> None:
+        """Keys read from the log must lie inside the store: no kernel ever sees one that does not."""
+        n = len(self.index.store)
+        if len(bm) and bm.max() >= n:
+            raise CorruptFileError(f"{what}: holds device key {bm.max()} but the store has {n} devices; "
+                                   f"the log and the index are not of one store")
+
+    def _check_chain(self, alert: Alert) -> AbstractBitMap:
+        """The devices notified for ``alert``, after checking the log still holds its whole history.
+
+        An update, closure or retraction goes to the union of the logged
+        rings: a ring row lost from the log would silently shrink it.  So the
+        alert's pushes must be exactly seq 0 .. next_seq - 1 and their rings
+        must add up to the ``reached`` count the alert record (checksummed
+        apart from the pushes) holds.
+        """
+        recs = self.log.pushes(alert.alert_id, audiences=False)
+        seqs = [r.seq for r in recs]
+        where = f"alert {alert.alert_id} in {self.log.path}"
+        if seqs != list(range(alert.next_seq)):
+            raise CorruptFileError(f"{where}: the log holds pushes with seq {seqs}, but the alert made "
+                                   f"{alert.next_seq}; a push row is missing or foreign, nothing was sent")
+        ring = sum(r.count for r in recs if r.kind in RING_KINDS)
+        notified = self.log.notified(alert.alert_id)
+        if ring != alert.reached or len(notified) != alert.reached:
+            raise CorruptFileError(f"{where}: the logged rings hold {len(notified)} devices ({ring} "
+                                   f"counted), the alert record says {alert.reached}; nothing was sent")
+        self._check_keys(notified, where)
+        return notified
+
     # -- helpers ------------------------------------------------------------
 
     def alert(self, alert_id: str) -> Alert:
@@ -497,6 +552,7 @@ class AlertEngine:
         return RadiusSchedule.from_dict(alert.schedule)
 
     def _audience(self, bm) -> Audience:
+        self._check_keys(bm, f"an audience of {self.log.path}")
         return Audience(store=self.index.store, bitmap=bm)
 
     def _to_push(self, rec: PushRecord, timings: dict | None = None) -> Push:
@@ -551,9 +607,12 @@ class AlertEngine:
         meta = {"cap_xml": cap_xml, "actor": actor, **drill_meta}
         if extra:
             meta.update(extra)
+        store = self.index.store
         with self.log.transaction():
+            self.log.bind_lineage(store.lineage)
             rec = self.log.append_push(push_id=push_id, alert_id=alert.alert_id, seq=seq, kind=kind,
-                                       radius_km=radius, created_at=now, audience=bm, meta=meta)
+                                       radius_km=radius, created_at=now, audience=bm, meta=meta,
+                                       generation=store.generation)
             self.log.save_alert(alert.alert_id, updated.to_record())
             self.log.audit(kind, actor=actor, alert_id=alert.alert_id, radius_km=radius,
                            count=len(bm), at=now, detail={"push_id": push_id})
@@ -926,7 +985,7 @@ class AlertEngine:
             return newly
 
     def _follow(self, alert: Alert, kind: str, officer_id: str, now: _dt.datetime) -> Push:
-        return self._emit(alert, kind, alert.radius_km, self.log.notified(alert.alert_id), now, officer_id)
+        return self._emit(alert, kind, alert.radius_km, self._check_chain(alert), now, officer_id)
 
     def update(self, alert_id: str, officer_id: str, details: dict, now: _dt.datetime | None = None) -> Push:
         """New details, to everyone notified so far."""
@@ -1012,12 +1071,18 @@ class AlertEngine:
         """
         now = check_aware(now, "now")
         _check_index(new_index, "new_index")
-        if new_index.store.generation < self.index.store.generation or len(new_index.store) < len(self.index.store):
-            raise InvalidInputError(
-                f"new_index is generation {new_index.store.generation} with {len(new_index.store)} devices; "
-                f"it must not be older than the current generation {self.index.store.generation}")
+        new, cur = new_index.store, self.index.store
+        if new.lineage != cur.lineage:
+            raise LineageError(f"new_index: its store is of lineage {new.lineage}, not {cur.lineage} (a "
+                               f"fresh ingest, not a new generation): its keys name other devices")
+        if (new.generation < cur.generation or len(new) < len(cur)
+                or (new.generation == cur.generation and new.uid != cur.uid)):
+            raise LineageError(
+                f"new_index is generation {new.generation} with {len(new)} devices; it must be a "
+                f"descendant of the current generation {cur.generation} ({len(cur)} devices)")
         with self._lock:
             self._check_clock(now)
+            self._bind(new_index)
             store = new_index.store
             delta = None
             if (getattr(store, "changed_keys", None) is not None

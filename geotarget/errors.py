@@ -18,6 +18,11 @@ class CorruptFileError(GeotargetError, ValueError):
     """A file on disk fails validation (bad header, wrong size, checksum mismatch)."""
 
 
+class LineageError(CorruptFileError):
+    """Files that may each be intact do not belong together: another store lineage, a generation
+    older than one already used, or an index whose store was replaced."""
+
+
 class UnknownAlertError(GeotargetError, KeyError):
     """No alert with that id exists."""
 

@@ -7,7 +7,10 @@ arrays, and hands clean contiguous buffers to the kernels.
 On disk an index lives next to its store, in the same directory::
 
     store.arrow     the DeviceStore generation (Arrow IPC)
-    index.json      format version, n, depth, leaf size, generation, whether rows are keys
+    store.json      the store generation's sealed manifest (identity, digest of every store file)
+    index.json      sealed: format version, n, depth, leaf size, whether rows are keys, the
+                    identity and content digest of the store generation it was built from, and
+                    the size and xxh3-128 digest of every array below
     points.npy      (x, y, z float32, key uint32) records in leaf order
     keys.npy        uint32  (n,)    device key of each leaf-ordered row
     bounds.npy      float32 (2^(depth+1)-1, 6)  node boxes
@@ -19,14 +22,16 @@ On disk an index lives next to its store, in the same directory::
     delta_latlon.npy  float64 (2, m): their latitudes and longitudes (only when the store generation has a
                     changed_since_<g>.npy)
 
-All of them are memory-mapped read-only by :meth:`SpatialIndex.open`.
+All of them are memory-mapped read-only by :meth:`SpatialIndex.open`, which
+checks the seals, the binding to the store and the sizes; the first query (or
+:meth:`SpatialIndex.verify`) hashes every byte before any answer depends on it.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +42,16 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from .store import DeviceStore, _advise_mapping, _fsync_dir, _save_npy, load_json, load_npy
+from ._fs import read_sealed, write_sealed
+from .store import (MANIFEST_FILE, DeviceStore, _advise_mapping, _check_file_digest, _check_file_size,
+                    _fsync_dir, _stage_npy, load_npy, manifest_entries)
 
 INDEX_META = "index.json"
-FORMAT_VERSION = 1
+_INDEX_FORMAT = "geotarget.index"
+#: 2: index.json is sealed and binds the index to its store generation and its arrays' digests.
+FORMAT_VERSION = 2
+#: The store identity an index is bound to (``DeviceStore.identity``).
+_BINDING = ("lineage", "generation", "parent", "uid", "digest")
 #: Boundary leaves test every point (a vectorised pass); internal nodes cost a
 #: box test with branches.  At 20 M devices 64 points per leaf counted dense
 #: 500 km in 0.10 ms against 0.16 ms at 32 (fewer nodes), and builds faster.
@@ -146,6 +157,10 @@ class SpatialIndex:
         self.delta_latlon = _readonly(delta_latlon) if delta_latlon is not None else None
         self._tree = _kernels.Tree(self.points, self.keys, self.bounds, self.depth, store.lat, store.lon,
                                    self.seen, self.app, self.seen_bounds)
+        #: The sealed index.json this index was opened from (None when built in this process).
+        self.manifest: dict | None = None
+        self._verified = path is None
+        self._verify_lock = threading.Lock()
 
     # -- build ------------------------------------------------------------
 
@@ -156,6 +171,7 @@ class SpatialIndex:
             raise InvalidInputError(f"store must be a DeviceStore, got {type(store).__name__}")
         if not (1 <= int(leaf_size) <= 4096):
             raise InvalidInputError(f"leaf_size must be in [1, 4096], got {leaf_size!r}")
+        store.verify()  # an index must not bake damaged store bytes into arrays of its own
         n = len(store)
         lat = np.ascontiguousarray(store.lat, dtype=np.float64)
         lon = np.ascontiguousarray(store.lon, dtype=np.float64)
@@ -194,6 +210,8 @@ class SpatialIndex:
     # -- queries ------------------------------------------------------------
 
     def _args(self, lat, lon, radius_km, seen_since, apps):
+        if not self._verified:
+            self.verify()
         clat, clon = check_point(lat, lon)
         r = check_radius(radius_km)
         seen_min = -1
@@ -275,62 +293,153 @@ class SpatialIndex:
 
     @private_files
     def save(self, directory) -> Path:
-        """Write the index (and its store, unless already there) to ``directory``."""
+        """Write the index (and its store, unless already there) to ``directory``.
+
+        index.json is removed first and written last, sealed and bound to the
+        store generation in the directory: a crash in between leaves no index
+        that opens, and an index never opens against another store.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        if self.store.path is None or Path(self.store.path).resolve() != d.resolve():
-            self.store.save(d)
+        store = self.store
+        if store.path is None or Path(store.path).resolve() != d.resolve():
+            store.save(d)
+        on_disk = read_sealed(d / MANIFEST_FILE, "a geotarget store directory")
+        if on_disk.get("uid") != store.uid or store.digest is None or on_disk.get("digest") != store.digest:
+            raise CorruptFileError(
+                f"{d}: the store there (generation {on_disk.get('generation')}, uid {on_disk.get('uid')}) "
+                f"is not the one this index was built from (generation {store.generation}, uid "
+                f"{store.uid}); it was replaced since it was opened")
+        (d / INDEX_META).unlink(missing_ok=True)
+        _fsync_dir(d)
         names = list(_ARRAYS) + (list(DELTA_ARRAYS) if self.delta_points is not None else [])
-        for name in names:
-            _save_npy(d / f"{name}.npy", getattr(self, name))
+        staged = []
+        try:
+            for name in names:
+                staged.append(_stage_npy(d / f"{name}.npy", getattr(self, name)))
+            files = manifest_entries(staged)
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        except BaseException:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+            raise
         if self.delta_points is None:
             for name in DELTA_ARRAYS:
                 (d / f"{name}.npy").unlink(missing_ok=True)
-        meta = {"version": FORMAT_VERSION, "n": len(self), "depth": self.depth,
-                "leaf_size": self.leaf_size, "generation": self.generation,
-                "delta_points": self.delta_points is not None, "keys_are_rows": self.keys_are_rows}
-        tmp = d / (INDEX_META + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / INDEX_META)
+        _fsync_dir(d)
+        meta = {"format": _INDEX_FORMAT, "version": FORMAT_VERSION, "n": len(self), "depth": self.depth,
+                "leaf_size": self.leaf_size, "delta_points": self.delta_points is not None,
+                "keys_are_rows": self.keys_are_rows, "store": {k: store.identity[k] for k in _BINDING},
+                "files": files}
+        write_sealed(d / INDEX_META, meta)
         _fsync_dir(d)
         self.path = d
+        self.manifest = meta
         return d
+
+    @staticmethod
+    def remove(directory) -> None:
+        """Delete a saved index (not its store): index.json first, so it stops opening at once."""
+        d = Path(directory)
+        (d / INDEX_META).unlink(missing_ok=True)
+        _fsync_dir(d)
+        for name in list(_ARRAYS) + list(DELTA_ARRAYS):
+            (d / f"{name}.npy").unlink(missing_ok=True)
+        _fsync_dir(d)
 
     @classmethod
     def open(cls, directory) -> "SpatialIndex":
-        """Memory-map a saved index and its store (cost independent of n)."""
+        """Memory-map a saved index and its store (cost independent of n).
+
+        Refuses (:class:`CorruptFileError`) an index.json whose seal fails, an
+        index bound to another store generation than the one in the directory
+        (replaced, or a crash between the two saves), and any listed file of
+        the wrong size or shape.  The bytes are hashed by :meth:`verify`,
+        which the first query runs.
+        """
         d = Path(directory)
-        meta = load_json(d / INDEX_META, "a geotarget index directory")
-        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
-            raise CorruptFileError(f"{d / INDEX_META}: unknown index format {meta!r}")
+        meta = read_sealed(d / INDEX_META, "a geotarget index directory")
+        if meta.get("format") != _INDEX_FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise CorruptFileError(f"{d / INDEX_META}: not a geotarget index of format {FORMAT_VERSION} "
+                                   f"(format {meta.get('version')!r}; rebuild older indexes)")
         store = DeviceStore.open(d)
-        n, depth = meta.get("n"), meta.get("depth")
-        if n != len(store) or meta.get("generation") != store.generation:
+        bound = meta.get("store")
+        have = {k: store.identity[k] for k in _BINDING}
+        if bound != have:
+            def show(b):
+                return (f"lineage {b.get('lineage')}, generation {b.get('generation')}, uid {b.get('uid')}"
+                        if isinstance(b, dict) else repr(b))
             raise CorruptFileError(
-                f"{d}: index is for {n} rows of generation {meta.get('generation')}, "
-                f"store has {len(store)} rows of generation {store.generation}")
-        if not isinstance(depth, int) or not 0 <= depth <= 31:
-            raise CorruptFileError(f"{d / INDEX_META}: bad depth {depth!r}")
+                f"{d}: the index was built from store {show(bound)} but the directory holds store "
+                f"{show(have)}; rebuild the index (geotarget build --store {d} --force)")
+        n, depth, leaf_size = meta.get("n"), meta.get("depth"), meta.get("leaf_size")
+        if n != len(store):
+            raise CorruptFileError(f"{d}: index is for {n} rows, store has {len(store)}")
+        if (not isinstance(leaf_size, int) or not 1 <= leaf_size <= 4096 or not isinstance(depth, int)
+                or not 0 <= depth <= 31 or depth != _kernels.tree_depth(n, leaf_size)):
+            raise CorruptFileError(f"{d / INDEX_META}: depth {depth!r} and leaf size {leaf_size!r} "
+                                   f"do not fit {n} rows")
+        keys_are_rows = meta.get("keys_are_rows")
+        if not isinstance(keys_are_rows, bool) or not isinstance(meta.get("delta_points"), bool):
+            raise CorruptFileError(f"{d / INDEX_META}: bad keys_are_rows / delta_points")
+        names = list(_ARRAYS) + (list(DELTA_ARRAYS) if meta["delta_points"] else [])
+        files = meta.get("files")
+        if not isinstance(files, dict) or sorted(files) != sorted(f"{nm}.npy" for nm in names):
+            raise CorruptFileError(f"{d / INDEX_META}: lists files {sorted(files or ())}, expected "
+                                   f"{sorted(f'{nm}.npy' for nm in names)}")
+        for name, entry in files.items():
+            _check_file_size(d / name, entry)
         expected = {"points": (n,), "keys": (n,), "bounds": ((2 << depth) - 1, 6), "seen": (n,), "app": (n,),
                     "seen_bounds": ((2 << depth) - 1, 2)}
         arrays = {name: load_npy(d / f"{name}.npy", dtype, expected[name]) for name, dtype in _ARRAYS.items()}
-        keys_are_rows = meta.get("keys_are_rows", False)  # older indexes: read keys.npy
-        if not isinstance(keys_are_rows, bool):
-            raise CorruptFileError(f"{d / INDEX_META}: bad keys_are_rows {keys_are_rows!r}")
         delta = delta_ll = None
-        if meta.get("delta_points"):
+        if meta["delta_points"]:
             changed = getattr(store, "changed_keys", None)
             if changed is None:
                 raise CorruptFileError(f"{d}: the index holds changed-device points but the store "
                                        f"has no changed-keys file")
             delta = load_npy(d / "delta_points.npy", _kernels.POINT_DTYPE, (len(changed),))
             delta_ll = load_npy(d / "delta_latlon.npy", np.float64, (2, len(changed)))
-        return cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
-                   arrays["seen"], arrays["app"], meta.get("leaf_size", DEFAULT_LEAF_SIZE), path=d,
-                   seen_bounds=arrays["seen_bounds"], delta_points=delta, delta_latlon=delta_ll,
-                   keys_are_rows=keys_are_rows)
+        index = cls(store, arrays["points"], arrays["keys"], arrays["bounds"], depth,
+                    arrays["seen"], arrays["app"], leaf_size, path=d,
+                    seen_bounds=arrays["seen_bounds"], delta_points=delta, delta_latlon=delta_ll,
+                    keys_are_rows=keys_are_rows)
+        index.manifest = meta
+        return index
+
+    def verify(self) -> None:
+        """Hash the store's and the index's files against their manifests, once per object.
+
+        Then checks what a kernel indexes with: every key (in ``keys`` and in
+        each point record) lies inside the store, the two agree, and
+        ``keys_are_rows`` tells the truth; the changed-device points carry the
+        store's changed keys.  :class:`CorruptFileError` names the first bad
+        file.  The engine runs this before the first push from a generation;
+        the first query runs it too.  An index built in this process has
+        nothing to check.
+        """
+        if self._verified:
+            return
+        with self._verify_lock:
+            if self._verified:
+                return
+            self.store.verify()
+            d = Path(self.path)
+            for name, entry in self.manifest["files"].items():
+                _check_file_digest(d / name, entry)
+            n = len(self.store)
+            keys = np.ascontiguousarray(self.keys)
+            if n and int(keys.max()) >= n:
+                raise CorruptFileError(f"{d / 'keys.npy'}: holds keys beyond the store's {n} rows")
+            if not _kernels.same_keys(self.points, keys):
+                raise CorruptFileError(f"{d}: points.npy and keys.npy disagree on the keys")
+            if bool(_array_kernels.is_iota(keys)) != self.keys_are_rows:
+                raise CorruptFileError(f"{d / INDEX_META}: keys_are_rows={self.keys_are_rows} is false")
+            if self.delta_points is not None and not _kernels.same_keys(
+                    self.delta_points, np.ascontiguousarray(self.store.changed_keys, dtype=np.uint32)):
+                raise CorruptFileError(f"{d}: delta_points.npy does not hold the store's changed keys")
+            self._verified = True
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

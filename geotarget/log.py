@@ -127,6 +127,7 @@ NOTIFIED_KINDS = ("update", "closure", "retraction")
 KINDS = NEW_DEVICE_KINDS + NOTIFIED_KINDS
 
 FILENAME = "recipients.sqlite"
+#: 2: log_meta, macs, owner and lineage tables, and a per-push ``generation`` (no migration from 1).
 SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "GTRL", so a foreign SQLite file is refused, not misread.
 APPLICATION_ID = 0x4754524C
@@ -153,6 +154,7 @@ _SCHEMA = (
     acked_at TEXT,
     purged_at TEXT,
     state_sum BLOB NOT NULL,
+    generation INTEGER,
     UNIQUE(alert_id, seq))""",
     # Bitmaps apart from the metadata: scanning or integrity-checking pushes stays cheap.
     "CREATE TABLE audiences(log_seq INTEGER PRIMARY KEY, bitmap BLOB NOT NULL)",
@@ -175,6 +177,8 @@ _SCHEMA = (
     "CREATE TABLE macs(record TEXT PRIMARY KEY, mac BLOB NOT NULL)",
     # One row while a process owns the log; see "Copies and backups" in the module docstring.
     "CREATE TABLE owner(token TEXT NOT NULL)",
+    # The store lineage the pushes were computed on, fixed at the first push (docs/design.md, Integrity).
+    "CREATE TABLE lineage(id INTEGER PRIMARY KEY CHECK (id = 1), lineage TEXT NOT NULL, checksum BLOB NOT NULL)",
 )
 _METADATA_TABLES = ("pushes", "alerts", "audit", "log_meta", "macs")
 
@@ -182,7 +186,7 @@ _METADATA_TABLES = ("pushes", "alerts", "audit", "log_meta", "macs")
 _SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 
 _PUSH_COLUMNS = ("log_seq, push_id, alert_id, seq, kind, radius_km, created_at, count, meta, "
-                 "audience_sha256, audience_bytes, prev, checksum, acked_at, purged_at, state_sum")
+                 "audience_sha256, audience_bytes, prev, checksum, acked_at, purged_at, state_sum, generation")
 _AUDIT_COLUMNS = "seq, at, actor, action, alert_id, radius_km, count, detail, prev_hash, hash"
 
 
@@ -205,6 +209,8 @@ class PushRecord:
     acked: bool
     count: int
     purged: bool = False
+    #: The store generation the push was computed on (None when the writer did not say).
+    generation: int | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -252,9 +258,13 @@ def _framed_sha256(tag: bytes, *fields) -> bytes:
 
 
 def _push_checksum(push_id, alert_id, seq, kind, radius_km, created_at, count, meta,
-                   digest, nbytes, prev) -> bytes:
-    return _framed_sha256(b"geotarget.push/1", push_id, alert_id, seq, kind, radius_km, created_at,
-                          count, meta, digest, nbytes, prev)
+                   digest, nbytes, prev, generation) -> bytes:
+    return _framed_sha256(b"geotarget.push/2", push_id, alert_id, seq, kind, radius_km, created_at,
+                          count, meta, digest, nbytes, prev, generation)
+
+
+def _lineage_checksum(lineage) -> bytes:
+    return _framed_sha256(b"geotarget.lineage/1", lineage)
 
 
 def _state_sum(checksum, acked_at, purged_at) -> bytes:
@@ -699,8 +709,10 @@ class RecipientLog:
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
+            older = (" (version 1 predates lineage binding; start a new log for this store)"
+                     if version == 1 else "")
             raise CorruptFileError(f"{self._path}: schema version {version}; this geotarget reads "
-                                   f"version {SCHEMA_VERSION}")
+                                   f"version {SCHEMA_VERSION}{older}")
         encoding = conn.execute("PRAGMA encoding").fetchone()[0]
         if encoding != "UTF-8":
             raise CorruptFileError(f"{self._path}: text encoding {encoding!r}, expected 'UTF-8'")
@@ -1003,11 +1015,11 @@ class RecipientLog:
 
     def _decode(self, row, audience: bool) -> PushRecord:
         (log_seq, push_id, alert_id, seq, kind, radius, created, count, meta, digest, nbytes,
-         prev, checksum, acked_at, purged_at, state_sum) = row
+         prev, checksum, acked_at, purged_at, state_sum, generation) = row
         where = f"{self._path}: push {push_id!r} (log row {log_seq})"
         try:
             if _push_checksum(push_id, alert_id, seq, kind, radius, created, count, meta,
-                              digest, nbytes, prev) != checksum:
+                              digest, nbytes, prev, generation) != checksum:
                 raise ValueError("record checksum mismatch")
             if _state_sum(checksum, acked_at, purged_at) != state_sum:
                 raise ValueError("acknowledged/purged state checksum mismatch")
@@ -1028,7 +1040,8 @@ class RecipientLog:
             bm = self._read_audience(log_seq, digest, nbytes, count, where)
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=created_at, audience=bm, meta=meta_obj,
-                          acked=acked_at is not None, count=count, purged=purged_at is not None)
+                          acked=acked_at is not None, count=count, purged=purged_at is not None,
+                          generation=generation)
 
     def _read_audience(self, log_seq, digest, nbytes, count, where) -> FrozenBitMap:
         row = self._conn.execute("SELECT bitmap FROM audiences WHERE log_seq=?", (log_seq,)).fetchone()
@@ -1054,7 +1067,8 @@ class RecipientLog:
         return BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows))
 
     def append_push(self, *, push_id: str, alert_id: str, seq: int, kind: str, radius_km: float,
-                    created_at: _dt.datetime, audience: AbstractBitMap, meta: dict) -> PushRecord:
+                    created_at: _dt.datetime, audience: AbstractBitMap, meta: dict,
+                    generation: int | None = None) -> PushRecord:
         """Log one push durably (fsynced before returning, or at the end of the transaction).
 
         Re-appending a logged ``push_id`` with an identical record returns the
@@ -1074,6 +1088,8 @@ class RecipientLog:
             raise InvalidInputError(f"audience must be a pyroaring BitMap of 32-bit device keys, "
                                     f"got {type(audience).__name__}")
         meta_text = _check_json_dict(meta, "meta")
+        if generation is not None:
+            generation = _check_count(generation, "generation")
         # The heavy part runs before taking the lock.
         bm = BitMap(audience)
         bm.run_optimize()
@@ -1090,7 +1106,8 @@ class RecipientLog:
                     ("alert_id", stored.alert_id, alert_id), ("seq", stored.seq, seq),
                     ("kind", stored.kind, kind), ("radius_km", stored.radius_km, radius),
                     ("created_at", _iso(stored.created_at), created),
-                    ("meta", _canon(stored.meta), meta_text), ("audience", stored.audience, bm))
+                    ("meta", _canon(stored.meta), meta_text), ("audience", stored.audience, bm),
+                    ("generation", stored.generation, generation))
                     if a != b]
                 if diff:
                     raise AlertStateError(f"push_id={push_id!r} is already logged with a different "
@@ -1116,17 +1133,52 @@ class RecipientLog:
             prev = conn.execute("SELECT checksum FROM pushes ORDER BY log_seq DESC LIMIT 1").fetchone()
             prev = _ZERO_HASH if prev is None else prev[0]
             checksum = _push_checksum(push_id, alert_id, seq, kind, radius, created, count,
-                                      meta_text, digest, len(blob), prev)
+                                      meta_text, digest, len(blob), prev, generation)
             state_sum = _state_sum(checksum, None, None)
             cur = conn.execute(
-                f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?)",
+                f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?)",
                 (push_id, alert_id, seq, kind, radius, created, count, meta_text, digest, len(blob),
-                 prev, checksum, state_sum))
+                 prev, checksum, state_sum, generation))
             log._put_mac(conn, f"push:{cur.lastrowid}", checksum, state_sum)
             conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (cur.lastrowid, blob))
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
-                          meta=json.loads(meta_text), acked=False, count=count)
+                          meta=json.loads(meta_text), acked=False, count=count, generation=generation)
+
+    # -- lineage ------------------------------------------------------------
+
+    def lineage(self) -> str | None:
+        """The store lineage this log's pushes were computed on (None before the first push)."""
+        with self._guard() as conn:
+            row = conn.execute("SELECT lineage, checksum FROM lineage WHERE id=1").fetchone()
+            if row is None:
+                return None
+            if not isinstance(row[0], str) or _lineage_checksum(row[0]) != row[1]:
+                raise CorruptFileError(f"{self._path}: the recorded store lineage fails its checksum")
+            self._check_mac(conn, "lineage", row[1], where="the recorded store lineage")
+        return row[0]
+
+    def bind_lineage(self, lineage: str) -> None:
+        """Record ``lineage`` if none is yet; refuse (:class:`CorruptFileError`) another one."""
+        lineage = _check_id(lineage, "lineage")
+        with self.transaction() as log:
+            have = log.lineage()
+            if have is None:
+                checksum = _lineage_checksum(lineage)
+                log._conn.execute("INSERT INTO lineage(id, lineage, checksum) VALUES(1,?,?)",
+                                  (lineage, checksum))
+                log._put_mac(log._conn, "lineage", checksum)
+            elif have != lineage:
+                raise CorruptFileError(f"{self._path}: the log belongs to store lineage {have}, not "
+                                       f"{lineage}: its device keys mean other devices in that store")
+
+    def max_generation(self) -> int | None:
+        """The newest store generation any logged push was computed on (None if none says)."""
+        with self._guard() as conn:
+            # every row is decoded: a damaged generation must fail its checksum, not lower the max
+            gens = [self._decode(r, False).generation for r in self._rows(conn, "ORDER BY log_seq")]
+        gens = [g for g in gens if g is not None]
+        return max(gens) if gens else None
 
     def push(self, push_id: str) -> PushRecord:
         push_id = _check_id(push_id, "push_id")
@@ -1358,6 +1410,7 @@ class RecipientLog:
             entries = [self._decode_audit(r) for r in conn.execute(
                 f"SELECT {_AUDIT_COLUMNS} FROM audit ORDER BY seq").fetchall()]
             self._audit_chain(entries)
+            self.lineage()  # re-checks the lineage row's checksum (and MAC)
             for (name,) in conn.execute("SELECT name FROM log_meta").fetchall():
                 self.meta_value(name)
         if anchor is not None:

@@ -23,6 +23,15 @@ long runs of keys (which roaring bitmaps compress to almost nothing).
 
 ``DeviceStore.open`` memory-maps the file: it reads the footer, not the rows,
 and its cost does not grow with the number of devices.
+
+Identity and integrity
+----------------------
+The schema metadata names the generation: its lineage (random at first
+ingest, kept by every later generation), number, parent and a random uid.
+``store.json`` beside it is a sealed manifest listing the size and xxh3-128
+digest of every file of the generation; open checks the seal, that
+store.arrow's identity matches, and the sizes; :meth:`DeviceStore.verify`
+hashes the bytes (see docs/design.md, "Integrity").
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ import errno
 import json
 import mmap
 import os
+import secrets
 import threading
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import _kernels, _array_kernels, _store_kernels
+from ._fs import DIGEST, canonical_json, file_digest, read_sealed, write_sealed
 from ._fs import fsync_dir as _fsync_dir
 from ._fs import private_files
 from ._fs import start_writeback as _start_writeback
@@ -50,7 +61,10 @@ ID_INDEX_FILE = "id_index.npy"
 ID_SORTED_FILE = "id_sorted.npy"
 #: ``changed_since_<parent generation>.npy``: keys this generation changed (uint32, sorted)
 CHANGED_PREFIX = "changed_since_"
-FORMAT_VERSION = 1
+#: The generation's sealed manifest: identity, lineage and a digest of every file (see ``_install``).
+MANIFEST_FILE = "store.json"
+#: 2: store.arrow names its lineage, parent and uid; ``store.json`` seals the files.
+FORMAT_VERSION = 2
 _META_KEY = b"geotarget.store"
 #: Keys are uint32 and 2^32 - 1 is reserved as "no key".
 MAX_DEVICES = 2**32 - 1
@@ -269,7 +283,8 @@ class DeviceStore:
     """One generation of device locations.  Immutable: updates make a new generation."""
 
     def __init__(self, device_id, lat, lon, app_codes, app_names, last_seen, *,
-                 generation=1, path=None, _id_index=None, _table=None):
+                 generation=1, path=None, _id_index=None, _table=None, lineage=None, parent=None,
+                 uid=None):
         self.device_id = _readonly(device_id)
         self.lat = _readonly(lat)
         self.lon = _readonly(lon)
@@ -285,18 +300,32 @@ class DeviceStore:
         #: sorted; None when unknown (a first ingest, or a store saved without it).
         self.changed_keys: np.ndarray | None = None
         self.parent_generation: int | None = None
+        #: Random id of the store's history, drawn at first ingest and kept by every later generation.
+        self.lineage = lineage or _new_id()
+        #: The generation this one was made from (None for a first ingest).
+        self.parent = None if parent is None else int(parent)
+        #: Random id of this generation's contents: two generations with the same number differ here.
+        self.uid = uid or _new_id()
+        #: The sealed manifest of the files this store maps (None in memory).
+        self.manifest: dict | None = None
+        # Arrays built in this process are trusted; mapped files are until verify() hashes them.
+        self._verified = path is None
 
     # -- constructors -----------------------------------------------------
 
     @classmethod
-    def from_arrays(cls, device_id, lat, lon, app=None, last_seen=None, *, generation=1):
+    def from_arrays(cls, device_id, lat, lon, app=None, last_seen=None, *, generation=1, lineage=None):
         """Ingest one batch of devices.
 
         Rows are reordered spatially and device ``i`` of the result has key
         ``i``; use :meth:`lookup` to find a device's key.  Bad input raises
         :class:`~geotarget.errors.InvalidInputError` naming the column and the
-        first bad row; nothing is ingested.
+        first bad row; nothing is ingested.  A first ingest starts a new
+        random lineage; ``lineage`` names one instead, for a process that
+        re-creates the same population deterministically (tests, replays).
         """
+        if lineage is not None and (not isinstance(lineage, str) or not lineage):
+            raise InvalidInputError(f"lineage must be a non-empty string, got {lineage!r}")
         ids = _check_ids(device_id)
         n = ids.shape[0]
         lat, lon = check_coordinates(lat, lon)
@@ -308,7 +337,7 @@ class DeviceStore:
         seen = _check_last_seen(last_seen, n)
         order = _spatial_order(lat, lon)
         return cls(_take(ids, order), _take(lat, order), _take(lon, order), _take(codes, order),
-                   names, _take(seen, order), generation=generation)
+                   names, _take(seen, order), generation=generation, lineage=lineage)
 
     @classmethod
     def from_table(cls, table: pa.Table, *, generation=1):
@@ -423,6 +452,7 @@ class DeviceStore:
 
     def _ids_sorted(self):
         """(sorted device ids, their keys); the permutation is cached and saved with the store."""
+        self.verify()
         if self._id_index is None:
             sorted_ids, order = _array_kernels.sort_ids(self.device_id)
             self._id_index = order
@@ -473,6 +503,7 @@ class DeviceStore:
         With ``directory`` the new generation is streamed to disk in bounded
         memory (the 400 M-device path) and returned memory-mapped.
         """
+        self.verify()  # the id index decides keys: its bytes are checked first
         if directory is not None:
             return self._with_updates_to_disk(directory, device_id, lat, lon, last_seen, app, progress)
         ids = _check_ids(device_id)
@@ -521,7 +552,8 @@ class DeviceStore:
         if n_new == 0 and self._id_index is not None:
             id_index = self._id_index
         out = DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
-                          generation=self.generation + 1, _id_index=id_index)
+                          generation=self.generation + 1, _id_index=id_index, lineage=self.lineage,
+                          parent=self.generation)
         out._set_changed(np.concatenate([keys[old], np.arange(len(self), n_total)]), self.generation)
         return out
 
@@ -564,7 +596,8 @@ class DeviceStore:
         n_total = n_old + n_new
 
         d = Path(directory)
-        writer = StoreWriter(d, n_total, names, self.generation + 1)
+        writer = StoreWriter(d, n_total, names, self.generation + 1, lineage=self.lineage,
+                             parent=self.generation)
         source = _OldColumns(self)
         io = _BackgroundIO()
         bufs = _BufferPool()
@@ -700,44 +733,106 @@ class DeviceStore:
             pa.array(self.last_seen_s, type=pa.int64()).view(pa.timestamp("s", tz="UTC")),
         ]
 
+    def _file_meta(self) -> dict:
+        """What store.arrow's schema metadata says about the generation it holds."""
+        return {"version": FORMAT_VERSION, "generation": self.generation, "rows": len(self),
+                "lineage": self.lineage, "parent": self.parent, "uid": self.uid}
+
     @private_files
     def save(self, directory) -> Path:
-        """Write this generation to ``directory/store.arrow`` atomically (fsynced)."""
+        """Write this generation to ``directory`` (store.arrow, id index, changed keys, store.json).
+
+        Every file is staged and fsynced first; the old manifest goes before
+        any file is replaced and the new one comes last, so a crash leaves a
+        directory whose store either opens as one whole generation or is
+        refused (no manifest, or one naming another uid).
+        """
+        self.verify()  # a copy must not launder damaged bytes under a fresh digest
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "generation": self.generation,
-                                       "rows": len(self)}).encode()}
-        schema = SCHEMA.with_metadata(meta)
+        schema = SCHEMA.with_metadata({_META_KEY: json.dumps(self._file_meta()).encode()})
         batch = pa.record_batch(self._arrow_columns(), schema=schema)
         tmp = d / (STORE_FILE + ".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_file(sink, schema) as writer:
-                writer.write_batch(batch)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # an id index left by an earlier generation here would map this one's ids to its keys
-        for stale in (ID_SORTED_FILE, ID_INDEX_FILE):
-            (d / stale).unlink(missing_ok=True)
-        os.replace(tmp, d / STORE_FILE)
-        if self._id_index is not None:
-            sorted_ids, order = self._ids_sorted()
-            _save_npy(d / ID_SORTED_FILE, sorted_ids)
-            _save_npy(d / ID_INDEX_FILE, order)
-        for stale in d.glob(f"{CHANGED_PREFIX}*.npy"):
-            stale.unlink()
-        if self.changed_keys is not None:
-            _save_npy(d / f"{CHANGED_PREFIX}{self.parent_generation}.npy", self.changed_keys)
-        _fsync_dir(d)
+        staged = []
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink:
+                with pa.ipc.new_file(sink, schema) as writer:
+                    writer.write_batch(batch)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            staged.append((tmp, d / STORE_FILE))
+            if self._id_index is not None:
+                sorted_ids, order = self._ids_sorted()
+                staged.append(_stage_npy(d / ID_SORTED_FILE, sorted_ids))
+                staged.append(_stage_npy(d / ID_INDEX_FILE, order))
+            if self.changed_keys is not None:
+                staged.append(_stage_npy(d / f"{CHANGED_PREFIX}{self.parent_generation}.npy", self.changed_keys))
+            manifest = _install(d, self._file_meta(), staged)
+        except BaseException:
+            for t, _ in staged:
+                Path(t).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            raise
         self.path = d
+        self.manifest = manifest
         return d
+
+    @property
+    def digest(self) -> str | None:
+        """Content digest of the saved generation (over every file's digest), or None in memory."""
+        return None if self.manifest is None else self.manifest["digest"]
+
+    @property
+    def identity(self) -> dict:
+        """Lineage, generation, parent, uid and content digest: what an index and a log bind to."""
+        return {"lineage": self.lineage, "generation": self.generation, "parent": self.parent,
+                "uid": self.uid, "digest": self.digest}
+
+    def verify(self) -> None:
+        """Hash every file of a mapped generation against its manifest (once per object).
+
+        Also checks that keys read from the files (the id index, the changed
+        keys) lie inside this store's key space, so no kernel fed from them
+        can read out of bounds.  :class:`CorruptFileError` names the file.
+        A store built in memory has nothing to check.
+        """
+        if self._verified:
+            return
+        d = Path(self.path)
+        for name, entry in self.manifest["files"].items():
+            _check_file_digest(d / name, entry)
+        n = len(self)
+        if self._id_index is not None and n and int(np.max(self._id_index)) >= n:
+            raise CorruptFileError(f"{d / ID_INDEX_FILE}: holds keys beyond the store's {n} rows")
+        c = self.changed_keys
+        if c is not None and c.size and (int(c[-1]) >= n or not bool(np.all(c[1:] > c[:-1]))):
+            raise CorruptFileError(f"{d}: the changed keys are not a sorted key list of this store")
+        self._verified = True
 
     @classmethod
     def open(cls, directory) -> "DeviceStore":
-        """Memory-map a saved generation (reads the footer, not the rows)."""
+        """Memory-map a saved generation (reads the footer and the manifest, not the rows).
+
+        Checks that store.arrow and every file its manifest lists belong to
+        one generation (uid, lineage, sizes); the bytes themselves are hashed
+        by :meth:`verify`, which runs before anything uses them to pick devices.
+        """
         d = Path(directory)
         f = d / STORE_FILE
         if not f.exists():
             raise CorruptFileError(f"{d}: no {STORE_FILE} here; is this a geotarget store directory?")
+        manifest = read_sealed(d / MANIFEST_FILE, "a geotarget store directory (a crash before the "
+                                                  "manifest was written also leaves none)")
+        files = manifest.get("files")
+        if (manifest.get("format") != _MANIFEST_FORMAT or manifest.get("version") != FORMAT_VERSION
+                or not isinstance(files, dict) or STORE_FILE not in files):
+            raise CorruptFileError(f"{d / MANIFEST_FILE}: not a geotarget store manifest of version "
+                                   f"{FORMAT_VERSION}")
+        changed_files = [nm for nm in files if nm.startswith(CHANGED_PREFIX)]
+        for name, entry in files.items():
+            if not (name in (STORE_FILE, ID_INDEX_FILE, ID_SORTED_FILE) or name in changed_files[:1]):
+                raise CorruptFileError(f"{d / MANIFEST_FILE}: lists an unexpected file {name!r}")
+            _check_file_size(d / name, entry)
         try:
             identity: list = []
             mm = _map_file(f, identity)
@@ -745,7 +840,9 @@ class DeviceStore:
             schema = reader.schema
             meta = json.loads((schema.metadata or {}).get(_META_KEY, b"null"))
             if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
-                raise CorruptFileError(f"{f}: not a geotarget store (format metadata missing or unknown)")
+                version = meta.get("version") if isinstance(meta, dict) else None
+                raise CorruptFileError(f"{f}: not a geotarget store of format {FORMAT_VERSION} (found "
+                                       f"{version!r}; format 1 stores predate lineage: re-ingest them)")
             if not schema.remove_metadata().equals(SCHEMA):
                 raise CorruptFileError(f"{f}: unexpected schema {schema.remove_metadata()}")
             if reader.num_record_batches != 1:
@@ -755,6 +852,17 @@ class DeviceStore:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptFileError(f"{f}: cannot read Arrow IPC file: {exc}") from None
+        for key in ("version", "generation", "rows", "lineage", "parent", "uid"):
+            if manifest.get(key) != meta.get(key):
+                raise CorruptFileError(
+                    f"{d}: {STORE_FILE} and {MANIFEST_FILE} are of different generations ({key} "
+                    f"{meta.get(key)!r} against {manifest.get(key)!r}): the store was replaced or a "
+                    f"write was cut short")
+        if (not isinstance(meta["generation"], int) or meta["generation"] < 1
+                or not isinstance(meta["lineage"], str) or not isinstance(meta["uid"], str)
+                or not (meta["parent"] is None or (isinstance(meta["parent"], int)
+                                                   and 1 <= meta["parent"] < meta["generation"]))):
+            raise CorruptFileError(f"{f}: malformed generation identity {meta!r}")
         if batch.num_rows != meta.get("rows"):
             raise CorruptFileError(f"{f}: {batch.num_rows} rows but the header says {meta.get('rows')}")
         for i, name in enumerate(SCHEMA.names):
@@ -770,28 +878,38 @@ class DeviceStore:
             seen = batch.column(4).view(pa.int64()).to_numpy(zero_copy_only=True)
         except pa.ArrowException as exc:
             raise CorruptFileError(f"{f}: columns are not plain buffers: {exc}") from None
+        if not 1 <= len(names) <= MAX_APPS:
+            raise CorruptFileError(f"{f}: {len(names)} app names, expected 1..{MAX_APPS}")
         id_index = sorted_ids = None
-        if (d / ID_INDEX_FILE).exists():
+        if ID_INDEX_FILE in files:
             id_index = load_npy(d / ID_INDEX_FILE, np.uint32, (batch.num_rows,))
-            if (d / ID_SORTED_FILE).exists():
+            if ID_SORTED_FILE in files:
                 sorted_ids = load_npy(d / ID_SORTED_FILE, np.uint64, (batch.num_rows,))
         store = cls(ids, lat, lon, codes, names, seen, generation=meta["generation"], path=d,
-                    _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None))
+                    _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None),
+                    lineage=meta["lineage"], parent=meta["parent"], uid=meta["uid"])
+        store.manifest = manifest
         store._sorted_ids = sorted_ids
         store._mmap = mm
         # which file the columns map, so a new generation can copy column
         # bytes from it kernel-side only if store.arrow was not replaced since
         store._file_identity = tuple(identity)
-        found = sorted(d.glob(f"{CHANGED_PREFIX}*.npy"))
-        if len(found) == 1:
+        if changed_files:
+            path = d / changed_files[0]
             try:
-                parent = int(found[0].stem[len(CHANGED_PREFIX):])
-                changed = np.load(found[0], mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise CorruptFileError(f"{found[0]}: {exc}") from None
+                parent = int(path.stem[len(CHANGED_PREFIX):])
+            except ValueError:
+                raise CorruptFileError(f"{path}: not a changed-keys file name") from None
+            if parent != meta["parent"]:
+                raise CorruptFileError(f"{path}: changed keys since generation {parent}, but the parent "
+                                       f"is {meta['parent']}")
+            try:
+                changed = np.load(path, mmap_mode="r")
+            except Exception as exc:  # see load_npy
+                raise CorruptFileError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
             if changed.dtype != np.uint32 or changed.ndim != 1 or (
                     changed.size and int(changed[-1]) >= batch.num_rows):
-                raise CorruptFileError(f"{found[0]}: not a sorted key list of this store")
+                raise CorruptFileError(f"{path}: not a sorted key list of this store")
             store.changed_keys, store.parent_generation = changed, parent
         return store
 
@@ -816,6 +934,75 @@ def _map_file(path: Path, identity: list | None = None) -> mmap.mmap:
         if identity is not None:
             identity[:] = [st.st_dev, st.st_ino]
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+_MANIFEST_FORMAT = "geotarget.store"
+
+
+def _new_id() -> str:
+    """A random 128-bit id (lineages, generation uids)."""
+    return secrets.token_hex(16)
+
+
+def _check_file_size(path: Path, entry) -> None:
+    """A file the manifest lists exists with the listed size (cheap: one stat)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or not isinstance(
+            entry.get(DIGEST), str):
+        raise CorruptFileError(f"{path}: malformed manifest entry {entry!r}")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: listed in the manifest but missing") from None
+    if size != entry["bytes"]:
+        raise CorruptFileError(f"{path}: {size} bytes, the manifest says {entry['bytes']}: "
+                               f"truncated, extended or replaced")
+
+
+def _check_file_digest(path: Path, entry) -> None:
+    """A listed file's bytes hash to the manifest's digest."""
+    _check_file_size(path, entry)
+    size, digest = file_digest(path)
+    if size != entry["bytes"] or digest != entry[DIGEST]:
+        raise CorruptFileError(f"{path}: content digest mismatch: the file was damaged or replaced "
+                               f"since its manifest was written")
+
+
+def manifest_entries(staged) -> dict:
+    """``{name: {bytes, digest}}`` of (tmp, final) staged files, named by their final names."""
+    files = {}
+    for tmp, final in staged:
+        size, digest = file_digest(tmp)
+        files[Path(final).name] = {"bytes": size, DIGEST: digest}
+    return files
+
+
+def content_digest(files: dict) -> str:
+    """One digest of a generation's contents: over the canonical listing of its files' digests."""
+    import xxhash
+    return xxhash.xxh3_128_hexdigest(canonical_json(files).encode())
+
+
+def _install(d: Path, meta: dict, staged) -> dict:
+    """Hash staged (tmp, final) files, then move them into place under a new manifest.
+
+    The old manifest and companions go first and the new manifest last, each
+    step after an fsync of the directory: at no instant does the directory
+    hold a manifest that lists files of another generation.
+    """
+    files = manifest_entries(staged)
+    doc = {"format": _MANIFEST_FORMAT, **meta, "files": files, "digest": content_digest(files)}
+    (d / MANIFEST_FILE).unlink(missing_ok=True)
+    for stale in (ID_INDEX_FILE, ID_SORTED_FILE):
+        (d / stale).unlink(missing_ok=True)
+    for stale in d.glob(f"{CHANGED_PREFIX}*.npy"):
+        stale.unlink()
+    _fsync_dir(d)
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    _fsync_dir(d)
+    write_sealed(d / MANIFEST_FILE, doc)
+    _fsync_dir(d)
+    return doc
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -846,8 +1033,8 @@ def load_npy(path: Path, dtype, shape) -> np.ndarray:
     """Memory-map a ``.npy`` file, or raise CorruptFileError unless it has this dtype and shape."""
     try:
         a = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as exc:
-        raise CorruptFileError(f"{path}: {exc}") from None
+    except Exception as exc:  # a damaged header surfaces as ValueError, SyntaxError, tokenize.TokenError...
+        raise CorruptFileError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
     if a.dtype != np.dtype(dtype) or a.shape != tuple(shape) or not a.flags.c_contiguous:
         raise CorruptFileError(f"{path}: expected {np.dtype(dtype)} {tuple(shape)}, found {a.dtype} {a.shape}")
     return a
@@ -1179,7 +1366,8 @@ class StoreWriter:
              ("app", np.int8), ("last_seen", np.int64))
 
     @private_files
-    def __init__(self, directory, n: int, app_names, generation: int = 1):
+    def __init__(self, directory, n: int, app_names, generation: int = 1, *, lineage: str | None = None,
+                 parent: int | None = None):
         if n > MAX_DEVICES:
             raise InvalidInputError(f"n={n} exceeds the {MAX_DEVICES} key space")
         self.dir = Path(directory)
@@ -1190,9 +1378,11 @@ class StoreWriter:
             raise InvalidInputError(f"app_names: between 1 and {MAX_APPS} apps, got {len(self.app_names)}")
         self.generation = int(generation)
         self.tmp = self.dir / (STORE_FILE + ".tmp")
-        meta = {_META_KEY: json.dumps({"version": FORMAT_VERSION, "generation": self.generation,
-                                       "rows": self.n}).encode()}
-        schema = SCHEMA.with_metadata(meta)
+        # a first ingest starts a lineage; a new generation continues its parent's
+        self.meta = {"version": FORMAT_VERSION, "generation": self.generation, "rows": self.n,
+                     "lineage": lineage or _new_id(), "parent": None if parent is None else int(parent),
+                     "uid": _new_id()}
+        schema = SCHEMA.with_metadata({_META_KEY: json.dumps(self.meta).encode()})
         zeros = {dt: np.zeros(self.n, dtype=dt) for dt in (np.uint64, np.float64, np.int8, np.int64)}
         cols = [pa.array(zeros[np.uint64]), pa.array(zeros[np.float64]), pa.array(zeros[np.float64]),
                 pa.DictionaryArray.from_arrays(pa.array(zeros[np.int8]), pa.array(self.app_names, pa.string())),
@@ -1244,11 +1434,10 @@ class StoreWriter:
         """Check ids are unique, fsync, move into place with the id lookup files, and open.
 
         ``staged``: (tmp, final) paths of companion files already written and
-        fsynced.  Every file is durable before the first rename, stale
-        companions go before store.arrow is replaced and the new ones after
-        it, so a crash leaves either the previous store.arrow or the new one,
-        each with companions of its own generation or none (the id index is
-        then rebuilt on demand; changed keys are then unknown).
+        fsynced.  Every file is durable and hashed before the first rename,
+        and the manifest naming them goes last (see :func:`_install`): a crash
+        leaves a directory that opens as the previous generation, as the new
+        one, or not at all, never as a mixture.
         """
         os.fsync(self.fd)
         os.close(self.fd)
@@ -1279,18 +1468,11 @@ class StoreWriter:
             staged.append(_stage_npy(self.dir / ID_SORTED_FILE, sorted_ids))
             staged.append(_stage_npy(self.dir / ID_INDEX_FILE, order))
             del sorted_ids, order
-        for stale in (ID_INDEX_FILE, ID_SORTED_FILE):
-            (self.dir / stale).unlink(missing_ok=True)
-        for stale in self.dir.glob(f"{CHANGED_PREFIX}*.npy"):
-            stale.unlink()
-        _fsync_dir(self.dir)
-        os.replace(self.tmp, self.dir / STORE_FILE)
-        _fsync_dir(self.dir)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        _install(self.dir, self.meta, [(self.tmp, self.dir / STORE_FILE)] + staged)
         _fsync_dir(self.dir.parent)  # the directory itself may be new
-        return DeviceStore.open(self.dir)
+        out = DeviceStore.open(self.dir)
+        out._verified = True  # _install just hashed these very files
+        return out
 
     def abort(self) -> None:
         if self.fd >= 0:

@@ -24,7 +24,7 @@ def world(seed: int, gen: int):
     n = 4000
     lat = 30.27 + rng.uniform(-5, 5, n)
     lon = 120.15 + rng.uniform(-5, 5, n)
-    store = gt.DeviceStore.from_arrays(np.arange(n, dtype=np.uint64) + 1, lat, lon)
+    store = gt.DeviceStore.from_arrays(np.arange(n, dtype=np.uint64) + 1, lat, lon, lineage=f"crash-{seed}")
     for g in range(gen):
         r = np.random.default_rng(seed * 1000 + g)
         ids = np.concatenate([r.choice(n, 300, replace=False) + 1, np.arange(50) + 10**9 + g * 100]).astype(np.uint64)

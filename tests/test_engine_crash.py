@@ -58,7 +58,7 @@ def test_kill_at_random_instant_loses_nothing(tmp_path, seed):
     log = gt.RecipientLog(log_path)
     log.verify()
     # the generation the child last used is recorded by its pushes; rebuild the latest world
-    eng = gt.AlertEngine(world(seed, 2), log=log, authority=gt.Authority(OFFICERS))
+    eng = gt.AlertEngine(world(seed, 3), log=log, authority=gt.Authority(OFFICERS))
     for pid, (kind, count, dig) in printed.items():       # nothing returned is lost or changed
         rec = log.push(pid)
         assert rec.kind == kind and len(rec.audience) == count

@@ -658,10 +658,10 @@ def test_a_halved_ring_with_a_recomputed_push_chain_is_caught_with_the_key(world
     prev = logmod._ZERO_HASH
     for i, row in enumerate(rows):
         (log_seq, push_id, alert_id, seq, kind, radius, created, count, meta, digest, nbytes,
-         _, _, acked_at, purged_at, _) = row
+         _, _, acked_at, purged_at, _, generation) = row
         radius = radius / 2 if i == 0 else radius
         checksum = logmod._push_checksum(push_id, alert_id, seq, kind, radius, created, count, meta,
-                                         digest, nbytes, prev)
+                                         digest, nbytes, prev, generation)
         conn.execute("UPDATE pushes SET radius_km=?, prev=?, checksum=?, state_sum=? WHERE log_seq=?",
                      (radius, prev, checksum, logmod._state_sum(checksum, acked_at, purged_at), log_seq))
         prev = checksum

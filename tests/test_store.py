@@ -386,7 +386,7 @@ def test_with_updates_to_disk_matches_in_memory_in_every_shape(tmp_path, batch, 
     _assert_same_generation(disk, mem, everyone)
     _assert_same_generation(gt.DeviceStore.open(tmp_path / "g2"), mem, everyone)
     assert sorted(p.name for p in (tmp_path / "g2").iterdir()) == [
-        "changed_since_1.npy", "id_index.npy", "id_sorted.npy", "store.arrow"]
+        "changed_since_1.npy", "id_index.npy", "id_sorted.npy", "store.arrow", "store.json"]
 
 
 @pytest.mark.parametrize("source", ["in memory", "store.arrow replaced since open", "no kernel copy",
@@ -406,9 +406,11 @@ def test_with_updates_to_disk_from_every_kind_of_old_generation(tmp_path, monkey
             raise OSError(errno.EXDEV, "cross-device")
         monkeypatch.setattr(gt.store.os, "copy_file_range", refuse)
     else:
-        for f in ("id_sorted.npy", "id_index.npy"):
-            (tmp_path / "g1" / f).unlink()
-        base = gt.DeviceStore.open(tmp_path / "g1")
+        # saved without an id index (none was ever computed): its manifest lists none
+        gt.DeviceStore.from_arrays(base.device_id, base.lat, base.lon, app=np.array(base.app_names)[base.app_codes],
+                                   last_seen=base.last_seen_s).save(tmp_path / "g0")
+        base = gt.DeviceStore.open(tmp_path / "g0")
+        assert base._id_index is None
     rng = np.random.default_rng(14)
     up = np.concatenate([rng.choice(ids, 700, replace=False), np.arange(60, dtype=np.uint64) + 10**13])
     ulat, ulon = rng.uniform(-80, 80, len(up)), rng.uniform(-179, 179, len(up))
@@ -458,7 +460,7 @@ def test_with_updates_to_disk_into_a_directory_holding_another_generation(tmp_pa
     g3 = g2.with_updates(np.arange(7, dtype=np.uint64) + 10**14, np.ones(7), np.ones(7), directory=tmp_path / "g2")
     assert g3.generation == 3 and len(g3) == len(ids) + 7
     assert sorted(p.name for p in (tmp_path / "g2").iterdir()) == [
-        "changed_since_2.npy", "id_index.npy", "id_sorted.npy", "store.arrow"]
+        "changed_since_2.npy", "id_index.npy", "id_sorted.npy", "store.arrow", "store.json"]
     np.testing.assert_array_equal(g3.changed_keys, np.arange(len(ids), len(ids) + 7))
     np.testing.assert_array_equal(g2.lat[g2.lookup(ids[:100])], 0.0)   # g2 still serves its own rows
     assert (gt.DeviceStore.open(tmp_path / "g2").lookup(np.arange(7, dtype=np.uint64) + 10**14) >= len(ids)).all()
