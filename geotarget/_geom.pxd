@@ -8,24 +8,7 @@ algorithm is explained at the top of ``geotarget/_kernels.pyx``.
 from libc.math cimport asin, cos, sin, sqrt
 from libc.stdint cimport int64_t, uint32_t
 
-cdef extern from * nogil:
-    """
-    #include <cstdint>
-    #ifdef _OPENMP
-    #include <omp.h>
-    static inline int gt_max_threads(void) { return omp_get_max_threads(); }
-    static const int GT_HAVE_OPENMP = 1;
-    #else
-    static inline int gt_max_threads(void) { return 1; }
-    static const int GT_HAVE_OPENMP = 0;
-    #endif
-    struct GtPoint { float x; float y; float z; uint32_t key; };
-    /* Mean Earth radius (IUGG), km: DESIGN 2 fixes it. */
-    static const double GT_EARTH_R = 6371.0088;
-    static const double GT_DEG2RAD = 0.017453292519943295;
-    /* Guard band in chord units (unit sphere): the essay of _kernels.pyx, point 4. */
-    static const double GT_GUARD = 2e-6;
-    """
+cdef extern from "gt_geom.hpp" nogil:
     ctypedef struct GtPoint:
         float x
         float y
