@@ -24,6 +24,12 @@ cdef extern from "gt_arrays.hpp" nogil:
     void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const int64_t* offsets, int64_t k,
                             int64_t total, int nt, uint32_t* out)
     void gt_radix_sort[T](T* a, int64_t n, T* tmp)
+    void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
+                         uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
+    void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept, const int64_t* offsets,
+                       int64_t k, int64_t total, const uint32_t* seen, uint32_t cut, int nt, uint32_t* out)
+    int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k, const uint32_t* seen,
+                          uint32_t cut, int64_t* out)
 
 # Below this many elements a gather runs on the calling thread.  A parallel
 # region ends at a barrier, so on a busy machine it waits for the OS to
@@ -73,6 +79,57 @@ def fill_rows(const int64_t[:, ::1] runs, const int64_t[::1] offsets, uint32_t[:
                      gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
 
 
+def fill_fresh(const uint32_t[::1] src, const int64_t[:, ::1] runs, const int64_t[::1] kept,
+               const int64_t[::1] offsets, const uint32_t[::1] seen, uint32_t seen_min, uint32_t[::1] out):
+    """Write the keys of every run, fresh runs included, into ``out`` back to back.
+
+    ``kept[i]`` rows of run i are written from ``offsets[i]`` (an exclusive
+    cumsum of ``kept``); a run with ``kept < e - s`` keeps the rows r with
+    ``seen[r] >= seen_min`` (see ``_kernels.Tree.query``).  ``src=None``
+    means the rows are the keys.  In numpy, this operation is equivalent to::
+
+        out[:kept.sum()] = np.concatenate([
+            (np.arange(s, e) if src is None else src[s:e])[(seen[s:e] >= seen_min) | (k == e - s)]
+            for (s, e), k in zip(runs, kept)])
+    """
+    cdef Py_ssize_t k = runs.shape[0]
+    if kept.shape[0] != k or offsets.shape[0] != k:
+        raise ValueError("kept and offsets need one entry per run")
+    cdef int64_t total = offsets[k - 1] + kept[k - 1] if k else 0
+    if total == 0:
+        return
+    if out.shape[0] < total:
+        raise ValueError(f"out holds {out.shape[0]} keys, the runs {total}")
+    cdef const uint32_t* srcp = &src[0] if src is not None and src.shape[0] else NULL
+    with nogil:
+        gt_fill_fresh(srcp, &runs[0, 0], &kept[0], &offsets[0], k, total, &seen[0], seen_min,
+                      gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
+
+
+def plain_runs(const int64_t[:, ::1] runs, const int64_t[::1] kept, const uint32_t[::1] seen,
+               uint32_t seen_min):
+    """The rows that runs with fresh runs hold, as plain ascending ``[start, end)`` runs (int64 ``(m, 2)``).
+
+    In numpy, this operation is equivalent to ``consecutive_ranges(rows)`` of
+    ``rows = np.concatenate([np.arange(s, e)[(seen[s:e] >= seen_min) | (k == e - s)]
+    for (s, e), k in zip(runs, kept)])``.
+    """
+    cdef Py_ssize_t k = runs.shape[0], i
+    cdef int64_t room = k
+    if kept.shape[0] != k:
+        raise ValueError("kept needs one entry per run")
+    for i in range(k):
+        room += runs[i, 1] - runs[i, 0] - kept[i]     # each stale row splits a run at most once
+    out = np.empty((room, 2), dtype=np.int64)
+    cdef int64_t[:, ::1] o = out
+    cdef int64_t m = 0
+    if k:
+        with nogil:
+            m = gt_plain_runs(&runs[0, 0], &kept[0], k, &seen[0] if seen.shape[0] else NULL,
+                              seen_min, &o[0, 0])
+    return np.ascontiguousarray(out[:m])
+
+
 def is_iota(const uint32_t[::1] keys):
     """Whether ``keys[i] == i`` for every i (an index whose rows are its keys).
 
@@ -114,6 +171,33 @@ def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
         else:
             for i in prange(n, schedule="static"):
                 out[i] = src[idx[i]]
+
+
+def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):
+    """Device ids and keys grouped by app code, each app in the input's order: ``(ids, keys, starts)``.
+
+    ``starts`` is int64 ``(257,)``: code c (the int8 code read as unsigned)
+    owns ``[starts[c], starts[c + 1])``.  Linear time over both cores (a
+    stable counting sort by code); keys must index ``device_id`` and ``app``.
+    In numpy, this operation is equivalent to::
+
+        codes = app[keys].view(np.uint8)
+        order = np.argsort(codes, kind="stable")
+        ids, keys = device_id[keys[order]], keys[order]
+        starts = np.r_[0, np.cumsum(np.bincount(codes, minlength=256))]
+    """
+    cdef Py_ssize_t n = keys.shape[0]
+    ids = np.empty(n, dtype=np.uint64)
+    ks = np.empty(n, dtype=np.uint32)
+    starts = np.zeros(257, dtype=np.int64)
+    cdef cnp.uint64_t[::1] io = ids
+    cdef uint32_t[::1] ko = ks
+    cdef cnp.int64_t[::1] so = starts
+    if n:
+        with nogil:
+            gt_group_by_app(&keys[0], n, &device_id[0], &app[0], &io[0], &ko[0], &so[0],
+                            gt_max_threads() if n >= RUNS_PARALLEL_MIN else 1)
+    return ids, ks, starts
 
 
 def sort_ids(const cnp.uint64_t[::1] ids):
@@ -244,18 +328,24 @@ cdef extern from "gt_arrays.hpp" nogil:
     void gt_container_write(const uint64_t* b, const GtContainer& c, uint8_t* out)
     void gt_put16(uint8_t* p, uint32_t v)
     void gt_put32(uint8_t* p, uint32_t v)
+    void gt_bitset_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept, int64_t k,
+                         const uint32_t* seen, uint32_t cut, uint64_t* w, int64_t nw, int nt)
 
 
-def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64_t key_space):
+def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64_t key_space,
+                      const int64_t[::1] kept=None, const uint32_t[::1] seen=None, uint32_t seen_min=0):
     """Roaring portable serialisation (bytes) of the keys ``src[s:e]`` of every run, all below ``key_space``.
 
-    For audiences whose keys are not runs of rows (a chunked ingest, a later
-    generation): the keys are set in a dense bitset, each core owning one
-    stretch of the key space, and the bitset is written container by
-    container in the form ``run_optimize`` would choose -- no sort.  In numpy,
-    this operation is equivalent to::
+    The keys are set in a dense bitset, each core owning one stretch of the
+    key space, and the bitset is written container by container in the form
+    ``run_optimize`` would choose -- no sort.  ``src=None`` means the rows
+    are the keys.  With ``kept`` (rows kept per run, see
+    ``_kernels.Tree.query``), a run with ``kept < e - s`` holds only the rows
+    r with ``seen[r] >= seen_min``.  In numpy, this operation is equivalent to::
 
-        bm = BitMap(np.concatenate([src[s:e] for s, e in runs])); bm.run_optimize()
+        rows = np.concatenate([np.arange(s, e)[(seen[s:e] >= seen_min) | (k == e - s)]
+                               for (s, e), k in zip(runs, kept)])     # kept=None: every row
+        bm = BitMap(rows if src is None else src[rows]); bm.run_optimize()
         bm.serialize()          # the same set; BitMap.deserialize gives an equal bitmap
     """
     cdef int64_t nw = ((key_space + 65535) >> 16) << 10 if key_space > 0 else 0
@@ -263,19 +353,23 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
     words = np.zeros(max(nw, 1), dtype=np.uint64)
     cdef uint64_t[::1] w = words
     cdef Py_ssize_t k = runs.shape[0], i
-    cdef int nt = gt_max_threads()
-    cdef int t
-    cdef int64_t r, lo, hi, key
+    cdef int64_t total = 0
+    cdef const int64_t* kp = NULL
+    cdef const uint32_t* sp = NULL
+    cdef const uint32_t* srcp = NULL
+    if kept is not None:
+        if kept.shape[0] != k or seen is None:
+            raise ValueError("kept needs one count per run and the seen column")
+        kp = &kept[0] if k else NULL
+        sp = &seen[0] if seen.shape[0] else NULL
+    if src is not None and src.shape[0]:
+        srcp = &src[0]
+    for i in range(k):
+        total += runs[i, 1] - runs[i, 0]
+    cdef int nt = gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1
     if k and nw:
         with nogil:
-            for t in prange(nt, schedule="static", num_threads=nt):
-                lo = (nw * t // nt) << 6          # this thread owns keys [lo, hi)
-                hi = (nw * (t + 1) // nt) << 6
-                for i in range(k):
-                    for r in range(runs[i, 0], runs[i, 1]):
-                        key = src[r]
-                        if key >= lo and key < hi:
-                            w[key >> 6] |= (<uint64_t>1) << (key & 63)
+            gt_bitset_fresh(srcp, &runs[0, 0], kp, k, sp, seen_min, &w[0], nw, nt)
     cont = np.zeros((max(nc, 1), 4), dtype=np.int64)
     cdef int64_t[:, ::1] cv = cont
     if nc:

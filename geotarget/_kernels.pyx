@@ -324,11 +324,13 @@ cdef struct QueryCtx:
     bint filter_app
     uint64_t app_mask[4]
     bint emit
+    bint lazy                 # inside rows of mixed ages leave as fresh runs (no per-row runs)
     int64_t count
     int64_t exact_checks
     int64_t nodes             # nodes whose box was tested
     int64_t leaf_points       # points tested in boundary leaves
-    vector[int64_t]* runs     # flat [s0, e0, s1, e1, ...]
+    vector[int64_t]* runs     # flat [s0, e0, kept0, s1, e1, kept1, ...]
+    int64_t fresh_runs        # runs whose kept < e - s
 
 
 cdef inline bint _passes(QueryCtx* q, int64_t row) noexcept nogil:
@@ -347,11 +349,42 @@ cdef inline void _emit(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     if not q.emit:
         return
     cdef size_t m = q.runs.size()
-    if m > 0 and q.runs[0][m - 1] == s:
-        q.runs[0][m - 1] = e
+    # extend the previous run if it ends here and keeps every row
+    if m > 0 and q.runs[0][m - 2] == s and q.runs[0][m - 1] == q.runs[0][m - 2] - q.runs[0][m - 3]:
+        q.runs[0][m - 2] = e
+        q.runs[0][m - 1] += e - s
     else:
         q.runs.push_back(s)
         q.runs.push_back(e)
+        q.runs.push_back(e - s)
+
+
+cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    """Rows of ``[s, e)`` (all inside the circle) seen at or after the cutoff, as one fresh run.
+
+    The count is a branch-free pass over the leaf-ordered last-seen column;
+    which rows pass is left to whoever materialises the audience (``fill``,
+    ``bitmap``), which reads the same column again in the same pass as its
+    copy.  Tracking runs row by row here cost a branch per row and, with
+    one device in ten stale, a run per ten devices (5 M runs at 400 M).
+    """
+    cdef int64_t r, kept = 0
+    cdef const uint32_t* seen = q.seen
+    cdef uint32_t cut = q.seen_min
+    for r in range(s, e):
+        kept += seen[r] >= cut
+    if kept == e - s:
+        _emit(q, s, e)
+        return
+    if kept == 0:
+        return
+    q.count += kept
+    if not q.emit:
+        return
+    q.fresh_runs += 1
+    q.runs.push_back(s)
+    q.runs.push_back(e)
+    q.runs.push_back(kept)
 
 
 cdef inline void _track(QueryCtx* q, int64_t* run_start, int64_t r, bint inside) noexcept nogil:
@@ -436,6 +469,12 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
 DEF ITEM_RANGE = 0      # inside, filters decide row by row (_emit_range)
 DEF ITEM_LEAF = 1       # a boundary leaf (_leaf)
 DEF ITEM_RUN = 2        # inside, every row passes (_emit)
+DEF ITEM_FRESH = 3      # inside, rows pass by last-seen alone (_emit_fresh)
+# Inside subtrees of mixed ages are split no further than this many levels
+# above the leaves (16 leaves, ~1000 rows): deeper, the node tests cost more
+# than the count they could skip, since with devices reporting every few
+# hours nearly every leaf holds a stale one.
+DEF FRESH_LEVELS = 4
 # Boundary leaves whose points are prefetched ahead of the one being tested.
 # At 400 M devices the points are a 6.4 GB mapping and each boundary leaf is a
 # cache and TLB miss; with this many in flight the misses overlap.
@@ -474,7 +513,15 @@ cdef void _query(QueryCtx* q) noexcept nogil:
     if q.n == 0:
         return
     if q.everything:
-        _emit_range(q, 0, q.n)
+        if q.lazy:
+            # leaf-sized pieces, so that materialising them splits over cores
+            s = 0
+            while s < q.n:
+                e = s + 4096 if q.n - s > 4096 else q.n
+                _emit_fresh(q, s, e)
+                s = e
+        else:
+            _emit_range(q, 0, q.n)
         return
     stack_node[0] = 0
     stack_level[0] = 0
@@ -501,6 +548,9 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             if (not q.filter_app and q.seen_bounds != NULL
                     and q.seen_bounds[2 * node] >= q.seen_min):
                 _defer(&items, ITEM_RUN, s, e)  # inside, and every device here is recent enough
+                continue
+            if q.lazy and level + FRESH_LEVELS >= q.depth:
+                _defer(&items, ITEM_FRESH, s, e)
                 continue
             if level == q.depth or q.seen_bounds == NULL or q.filter_app:
                 _defer(&items, ITEM_RANGE, s, e)
@@ -532,6 +582,8 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             _leaf(q, items[3 * i + 1], items[3 * i + 2])
         elif items[3 * i] == ITEM_RUN:
             _emit(q, items[3 * i + 1], items[3 * i + 2])
+        elif items[3 * i] == ITEM_FRESH:
+            _emit_fresh(q, items[3 * i + 1], items[3 * i + 2])
         else:
             _emit_range(q, items[3 * i + 1], items[3 * i + 2])
 
@@ -545,7 +597,13 @@ cdef class Tree:
         mask = d <= radius_km
         if seen_min >= 0: mask &= seen >= seen_min
         if app_codes is not None: mask &= np.isin(app, app_codes)
-        rows = np.flatnonzero(mask)          # runs are the maximal ranges of rows
+        rows = np.flatnonzero(mask)
+
+    ``runs`` hold these rows: a run ``(s, e, kept)`` with ``kept == e - s``
+    holds every row of ``[s, e)``; a *fresh run* (``kept < e - s``, only with
+    ``seen_min`` and ``fresh_runs=True``) holds the ``kept`` rows r of
+    ``[s, e)`` with ``seen[r] >= seen_min``, all of them inside the circle.
+    ``_array_kernels.fresh_rows_runs`` turns fresh runs into plain ones.
     """
     cdef const GtPoint[::1] pts
     cdef const uint32_t[::1] keys
@@ -566,14 +624,18 @@ cdef class Tree:
         self.n = pts.shape[0]
 
     def query(self, double clat, double clon, double radius_km, int64_t seen_min=-1,
-              object app_codes=None, bint emit=True):
+              object app_codes=None, bint emit=True, bint fresh_runs=False):
         """Rows within ``radius_km`` of (clat, clon), as sorted disjoint runs.
 
-        Returns ``(runs, count, stats)``: ``runs`` is int64 ``(k, 2)`` of
+        Returns ``(runs, kept, count, stats)``: ``runs`` is int64 ``(k, 2)`` of
         ``[start, end)`` row ranges in ascending order (``None`` when
-        ``emit=False``); ``stats`` counts tested nodes, boundary-leaf points and
-        exact re-checks.  ``seen_min`` (epoch seconds, -1 for none) and
-        ``app_codes`` (int codes, None for all) filter rows.
+        ``emit=False``); ``kept`` is None when every run keeps all its rows,
+        else int64 ``(k,)`` rows kept per run (see the class docstring);
+        ``stats`` counts tested nodes, boundary-leaf points and exact
+        re-checks.  ``seen_min`` (epoch seconds, -1 for none) and
+        ``app_codes`` (int codes, None for all) filter rows.  With
+        ``fresh_runs`` a last-seen filter alone leaves inside rows as fresh
+        runs instead of splitting them row by row.
         """
         cdef QueryCtx q
         cdef vector[int64_t] runs
@@ -614,6 +676,10 @@ cdef class Tree:
                 code = code & 255
                 q.app_mask[code >> 6] |= (<uint64_t>1) << (code & 63)
         q.emit = emit
+        # Counting needs no runs, so it always takes the branch-free pass.
+        q.lazy = (q.filter_seen and not q.filter_app and q.seen != NULL
+                  and (fresh_runs or not emit))
+        q.fresh_runs = 0
         q.count = 0
         q.exact_checks = 0
         q.nodes = 0
@@ -623,12 +689,14 @@ cdef class Tree:
             _query(&q)
         stats = {"nodes": q.nodes, "leaf_points": q.leaf_points, "exact_checks": q.exact_checks}
         if not emit:
-            return None, q.count, stats
-        out = np.empty((runs.size() // 2, 2), dtype=np.int64)
-        cdef int64_t[:, ::1] ov = out
+            return None, None, q.count, stats
+        both = np.empty((runs.size() // 3, 3), dtype=np.int64)
+        cdef int64_t[:, ::1] ov = both
         if runs.size() > 0:
             memcpy(&ov[0, 0], runs.data(), runs.size() * sizeof(int64_t))
-        return out, q.count, stats
+        out = np.ascontiguousarray(both[:, :2])
+        kept = np.ascontiguousarray(both[:, 2]) if q.fresh_runs else None
+        return out, kept, q.count, stats
 
 
 def node_seen_bounds(const uint32_t[::1] seen, int depth):

@@ -71,6 +71,159 @@ static void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const i
     gt_for_runs(runs, offsets, k, total, nt, [=](int64_t o, int64_t row, int64_t len) {
         std::copy(src + row, src + row + len, out + o); });
 }
+/* Materialise runs some of which are fresh runs (kept[i] < e - s: the rows
+   r of [s, e) with seen[r] >= cut, see _kernels.Tree.query).  Plain runs are
+   split by output position as in gt_for_runs; a fresh run (a few thousand
+   rows at most) goes whole to the thread whose share of the output holds
+   its first key, and is copied in one pass that reads the last-seen column
+   beside the keys.  src NULL: the rows are the keys. */
+static void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept,
+                          const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
+                          uint32_t cut, int nt, uint32_t* out) {
+    #pragma omp parallel num_threads(nt) if(nt > 1)
+    {
+        int t = 0, tn = 1;
+        #ifdef _OPENMP
+        t = omp_get_thread_num(); tn = omp_get_num_threads();
+        #endif
+        int64_t lo = total * t / tn, hi = total * (t + 1) / tn;
+        if (lo < hi) {
+            int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
+            if (i < 0) i = 0;
+            for (; i < k && offsets[i] < hi; i++) {
+                int64_t s = runs[2 * i], e = runs[2 * i + 1], o = offsets[i], len = e - s;
+                if (kept[i] == len) {
+                    int64_t a = o > lo ? o : lo, b = o + len < hi ? o + len : hi;
+                    if (a >= b) continue;
+                    if (src) std::copy(src + s + (a - o), src + s + (b - o), out + a);
+                    else gt_iota(out + a, b - a, (uint32_t)(s + (a - o)));
+                } else if (o >= lo) {
+                    uint32_t* d = out + o;
+                    int64_t m = 0, want = kept[i];
+                    /* write every row, advance past the kept ones: no branch on the data */
+                    for (int64_t r = s; r < e && m < want; r++) {
+                        d[m] = src ? src[r] : (uint32_t)r;
+                        m += seen[r] >= cut;
+                    }
+                }
+            }
+        }
+    }
+}
+
+static inline void gt_set_bits(uint64_t* w, int64_t a, int64_t b) {   /* bits [a, b) */
+    if (a >= b) return;
+    int64_t wa = a >> 6, wb = (b - 1) >> 6;
+    uint64_t ma = ~(uint64_t)0 << (a & 63), mb = ~(uint64_t)0 >> (63 - ((b - 1) & 63));
+    if (wa == wb) { w[wa] |= ma & mb; return; }
+    w[wa] |= ma;
+    for (int64_t j = wa + 1; j < wb; j++) w[j] = ~(uint64_t)0;
+    w[wb] |= mb;
+}
+
+/* A dense bitset of an audience's keys: the keys src[r] (src NULL: the row
+   numbers) of every row of every run, fresh runs keeping rows with
+   seen[r] >= cut (seen may be NULL when no run is fresh).  Each thread owns
+   one stretch of words, so no two threads write a word.  With rows as keys
+   the runs ascend in key order and each thread visits only its own; else
+   every thread reads every key and keeps those in its stretch. */
+static void gt_bitset_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept, int64_t k,
+                            const uint32_t* seen, uint32_t cut, uint64_t* w, int64_t nw, int nt) {
+    #pragma omp parallel num_threads(nt) if(nt > 1)
+    {
+        int t = 0, tn = 1;
+        #ifdef _OPENMP
+        t = omp_get_thread_num(); tn = omp_get_num_threads();
+        #endif
+        int64_t lo = (nw * t / tn) << 6, hi = (nw * (t + 1) / tn) << 6;
+        int64_t i = 0;
+        if (!src) {   /* first run ending after lo */
+            int64_t a = 0, b = k;
+            while (a < b) { int64_t m = (a + b) / 2; if (runs[2 * m + 1] <= lo) a = m + 1; else b = m; }
+            i = a;
+        }
+        for (; i < k; i++) {
+            int64_t s = runs[2 * i], e = runs[2 * i + 1];
+            bool plain = !kept || kept[i] == e - s;
+            if (!src) {
+                if (s >= hi) break;
+                int64_t a = s > lo ? s : lo, b = e < hi ? e : hi;
+                if (plain) { gt_set_bits(w, a, b); continue; }
+                for (int64_t r = a; r < b; r++)
+                    w[r >> 6] |= (uint64_t)(seen[r] >= cut) << (r & 63);
+                continue;
+            }
+            for (int64_t r = s; r < e; r++) {
+                int64_t key = src[r];
+                bool in = key >= lo && key < hi && (plain || seen[r] >= cut);
+                if (in) w[key >> 6] |= (uint64_t)1 << (key & 63);
+            }
+        }
+    }
+}
+
+/* Plain runs (ascending, disjoint) of the rows a set of runs holds: fresh
+   runs split where stale rows fall, touching plain runs merged.  Returns
+   how many were written to out (room for at most total-kept + k runs). */
+static int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k, const uint32_t* seen,
+                             uint32_t cut, int64_t* out) {
+    int64_t m = 0;
+    auto put = [&](int64_t a, int64_t b) {
+        if (m && out[2 * m - 1] == a) out[2 * m - 1] = b;
+        else { out[2 * m] = a; out[2 * m + 1] = b; m++; }
+    };
+    for (int64_t i = 0; i < k; i++) {
+        int64_t s = runs[2 * i], e = runs[2 * i + 1];
+        if (kept[i] == e - s) { put(s, e); continue; }
+        int64_t open = -1;
+        for (int64_t r = s; r < e; r++) {
+            bool in = seen[r] >= cut;
+            if (in && open < 0) open = r;
+            else if (!in && open >= 0) { put(open, r); open = -1; }
+        }
+        if (open >= 0) put(open, e);
+    }
+    return m;
+}
+
+/* Group an audience's devices by partner app: a stable counting sort by
+   app code over nt threads (each counts its slice, then scatters it after
+   the slices before it), carrying device id and key.  Linear, no sort by id;
+   each app's devices keep the audience's order.  starts[c] .. starts[c + 1]
+   is code c's stretch (codes are the int8 column read as unsigned). */
+static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
+                            uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
+    std::vector<int64_t> counts((size_t)nt * 256, 0);
+    std::unique_ptr<uint8_t[]> code(new uint8_t[(size_t)(n ? n : 1)]);
+    #pragma omp parallel num_threads(nt) if(nt > 1)
+    {
+        int t = 0, tn = 1;
+        #ifdef _OPENMP
+        t = omp_get_thread_num(); tn = omp_get_num_threads();
+        #endif
+        int64_t s = n * t / tn, e = n * (t + 1) / tn;
+        int64_t* c = &counts[(size_t)t * 256];
+        for (int64_t i = s; i < e; i++) { uint8_t a = (uint8_t)app[keys[i]]; code[i] = a; c[a]++; }
+        #pragma omp barrier
+        #pragma omp single
+        {
+            int64_t acc = 0;
+            for (int a = 0; a < 256; a++) {
+                starts[a] = acc;
+                for (int u = 0; u < tn; u++) {
+                    int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
+            }
+            starts[256] = acc;
+        }
+        for (int64_t i = s; i < e; i++) {
+            int64_t pos = c[code[i]]++;
+            uint32_t k = keys[i];
+            out_keys[pos] = k;
+            out_ids[pos] = device_id[k];
+        }
+    }
+}
+
 /* Sort ids carrying their row numbers.  One counting pass and one stable
    scatter into up to 2^16 buckets by the top bits of (id - min), then each
    bucket is sorted on its own, in cache, in parallel.  Device ids are
