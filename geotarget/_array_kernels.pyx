@@ -41,6 +41,11 @@ DEF PARALLEL_MIN = 1 << 22
 
 #: From this many keys up an audience is materialised on every core.
 DEF RUNS_PARALLEL_MIN = 1 << 19
+#: From this many roaring containers (of 2^16 keys; 8 KB of bitset each) up a
+#: bitmap's containers are sized and written on every core.  Below, one core
+#: takes well under a millisecond, less than waiting for a second thread that
+#: the OS has not scheduled on a busy machine (PARALLEL_MIN's note).
+DEF CONTAINERS_PARALLEL_MIN = 512
 
 
 def gather_runs_u32(const uint32_t[::1] src, const int64_t[:, ::1] runs,
@@ -324,7 +329,7 @@ cdef extern from "gt_arrays.hpp" nogil:
         int64_t runs
         int64_t bytes
         int64_t kind
-    void gt_container_sizes(const uint64_t* w, int64_t nc, GtContainer* c)
+    void gt_container_sizes(const uint64_t* w, int64_t nc, GtContainer* c, int nt)
     void gt_container_write(const uint64_t* b, const GtContainer& c, uint8_t* out)
     void gt_put16(uint8_t* p, uint32_t v)
     void gt_put32(uint8_t* p, uint32_t v)
@@ -374,7 +379,7 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
     cdef int64_t[:, ::1] cv = cont
     if nc:
         with nogil:
-            gt_container_sizes(&w[0], nc, <GtContainer*>&cv[0, 0])
+            gt_container_sizes(&w[0], nc, <GtContainer*>&cv[0, 0], gt_max_threads() if nc >= CONTAINERS_PARALLEL_MIN else 1)
     used = np.flatnonzero(cont[:nc, 0]).astype(np.int64)
     cdef int64_t m = used.shape[0]
     if m == 0:
@@ -397,7 +402,7 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
         if m >= 4:
             gt_put32(&o[4 + (m + 7) // 8 + 4 * m + 4 * j], <uint32_t>ov[j])
     with nogil:
-        for j in prange(m, schedule="dynamic"):
+        for j in prange(m, schedule="dynamic", num_threads=gt_max_threads() if m >= CONTAINERS_PARALLEL_MIN else 1):
             c = uv[j]
             gt_container_write(&w[c << 10], (<GtContainer*>&cv[0, 0])[c], &o[ov[j]])
     return out.tobytes()

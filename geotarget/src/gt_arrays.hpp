@@ -316,8 +316,8 @@ static inline int64_t gt_word_runs(uint64_t x, uint64_t prev_top) {
     return __builtin_popcountll(x & ~((x << 1) | prev_top));
 }
 struct GtContainer { int64_t card, runs, bytes, kind; };   /* kind 0 array, 1 bitmap, 2 run */
-static void gt_container_sizes(const uint64_t* w, int64_t nc, GtContainer* c) {
-    #pragma omp parallel for schedule(static)
+static void gt_container_sizes(const uint64_t* w, int64_t nc, GtContainer* c, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt) if(nt > 1)
     for (int64_t i = 0; i < nc; i++) {
         const uint64_t* b = w + 1024 * i;
         int64_t card = 0, runs = 0; uint64_t top = 0;
