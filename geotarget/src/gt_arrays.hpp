@@ -2,6 +2,15 @@
 #ifndef GT_ARRAYS_HPP
 #define GT_ARRAYS_HPP
 #include "gt_geom.hpp"
+#include "gt_pool.hpp"
+
+/* Output positions (keys) per chunk of the dispatch path's work sharing
+   (gt_pool.hpp): 256 KB of keys, tens of microseconds, so that waiting for a
+   chunk a descheduled helper holds costs little. */
+static const int64_t GT_CHUNK = (int64_t)1 << 16;
+static inline int64_t gt_chunks(int64_t total, int nt) {
+    return nt > 1 ? (total + GT_CHUNK - 1) / GT_CHUNK : 1;
+}
 
 #include <algorithm>
 #include <cstdint>
@@ -44,13 +53,9 @@ static inline void gt_iota(uint32_t* d, int64_t m, uint32_t s) {
    most of the bytes; this splits inside runs. */
 template <class F> static void gt_for_runs(const int64_t* runs, const int64_t* offsets, int64_t k,
                                            int64_t total, int nt, F f) {
-    #pragma omp parallel num_threads(nt) if(nt > 1)
-    {
-        int t = 0, tn = 1;
-        #ifdef _OPENMP
-        t = omp_get_thread_num(); tn = omp_get_num_threads();
-        #endif
-        int64_t lo = total * t / tn, hi = total * (t + 1) / tn;
+    int64_t nch = gt_chunks(total, nt);
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t lo = total * ch / nch, hi = total * (ch + 1) / nch;
         if (lo < hi) {
             int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
             for (; i < k && offsets[i] < hi; i++) {
@@ -59,7 +64,7 @@ template <class F> static void gt_for_runs(const int64_t* runs, const int64_t* o
                 if (a < b) f(a, runs[2 * i] + (a - o), b - a);
             }
         }
-    }
+    });
 }
 static void gt_fill_rows(const int64_t* runs, const int64_t* offsets, int64_t k, int64_t total,
                          int nt, uint32_t* out) {
@@ -80,13 +85,9 @@ static void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const i
 static void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept,
                           const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
                           uint32_t cut, int nt, uint32_t* out) {
-    #pragma omp parallel num_threads(nt) if(nt > 1)
-    {
-        int t = 0, tn = 1;
-        #ifdef _OPENMP
-        t = omp_get_thread_num(); tn = omp_get_num_threads();
-        #endif
-        int64_t lo = total * t / tn, hi = total * (t + 1) / tn;
+    int64_t nch = gt_chunks(total, nt);
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t lo = total * ch / nch, hi = total * (ch + 1) / nch;
         if (lo < hi) {
             int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
             if (i < 0) i = 0;
@@ -108,7 +109,7 @@ static void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_
                 }
             }
         }
-    }
+    });
 }
 
 static inline void gt_set_bits(uint64_t* w, int64_t a, int64_t b) {   /* bits [a, b) */
@@ -129,13 +130,10 @@ static inline void gt_set_bits(uint64_t* w, int64_t a, int64_t b) {   /* bits [a
    every thread reads every key and keeps those in its stretch. */
 static void gt_bitset_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept, int64_t k,
                             const uint32_t* seen, uint32_t cut, uint64_t* w, int64_t nw, int nt) {
-    #pragma omp parallel num_threads(nt) if(nt > 1)
-    {
-        int t = 0, tn = 1;
-        #ifdef _OPENMP
-        t = omp_get_thread_num(); tn = omp_get_num_threads();
-        #endif
-        int64_t lo = (nw * t / tn) << 6, hi = (nw * (t + 1) / tn) << 6;
+    /* rows as keys: chunks of the key space; else every chunk reads every key, so one per thread */
+    int64_t nch = src ? nt : gt_chunks(nw << 6, nt);
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t lo = (nw * ch / nch) << 6, hi = (nw * (ch + 1) / nch) << 6;
         int64_t i = 0;
         if (!src) {   /* first run ending after lo */
             int64_t a = 0, b = k;
@@ -159,7 +157,7 @@ static void gt_bitset_fresh(const uint32_t* src, const int64_t* runs, const int6
                 if (in) w[key >> 6] |= (uint64_t)1 << (key & 63);
             }
         }
-    }
+    });
 }
 
 /* Plain runs (ascending, disjoint) of the rows a set of runs holds: fresh
@@ -187,41 +185,45 @@ static int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k
 }
 
 /* Group an audience's devices by partner app: a stable counting sort by
-   app code over nt threads (each counts its slice, then scatters it after
-   the slices before it), carrying device id and key.  Linear, no sort by id;
+   app code over nt threads (each chunk counts its slice, then scatters it
+   after the slices before it), carrying device id and key.  Linear, no sort by id;
    each app's devices keep the audience's order.  starts[c] .. starts[c + 1]
    is code c's stretch (codes are the int8 column read as unsigned). */
 static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
                             uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
-    std::vector<int64_t> counts((size_t)nt * 256, 0);
-    std::unique_ptr<uint8_t[]> code(new uint8_t[(size_t)(n ? n : 1)]);
-    #pragma omp parallel num_threads(nt) if(nt > 1)
-    {
-        int t = 0, tn = 1;
-        #ifdef _OPENMP
-        t = omp_get_thread_num(); tn = omp_get_num_threads();
-        #endif
-        int64_t s = n * t / tn, e = n * (t + 1) / tn;
-        int64_t* c = &counts[(size_t)t * 256];
-        for (int64_t i = s; i < e; i++) { uint8_t a = (uint8_t)app[keys[i]]; code[i] = a; c[a]++; }
-        #pragma omp barrier
-        #pragma omp single
-        {
-            int64_t acc = 0;
-            for (int a = 0; a < 256; a++) {
-                starts[a] = acc;
-                for (int u = 0; u < tn; u++) {
-                    int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
-            }
-            starts[256] = acc;
+    int64_t nch = gt_chunks(n, nt);
+    std::vector<int64_t> counts((size_t)nch * 256, 0);
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t s = n * ch / nch, e = n * (ch + 1) / nch;
+        /* four histograms: one app holds a fifth of the devices, and a single
+           counter would make every increment wait for the one before */
+        uint32_t h[4][256] = {};
+        int64_t i = s;
+        for (; i + 4 <= e; i += 4) {
+            h[0][(uint8_t)app[keys[i]]]++; h[1][(uint8_t)app[keys[i + 1]]]++;
+            h[2][(uint8_t)app[keys[i + 2]]]++; h[3][(uint8_t)app[keys[i + 3]]]++;
         }
+        for (; i < e; i++) h[0][(uint8_t)app[keys[i]]]++;
+        int64_t* c = &counts[(size_t)ch * 256];
+        for (int a = 0; a < 256; a++) c[a] = (int64_t)h[0][a] + h[1][a] + h[2][a] + h[3][a];
+    });
+    int64_t acc = 0;
+    for (int a = 0; a < 256; a++) {
+        starts[a] = acc;
+        for (int64_t u = 0; u < nch; u++) {
+            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
+    }
+    starts[256] = acc;
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t s = n * ch / nch, e = n * (ch + 1) / nch;
+        int64_t* c = &counts[(size_t)ch * 256];
         for (int64_t i = s; i < e; i++) {
-            int64_t pos = c[code[i]]++;
             uint32_t k = keys[i];
+            int64_t pos = c[(uint8_t)app[k]]++;
             out_keys[pos] = k;
             out_ids[pos] = device_id[k];
         }
-    }
+    });
 }
 
 /* Sort ids carrying their row numbers.  One counting pass and one stable
