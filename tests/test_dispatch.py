@@ -204,3 +204,29 @@ def test_by_app_batches_and_device_ids_in_both_orders(shuffled):
     np.testing.assert_array_equal(np.sort(np.concatenate([t.column("key").to_numpy()
                                                           for t in batches.values()])), want)
     assert index.within(31.0, 121.0, 0.0, seen_since=since).by_app() == {}
+
+
+def test_concurrent_callers_and_a_forked_child_get_the_same_answers():
+    """The work-sharing pool: callers on several threads at once (one runs alone while another holds
+    the pool), and a child forked after the pool started, all give the NumPy answer."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    n = (1 << 20) + 11
+    keys = rng.permutation(n).astype(np.uint32)
+    device_id = rng.integers(0, 2**63, n, dtype=np.uint64)
+    app = rng.integers(0, 30, n).astype(np.int8)
+    order = np.argsort(app[keys], kind="stable")
+
+    def one(_):
+        ids, ks, _ = _array_kernels.group_by_app(keys, device_id, app)
+        return np.array_equal(ks, keys[order]) and np.array_equal(ids, device_id[keys[order]])
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(one, range(16)))
+    pid = os.fork()
+    if pid == 0:   # the child: exit status 0 only for the right answer
+        os._exit(0 if one(0) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

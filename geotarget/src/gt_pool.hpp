@@ -25,15 +25,22 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 
 class GtPool {
   public:
     /* The process's pool (created on first use, never destroyed: helpers are
-       detached and sleep until the process exits). */
+       detached and sleep until the process exits).  A forked child has none
+       of the parent's helpers and may inherit a mutex one of them held: it
+       starts from a new pool (the old one is left alone, not destroyed). */
     static GtPool& get() {
-        static GtPool* pool = new GtPool();
-        return *pool;
+        static std::once_flag once;
+        std::call_once(once, [] {
+            instance() = new GtPool();
+            pthread_atfork(nullptr, nullptr, [] { instance() = new GtPool(); });
+        });
+        return *instance();
     }
 
     /* f(c) for every c in [0, n), on the calling thread and up to helpers
@@ -67,6 +74,10 @@ class GtPool {
     }
 
   private:
+    static GtPool*& instance() {
+        static GtPool* p = nullptr;
+        return p;
+    }
     typedef void (*Call)(void*, int64_t);
     template <class F> static void trampoline(void* f, int64_t c) { (*static_cast<F*>(f))(c); }
 
