@@ -22,6 +22,7 @@
 #define GT_POOL_HPP
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -63,6 +64,7 @@ class GtPool {
             n_ = n;
             done_.store(0, std::memory_order_relaxed);
             claim_.store(g << 32, std::memory_order_release);
+            posted_.store(g, std::memory_order_release);
         }
         cv_.notify_all();
         int64_t mine = work(g, n, &trampoline<F>, &f);
@@ -96,6 +98,14 @@ class GtPool {
     void helper() {
         uint64_t seen = 0;
         for (;;) {
+            /* Stay awake briefly after a job: a dispatcher's calls come in
+               bursts (query, bitmap, batches), and a sleeping helper takes
+               tens of microseconds to wake.  Short enough not to matter to
+               another process that wants the core. */
+            auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+            while (posted_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < until) {
+                for (int i = 0; i < 64; i++) gt_pause();
+            }
             uint64_t g; int64_t n; Call call; void* arg;
             {
                 std::unique_lock<std::mutex> lk(m_);
@@ -104,6 +114,12 @@ class GtPool {
             }
             work(g, n, call, arg);
         }
+    }
+    static const int SPIN_US = 100;
+    static inline void gt_pause() {
+    #if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+    #endif
     }
 
     void start_helpers(int want) {
@@ -119,6 +135,7 @@ class GtPool {
     int64_t n_ = 0;
     int started_ = 0;
     std::atomic<uint64_t> claim_{0};
+    std::atomic<uint64_t> posted_{0};   /* gen_, readable without the mutex (spinning helpers) */
     std::atomic<int64_t> done_{0};
 };
 
