@@ -6,7 +6,7 @@ Everything here is inline, so each module compiles its own copy; the
 algorithm is explained at the top of ``geotarget/_kernels.pyx``.
 """
 from libc.math cimport asin, cos, sin, sqrt
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef extern from "gt_geom.hpp" nogil:
     ctypedef struct GtPoint:
@@ -20,6 +20,8 @@ cdef extern from "gt_geom.hpp" nogil:
     double GT_DEG2RAD
     double GT_GUARD
     int __builtin_ctzll(unsigned long long)
+    int __builtin_popcountll(unsigned long long)
+    uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut)
     void __builtin_prefetch(const void*)
 
 

@@ -22,12 +22,12 @@ BASE = 1_700_000_000
 UTC = dt.timezone.utc
 
 
-def _world(n, seed, shuffled, apps=("amap", "qq", "weibo")):
+def _world(n, seed, shuffled, apps=("amap", "qq", "weibo"), base=BASE):
     """A store over East Asia; ``shuffled`` keeps rows in random order so that index rows are not keys."""
     rng = np.random.default_rng(seed)
     lat = np.clip(rng.normal(31.0, 3.0, n), -90, 90)
     lon = rng.normal(121.0, 3.0, n)
-    seen = BASE + rng.integers(0, 100, n)
+    seen = base + rng.integers(0, 100, n)
     ids = rng.permutation(np.arange(n, dtype=np.uint64) * 7919 + 11)
     codes = rng.integers(0, len(apps), n).astype(np.int8)
     if shuffled:
@@ -41,19 +41,20 @@ def _world(n, seed, shuffled, apps=("amap", "qq", "weibo")):
 def fresh_cases(draw):
     n = draw(st.integers(0, 3000))
     return (n, draw(st.integers(0, 2**31)), draw(st.booleans()), draw(st.sampled_from([1, 4, 16, 64])),
-            draw(st.sampled_from([0.0, 1.0, 50.0, 300.0, 1000.0, 30_000.0])), draw(st.integers(-1, 101)))
+            draw(st.sampled_from([0.0, 1.0, 50.0, 300.0, 1000.0, 30_000.0])), draw(st.integers(-1, 101)),
+            draw(st.sampled_from([BASE, 2**31 - 50])))   # the second straddles the top bit of the u32 clock
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=fresh_cases())
 def test_fresh_audience_equals_scan_in_every_form(case):
-    n, seed, shuffled, leaf, r, cut = case
-    store = _world(n, seed, shuffled)
+    n, seed, shuffled, leaf, r, cut, base = case
+    store = _world(n, seed, shuffled, base=base)
     index = gt.SpatialIndex.build(store, leaf_size=leaf)
-    if shuffled and n > 50:   # a few random rows can happen to be in leaf order
+    if shuffled and n > 4 * leaf:   # a tree of one leaf, or a few random rows, can leave rows as they are
         assert not index.keys_are_rows
     # the cut-off on an exact second some devices were last seen at: >= keeps them
-    since = dt.datetime.fromtimestamp(BASE + cut, UTC)
+    since = dt.datetime.fromtimestamp(base + cut, UTC)
     ref = within_reference(store, 31.0, 121.0, r, seen_since=since)
     aud = index.within(31.0, 121.0, r, seen_since=since)
     assert len(aud) == len(ref) == index.count(31.0, 121.0, r, seen_since=since)
@@ -62,14 +63,14 @@ def test_fresh_audience_equals_scan_in_every_form(case):
     assert np.all(buf[len(ref):] == 0xDEADBEEF), "fill wrote past the audience"
     got = np.sort(buf[:len(ref)])
     np.testing.assert_array_equal(got, ref)                          # nothing missed, nothing extra
-    assert np.all(store.last_seen_s[got] >= BASE + cut)              # each returned key is fresh
+    assert np.all(store.last_seen_s[got] >= base + cut)              # each returned key is fresh
     np.testing.assert_array_equal(aud.keys(), ref)
     rows = np.concatenate([np.arange(s, e) for s, e in aud.runs]) if len(aud.runs) else np.empty(0)
     np.testing.assert_array_equal(np.sort(index.keys[rows.astype(np.int64)]), ref)
     assert aud.bitmap() == BitMap(ref)
     # one second later drops exactly the devices last seen at the cut-off second
     later = index.within(31.0, 121.0, r, seen_since=since + dt.timedelta(seconds=1))
-    at_cut = ref[store.last_seen_s[ref] == BASE + cut] if cut >= 0 else np.empty(0, np.uint32)
+    at_cut = ref[store.last_seen_s[ref] == base + cut] if cut >= 0 else np.empty(0, np.uint32)
     np.testing.assert_array_equal(np.setdiff1d(ref, later.keys()), at_cut)
 
 
@@ -93,12 +94,19 @@ def _rows_ref(runs, kept, seen, cut):
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
+#: Last-seen values where an unsigned compare done with signed instructions would break.
+EDGE_SEEN = np.array([0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
+
+
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000), cut=st.integers(0, 11),
-       rows_are_keys=st.booleans())
-def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut, rows_are_keys):
+@given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
+       cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
+       rows_are_keys=st.booleans(), edges=st.booleans())
+def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut, rows_are_keys, edges):
     rng = np.random.default_rng(seed)
     seen = rng.integers(0, 11, n_rows).astype(np.uint32)
+    if edges:
+        seen = rng.choice(np.r_[EDGE_SEEN, np.arange(11, dtype=np.uint32)], n_rows)
     runs, kept = _fresh_runs(rng, n_rows, seen, cut)
     src = None if rows_are_keys else rng.permutation(n_rows).astype(np.uint32)
     rows = _rows_ref(runs, kept, seen, cut)

@@ -147,8 +147,15 @@ static void gt_bitset_fresh(const uint32_t* src, const int64_t* runs, const int6
                 if (s >= hi) break;
                 int64_t a = s > lo ? s : lo, b = e < hi ? e : hi;
                 if (plain) { gt_set_bits(w, a, b); continue; }
-                for (int64_t r = a; r < b; r++)
-                    w[r >> 6] |= (uint64_t)(seen[r] >= cut) << (r & 63);
+                /* one word at a time in a register: OR-ing each bit into memory
+                   chains every row to the store before it */
+                for (int64_t r = a; r < b;) {
+                    int64_t wi = r >> 6, end = (wi + 1) << 6 < b ? (wi + 1) << 6 : b;
+                    if ((r & 63) == 0 && end - r == 64) { w[wi] |= gt_fresh_word(seen + r, cut); r = end; continue; }
+                    uint64_t acc = 0;
+                    for (; r < end; r++) acc |= (uint64_t)(seen[r] >= cut) << (r & 63);
+                    w[wi] |= acc;
+                }
                 continue;
             }
             for (int64_t r = s; r < e; r++) {
