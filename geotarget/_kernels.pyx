@@ -61,6 +61,18 @@ Earth, and it must come back in milliseconds for tens of millions of devices.
    audience is written as ranges without reading the keys at all.  Gathers
    run over both cores with OpenMP where it is available.
 
+7. **The freshness filter reads last-seen once, without branches.**  Each
+   node keeps the min/max last-seen of its rows, so an all-fresh subtree
+   still leaves as one range and an all-stale one is skipped.  But devices
+   report every few hours, so nearly every leaf of a 24 h audience holds a
+   stale device.  An inside subtree of mixed ages (up to 16 leaves) therefore
+   leaves as a *fresh run* ``(start, end, kept)``: ``kept`` is counted 64 rows
+   at a time, and whoever materialises the audience (``fill``, the bitmap)
+   drops the stale rows in the same pass as its copy.  Rows stay in leaf
+   order, so an unfiltered audience is still ranges of keys.
+   ``docs/design.md`` (Dispatch path) says why not leaves sorted by
+   last-seen or recency tiers.
+
 Every kernel names its NumPy equivalent in its docstring; the tests compare the
 two on hypothesis-generated and adversarial inputs.
 
