@@ -238,3 +238,14 @@ def test_concurrent_callers_and_a_forked_child_get_the_same_answers():
         os._exit(0 if one(0) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_bitset_of_keys_beyond_the_key_space_writes_nothing_outside():
+    """Keys come from index files: one past the key space is left out, never written out of bounds."""
+    src = np.array([0, 5, 70_000, 2**32 - 1, 131_071, 131_072], dtype=np.uint32)
+    runs = np.array([[0, 6]], dtype=np.int64)
+    bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, 131_072))
+    assert bm == BitMap([0, 5, 70_000, 131_071])
+    seen = np.array([9, 0, 9, 9, 9, 9], dtype=np.uint32)
+    bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, 131_072, np.array([5]), seen, 1))
+    assert bm == BitMap([0, 70_000, 131_071])
