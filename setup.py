@@ -66,10 +66,10 @@ def _extension(name):
         f"geotarget.{name}",
         [f"geotarget/{name}.pyx"],
         language="c++",
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "geotarget/src"],  # the kernels' C++ headers
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"] + omp_compile,
-        extra_link_args=omp_link,
+        extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-pthread"] + omp_compile,
+        extra_link_args=["-pthread"] + omp_link,  # gt_pool.hpp's helper threads
     )
 
 

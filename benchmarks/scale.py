@@ -20,6 +20,13 @@ Phases (``--phases`` runs a subset and reuses what ``DIR`` already holds):
               chunked float64 brute-force check of every query's key set.
 ``log``       the dense 500 km audience as a roaring bitmap (timed apart: the
               engine does that work), then durable ``RecipientLog.append_push``.
+``dispatch``  the dispatch path of issue 13 on g1, dense 500 km, devices seen in
+              the 24 h before the run's clock: ``count``, ``within`` + ``fill``
+              into a reused buffer, every app's batch (``within(...).by_app()``),
+              the bitmap, and an engine's ``tick()`` to every app's batch of a
+              new 500 km ring (stages apart, ``benchmarks/dispatch.py``), its
+              in-memory path idle and beside one CPU-bound process (p50 / p99),
+              and a float64 brute-force count of the fresh devices.
 ``refresh``   10 % of n location updates (90 % existing devices moving a few
               km, 10 % new devices) into ``DIR/g2`` with
               ``with_updates(..., directory=)``, while a thread keeps serving
@@ -65,7 +72,7 @@ from geotarget.progress import bar, want_progress  # noqa: E402
 from geotarget.store import DeviceStore  # noqa: E402
 
 UTC = dt.timezone.utc
-PHASES = ("generate", "build", "serve", "log", "refresh", "build2", "retarget")
+PHASES = ("generate", "build", "serve", "log", "dispatch", "refresh", "build2", "retarget")
 CENTRES = {"dense": (31.23, 121.47), "medium": (36.06, 103.83), "rural": (33.5, 88.5)}
 RADII_KM = (100.0, 500.0)
 #: docs/design.md, Distance: the only disagreement with the float64 reference that is allowed.
@@ -84,7 +91,8 @@ SCAN_ROWS = 1 << 24
 #: (Measured at 2 M and 20 M: 72 B per device per generation.)
 DISK_BYTES_PER_DEVICE = {"generate": 45.0, "build": 28.0, "refresh": 45.5, "build2": 31.5}
 #: Where each phase writes (replaced when the phase runs again).
-OUTPUTS = {"generate": ("g1",), "build": (), "serve": (), "log": ("log",), "refresh": ("g2",),
+OUTPUTS = {"generate": ("g1",), "build": (), "serve": (), "log": ("log",), "dispatch": ("dispatch-log",),
+           "refresh": ("g2",),
            "build2": (), "retarget": ("retarget-log",)}
 #: The clock of the run: generated ``last_seen`` values lie in the 3 days before it.
 T0 = population.DEFAULT_NOW
@@ -336,6 +344,56 @@ def phase_log(a) -> dict:
             "bytes_per_recipient": stats["bytes_on_disk"] / stats["recipients_logged"]}
 
 
+def phase_dispatch(a) -> dict:
+    import dispatch as dp   # benchmarks/dispatch.py: the engine's ring, stage by stage
+
+    index = SpatialIndex.open(Path(a.workdir) / "g1")
+    clat, clon = CENTRES["dense"]
+    cut = T0 - dp.AGE
+    n = len(index)
+    count = index.count(clat, clon, 500.0, seen_since=cut)
+    cbest, ctimes = best_of(lambda: index.count(clat, clon, 500.0, seen_since=cut), a.count_repeat)
+    buf = np.empty(count, dtype=np.uint32)
+    filled = {}
+
+    def within_fill():
+        filled["n"] = index.within(clat, clon, 500.0, seen_since=cut).fill(buf)
+
+    fbest, ftimes = best_of(within_fill, a.repeat)
+    batches = {}
+
+    def by_app():
+        batches["b"] = index.within(clat, clon, 500.0, seen_since=cut).by_app()
+
+    bbest, btimes = best_of(by_app, a.repeat)
+    aud = index.within(clat, clon, 500.0, seen_since=cut)
+    _, bitmap_s, bitmap_cpu = timed_cpu(aud.bitmap)
+    if not (filled["n"] == count == len(aud) == len(aud.bitmap())
+            == sum(t.num_rows for t in batches["b"].values())):
+        raise AssertionError("count, fill, bitmap and batches disagree")
+    ring, _, _, _, first, t_ring = dp.ring_path(index, str(fresh_dir(Path(a.workdir) / "dispatch-log")),
+                                                clat, clon, population.city("Shanghai")["adcode"])
+    ring_cut = t_ring - dp.AGE
+    load = dp.under_load(lambda: dp.in_memory_ring(index, clat, clon, ring["radius_km"], ring_cut, first),
+                         a.repeat)
+    floor = dp.copy_floor(ring["recipients"], a.repeat)
+    out = {"n": n, "recipients": count, "count_best_s": cbest, "count_median_s": float(np.median(ctimes)),
+           "within_fill_best_s": fbest, "within_fill_median_s": float(np.median(ftimes)),
+           "by_app_best_s": bbest, "by_app_median_s": float(np.median(btimes)), "apps": len(batches["b"]),
+           "bitmap_s": bitmap_s, "bitmap_cpu_s": bitmap_cpu, "ring": ring, "load": load,
+           "floor_batches_copy_s": floor, "floor_keys_copy_s": dp.copy_floor(count, a.repeat) * 4 / 12}
+    if a.verify:
+        want = 0
+        for s in range(0, n, SCAN_ROWS):
+            e = min(n, s + SCAN_ROWS)
+            d = haversine_km(clat, clon, index.store.lat[s:e], index.store.lon[s:e])
+            want += int(np.count_nonzero((d <= 500.0) & (index.store.last_seen_s[s:e] >= int(cut.timestamp()))))
+            index.store.release()
+        out["verify_reference_count"] = want
+        out["verify_mismatch"] = abs(want - count)
+    return out
+
+
 def _destination(lat, lon, dist_km, bearing):
     """Great-circle destination of (lat, lon) after ``dist_km`` along ``bearing`` (radians)."""
     p1, l1, delta = np.radians(lat), np.radians(lon), dist_km / EARTH_RADIUS_KM
@@ -580,6 +638,7 @@ def phase_retarget(a) -> dict:
 
 
 PHASE_FUNCS = {"generate": phase_generate, "build": phase_build, "serve": phase_serve, "log": phase_log,
+               "dispatch": phase_dispatch,
                "refresh": phase_refresh, "build2": phase_build2, "retarget": phase_retarget}
 
 
@@ -694,6 +753,8 @@ def fmt_value(v, unit: str) -> str:
         return f"{v:.2f} {unit}"
     if unit == "count":
         return f"{int(v):,}"
+    if unit == "ratio":
+        return f"{v:.2f}×"
     return f"{v} {unit}".strip()
 
 
@@ -751,6 +812,27 @@ def measures(res: dict, n: int) -> list[dict]:
             note=f"median of {len(lg['append_seconds'])}: {fmt_seconds(lg['append_median_s'])}; "
                  f"{cpu_note(lg['append_cpu_seconds'][0])}")
         add("log", "log bytes per recipient", lg["bytes_per_recipient"], "B/recipient")
+    dp = res.get("dispatch")
+    if dp and "error" not in dp:
+        note = f"{dp['recipients']:,} devices seen in 24 h"
+        add("dispatch", "dense 500 km, 24 h fresh: count", dp["count_best_s"], "s", 0.010, note)
+        add("dispatch", "  the same: within + fill into a reused buffer", dp["within_fill_best_s"], "s", 0.060,
+            f"floor (copying the keys' bytes) {fmt_seconds(dp['floor_keys_copy_s'])}")
+        add("dispatch", "  the same: every app's batch of device ids (by_app)", dp["by_app_best_s"], "s", 0.300,
+            f"{dp['apps']} apps")
+        add("dispatch", "  the same: roaring bitmap", dp["bitmap_s"], "s", note=cpu_note(dp["bitmap_cpu_s"]))
+        rg = dp["ring"]
+        add("dispatch", "tick() to every app's batch of a new 500 km ring", rg["tick_to_batches_s"], "s", 0.500,
+            f"{rg['recipients']:,} new recipients; query {fmt_seconds(rg['query_s'])}, bitmap "
+            f"{fmt_seconds(rg['bitmap_s'])}, difference {fmt_seconds(rg['difference_s'])}, log "
+            f"{fmt_seconds(rg['log_s'])}, batches {fmt_seconds(rg['batches_apart_s'])}; floor (copying the "
+            f"batches' bytes) {fmt_seconds(dp['floor_batches_copy_s'])}")
+        ld = dp["load"]
+        add("dispatch", "ring in memory beside a CPU-bound process: p99 / idle p50", ld["p99_loaded_over_p50_idle"],
+            "ratio", 3.0, f"idle p50 {fmt_seconds(ld['idle']['p50_s'])}, p99 {fmt_seconds(ld['idle']['p99_s'])}; "
+            f"loaded p50 {fmt_seconds(ld['loaded']['p50_s'])}, p99 {fmt_seconds(ld['loaded']['p99_s'])}")
+        if "verify_mismatch" in dp:
+            add("dispatch", "brute-force fresh count: difference", dp["verify_mismatch"], "count", 0)
     r = res.get("refresh")
     if r and "error" not in r:
         add("refresh", f"with_updates, {r['updates']:,} updates ({r['new']:,} new)", r["seconds"], "s", 60.0,

@@ -6,26 +6,9 @@ Everything here is inline, so each module compiles its own copy; the
 algorithm is explained at the top of ``geotarget/_kernels.pyx``.
 """
 from libc.math cimport asin, cos, sin, sqrt
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
-cdef extern from * nogil:
-    """
-    #include <cstdint>
-    #ifdef _OPENMP
-    #include <omp.h>
-    static inline int gt_max_threads(void) { return omp_get_max_threads(); }
-    static const int GT_HAVE_OPENMP = 1;
-    #else
-    static inline int gt_max_threads(void) { return 1; }
-    static const int GT_HAVE_OPENMP = 0;
-    #endif
-    struct GtPoint { float x; float y; float z; uint32_t key; };
-    /* Mean Earth radius (IUGG), km: docs/design.md, Distance, fixes it. */
-    static const double GT_EARTH_R = 6371.0088;
-    static const double GT_DEG2RAD = 0.017453292519943295;
-    /* Guard band in chord units (unit sphere): the essay of _kernels.pyx, point 4. */
-    static const double GT_GUARD = 2e-6;
-    """
+cdef extern from "gt_geom.hpp" nogil:
     ctypedef struct GtPoint:
         float x
         float y
@@ -37,6 +20,8 @@ cdef extern from * nogil:
     double GT_DEG2RAD
     double GT_GUARD
     int __builtin_ctzll(unsigned long long)
+    int __builtin_popcountll(unsigned long long)
+    uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut)
     void __builtin_prefetch(const void*)
 
 

@@ -61,6 +61,18 @@ Earth, and it must come back in milliseconds for tens of millions of devices.
    audience is written as ranges without reading the keys at all.  Gathers
    run over both cores with OpenMP where it is available.
 
+7. **The freshness filter reads last-seen once, without branches.**  Each
+   node keeps the min/max last-seen of its rows, so an all-fresh subtree
+   still leaves as one range and an all-stale one is skipped.  But devices
+   report every few hours, so nearly every leaf of a 24 h audience holds a
+   stale device.  An inside subtree of mixed ages (up to 16 leaves) therefore
+   leaves as a *fresh run* ``(start, end, kept)``: ``kept`` is counted 64 rows
+   at a time, and whoever materialises the audience (``fill``, the bitmap)
+   drops the stale rows in the same pass as its copy.  Rows stay in leaf
+   order, so an unfiltered audience is still ranges of keys.
+   ``docs/design.md`` (Dispatch path) says why not leaves sorted by
+   last-seen or recency tiers.
+
 Every kernel names its NumPy equivalent in its docstring; the tests compare the
 two on hypothesis-generated and adversarial inputs.
 
@@ -79,153 +91,12 @@ from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 from geotarget._geom cimport (GT_DEG2RAD, GT_EARTH_R, GT_GUARD, GT_HAVE_OPENMP, GtPoint, Thresholds,
-                              __builtin_prefetch, _bbox, _box_dist2, _haversine_km, _thresholds,
-                              gt_max_threads)
+                              __builtin_popcountll, __builtin_prefetch, _bbox, _box_dist2, _haversine_km,
+                              _thresholds, gt_fresh_word, gt_max_threads)
 
 cnp.import_array()
 
-cdef extern from * nogil:
-    """
-    #include <algorithm>
-    #include <cstdint>
-    #include <vector>
-    #ifdef _OPENMP
-    #include <omp.h>
-    #endif
-
-    /* Ties are broken by key so that the partition (and hence every leaf's
-       membership) does not depend on the input order or the thread count. */
-    /* Exact selection for large ranges.  A deterministic sample brackets the
-       target rank between two pivots; one pass partitions around them (the
-       bulk of the work, streaming), then nth_element runs only on the thin
-       middle band.  Same result as std::nth_element (the order is total: value,
-       then key), about half the memory traffic on ranges that do not fit in
-       cache.  `par` lets the partitions use every core (top of the tree). */
-    template <int AXIS> static inline bool gt_less(const GtPoint& a, const GtPoint& b) {
-        float va = AXIS == 0 ? a.x : (AXIS == 1 ? a.y : a.z);
-        float vb = AXIS == 0 ? b.x : (AXIS == 1 ? b.y : b.z);
-        return va < vb || (va == vb && a.key < b.key);
-    }
-    /* In-place partition over every core: each thread partitions its own
-       slice, then the misplaced stretch between the true parts and the false
-       parts is swapped across, also in parallel.  One streaming pass plus a
-       swap of at most half the range; libstdc++'s __gnu_parallel::partition
-       moves far more and made the 400 M build slower. */
-    template <class Pred> static GtPoint* gt_partition_par(GtPoint* first, int64_t n, Pred pred) {
-        int nt = 1;
-        #ifdef _OPENMP
-        nt = omp_get_max_threads();
-        #endif
-        if (nt < 2 || n < ((int64_t)1 << 20)) return std::partition(first, first + n, pred);
-        std::vector<int64_t> mid((size_t)nt);
-        #pragma omp parallel for schedule(static, 1) num_threads(nt)
-        for (int t = 0; t < nt; t++) {
-            int64_t s = n * t / nt, e = n * (t + 1) / nt;
-            mid[t] = std::partition(first + s, first + e, pred) - first;
-        }
-        /* Merge slice by slice: [T | F] then [T' | F'] becomes [T T' | F' F]
-           by swapping the shorter of F and T' with the other's far end. */
-        int64_t split = mid[0];
-        for (int t = 1; t < nt; t++) {
-            int64_t s = n * t / nt;          /* slice t starts here; [split, s) is false */
-            int64_t f = s - split, tt = mid[t] - s, k = f < tt ? f : tt;
-            GtPoint* a = first + split;      /* the first k false elements ... */
-            GtPoint* b = first + mid[t] - k; /* ... change places with the last k true ones */
-            #pragma omp parallel for schedule(static) num_threads(nt)
-            for (int64_t i = 0; i < k; i++) std::swap(a[i], b[i]);
-            split += tt;
-        }
-        return first + split;
-    }
-
-    /* Whether [first, first + nth) already holds the nth smallest points, that
-       is max(left) < min(right) (the order is total).  Rows already in leaf
-       order -- a store ingested in one batch is, since the ingest sorts it with
-       this same tree -- then need no move at all, so a first generation's
-       index rows *are* its keys and the build only reads.  A few sampled
-       pairs reject a scrambled range before the full read pass. */
-    template <int AXIS> static const GtPoint* gt_max_of(const GtPoint* p, int64_t n, bool par) {
-        int nt = 1;
-        #ifdef _OPENMP
-        if (par) nt = omp_get_max_threads();
-        #endif
-        if (nt < 2 || n < ((int64_t)1 << 20)) {
-            const GtPoint* m = p;
-            for (int64_t i = 1; i < n; i++) if (gt_less<AXIS>(*m, p[i])) m = p + i;
-            return m;
-        }
-        std::vector<const GtPoint*> part((size_t)nt);
-        #pragma omp parallel for schedule(static, 1) num_threads(nt)
-        for (int t = 0; t < nt; t++) part[t] = gt_max_of<AXIS>(p + n * t / nt, n * (t + 1) / nt - n * t / nt, false);
-        const GtPoint* m = part[0];
-        for (int t = 1; t < nt; t++) if (gt_less<AXIS>(*m, *part[t])) m = part[t];
-        return m;
-    }
-    template <int AXIS> static bool gt_none_less(const GtPoint* p, int64_t n, const GtPoint& pivot, bool par) {
-        int nt = 1;
-        #ifdef _OPENMP
-        if (par) nt = omp_get_max_threads();
-        #endif
-        if (nt < 2 || n < ((int64_t)1 << 20)) {
-            for (int64_t i = 0; i < n; i++) if (gt_less<AXIS>(p[i], pivot)) return false;
-            return true;
-        }
-        int ok = 1;
-        #pragma omp parallel for schedule(static, 1) num_threads(nt) reduction(&&:ok)
-        for (int t = 0; t < nt; t++)
-            ok = ok && gt_none_less<AXIS>(p + n * t / nt, n * (t + 1) / nt - n * t / nt, pivot, false);
-        return ok;
-    }
-    template <int AXIS> static bool gt_is_split(const GtPoint* first, int64_t nth, int64_t n, bool par) {
-        if (nth <= 0 || nth >= n) return true;
-        const int64_t S = 16;
-        const GtPoint* m = first;
-        for (int64_t i = 0; i < S; i++) {
-            const GtPoint* q = first + (i * nth) / S;
-            if (gt_less<AXIS>(*m, *q)) m = q;
-        }
-        if (gt_less<AXIS>(first[nth], *m)) return false;
-        for (int64_t i = 0; i < S; i++)
-            if (gt_less<AXIS>(first[nth + (i * (n - nth)) / S], *m)) return false;
-        m = gt_max_of<AXIS>(first, nth, par);
-        return gt_none_less<AXIS>(first + nth, n - nth, *m, par);
-    }
-
-    template <int AXIS> static void gt_select_axis(GtPoint* first, int64_t nth, int64_t n, bool par) {
-        if (gt_is_split<AXIS>(first, nth, n, par)) return;
-        /* A larger sample on huge ranges narrows the band left to nth_element
-           (band ~ 3 n / sqrt(S): 4.7 % of n at 4096, 1.2 % at 65536). */
-        const int64_t S = n >= ((int64_t)1 << 26) ? 65536 : 4096;
-        if (n < (int64_t)1 << 18) {
-            std::nth_element(first, first + nth, first + n, gt_less<AXIS>);
-            return;
-        }
-        std::vector<GtPoint> sample((size_t)S);  /* heap: this recurses inside OpenMP threads */
-        for (int64_t i = 0; i < S; i++) sample[i] = first[(i * n) / S + (n / S) / 2];
-        std::sort(sample.begin(), sample.end(), gt_less<AXIS>);
-        /* ~3 standard deviations of the sample rank, 3 sqrt(S) / 2 */
-        int64_t r = (nth * S) / n, d = S == 65536 ? 384 : 96;
-        GtPoint lo = sample[r - d < 0 ? 0 : r - d];
-        GtPoint hi = sample[r + d >= S ? S - 1 : r + d];
-        GtPoint* a; GtPoint* b;
-        if (par) {
-            a = gt_partition_par(first, n, [&](const GtPoint& p) { return gt_less<AXIS>(p, lo); });
-            b = gt_partition_par(a, first + n - a, [&](const GtPoint& p) { return !gt_less<AXIS>(hi, p); });
-        } else {
-            a = std::partition(first, first + n, [&](const GtPoint& p) { return gt_less<AXIS>(p, lo); });
-            b = std::partition(a, first + n, [&](const GtPoint& p) { return !gt_less<AXIS>(hi, p); });
-        }
-        GtPoint* mid = first + nth;
-        if (mid < a) std::nth_element(first, mid, a, gt_less<AXIS>);
-        else if (mid < b) std::nth_element(a, mid, b, gt_less<AXIS>);
-        else std::nth_element(b, mid, first + n, gt_less<AXIS>);
-    }
-    static inline void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par) {
-        if (axis == 0) gt_select_axis<0>(first, nth, n, par);
-        else if (axis == 1) gt_select_axis<1>(first, nth, n, par);
-        else gt_select_axis<2>(first, nth, n, par);
-    }
-    """
+cdef extern from "gt_build.hpp" nogil:
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
 
 HAVE_OPENMP = bool(GT_HAVE_OPENMP)
@@ -465,11 +336,13 @@ cdef struct QueryCtx:
     bint filter_app
     uint64_t app_mask[4]
     bint emit
+    bint lazy                 # inside rows of mixed ages leave as fresh runs (no per-row runs)
     int64_t count
     int64_t exact_checks
     int64_t nodes             # nodes whose box was tested
     int64_t leaf_points       # points tested in boundary leaves
-    vector[int64_t]* runs     # flat [s0, e0, s1, e1, ...]
+    vector[int64_t]* runs     # flat [s0, e0, kept0, s1, e1, kept1, ...]
+    int64_t fresh_runs        # runs whose kept < e - s
 
 
 cdef inline bint _passes(QueryCtx* q, int64_t row) noexcept nogil:
@@ -488,11 +361,46 @@ cdef inline void _emit(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     if not q.emit:
         return
     cdef size_t m = q.runs.size()
-    if m > 0 and q.runs[0][m - 1] == s:
-        q.runs[0][m - 1] = e
+    # extend the previous run if it ends here and keeps every row
+    if m > 0 and q.runs[0][m - 2] == s and q.runs[0][m - 1] == q.runs[0][m - 2] - q.runs[0][m - 3]:
+        q.runs[0][m - 2] = e
+        q.runs[0][m - 1] += e - s
     else:
         q.runs.push_back(s)
         q.runs.push_back(e)
+        q.runs.push_back(e - s)
+
+
+cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    """Rows of ``[s, e)`` (all inside the circle) seen at or after the cutoff, as one fresh run.
+
+    The count is a branch-free pass over the leaf-ordered last-seen column;
+    which rows pass is left to whoever materialises the audience (``fill``,
+    ``bitmap``), which reads the same column again in the same pass as its
+    copy.  Tracking runs row by row here cost a branch per row and, with
+    one device in ten stale, a run per ten devices (5 M runs at 400 M).
+    """
+    cdef int64_t r = s, kept = 0
+    cdef const uint32_t* seen = q.seen
+    cdef uint32_t cut = q.seen_min
+    while r + 64 <= e:
+        kept += __builtin_popcountll(gt_fresh_word(seen + r, cut))
+        r += 64
+    while r < e:
+        kept += seen[r] >= cut
+        r += 1
+    if kept == e - s:
+        _emit(q, s, e)
+        return
+    if kept == 0:
+        return
+    q.count += kept
+    if not q.emit:
+        return
+    q.fresh_runs += 1
+    q.runs.push_back(s)
+    q.runs.push_back(e)
+    q.runs.push_back(kept)
 
 
 cdef inline void _track(QueryCtx* q, int64_t* run_start, int64_t r, bint inside) noexcept nogil:
@@ -577,6 +485,12 @@ cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
 DEF ITEM_RANGE = 0      # inside, filters decide row by row (_emit_range)
 DEF ITEM_LEAF = 1       # a boundary leaf (_leaf)
 DEF ITEM_RUN = 2        # inside, every row passes (_emit)
+DEF ITEM_FRESH = 3      # inside, rows pass by last-seen alone (_emit_fresh)
+# Inside subtrees of mixed ages are split no further than this many levels
+# above the leaves (16 leaves, ~1000 rows): deeper, the node tests cost more
+# than the count they could skip, since with devices reporting every few
+# hours nearly every leaf holds a stale one.
+DEF FRESH_LEVELS = 4
 # Boundary leaves whose points are prefetched ahead of the one being tested.
 # At 400 M devices the points are a 6.4 GB mapping and each boundary leaf is a
 # cache and TLB miss; with this many in flight the misses overlap.
@@ -615,7 +529,15 @@ cdef void _query(QueryCtx* q) noexcept nogil:
     if q.n == 0:
         return
     if q.everything:
-        _emit_range(q, 0, q.n)
+        if q.lazy:
+            # leaf-sized pieces, so that materialising them splits over cores
+            s = 0
+            while s < q.n:
+                e = s + 4096 if q.n - s > 4096 else q.n
+                _emit_fresh(q, s, e)
+                s = e
+        else:
+            _emit_range(q, 0, q.n)
         return
     stack_node[0] = 0
     stack_level[0] = 0
@@ -642,6 +564,9 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             if (not q.filter_app and q.seen_bounds != NULL
                     and q.seen_bounds[2 * node] >= q.seen_min):
                 _defer(&items, ITEM_RUN, s, e)  # inside, and every device here is recent enough
+                continue
+            if q.lazy and level + FRESH_LEVELS >= q.depth:
+                _defer(&items, ITEM_FRESH, s, e)
                 continue
             if level == q.depth or q.seen_bounds == NULL or q.filter_app:
                 _defer(&items, ITEM_RANGE, s, e)
@@ -673,6 +598,8 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             _leaf(q, items[3 * i + 1], items[3 * i + 2])
         elif items[3 * i] == ITEM_RUN:
             _emit(q, items[3 * i + 1], items[3 * i + 2])
+        elif items[3 * i] == ITEM_FRESH:
+            _emit_fresh(q, items[3 * i + 1], items[3 * i + 2])
         else:
             _emit_range(q, items[3 * i + 1], items[3 * i + 2])
 
@@ -686,7 +613,13 @@ cdef class Tree:
         mask = d <= radius_km
         if seen_min >= 0: mask &= seen >= seen_min
         if app_codes is not None: mask &= np.isin(app, app_codes)
-        rows = np.flatnonzero(mask)          # runs are the maximal ranges of rows
+        rows = np.flatnonzero(mask)
+
+    ``runs`` hold these rows: a run ``(s, e, kept)`` with ``kept == e - s``
+    holds every row of ``[s, e)``; a *fresh run* (``kept < e - s``, only with
+    ``seen_min`` and ``fresh_runs=True``) holds the ``kept`` rows r of
+    ``[s, e)`` with ``seen[r] >= seen_min``, all of them inside the circle.
+    ``_array_kernels.fresh_rows_runs`` turns fresh runs into plain ones.
     """
     cdef const GtPoint[::1] pts
     cdef const uint32_t[::1] keys
@@ -707,14 +640,18 @@ cdef class Tree:
         self.n = pts.shape[0]
 
     def query(self, double clat, double clon, double radius_km, int64_t seen_min=-1,
-              object app_codes=None, bint emit=True):
+              object app_codes=None, bint emit=True, bint fresh_runs=False):
         """Rows within ``radius_km`` of (clat, clon), as sorted disjoint runs.
 
-        Returns ``(runs, count, stats)``: ``runs`` is int64 ``(k, 2)`` of
+        Returns ``(runs, kept, count, stats)``: ``runs`` is int64 ``(k, 2)`` of
         ``[start, end)`` row ranges in ascending order (``None`` when
-        ``emit=False``); ``stats`` counts tested nodes, boundary-leaf points and
-        exact re-checks.  ``seen_min`` (epoch seconds, -1 for none) and
-        ``app_codes`` (int codes, None for all) filter rows.
+        ``emit=False``); ``kept`` is None when every run keeps all its rows,
+        else int64 ``(k,)`` rows kept per run (see the class docstring);
+        ``stats`` counts tested nodes, boundary-leaf points and exact
+        re-checks.  ``seen_min`` (epoch seconds, -1 for none) and
+        ``app_codes`` (int codes, None for all) filter rows.  With
+        ``fresh_runs`` a last-seen filter alone leaves inside rows as fresh
+        runs instead of splitting them row by row.
         """
         cdef QueryCtx q
         cdef vector[int64_t] runs
@@ -755,6 +692,10 @@ cdef class Tree:
                 code = code & 255
                 q.app_mask[code >> 6] |= (<uint64_t>1) << (code & 63)
         q.emit = emit
+        # Counting needs no runs, so it always takes the branch-free pass.
+        q.lazy = (q.filter_seen and not q.filter_app and q.seen != NULL
+                  and (fresh_runs or not emit))
+        q.fresh_runs = 0
         q.count = 0
         q.exact_checks = 0
         q.nodes = 0
@@ -764,12 +705,14 @@ cdef class Tree:
             _query(&q)
         stats = {"nodes": q.nodes, "leaf_points": q.leaf_points, "exact_checks": q.exact_checks}
         if not emit:
-            return None, q.count, stats
-        out = np.empty((runs.size() // 2, 2), dtype=np.int64)
-        cdef int64_t[:, ::1] ov = out
+            return None, None, q.count, stats
+        both = np.empty((runs.size() // 3, 3), dtype=np.int64)
+        cdef int64_t[:, ::1] ov = both
         if runs.size() > 0:
             memcpy(&ov[0, 0], runs.data(), runs.size() * sizeof(int64_t))
-        return out, q.count, stats
+        out = np.ascontiguousarray(both[:, :2])
+        kept = np.ascontiguousarray(both[:, 2]) if q.fresh_runs else None
+        return out, kept, q.count, stats
 
 
 def node_seen_bounds(const uint32_t[::1] seen, int depth):

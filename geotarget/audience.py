@@ -139,17 +139,27 @@ def bitmap_to_keys(bm: BitMap) -> np.ndarray:
 class Audience:
     """A set of devices, identified by their stable 32-bit keys."""
 
-    __slots__ = ("_index", "_runs", "_count", "_store", "_bitmap", "_keys")
+    __slots__ = ("_index", "_runs", "_count", "_store", "_bitmap", "_keys", "_kept", "_seen_min", "_plain")
 
-    def __init__(self, *, index=None, runs=None, count=None, store=None, bitmap=None):
+    def __init__(self, *, index=None, runs=None, count=None, store=None, bitmap=None, kept=None,
+                 seen_min=-1):
         self._index = index
         self._runs = runs
         self._store = store if store is not None else (index.store if index is not None else None)
         self._bitmap = bitmap
         self._keys = None
+        # Fresh runs (a query's seen_since filter): run i keeps kept[i] rows,
+        # those with index.seen >= seen_min; see _kernels.Tree.query.
+        self._kept = kept
+        self._seen_min = int(seen_min)
+        self._plain = None
         if runs is not None:
             runs.flags.writeable = False
-            self._count = int(count if count is not None else (runs[:, 1] - runs[:, 0]).sum())
+            if kept is not None:
+                kept.flags.writeable = False
+                self._count = int(count if count is not None else kept.sum())
+            else:
+                self._count = int(count if count is not None else (runs[:, 1] - runs[:, 0]).sum())
         elif bitmap is not None:
             self._count = len(bitmap)
         else:
@@ -180,8 +190,16 @@ class Audience:
 
     @property
     def runs(self):
-        """Row runs in the index (``(k, 2)`` int64), or None for a bitmap audience."""
-        return self._runs
+        """Row runs in the index (``(k, 2)`` int64, every row of each run), or None for a bitmap audience."""
+        if self._kept is None:
+            return self._runs
+        if self._plain is None:
+            self._plain = _array_kernels.plain_runs(self._runs, self._kept, self._seen_col(), self._seen_min)
+            self._plain.flags.writeable = False
+        return self._plain
+
+    def _seen_col(self) -> np.ndarray:
+        return np.ascontiguousarray(self._index.seen)
 
     @property
     def store(self):
@@ -202,6 +220,12 @@ class Audience:
             out[: self._count] = self.keys()
             return self._count
         runs = self._runs
+        if self._kept is not None:
+            offsets = np.zeros(runs.shape[0], dtype=np.int64)
+            np.cumsum(self._kept[:-1], out=offsets[1:])
+            src = None if self._index.keys_are_rows else self._index.keys
+            _array_kernels.fill_fresh(src, runs, self._kept, offsets, self._seen_col(), self._seen_min, out)
+            return self._count
         if runs.shape[0]:
             lengths = runs[:, 1] - runs[:, 0]
             offsets = np.zeros(runs.shape[0], dtype=np.int64)
@@ -234,39 +258,43 @@ class Audience:
         self.fill(k)
         return k
 
-    def device_ids(self) -> np.ndarray:
-        """Sorted uint64 device ids (one gather, one radix sort)."""
+    def device_ids(self, sort: bool = True) -> np.ndarray:
+        """uint64 device ids: sorted (one gather, one radix sort), or with ``sort=False``
+        in the cheapest order (one gather: index order for a query result, key
+        order for a set-algebra result)."""
         keys = self._unordered_keys()
         out = np.empty(keys.shape[0], dtype=np.uint64)
         _array_kernels.take(self._store.device_id, keys, out)
-        _array_kernels.sort_inplace(out)
+        if sort:
+            _array_kernels.sort_inplace(out)
         return out
 
-    def by_app(self) -> dict:
-        """One pyarrow Table (``device_id``, ``key``, sorted by device_id) per partner app.
+    def by_app(self, sort: bool = False) -> dict:
+        """One pyarrow Table (``device_id``, ``key``) per partner app.
 
-        One sort of the whole audience by device id (carrying the keys), then
-        a stable counting sort by app, so every app's rows come out in id
-        order: 3.1 M recipients in ~0.1 s, against 0.48 s for a NumPy sort per app.
+        A dispatcher needs each app's devices, not sorted ids: one stable
+        counting pass by app over both cores (linear, no sort) groups the
+        audience, and every app's table is a zero-copy slice of one table.
+        Rows keep the cheapest order (index order for a query result, key
+        order for a set-algebra result such as a push's ring).  ``sort=True``
+        sorts each app's rows by device id as well (one id sort per app).
         """
         store = self._store
         keys = self._unordered_keys()
-        ids = np.empty(keys.shape[0], dtype=np.uint64)
-        _array_kernels.take(store.device_id, keys, ids)
-        ids, rows = _array_kernels.sort_ids(ids)
-        k = np.empty(keys.shape[0], dtype=np.uint32)
-        _array_kernels.take(keys, rows, k)
-        codes = np.empty(keys.shape[0], dtype=np.int8)
-        _array_kernels.take(store.app_codes, k, codes)
-        by_code = np.argsort(codes, kind="stable")   # a radix sort for int8: stays in id order
-        ids, k = ids[by_code], k[by_code]
-        counts = np.bincount(codes.astype(np.int64) & 0xFF, minlength=len(store.app_names))
-        ends = np.cumsum(counts)
+        ids, k, starts = _array_kernels.group_by_app(keys, np.ascontiguousarray(store.device_id),
+                                                     np.ascontiguousarray(store.app_codes))
+        table = pa.table({"device_id": pa.array(ids, type=pa.uint64()), "key": pa.array(k, type=pa.uint32())})
         out = {}
-        for code in np.flatnonzero(counts):
-            s, e = int(ends[code] - counts[code]), int(ends[code])
-            out[store.app_names[int(code)]] = pa.table(
-                {"device_id": pa.array(ids[s:e], type=pa.uint64()), "key": pa.array(k[s:e], type=pa.uint32())})
+        for code in np.flatnonzero(np.diff(starts)):
+            s, e = int(starts[code]), int(starts[code + 1])
+            if sort:
+                app_ids, rows = _array_kernels.sort_ids(ids[s:e])
+                app_keys = np.empty(e - s, dtype=np.uint32)
+                _array_kernels.take(k[s:e], rows, app_keys)
+                out[store.app_names[int(code)]] = pa.table(
+                    {"device_id": pa.array(app_ids, type=pa.uint64()), "key": pa.array(app_keys, type=pa.uint32())})
+            else:
+                out[store.app_names[int(code)]] = table.slice(s, e - s)
         return out
 
     def counts_by_app(self) -> dict:
@@ -281,11 +309,16 @@ class Audience:
     def bitmap(self) -> BitMap:
         """The keys as a roaring bitmap (cached; do not mutate)."""
         if self._bitmap is None:
-            if self._runs is not None and self._index.keys_are_rows:
+            if self._kept is not None and _dense(self._count, len(self._store)):
+                # fresh runs straight into the bitset: no plain runs, no key array
+                src = None if self._index.keys_are_rows else self._index.keys
+                self._bitmap = BitMap.deserialize(_array_kernels.roaring_from_runs(
+                    src, self._runs, len(self._store), self._kept, self._seen_col(), self._seen_min))
+            elif self._runs is not None and self._index.keys_are_rows:
                 # runs of rows are runs of keys
-                self._bitmap = _bitmap_from_ranges(self._runs) if self._runs.shape[0] else BitMap()
+                self._bitmap = _bitmap_from_ranges(self.runs) if self._runs.shape[0] else BitMap()
             elif self._runs is not None and _dense(self._count, len(self._store)):
-                self._bitmap = _bitmap_from_runs(self._index.keys, self._runs, len(self._store))
+                self._bitmap = _bitmap_from_runs(self._index.keys, self.runs, len(self._store))
             else:
                 # roaring takes keys in any order; no sort needed
                 self._bitmap = _bitmap_from_keys(self._unordered_keys())

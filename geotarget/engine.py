@@ -368,7 +368,7 @@ class Push:
 
     @property
     def batches(self) -> dict[str, pa.Table]:
-        """Per-app batches: ``{app: Table(device_id, key)}``, sorted by device id."""
+        """Per-app batches: ``{app: Table(device_id, key)}``, in key order (``Audience.by_app``)."""
         return self.audience.by_app()
 
 

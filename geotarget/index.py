@@ -227,7 +227,7 @@ class SpatialIndex:
         return clat, clon, r, seen_min, codes
 
     def _run(self, clat, clon, r, seen_min, codes, emit):
-        return self._tree.query(clat, clon, r, seen_min, codes, emit)
+        return self._tree.query(clat, clon, r, seen_min, codes, emit, True)
 
     def within(self, lat, lon, radius_km, seen_since=None, apps=None) -> Audience:
         """Devices whose haversine distance to (lat, lon) is <= ``radius_km``.
@@ -237,13 +237,13 @@ class SpatialIndex:
         equals a float64 NumPy haversine scan over the stored coordinates.
         """
         args = self._args(lat, lon, radius_km, seen_since, apps)
-        runs, count, _ = self._run(*args, True)
-        return Audience(index=self, runs=runs, count=count)
+        runs, kept, count, _ = self._run(*args, True)
+        return Audience(index=self, runs=runs, count=count, kept=kept, seen_min=args[3])
 
     def count(self, lat, lon, radius_km, seen_since=None, apps=None) -> int:
         """``len(self.within(...))`` without recording runs."""
         args = self._args(lat, lon, radius_km, seen_since, apps)
-        return int(self._run(*args, False)[1])
+        return int(self._run(*args, False)[2])
 
     def within_polygon(self, polygon_or_division, seen_since=None, apps=None) -> Audience:
         """Devices inside a polygon or a :class:`~geotarget.divisions.Division`, as an Audience.

@@ -125,7 +125,7 @@ def test_audience_materialisations_agree():
     ids = aud.device_ids()
     assert ids.dtype == np.uint64 and np.all(np.diff(ids) > 0)
     np.testing.assert_array_equal(ids, np.sort(store.device_id[keys]))
-    batches = aud.by_app()
+    batches = aud.by_app(sort=True)
     assert sum(t.num_rows for t in batches.values()) == len(aud)
     for name, t in batches.items():
         k = t.column("key").to_numpy()

@@ -15,7 +15,7 @@ import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scale.py"
 N = 200_000
-PHASES = ("generate", "build", "serve", "log", "refresh", "build2", "retarget")
+PHASES = ("generate", "build", "serve", "log", "dispatch", "refresh", "build2", "retarget")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,255 @@
+"""The dispatch path's kernels against plain NumPy: fresh runs (the ``seen_since``
+filter), their fill, plain runs and roaring bitmaps, and the per-app grouping.
+
+Both directions everywhere: every device returned is inside and fresh, and no
+device that is inside and fresh is missed (set equality against the scan),
+with the freshness cut-off placed on exact last-seen seconds.
+"""
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyroaring import BitMap
+
+import geotarget as gt
+from geotarget import _array_kernels
+from geotarget.index import within_reference
+
+BASE = 1_700_000_000
+UTC = dt.timezone.utc
+
+
+def _world(n, seed, shuffled, apps=("amap", "qq", "weibo"), base=BASE):
+    """A store over East Asia; ``shuffled`` keeps rows in random order so that index rows are not keys."""
+    rng = np.random.default_rng(seed)
+    lat = np.clip(rng.normal(31.0, 3.0, n), -90, 90)
+    lon = rng.normal(121.0, 3.0, n)
+    seen = base + rng.integers(0, 100, n)
+    ids = rng.permutation(np.arange(n, dtype=np.uint64) * 7919 + 11)
+    codes = rng.integers(0, len(apps), n).astype(np.int8)
+    if shuffled:
+        store = gt.DeviceStore(ids, lat, lon, codes, apps, seen.astype(np.int64))
+    else:
+        store = gt.DeviceStore.from_arrays(ids, lat, lon, app=np.asarray(apps)[codes], last_seen=seen)
+    return store
+
+
+@st.composite
+def fresh_cases(draw):
+    n = draw(st.integers(0, 3000))
+    return (n, draw(st.integers(0, 2**31)), draw(st.booleans()), draw(st.sampled_from([1, 4, 16, 64])),
+            draw(st.sampled_from([0.0, 1.0, 50.0, 300.0, 1000.0, 30_000.0])), draw(st.integers(-1, 101)),
+            draw(st.sampled_from([BASE, 2**31 - 50])))   # the second straddles the top bit of the u32 clock
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=fresh_cases())
+def test_fresh_audience_equals_scan_in_every_form(case):
+    n, seed, shuffled, leaf, r, cut, base = case
+    # DeviceStore.from_arrays refuses last_seen more than a day ahead, so a clock past the top
+    # bit (2038) is built with the plain constructor (rows in random order); the kernels' own
+    # tests below take such values in every layout.
+    shuffled = shuffled or base > BASE
+    store = _world(n, seed, shuffled, base=base)
+    index = gt.SpatialIndex.build(store, leaf_size=leaf)
+    if shuffled and n > 4 * leaf:   # a tree of one leaf, or a few random rows, can leave rows as they are
+        assert not index.keys_are_rows
+    # the cut-off on an exact second some devices were last seen at: >= keeps them
+    since = dt.datetime.fromtimestamp(base + cut, UTC)
+    ref = within_reference(store, 31.0, 121.0, r, seen_since=since)
+    aud = index.within(31.0, 121.0, r, seen_since=since)
+    assert len(aud) == len(ref) == index.count(31.0, 121.0, r, seen_since=since)
+    buf = np.full(len(ref) + 3, 0xDEADBEEF, dtype=np.uint32)
+    assert aud.fill(buf) == len(ref)
+    assert np.all(buf[len(ref):] == 0xDEADBEEF), "fill wrote past the audience"
+    got = np.sort(buf[:len(ref)])
+    np.testing.assert_array_equal(got, ref)                          # nothing missed, nothing extra
+    assert np.all(store.last_seen_s[got] >= base + cut)              # each returned key is fresh
+    np.testing.assert_array_equal(aud.keys(), ref)
+    rows = np.concatenate([np.arange(s, e) for s, e in aud.runs]) if len(aud.runs) else np.empty(0)
+    np.testing.assert_array_equal(np.sort(index.keys[rows.astype(np.int64)]), ref)
+    assert aud.bitmap() == BitMap(ref)
+    # one second later drops exactly the devices last seen at the cut-off second
+    later = index.within(31.0, 121.0, r, seen_since=since + dt.timedelta(seconds=1))
+    at_cut = ref[store.last_seen_s[ref] == base + cut] if cut >= 0 else np.empty(0, np.uint32)
+    np.testing.assert_array_equal(np.setdiff1d(ref, later.keys()), at_cut)
+
+
+def _fresh_runs(rng, n_rows, seen, cut):
+    """Random ascending disjoint runs over ``n_rows`` rows, some plain, some fresh (kept < length)."""
+    edges = np.arange(n_rows + 1)
+    size = min(len(edges) // 2 * 2, int(rng.integers(0, 40)) * 2)
+    cuts = np.sort(rng.choice(edges, size=size, replace=False))
+    runs = cuts.reshape(-1, 2).astype(np.int64)
+    runs = runs[runs[:, 1] > runs[:, 0]]
+    kept = np.array([(seen[s:e] >= cut).sum() for s, e in runs], dtype=np.int64)
+    plain = rng.random(len(runs)) < 0.3
+    # a plain run keeps every row whatever its age; a fresh run keeps at least one
+    kept = np.where(plain, runs[:, 1] - runs[:, 0], kept)
+    keep = kept > 0
+    return np.ascontiguousarray(runs[keep]), np.ascontiguousarray(kept[keep])
+
+
+def _rows_ref(runs, kept, seen, cut):
+    parts = [np.arange(s, e)[(seen[s:e] >= cut) | (k == e - s)] for (s, e), k in zip(runs, kept)]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+#: Last-seen values where an unsigned compare done with signed instructions would break.
+EDGE_SEEN = np.array([0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
+       cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
+       rows_are_keys=st.booleans(), edges=st.booleans())
+def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut, rows_are_keys, edges):
+    rng = np.random.default_rng(seed)
+    seen = rng.integers(0, 11, n_rows).astype(np.uint32)
+    if edges:
+        seen = rng.choice(np.r_[EDGE_SEEN, np.arange(11, dtype=np.uint32)], n_rows)
+    runs, kept = _fresh_runs(rng, n_rows, seen, cut)
+    src = None if rows_are_keys else rng.permutation(n_rows).astype(np.uint32)
+    rows = _rows_ref(runs, kept, seen, cut)
+    want = rows.astype(np.uint32) if src is None else src[rows]
+    offsets = np.zeros(len(runs), dtype=np.int64)
+    if len(runs):
+        np.cumsum(kept[:-1], out=offsets[1:])
+    out = np.full(len(want) + 2, 7, dtype=np.uint32)
+    _array_kernels.fill_fresh(src, runs, kept, offsets, seen, cut, out)
+    np.testing.assert_array_equal(out[:len(want)], want)
+    assert np.all(out[len(want):] == 7)
+    plain = _array_kernels.plain_runs(runs, kept, seen, cut)
+    np.testing.assert_array_equal(plain, _array_kernels.consecutive_ranges(rows.astype(np.uint32)))
+    bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, max(n_rows, 1), kept, seen, cut))
+    assert bm == BitMap(want)
+
+
+@pytest.mark.parametrize("total", [1 << 19, (1 << 21) + 17])   # on one core, then split over cores
+def test_fill_fresh_split_over_cores_matches_numpy(total):
+    rng = np.random.default_rng(total)
+    seen = rng.integers(0, 4, total + 5000).astype(np.uint32)
+    edges = np.sort(rng.choice(np.arange(1, total + 5000), 4000, replace=False)).reshape(-1, 2)
+    runs = np.ascontiguousarray(edges.astype(np.int64))
+    lengths = runs[:, 1] - runs[:, 0]
+    kept = np.array([(seen[s:e] >= 2).sum() for s, e in runs], dtype=np.int64)
+    kept = np.where(np.arange(len(runs)) % 3 == 0, lengths, kept)     # a third plain (some are long)
+    keep = kept > 0
+    runs, kept = np.ascontiguousarray(runs[keep]), np.ascontiguousarray(kept[keep])
+    offsets = np.zeros(len(runs), dtype=np.int64)
+    np.cumsum(kept[:-1], out=offsets[1:])
+    src = rng.permutation(total + 5000).astype(np.uint32)
+    rows = _rows_ref(runs, kept, seen, 2)
+    for s in (None, src):
+        out = np.empty(int(kept.sum()), dtype=np.uint32)
+        _array_kernels.fill_fresh(s, runs, kept, offsets, seen, 2, out)
+        np.testing.assert_array_equal(out, rows.astype(np.uint32) if s is None else src[rows])
+        bm = BitMap.deserialize(_array_kernels.roaring_from_runs(s, runs, total + 5000, kept, seen, 2))
+        assert bm == BitMap(out)
+
+
+def test_fresh_kernels_reject_mismatched_lengths():
+    runs = np.array([[0, 4]], dtype=np.int64)
+    seen = np.zeros(4, np.uint32)
+    with pytest.raises(ValueError):
+        _array_kernels.fill_fresh(None, runs, np.array([1, 1]), np.zeros(1, np.int64), seen, 0,
+                                  np.empty(4, np.uint32))
+    with pytest.raises(ValueError):
+        _array_kernels.fill_fresh(None, runs, np.array([4]), np.zeros(1, np.int64), seen, 0,
+                                  np.empty(3, np.uint32))
+    with pytest.raises(ValueError):
+        _array_kernels.plain_runs(runs, np.array([1, 2]), seen, 0)
+    with pytest.raises(ValueError):
+        _array_kernels.roaring_from_runs(None, runs, 4, np.array([1, 2]), seen, 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.sampled_from([0, 1, 5, 300, 5000, (1 << 19) + 3]),
+       n_apps=st.sampled_from([1, 3, 127]), negative=st.booleans())
+def test_group_by_app_matches_stable_argsort(seed, n, n_apps, negative):
+    rng = np.random.default_rng(seed)
+    space = max(n, 1) * 2
+    device_id = rng.integers(0, 2**64 - 1, space, dtype=np.uint64)
+    app = rng.integers(0, n_apps, space).astype(np.int8)
+    if negative:   # codes above 127 read as negative int8: grouped as unsigned
+        app = (app.astype(np.int16) - 100).astype(np.int8)
+    keys = rng.choice(space, n, replace=False).astype(np.uint32)
+    ids, ks, starts = _array_kernels.group_by_app(keys, device_id, app)
+    codes = app[keys].view(np.uint8)
+    order = np.argsort(codes, kind="stable")
+    np.testing.assert_array_equal(ks, keys[order])
+    np.testing.assert_array_equal(ids, device_id[keys[order]])
+    np.testing.assert_array_equal(starts, np.r_[0, np.cumsum(np.bincount(codes, minlength=256))])
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_by_app_batches_and_device_ids_in_both_orders(shuffled):
+    store = _world(20_000, 5, shuffled)
+    index = gt.SpatialIndex.build(store)
+    since = dt.datetime.fromtimestamp(BASE + 30, UTC)
+    aud = index.within(31.0, 121.0, 400.0, seen_since=since)
+    ref = within_reference(store, 31.0, 121.0, 400.0, seen_since=since)
+    assert len(ref) > 1000
+    for sort in (False, True):
+        batches = aud.by_app(sort=sort)
+        assert sum(t.num_rows for t in batches.values()) == len(ref)
+        for name, t in batches.items():
+            assert t.schema == pa.schema([("device_id", pa.uint64()), ("key", pa.uint32())])
+            k = t.column("key").to_numpy()
+            assert np.all(store.app_codes[k] == store.app_names.index(name))
+            np.testing.assert_array_equal(t.column("device_id").to_numpy(), store.device_id[k])
+            if sort:
+                assert np.all(np.diff(t.column("device_id").to_numpy()) > 0)
+        got = np.sort(np.concatenate([t.column("key").to_numpy() for t in batches.values()]))
+        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(aud.device_ids(), np.sort(store.device_id[ref]))
+    np.testing.assert_array_equal(np.sort(aud.device_ids(sort=False)), np.sort(store.device_id[ref]))
+    # a ring (set algebra) gives a bitmap audience: the same batches, keys ascending per app
+    ring = aud - index.within(31.0, 121.0, 100.0, seen_since=since)
+    want = np.setdiff1d(ref, within_reference(store, 31.0, 121.0, 100.0, seen_since=since))
+    batches = ring.by_app()
+    for t in batches.values():
+        assert np.all(np.diff(t.column("key").to_numpy().astype(np.int64)) > 0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([t.column("key").to_numpy()
+                                                          for t in batches.values()])), want)
+    assert index.within(31.0, 121.0, 0.0, seen_since=since).by_app() == {}
+
+
+def test_concurrent_callers_and_a_forked_child_get_the_same_answers():
+    """The work-sharing pool: callers on several threads at once (one runs alone while another holds
+    the pool), and a child forked after the pool started, all give the NumPy answer."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    n = (1 << 20) + 11
+    keys = rng.permutation(n).astype(np.uint32)
+    device_id = rng.integers(0, 2**63, n, dtype=np.uint64)
+    app = rng.integers(0, 30, n).astype(np.int8)
+    order = np.argsort(app[keys], kind="stable")
+
+    def one(_):
+        ids, ks, _ = _array_kernels.group_by_app(keys, device_id, app)
+        return np.array_equal(ks, keys[order]) and np.array_equal(ids, device_id[keys[order]])
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(one, range(16)))
+    pid = os.fork()
+    if pid == 0:   # the child: exit status 0 only for the right answer
+        os._exit(0 if one(0) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_bitset_of_keys_beyond_the_key_space_writes_nothing_outside():
+    """Keys come from index files: one past the key space is left out, never written out of bounds."""
+    src = np.array([0, 5, 70_000, 2**32 - 1, 131_071, 131_072], dtype=np.uint32)
+    runs = np.array([[0, 6]], dtype=np.int64)
+    bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, 131_072))
+    assert bm == BitMap([0, 5, 70_000, 131_071])
+    seen = np.array([9, 0, 9, 9, 9, 9], dtype=np.uint32)
+    bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, 131_072, np.array([5]), seen, 1))
+    assert bm == BitMap([0, 70_000, 131_071])
