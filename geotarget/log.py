@@ -1118,6 +1118,13 @@ class RecipientLog:
             if seq != expected:
                 raise AlertStateError(f"seq={seq} for alert {alert_id!r}: the next push of that "
                                       f"alert must have seq {expected}")
+            # Once an alert's audiences are purged its notified set is gone: nothing can be checked
+            # against it, so nothing more is logged for it (even when no ring push was ever purged).
+            purged = conn.execute("SELECT push_id FROM pushes WHERE alert_id=? AND purged_at IS NOT NULL "
+                                  "LIMIT 1", (alert_id,)).fetchone()
+            if purged is not None:
+                raise AlertStateError(f"alert {alert_id!r}: its audiences were purged under the retention "
+                                      f"setting; nothing more can be logged for it")
             notified = self._notified(conn, alert_id)
             if kind in NEW_DEVICE_KINDS:
                 overlap = bm.intersection_cardinality(notified)

@@ -860,3 +860,20 @@ LogMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=25,
                                         suppress_health_check=[HealthCheck.too_slow,
                                                                HealthCheck.filter_too_much])
 test_log_state_machine = LogMachine.TestCase
+
+
+def test_nothing_is_logged_after_a_purge_even_without_ring_pushes(tmp_path):
+    """Regression (found by the state machine): an alert whose only push was an update, closed,
+    acknowledged and purged, took a new empty 'alert' push because no ring row was purged."""
+    with RecipientLog(tmp_path / "p.sqlite") as log:
+        common = dict(radius_km=100.0, meta={})
+        log.append_push(push_id="u", alert_id="D", seq=0, kind="update", created_at=T0,
+                        audience=BitMap(), **common)
+        log.append_push(push_id="c", alert_id="D", seq=1, kind="closure", created_at=T0,
+                        audience=BitMap(), **common)
+        log.ack("u")
+        log.ack("c")
+        assert log.purge_audiences("D") == 2
+        with pytest.raises(AlertStateError, match="purged"):
+            log.append_push(push_id="a", alert_id="D", seq=2, kind="alert", created_at=T0,
+                            audience=BitMap(), **common)
