@@ -1080,6 +1080,11 @@ class AlertEngine:
             raise LineageError(
                 f"new_index is generation {new.generation} with {len(new)} devices; it must be a "
                 f"descendant of the current generation {cur.generation} ({len(cur)} devices)")
+        if new.generation > cur.generation and cur.uid not in new.ancestry:
+            raise LineageError(
+                f"new_index: its store (generation {new.generation}) does not descend from the current "
+                f"generation {cur.generation} (uid {cur.uid[:12]}...): another branch of the same lineage, "
+                f"whose keys may name other devices")
         with self._lock:
             self._check_clock(now)
             self._bind(new_index)

@@ -284,7 +284,7 @@ class DeviceStore:
 
     def __init__(self, device_id, lat, lon, app_codes, app_names, last_seen, *,
                  generation=1, path=None, _id_index=None, _table=None, lineage=None, parent=None,
-                 uid=None):
+                 uid=None, ancestry=()):
         self.device_id = _readonly(device_id)
         self.lat = _readonly(lat)
         self.lon = _readonly(lon)
@@ -306,6 +306,9 @@ class DeviceStore:
         self.parent = None if parent is None else int(parent)
         #: Random id of this generation's contents: two generations with the same number differ here.
         self.uid = uid or _new_id()
+        #: The uids of every generation this one descends from, oldest first: a refresh accepts
+        #: only a store whose ancestry holds the current one (a fork has the same lineage).
+        self.ancestry = tuple(ancestry)
         #: The sealed manifest of the files this store maps (None in memory).
         self.manifest: dict | None = None
         # Arrays built in this process are trusted; mapped files are until verify() hashes them.
@@ -553,7 +556,7 @@ class DeviceStore:
             id_index = self._id_index
         out = DeviceStore(new_ids, new_lat, new_lon, new_app, names, new_seen,
                           generation=self.generation + 1, _id_index=id_index, lineage=self.lineage,
-                          parent=self.generation)
+                          parent=self.generation, ancestry=self.ancestry + (self.uid,))
         out._set_changed(np.concatenate([keys[old], np.arange(len(self), n_total)]), self.generation)
         return out
 
@@ -597,7 +600,7 @@ class DeviceStore:
 
         d = Path(directory)
         writer = StoreWriter(d, n_total, names, self.generation + 1, lineage=self.lineage,
-                             parent=self.generation)
+                             parent=self.generation, ancestry=self.ancestry + (self.uid,))
         source = _OldColumns(self)
         io = _BackgroundIO()
         bufs = _BufferPool()
@@ -736,7 +739,8 @@ class DeviceStore:
     def _file_meta(self) -> dict:
         """What store.arrow's schema metadata says about the generation it holds."""
         return {"version": FORMAT_VERSION, "generation": self.generation, "rows": len(self),
-                "lineage": self.lineage, "parent": self.parent, "uid": self.uid}
+                "lineage": self.lineage, "parent": self.parent, "uid": self.uid,
+                "ancestry": list(self.ancestry)}
 
     @private_files
     def save(self, directory) -> Path:
@@ -852,7 +856,7 @@ class DeviceStore:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise CorruptFileError(f"{f}: cannot read Arrow IPC file: {exc}") from None
-        for key in ("version", "generation", "rows", "lineage", "parent", "uid"):
+        for key in ("version", "generation", "rows", "lineage", "parent", "uid", "ancestry"):
             if manifest.get(key) != meta.get(key):
                 raise CorruptFileError(
                     f"{d}: {STORE_FILE} and {MANIFEST_FILE} are of different generations ({key} "
@@ -861,7 +865,11 @@ class DeviceStore:
         if (not isinstance(meta["generation"], int) or meta["generation"] < 1
                 or not isinstance(meta["lineage"], str) or not isinstance(meta["uid"], str)
                 or not (meta["parent"] is None or (isinstance(meta["parent"], int)
-                                                   and 1 <= meta["parent"] < meta["generation"]))):
+                                                   and 1 <= meta["parent"] < meta["generation"]))
+                or not isinstance(meta.get("ancestry"), list)
+                or not all(isinstance(u, str) for u in meta["ancestry"])
+                or len(meta["ancestry"]) > meta["generation"] - 1
+                or (meta["parent"] is None) != (len(meta["ancestry"]) == 0)):
             raise CorruptFileError(f"{f}: malformed generation identity {meta!r}")
         if batch.num_rows != meta.get("rows"):
             raise CorruptFileError(f"{f}: {batch.num_rows} rows but the header says {meta.get('rows')}")
@@ -887,7 +895,8 @@ class DeviceStore:
                 sorted_ids = load_npy(d / ID_SORTED_FILE, np.uint64, (batch.num_rows,))
         store = cls(ids, lat, lon, codes, names, seen, generation=meta["generation"], path=d,
                     _id_index=id_index, _table=pa.Table.from_batches([batch]).replace_schema_metadata(None),
-                    lineage=meta["lineage"], parent=meta["parent"], uid=meta["uid"])
+                    lineage=meta["lineage"], parent=meta["parent"], uid=meta["uid"],
+                    ancestry=meta["ancestry"])
         store.manifest = manifest
         store._sorted_ids = sorted_ids
         store._mmap = mm
@@ -1367,7 +1376,7 @@ class StoreWriter:
 
     @private_files
     def __init__(self, directory, n: int, app_names, generation: int = 1, *, lineage: str | None = None,
-                 parent: int | None = None):
+                 parent: int | None = None, ancestry=()):
         if n > MAX_DEVICES:
             raise InvalidInputError(f"n={n} exceeds the {MAX_DEVICES} key space")
         self.dir = Path(directory)
@@ -1381,7 +1390,7 @@ class StoreWriter:
         # a first ingest starts a lineage; a new generation continues its parent's
         self.meta = {"version": FORMAT_VERSION, "generation": self.generation, "rows": self.n,
                      "lineage": lineage or _new_id(), "parent": None if parent is None else int(parent),
-                     "uid": _new_id()}
+                     "uid": _new_id(), "ancestry": [str(u) for u in ancestry]}
         schema = SCHEMA.with_metadata({_META_KEY: json.dumps(self.meta).encode()})
         zeros = {dt: np.zeros(self.n, dtype=dt) for dt in (np.uint64, np.float64, np.int8, np.int64)}
         cols = [pa.array(zeros[np.uint64]), pa.array(zeros[np.float64]), pa.array(zeros[np.float64]),

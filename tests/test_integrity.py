@@ -245,6 +245,9 @@ def test_refresh_with_a_fresh_reingest_instead_of_a_descendant_is_refused(world,
         sibling = moved(gt.DeviceStore.open(world["g"][0]), seed=77)  # another generation 2
         with pytest.raises(LineageError, match="descendant"):
             eng.refresh(gt.SpatialIndex.build(sibling), now)
+        # a generation 3 grown on that other branch: same lineage, a later number, not a descendant
+        with pytest.raises(LineageError, match="does not descend"):
+            eng.refresh(gt.SpatialIndex.build(moved(sibling, seed=78)), now)
         assert eng.index.path == world["g"][1]
         assert len(eng.log.pushes(audiences=False)) == 4
         pushes = eng.refresh(gt.SpatialIndex.open(world["g"][2]), now)   # a real descendant
@@ -317,3 +320,17 @@ def test_crash_between_saving_a_store_and_its_index_never_opens_a_stale_index(tm
             np.testing.assert_array_equal(g, w)
         outcomes["exact"] += 1
     assert sum(outcomes.values()) == 12
+
+
+def test_a_generation_records_every_ancestor_and_reopens_with_them(world, tmp_path):
+    """A refresh may skip generations (1 -> 3) only along the chain the files record."""
+    stores = [gt.DeviceStore.open(d) for d in world["g"]]
+    assert stores[0].ancestry == ()
+    assert stores[1].ancestry == (stores[0].uid,)
+    assert stores[2].ancestry == (stores[0].uid, stores[1].uid)
+    eng = engine(gt.SpatialIndex.open(world["g"][0]), tmp_path / "fresh.sqlite")
+    try:
+        eng.refresh(gt.SpatialIndex.open(world["g"][2]), T0 + dt.timedelta(hours=3))   # skips g2
+        assert eng.index.store.generation == 3
+    finally:
+        eng.log.close()
