@@ -66,8 +66,7 @@ from .audience import Audience
 from .authority import Authority
 from .cap import render_push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
-                     RateLimitError,
-                     UnauthorizedError, UnknownAlertError)
+                     RateLimitError, UnauthorizedError, UnknownAlertError)
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
@@ -515,6 +514,7 @@ class AlertEngine:
         return exc
 
     def _observe_quarantine(self) -> None:
+        """Set the quarantine gauge; called where a quarantine is set or lifted (not per save)."""
         if self.metrics is not None:
             self.metrics.quarantined.set(sum(1 for a in self._alerts.values()
                                              if a.quarantine is not None and a.status == "open"))
@@ -717,7 +717,6 @@ class AlertEngine:
             self._advance_clock(now)
         self._alerts[alert.alert_id] = alert
         self._settle_clock(now)
-        self._observe_quarantine()
 
     @staticmethod
     def _cap_expires(alert: Alert, kind: str, now: _dt.datetime) -> _dt.datetime:
@@ -1023,9 +1022,9 @@ class AlertEngine:
         """The dispatcher has handed the push on; it will not be offered again."""
         with self._lock:
             newly = self.log.ack(push_id)
-            if newly and self.metrics is not None:
-                self.metrics.outbox.dec()
             if newly:
+                if self.metrics is not None:
+                    self.metrics.outbox.dec()
                 rec = self.log.push(push_id)
                 self.log.audit("ack", actor="dispatcher", alert_id=rec.alert_id, radius_km=rec.radius_km,
                                count=rec.count, detail={"push_id": push_id})
@@ -1103,6 +1102,7 @@ class AlertEngine:
                                         details=details)
             if alert.next_seq == 0:
                 self._save(alert, "retract", officer_id, now, {"reason": reason})
+                self._observe_quarantine()
                 return None
             return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
 

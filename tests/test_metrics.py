@@ -124,23 +124,26 @@ def test_outbox_depth_follows_acks_and_survives_a_restart(index, tmp_path):
 def test_quarantined_alerts_gauge(index, tmp_path):
     path = tmp_path / "log"
     eng = engine(index, path)
-    ids = [report(eng), report(eng, case_type="elderly")]
-    # a record written before texts were checked (the log API takes any JSON)
-    rec = eng.log.alert(ids[1])
-    rec["details"] = {"headline": "bad\x0bline"}
-    eng.log.save_alert(ids[1], rec)
+    ids = [report(eng), report(eng, case_type="elderly"), report(eng, case_type="other")]
+    # records written before texts were checked (the log API takes any JSON)
+    for a in ids[1:]:
+        rec = eng.log.alert(a)
+        rec["details"] = {"headline": "bad\x0bline"}
+        eng.log.save_alert(a, rec)
     eng.shutdown()
     m = EngineMetrics()
     eng = engine(index, path, m)
     assert m.value("geotarget_quarantined_alerts") == 0
     out = eng.tick(T0 + dt.timedelta(minutes=1))
-    assert [f.alert_id for f in out.errors] == [ids[1]] and out.errors[0].quarantined
-    assert m.value("geotarget_quarantined_alerts") == 1
+    assert sorted(f.alert_id for f in out.errors) == sorted(ids[1:]) and all(f.quarantined for f in out.errors)
+    assert m.value("geotarget_quarantined_alerts") == 2
     eng.shutdown()
     m = EngineMetrics()                       # the quarantine is persisted: a new process sees it
     eng = engine(index, path, m)
-    assert m.value("geotarget_quarantined_alerts") == 1
+    assert m.value("geotarget_quarantined_alerts") == 2
     eng.update(ids[1], "city-1", {"headline": "Missing man, 81"}, now=T0 + dt.timedelta(minutes=2))
+    assert m.value("geotarget_quarantined_alerts") == 1
+    assert eng.retract(ids[2], "city-1", reason="false report", now=T0 + dt.timedelta(minutes=3)) is None
     assert m.value("geotarget_quarantined_alerts") == 0
     eng.shutdown()
 
