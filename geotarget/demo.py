@@ -586,7 +586,7 @@ def format_report(result: dict, top_apps: int = 3) -> str:
         *lines,
         "times in ms: query = index.within for the ring's circle; log = durable (fsynced) write;",
         "engine = the whole tick/refresh/close call (query + ring difference + CAP + log), shared",
-        "among the pushes it made (a tick also serves the elderly case and the drill below)",
+        "among the pushes it made (a tick also serves the elderly man's alert and the drill below)",
         "",
         ("CHECK " + ("OK" if ck["ok"] else "FAILED") + f": closure audience ({ck['closure']:,}) "
          + ("==" if ck["closure_equals_union"] else "!=")

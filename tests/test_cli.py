@@ -343,7 +343,7 @@ def test_demo_runs_end_to_end(work):
     assert all(len(line) <= 100 for line in table)
     assert [line.split()[2] for line in table[2:]] == ["alert", "expand", "expand", "topup", "expand", "closure"]
     # the elderly case: its own schedule (50 km, then 100 km) and its closure == its rings
-    cases = out[out.index("elderly case"):out.index("CHECK OK: recipient log")].splitlines()
+    cases = out[out.index("\nelderly case ") + 1:out.index("CHECK OK: recipient log")].splitlines()
     assert all(len(line) <= 100 for line in cases)
     e = re.search(r"elderly closure \(([\d,]+)\) == union of its (\d+) ring pushes \(([\d,]+)\)", checks[2])
     assert e and e.group(1) == e.group(3)
