@@ -44,6 +44,7 @@ ministry-level officer (:func:`register_officers`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -64,8 +65,8 @@ from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import (AlertStateError, CorruptFileError, InvalidInputError, LineageError, RateLimitError,
-                     UnauthorizedError, UnknownAlertError)
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
+                     RateLimitError, UnauthorizedError, UnknownAlertError)
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
@@ -402,8 +403,16 @@ class AlertEngine:
                  schedule: RadiusSchedule | None = None, *, sender: str | None = None,
                  max_location_age: _dt.timedelta | None = None, workers: int = 2,
                  retention_days: float | None = None, signer: CapSigner | None = None,
-                 settings: Settings | None = None):
+                 settings: Settings | None = None, metrics=None):
         _check_index(index, "index")
+        if metrics is not None:
+            # imported only here: an engine without metrics needs no prometheus-client
+            from .metrics import EngineMetrics
+            if not isinstance(metrics, EngineMetrics):
+                raise InvalidInputError(f"metrics must be a geotarget.metrics.EngineMetrics or None, got "
+                                        f"{type(metrics).__name__}")
+        #: Prometheus series of this engine (:mod:`geotarget.metrics`), or None.
+        self.metrics = metrics
         if retention_days is not None and (isinstance(retention_days, bool)
                                            or not isinstance(retention_days, (int, float))
                                            or not 0 <= retention_days < float("inf")):
@@ -453,13 +462,17 @@ class AlertEngine:
         self.max_location_age = max_location_age
         self.workers = int(workers)
         self._lock = threading.RLock()
-        self._bind(index)
-        self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
-        clock = log.meta_value("clock")
-        self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
-        # Outbox: pushes logged by an earlier process and never acknowledged are
-        # offered again on the first tick of this one.
-        self._replay: list[PushRecord] | None = log.unacked()
+        with self._counted("log"):   # the log's own records; _bind labels the index's refusals
+            self._bind(index)
+            self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
+            clock = log.meta_value("clock")
+            self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
+            # Outbox: pushes logged by an earlier process and never acknowledged are
+            # offered again on the first tick of this one.
+            self._replay: list[PushRecord] | None = log.unacked()
+        if metrics is not None:
+            metrics.outbox.set(len(self._replay))
+            self._observe_quarantine()
         # ... and pushes logged by this one but never handed to a caller.
         self._stranded: dict[str, PushRecord] = {}
         log.claim(self)
@@ -484,6 +497,28 @@ class AlertEngine:
 
     # -- integrity ------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _counted(self, check: str):
+        """A refusal by an integrity check inside is counted in the metrics (once), then raised."""
+        try:
+            yield
+        except (CorruptFileError, LineageError) as exc:
+            if self.metrics is not None:
+                self.metrics.verification_failed(exc, check)
+            raise
+
+    def _refused(self, exc: GeotargetError, check: str) -> GeotargetError:
+        """``exc``, counted as a verification failure; the caller raises it."""
+        if self.metrics is not None:
+            self.metrics.verification_failed(exc, check)
+        return exc
+
+    def _observe_quarantine(self) -> None:
+        """Set the quarantine gauge; called where a quarantine is set or lifted (not per save)."""
+        if self.metrics is not None:
+            self.metrics.quarantined.set(sum(1 for a in self._alerts.values()
+                                             if a.quarantine is not None and a.status == "open"))
+
     def _bind(self, index) -> None:
         """Refuse an index the log's keys do not mean, then verify its bytes (before any push).
 
@@ -495,22 +530,25 @@ class AlertEngine:
         store = index.store
         lineage = self.log.lineage()
         if lineage is not None and store.lineage != lineage:
-            raise LineageError(f"index: its store is of lineage {store.lineage}, but the recipient log "
-                               f"{self.log.path} was written against lineage {lineage}; its device "
-                               f"keys would name other devices")
+            raise self._refused(LineageError(
+                f"index: its store is of lineage {store.lineage}, but the recipient log {self.log.path} "
+                f"was written against lineage {lineage}; its device keys would name other devices"), "index")
         newest = self.log.max_generation()
         if newest is not None and store.generation < newest:
-            raise LineageError(f"index: its store is generation {store.generation}, older than generation "
-                               f"{newest} that the recipient log {self.log.path} already used")
+            raise self._refused(LineageError(
+                f"index: its store is generation {store.generation}, older than generation {newest} that "
+                f"the recipient log {self.log.path} already used"), "index")
         # an index without verify() of its own (the sharded one) still resolves keys through its store
-        getattr(index, "verify", store.verify)()
+        with self._counted("index"):
+            getattr(index, "verify", store.verify)()
 
     def _check_keys(self, bm, what: str) -> None:
         """Keys read from the log must lie inside the store: no kernel ever sees one that does not."""
         n = len(self.index.store)
         if len(bm) and bm.max() >= n:
-            raise CorruptFileError(f"{what}: holds device key {bm.max()} but the store has {n} devices; "
-                                   f"the log and the index are not of one store")
+            raise self._refused(CorruptFileError(
+                f"{what}: holds device key {bm.max()} but the store has {n} devices; the log and the "
+                f"index are not of one store"), "log")
 
     def _check_chain(self, alert: Alert) -> AbstractBitMap:
         """The devices notified for ``alert``, after checking the log still holds its whole history.
@@ -624,7 +662,10 @@ class AlertEngine:
             timings["query_ms"] = query_ms
         # Logged: from here on the push is offered until a caller has it.
         self._stranded[rec.push_id] = rec
-        return self._to_push(rec, timings)
+        push = self._to_push(rec, timings)
+        if self.metrics is not None:
+            self.metrics.observe_push(push)
+        return push
 
     def _area_desc(self, alert: Alert) -> str:
         # the division by its names, then the officer's own words for the area
@@ -944,6 +985,8 @@ class AlertEngine:
     def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
         """Record one alert's failure; quarantine it unless the environment failed."""
         error = f"{type(exc).__name__}: {exc}"
+        if self.metrics is not None and isinstance(exc, (CorruptFileError, LineageError)):
+            self.metrics.verification_failed(exc, "log")
         transient = isinstance(exc, (OSError, MemoryError))
         if not transient:
             alert = dataclasses.replace(self._alerts[alert_id], quarantine=error[:1000])
@@ -951,6 +994,7 @@ class AlertEngine:
                 self._save(alert, "quarantine", "engine", now, {"error": error[:1000]})
             except Exception:  # noqa: BLE001 - the log itself failing: skip it in this process
                 self._alerts[alert_id] = alert
+            self._observe_quarantine()
         return AlertFailure(alert_id=alert_id, error=error, quarantined=not transient, exception=exc)
 
     def _ring(self, alert: Alert, kind: str, radius: float, now: _dt.datetime, index,
@@ -979,13 +1023,18 @@ class AlertEngine:
         with self._lock:
             newly = self.log.ack(push_id)
             if newly:
+                if self.metrics is not None:
+                    self.metrics.outbox.dec()
                 rec = self.log.push(push_id)
                 self.log.audit("ack", actor="dispatcher", alert_id=rec.alert_id, radius_km=rec.radius_km,
                                count=rec.count, detail={"push_id": push_id})
             return newly
 
     def _follow(self, alert: Alert, kind: str, officer_id: str, now: _dt.datetime) -> Push:
-        return self._emit(alert, kind, alert.radius_km, self._check_chain(alert), now, officer_id)
+        with self._counted("log"):
+            push = self._emit(alert, kind, alert.radius_km, self._check_chain(alert), now, officer_id)
+        self._observe_quarantine()   # an update or a retraction lifts a quarantine
+        return push
 
     def update(self, alert_id: str, officer_id: str, details: dict, now: _dt.datetime | None = None) -> Push:
         """New details, to everyone notified so far."""
@@ -1053,6 +1102,7 @@ class AlertEngine:
                                         details=details)
             if alert.next_seq == 0:
                 self._save(alert, "retract", officer_id, now, {"reason": reason})
+                self._observe_quarantine()
                 return None
             return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
 
@@ -1073,21 +1123,23 @@ class AlertEngine:
         _check_index(new_index, "new_index")
         new, cur = new_index.store, self.index.store
         if new.lineage != cur.lineage:
-            raise LineageError(f"new_index: its store is of lineage {new.lineage}, not {cur.lineage} (a "
-                               f"fresh ingest, not a new generation): its keys name other devices")
+            raise self._refused(LineageError(
+                f"new_index: its store is of lineage {new.lineage}, not {cur.lineage} (a fresh ingest, "
+                f"not a new generation): its keys name other devices"), "index")
         if (new.generation < cur.generation or len(new) < len(cur)
                 or (new.generation == cur.generation and new.uid != cur.uid)):
-            raise LineageError(
+            raise self._refused(LineageError(
                 f"new_index is generation {new.generation} with {len(new)} devices; it must be a "
-                f"descendant of the current generation {cur.generation} ({len(cur)} devices)")
+                f"descendant of the current generation {cur.generation} ({len(cur)} devices)"), "index")
         if new.generation > cur.generation and cur.uid not in new.ancestry:
-            raise LineageError(
+            raise self._refused(LineageError(
                 f"new_index: its store (generation {new.generation}) does not descend from the current "
                 f"generation {cur.generation} (uid {cur.uid[:12]}...): another branch of the same lineage, "
-                f"whose keys may name other devices")
+                f"whose keys may name other devices"), "index")
         with self._lock:
             self._check_clock(now)
-            self._bind(new_index)
+            with self._counted("log"):
+                self._bind(new_index)
             store = new_index.store
             delta = None
             if (getattr(store, "changed_keys", None) is not None
@@ -1210,4 +1262,5 @@ class AlertEngine:
 
     def verify(self, anchor=None) -> dict:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""
-        return self.log.verify(anchor)
+        with self._counted("verify"):
+            return self.log.verify(anchor)

@@ -107,6 +107,8 @@ CASES = [
      lambda w, v: gt.AlertEngine(w.index, log=w.log, authority=w.authority, signer=v)),
     ("AlertEngine", "settings", ("str", "bool", "complex", "list", "dict", "int", "bytes"),
      lambda w, v: gt.AlertEngine(w.index, log=w.log, authority=w.authority, settings=v)),
+    ("AlertEngine", "metrics", ("str", "bool", "complex", "list", "dict", "int", "bytes"),
+     lambda w, v: gt.AlertEngine(w.index, log=w.log, authority=w.authority, metrics=v)),
     ("report", "case_type", ("bool", "complex", "list", "dict", "bytes", "int", "none", "str"),
      lambda w, v: w.engine.report("city-1", lat=30.27, lon=120.15, division="330100", missing_since=T0,
                                   now=T0, case_type=v)),

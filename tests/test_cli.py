@@ -335,17 +335,31 @@ def test_demo_runs_end_to_end(work):
     out = p.stdout
     assert "%|" not in p.stderr
     checks = [line for line in out.splitlines() if line.startswith("CHECK")]
-    assert len(checks) == 4 and all(c.startswith("CHECK OK") for c in checks)
-    assert "all 6 CAP messages carry an XML signature that verifies" in checks[3]
+    assert len(checks) == 6 and all(c.startswith("CHECK OK") for c in checks)
     m = re.search(r"closure audience \(([\d,]+)\) == union of the 5 ring pushes \(([\d,]+)\); "
                   r"no device got two ring pushes", checks[0])
     assert m and m.group(1) == m.group(2)
     table = out[out.index(" #     t kind"):out.index("times in ms")].splitlines()
     assert all(len(line) <= 100 for line in table)
     assert [line.split()[2] for line in table[2:]] == ["alert", "expand", "expand", "topup", "expand", "closure"]
+    # the elderly case: its own schedule (50 km, then 100 km) and its closure == its rings
+    cases = out[out.index("\nelderly case ") + 1:out.index("CHECK OK: recipient log")].splitlines()
+    assert all(len(line) <= 100 for line in cases)
+    e = re.search(r"elderly closure \(([\d,]+)\) == union of its (\d+) ring pushes \(([\d,]+)\)", checks[2])
+    assert e and e.group(1) == e.group(3)
+    assert "its own schedule (50 -> 100 km)" in out and "CAP event (Missing and Endangered Person)" in out
+    # the drill: test devices only, exactly those inside its rings, counted as if real, not in statistics
+    dr = re.search(r"the drill reached (\d+) of (\d+) test devices, exactly those inside its rings", checks[3])
+    assert dr and 0 < int(dr.group(1)) < int(dr.group(2)) == 6
+    drill_line = cases[cases.index(next(c for c in cases if c.startswith("drill "))) + 1]
+    first_real = re.search(r"alert 100 km (\d+) \(as if real ([\d,]+)\)", drill_line)
+    assert first_real and int(first_real.group(1)) == int(dr.group(1))
+    assert first_real.group(2) == table[2].split()[4]        # the child's first ring, same circle and time
+    assert "(== the child's); closure == its union; not in the statistics" in out
+    n_msgs = int(re.search(r"all (\d+) CAP messages carry an XML signature that verifies", checks[5]).group(1))
     d = work / "demo"
-    caps = sorted((d / "cap").glob("GT-*.xml"))
-    assert len(caps) == 6
+    caps = sorted((d / "cap").glob("*.xml"))
+    assert len(caps) == n_msgs >= 6 + 3 + 3
     schema = cap_schema()
     cert = (d / "keys" / "signing-cert.pem").read_bytes()
     for c in caps:
@@ -356,13 +370,27 @@ def test_demo_runs_end_to_end(work):
     assert (d / "index" / "index.json").exists() and (d / "index" / "store.arrow").exists()
     with RecipientLog(d / "recipients.sqlite") as log:
         log.verify()
-        (aid,) = log.alerts()
+        alerts = log.alerts()
+        assert len(alerts) == 3 and not log.unacked()
+        by_type = {(r["case_type"], r["drill"]): a for a, r in alerts.items()}
+        aid = by_type[("child", False)]
         kinds = [r.kind for r in log.pushes(aid, audiences=False)]
         assert kinds == ["alert", "expand", "expand", "topup", "expand", "closure"]
-        assert not log.unacked()
         union = log.notified(aid)
         closure = log.pushes(aid)[-1].audience
         assert closure == union and len(union) == int(m.group(1).replace(",", ""))
+        for key in (("elderly", False), ("child", True)):
+            pushes = log.pushes(by_type[key])
+            assert pushes[-1].kind == "closure" and pushes[-1].audience == log.notified(by_type[key])
+            events = {etree.fromstring(r.meta["cap_xml"].encode()).findtext(
+                "{urn:oasis:names:tc:emergency:cap:1.2}info/{urn:oasis:names:tc:emergency:cap:1.2}event")
+                for r in pushes}
+            statuses = {etree.fromstring(r.meta["cap_xml"].encode()).findtext(
+                "{urn:oasis:names:tc:emergency:cap:1.2}status") for r in pushes}
+            assert events == {"Missing and Endangered Person" if key[0] == "elderly"
+                              else "Child Abduction Emergency"}
+            assert statuses == {"Exercise" if key[1] else "Actual"}
+        assert len(log.notified(by_type[("child", True)])) == int(dr.group(1))
 
 
 # ---------------------------------------------------------------------------
