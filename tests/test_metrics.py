@@ -22,6 +22,9 @@ HZ = (30.27, 120.15)
 OFFICERS = [gt.Officer("city-1", level="city", division="330100"),
             gt.Officer("mps", level="ministry", division="000000")]
 
+# The package under test, wherever it is installed (a source checkout may be unbuilt in CI).
+PKG_PARENT = str(Path(gt.__file__).resolve().parent.parent)
+
 
 def make_index(n=20_000, seed=0, lineage=None):
     rng = np.random.default_rng(seed)
@@ -238,17 +241,17 @@ def test_the_engine_needs_no_prometheus_client_without_metrics(tmp_path):
             print("ok")
     """)
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": PKG_PARENT})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
 
-def test_the_serving_example_serves_the_engines_series():
+def test_the_serving_example_serves_the_engines_series(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "examples" / "serve_metrics.py"), "--port", "0",
-                          "--devices", "20000"], capture_output=True, text=True, timeout=300, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                          "--devices", "20000"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": PKG_PARENT})
     assert out.returncode == 0, out.stderr
     lines = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
     assert float(lines['geotarget_pushes_total{kind="closure",status="Actual"}']) == 1
