@@ -10,27 +10,6 @@ static const int GT_HAVE_OPENMP = 1;
 #else
 static inline int gt_max_threads(void) { return 1; }
 static const int GT_HAVE_OPENMP = 0;
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-/* Bit j set iff s[j] >= cut, for 64 last-seen values (SSE2: four compares
-   a step; unsigned order is signed order with the top bit flipped). */
-static inline uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut) {
-    uint64_t m = 0;
-#if defined(__SSE2__)
-    const __m128i bias = _mm_set1_epi32((int)0x80000000u);
-    const __m128i c = _mm_xor_si128(_mm_set1_epi32((int)cut), bias);
-    for (int j = 0; j < 64; j += 4) {
-        __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(s + j)), bias);
-        uint64_t lt = (uint64_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(v, c)));
-        m |= (~lt & 15) << j;
-    }
-#else
-    for (int j = 0; j < 64; j++) m |= (uint64_t)(s[j] >= cut) << j;
-#endif
-    return m;
-}
-
 #endif
 struct GtPoint { float x; float y; float z; uint32_t key; };
 /* Mean Earth radius (IUGG), km: docs/design.md, Distance, fixes it. */
