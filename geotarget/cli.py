@@ -858,12 +858,16 @@ def _records(log):
 def cmd_stats(args) -> int:
     from .stats import compute
 
+    settings = _settings(args)
+    if args.case_type is not None:
+        settings.case(args.case_type)
     log = _open_log(args.log)
     try:
         from .divisions import Divisions
         s = compute(list(_records(log)), since=_when(args.since, "--since"),
                     until=_when(args.until, "--until"), division=args.division,
-                    divisions=Divisions.china())
+                    divisions=Divisions.china(), case_type=args.case_type,
+                    case_types=tuple(settings.case_types))
     finally:
         log.close()
     if args.json:
@@ -880,6 +884,10 @@ def cmd_stats(args) -> int:
     for div, row in s["by_division"].items():
         _out(f"  {div} {row.get('name', '')}  published {row['published']:,}  found {row['found']:,}  "
              f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}")
+    for name, row in s["by_case_type"].items():
+        _out(f"  case type {name}: published {row['published']:,}  found {row['found']:,}  "
+             f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}  "
+             f"recovery rate {row['recovery_rate_pct']:.2f} %")
     return EXIT_OK
 
 
@@ -1217,6 +1225,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", metavar="ISO")
     sp.add_argument("--until", metavar="ISO")
     sp.add_argument("--division", metavar="CODE", help="only alerts within this division")
+    sp.add_argument("--case-type", metavar="NAME", help="only alerts of this case type (child, elderly, ...)")
+    sp.add_argument("--config", metavar="FILE", help="settings TOML naming the case types (default: built-in)")
 
     sp = verb("audit", "check the recipient log and its audit trail, or list the trail", cmd_audit,
               json_=False)

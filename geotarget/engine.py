@@ -325,7 +325,7 @@ class Alert:
             return None
         return AlertRecord(alert_id=self.alert_id, division=self.division, published_at=self.published_at,
                            status=self.status, outcome=self.outcome, closed_at=self.closed_at,
-                           pushes=self.pushes, devices_reached=self.reached)
+                           pushes=self.pushes, devices_reached=self.reached, case_type=self.case_type)
 
     @property
     def id(self) -> str:
@@ -1244,12 +1244,17 @@ class AlertEngine:
         self.alert(alert_id)
         return self._audience(self.log.notified(alert_id))
 
-    def stats(self, since=None, until=None, division=None) -> dict[str, Any]:
+    def stats(self, since=None, until=None, division=None, case_type=None) -> dict[str, Any]:
         """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached.
 
         ``by_division`` breaks the figures down by the divisions directly under
-        ``division`` (the provinces without one), each row with its ``name``.
+        ``division`` (the provinces without one), each row with its ``name``;
+        ``by_case_type`` by case type (a row for every case type in the
+        settings).  ``case_type`` keeps only that type's alerts; a name the
+        settings do not define is an :class:`InvalidInputError`.
         """
+        if case_type is not None:
+            self.settings.case(case_type)
         if division is not None and not isinstance(division, str):
             raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         if since is not None:
@@ -1258,7 +1263,8 @@ class AlertEngine:
             until = check_aware(until, "until")
         records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
         return compute(records, since=since, until=until, division=division,
-                       divisions=self.authority.divisions)
+                       divisions=self.authority.divisions, case_type=case_type,
+                       case_types=tuple(self.settings.case_types))
 
     def verify(self, anchor=None) -> dict:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""

@@ -160,6 +160,8 @@ CASES = [
     ("refresh", "now", TIME + ("none",), lambda w, v: w.engine.refresh(w.index, v)),
     ("stats", "since", ("str", "bool", "complex", "list", "naive", "int"), lambda w, v: w.engine.stats(since=v)),
     ("stats", "division", ("bool", "complex", "list", "dict", "int"), lambda w, v: w.engine.stats(division=v)),
+    ("stats", "case_type", ("str", "bool", "complex", "list", "dict", "bytes", "int"),
+     lambda w, v: w.engine.stats(case_type=v)),
     ("pushes", "alert_id", TEXT_ID, lambda w, v: w.engine.pushes(v)),
     ("notified", "alert_id", TEXT_ID, lambda w, v: w.engine.notified(v)),
     ("Officer", "level", TEXT_ID, lambda w, v: gt.Officer("x", level=v, division="330100")),
@@ -225,6 +227,7 @@ CLI_CASES = {
     "officers-unknown": (["officers", "register", "--log", "{log}", "--officers", "{off}", "--officer",
                           "nobody"], 2),
     "stats-since-naive": (["stats", "--log", "{log}", "--since", "2026-11-23"], 2),
+    "stats-case-type-unknown": (["stats", "--log", "{log}", "--case-type", "toddler"], 2),
     "generate-devices-text": (["generate", "--devices", "many", "--store", "{tmp}/g"], 1),
     "ingest-missing-file": (["ingest", "{tmp}/nope.csv", "--store", "{tmp}/g2"], 2),
 }
