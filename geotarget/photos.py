@@ -112,7 +112,7 @@ class PhotoStore:
         try:
             self.directory = Path(os.fspath(directory))
         except TypeError:
-            raise InvalidInputError(f"photo directory must be a str or os.PathLike, got {directory!r}") from None
+            raise InvalidInputError(f"photo_dir must be a str or os.PathLike, got {directory!r}") from None
 
     def path(self, photo: Photo) -> Path:
         return self.directory / photo.file_name

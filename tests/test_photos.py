@@ -284,3 +284,24 @@ def test_photo_store_roundtrip_and_corruption(tmp_path):
                 {"digest": "0" * 40, "mime_type": "image/png", "size": True, "desc": ""}, "x"):
         with pytest.raises(gt.CorruptFileError):
             Photo.from_dict(bad)
+
+
+def test_cli_report_photo(index, tmp_path, capsys):
+    from geotarget.cli import main
+    index.save(tmp_path / "st")
+    (tmp_path / "officers.json").write_text(json.dumps([o.to_dict() for o in OFFICERS]))
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "b.webp").write_bytes(WEBP)
+    common = ["--log", str(tmp_path / "log.sqlite"), "--index", str(tmp_path / "st"),
+              "--officers", str(tmp_path / "officers.json"), "--max-location-age", "0"]
+    assert main(["alert", "report", *common, "--officer", "S-1", "--lat", "30.27", "--lon", "120.15",
+                 "--division", "330102", "--missing-since", "2026-11-23T08:00:00Z",
+                 "--now", "2026-11-23T08:05:00Z", "--photo", str(tmp_path / "a.png"),
+                 "--photo", str(tmp_path / "b.webp"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["photos"] == [hashlib.sha1(PNG).hexdigest(), hashlib.sha1(WEBP).hexdigest()]
+    assert main(["alert", "tick", *common, "--now", "2026-11-23T08:10:00Z", "--json"]) == 0
+    capsys.readouterr()
+    with gt.RecipientLog(tmp_path / "log.sqlite") as log:
+        (push,) = log.pushes(doc["alert_id"], audiences=False)
+        _check_message(push.meta["cap_xml"], None, [PNG, WEBP])
