@@ -217,7 +217,7 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
                 note: str = "", status: str = "Actual", signer=None, event: str = EVENT,
                 event_code: str = "CAE",
                 translations: Mapping[str, Mapping[str, str]] = {}, geocode: str = "",
-                circle: bool = True) -> str:
+                circle: bool = True, resources: Sequence[Mapping[str, object]] = ()) -> str:
     """One push as a CAP 1.2 XML document (a ``str`` with a UTF-8 declaration).
 
     ``references`` are ``(sender, identifier, sent)`` of *every* earlier
@@ -241,6 +241,10 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     missing): each becomes an ``<info>`` of its own after the first, with
     the same event, area and parameters, and the engine's own wording
     (closures, retractions, defaults) in that language.
+
+    ``resources`` are photos: mappings with ``desc``, ``mime_type``, ``size``
+    (bytes), ``uri`` and ``digest`` (SHA-1, 40 hex digits, as CAP 1.2 names
+    it); each becomes a ``<resource>`` in every ``<info>``.
 
     ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
     XML signature as the alert's last child; the signed document is written
@@ -309,6 +313,7 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
         params.append((pname, pvalue))
 
     refs = _check_references(references, kind, sender, identifier)
+    res = _check_resources(resources)
 
     lat_s, lon_s, r_s = _fmt_num(lat, 6), _fmt_num(lon, 6), _fmt_radius(r)
     blocks = [(language, {"headline": headline, "description": description,
@@ -380,6 +385,13 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
             _pair(info, "parameter", "outcome", outcome)
         for pname, pvalue in params:
             _pair(info, "parameter", pname, pvalue)
+        for r in res:
+            el = _sub(info, "resource")
+            _sub(el, "resourceDesc", r["desc"])
+            _sub(el, "mimeType", r["mime_type"])
+            _sub(el, "size", str(r["size"]))
+            _sub(el, "uri", r["uri"])
+            _sub(el, "digest", r["digest"])
         area = _sub(info, "area")
         _sub(area, "areaDesc", area_desc)
         if circle:
@@ -394,6 +406,33 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     body = body.replace("\r", "&#13;")
     doc = '<?xml version="1.0" encoding="UTF-8"?>\n' + body + "\n"
     return doc if signer is None else signer.sign(doc)
+
+
+def _check_resources(resources) -> list[dict]:
+    if isinstance(resources, (str, bytes, Mapping)) or not isinstance(resources, Sequence):
+        raise InvalidInputError(f"resources must be a sequence of mappings, got {type(resources).__name__}")
+    out = []
+    for i, r in enumerate(resources):
+        if not isinstance(r, Mapping) or set(r) != {"desc", "mime_type", "size", "uri", "digest"}:
+            raise InvalidInputError(f"resources[{i}] must be a mapping with exactly desc, mime_type, "
+                                    f"size, uri and digest")
+        desc = _check_text(r["desc"], f"resources[{i}].desc")
+        if not desc.strip():
+            raise InvalidInputError(f"resources[{i}].desc must not be blank")
+        mime = r["mime_type"]
+        if not isinstance(mime, str) or not re.fullmatch(r"[a-z]+/[a-z0-9.+-]+", mime):
+            raise InvalidInputError(f"resources[{i}].mime_type={mime!r} is not a MIME type")
+        size = r["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInputError(f"resources[{i}].size={size!r} must be a whole number of bytes")
+        uri = r["uri"]
+        if not isinstance(uri, str) or not re.fullmatch(r"https?://\S+", uri):
+            raise InvalidInputError(f"resources[{i}].uri={uri!r} must be an absolute http(s) URL")
+        digest = r["digest"]
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{40}", digest):
+            raise InvalidInputError(f"resources[{i}].digest={digest!r} must be a SHA-1 in hex")
+        out.append({"desc": desc, "mime_type": mime, "size": size, "uri": uri, "digest": digest})
+    return out
 
 
 _TRANSLATED = ("headline", "description", "instruction", "area_desc")

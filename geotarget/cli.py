@@ -652,7 +652,9 @@ def _alert_purge(args) -> int:
 
     log = _open_log(args.log)
     try:
-        result = purge_expired(log, args.retention_days, _now(args))
+        photo_dir = _settings(args).photo_dir
+        result = purge_expired(log, args.retention_days, _now(args),
+                               photo_dir=None if photo_dir is None else str(photo_dir))
     finally:
         log.close()
     if args.json:
@@ -679,12 +681,14 @@ def _alert_action(engine, args, action) -> int:
                               missing_since=_when(args.missing_since, "--missing-since"),
                               division=division, details=details, now=now,
                               case_type=args.case_type, drill=args.drill,
-                              division_wide=bool(getattr(args, "division_wide", False)))
+                              division_wide=bool(getattr(args, "division_wide", False)),
+                              photos=list(args.photo or []))
         doc = {"alert_id": alert.id, "status": alert.status, "division": alert.division,
                "place": engine.authority.names(alert.division),
                "reporter": alert.reporter, "reported_at": _iso(alert.reported_at),
                "case_type": alert.case_type, "drill": alert.drill,
-               "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of}
+               "expires_at": _iso(alert.expires_at), "duplicate_of": alert.duplicate_of,
+               "photos": [p["digest"] for p in alert.photos]}
         if args.json:
             _emit_json(doc)
         else:
@@ -858,12 +862,16 @@ def _records(log):
 def cmd_stats(args) -> int:
     from .stats import compute
 
+    settings = _settings(args)
+    if args.case_type is not None:
+        settings.case(args.case_type)
     log = _open_log(args.log)
     try:
         from .divisions import Divisions
         s = compute(list(_records(log)), since=_when(args.since, "--since"),
                     until=_when(args.until, "--until"), division=args.division,
-                    divisions=Divisions.china())
+                    divisions=Divisions.china(), case_type=args.case_type,
+                    case_types=tuple(settings.case_types))
     finally:
         log.close()
     if args.json:
@@ -880,6 +888,10 @@ def cmd_stats(args) -> int:
     for div, row in s["by_division"].items():
         _out(f"  {div} {row.get('name', '')}  published {row['published']:,}  found {row['found']:,}  "
              f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}")
+    for name, row in s["by_case_type"].items():
+        _out(f"  case type {name}: published {row['published']:,}  found {row['found']:,}  "
+             f"not found {row['not_found']:,}  open {row['open']:,}  retracted {row['retracted']:,}  "
+             f"recovery rate {row['recovery_rate_pct']:.2f} %")
     return EXIT_OK
 
 
@@ -1172,6 +1184,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an exercise: CAP status Exercise, test devices only, never in statistics")
     ap.add_argument("--division-wide", action="store_true",
                     help="target the whole division's area instead of a growing circle")
+    ap.add_argument("--photo", action="append", metavar="PATH",
+                    help="a photo of the person (.jpg, .png or .webp; repeatable); every CAP carries it")
     texts(ap)
     action("approve", "approve a pending report")
     for ap in (action("tick", "send what is due: first rings, expansions, the unacknowledged outbox",
@@ -1205,6 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = action("purge", "retention: drop the recipients of alerts closed more than DAYS ago, and every "
                 "output file written for them", index=False, officers=False, alert_id=False, officer=False)
     ap.add_argument("--retention-days", type=_days, required=True, metavar="DAYS")
+    ap.add_argument("--config", metavar="FILE", help="settings TOML (its [photos] dir; default: next to the log)")
 
     sp = verb("config", "the settings in force (defaults overlaid with --config FILE), as TOML", cmd_config)
     csub = sp.add_subparsers(dest="config_action", required=True, metavar="ACTION")
@@ -1217,6 +1232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", metavar="ISO")
     sp.add_argument("--until", metavar="ISO")
     sp.add_argument("--division", metavar="CODE", help="only alerts within this division")
+    sp.add_argument("--case-type", metavar="NAME", help="only alerts of this case type (child, elderly, ...)")
+    sp.add_argument("--config", metavar="FILE", help="settings TOML naming the case types (default: built-in)")
 
     sp = verb("audit", "check the recipient log and its audit trail, or list the trail", cmd_audit,
               json_=False)

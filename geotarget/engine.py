@@ -70,6 +70,7 @@ from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidI
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
 from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
+from .photos import Photo, PhotoStore, load_photo, photo_uri
 from .schedule import RadiusSchedule
 from .settings import Settings
 from .signing import CapSigner
@@ -143,11 +144,18 @@ def record_outputs(log: RecipientLog, push_id: str, files, actor: str = "cli") -
               detail={"push_id": push_id, "files": files})
 
 
+def default_photo_dir(log: RecipientLog):
+    """Where an engine keeps photos unless the settings name a ``[photos] dir``: next to the log."""
+    return str(log.path) + ".photos"
+
+
 def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | None = None,
-                  actor: str = "retention") -> dict:
+                  actor: str = "retention", photo_dir=None) -> dict:
     """Apply the retention setting: for every alert closed or retracted more than
     ``retention_days`` ago, drop its logged audiences and delete every output file
-    recorded for it (:func:`record_outputs`).  Both are audited.
+    recorded for it (:func:`record_outputs`) and its photos (in ``photo_dir``,
+    default :func:`default_photo_dir`; a photo another alert still within
+    retention also carries is kept).  All are audited.
 
     An alert with unacknowledged pushes is kept (its audiences are still owed to a
     dispatcher) and listed under ``waiting``.  Returns ``{"purged": {alert_id:
@@ -158,10 +166,16 @@ def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | 
         raise InvalidInputError(f"retention_days must be a finite number of days >= 0, got {retention_days!r}")
     now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
     cutoff = now - _dt.timedelta(days=retention_days)
+    photos = PhotoStore(default_photo_dir(log) if photo_dir is None else photo_dir)
     result: dict[str, Any] = {"purged": {}, "files": [], "waiting": []}
-    for alert_id, rec in log.alerts().items():
+    records = log.alerts()
+
+    def expired(rec) -> bool:
         closed_at = _from_iso(rec.get("closed_at"))
-        if rec.get("status") not in ("closed", "retracted") or closed_at is None or closed_at > cutoff:
+        return rec.get("status") in ("closed", "retracted") and closed_at is not None and closed_at <= cutoff
+    kept = {p.get("digest") for rec in records.values() if not expired(rec) for p in rec.get("photos", [])}
+    for alert_id, rec in records.items():
+        if not expired(rec):
             continue
         pushes = log.pushes(alert_id, audiences=False)
         if any(not p.acked for p in pushes):
@@ -180,6 +194,15 @@ def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | 
                 pass
         if gone:
             log.audit("purge_outputs", actor=actor, alert_id=alert_id, count=len(gone), at=now,
+                      detail={"files": gone})
+            result["files"].extend(gone)
+        gone = []
+        for i, d in enumerate(rec.get("photos", [])):
+            photo = Photo.from_dict(d, f"alert {alert_id} photos[{i}]")
+            if photo.digest not in kept and photos.delete(photo):
+                gone.append(str(photos.path(photo)))
+        if gone:
+            log.audit("purge_photos", actor=actor, alert_id=alert_id, count=len(gone), at=now,
                       detail={"files": gone})
             result["files"].extend(gone)
     return result
@@ -279,6 +302,9 @@ def _person_name(details: dict) -> str | None:
     return " ".join(name.split()).casefold()
 
 
+#: At most this many photos per report.
+_MAX_PHOTOS = 10
+
 #: How long receivers keep showing a closure, a retraction or an update sent after expiry.
 _FOLLOW_UP_VALIDITY = _dt.timedelta(hours=24)
 
@@ -313,6 +339,8 @@ class Alert:
     expired_at: _dt.datetime | None = None   # when the engine noticed the expiry (audited once)
     #: True: the area is the whole division (its polygon), not a growing circle.
     division_wide: bool = False
+    #: Photos (:meth:`geotarget.photos.Photo.to_dict`); the bytes are in the engine's PhotoStore.
+    photos: list = dataclasses.field(default_factory=list)
 
     quarantine: str | None = None    # why tick skips the alert, until an update or retraction
 
@@ -325,7 +353,7 @@ class Alert:
             return None
         return AlertRecord(alert_id=self.alert_id, division=self.division, published_at=self.published_at,
                            status=self.status, outcome=self.outcome, closed_at=self.closed_at,
-                           pushes=self.pushes, devices_reached=self.reached)
+                           pushes=self.pushes, devices_reached=self.reached, case_type=self.case_type)
 
     @property
     def id(self) -> str:
@@ -456,6 +484,8 @@ class AlertEngine:
         self.index = index
         self.log = log
         self.authority = authority
+        #: Photos of the missing people, content-addressed (docs/operations.md, "Photos").
+        self.photos = PhotoStore(self.settings.photo_dir or default_photo_dir(log))
         #: An engine-wide schedule overrides the case types' own (None: each case type's).
         self.schedule = schedule
         self.sender = sender
@@ -636,7 +666,7 @@ class AlertEngine:
             outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
             event=case.event, event_code=case.event_code, expires=self._cap_expires(alert, kind, now),
             sender_name=self.settings.sender_name, status="Exercise" if alert.drill else "Actual",
-            geocode=alert.division, circle=not alert.division_wide,
+            geocode=alert.division, circle=not alert.division_wide, resources=self._resources(alert),
             **{**_cap_texts(kind, details, self.settings.languages), "area_desc": self._area_desc(alert)})
         updated = dataclasses.replace(alert, next_seq=seq + 1, pushes=alert.pushes + 1)
         if kind in RING_KINDS:
@@ -666,6 +696,18 @@ class AlertEngine:
         if self.metrics is not None:
             self.metrics.observe_push(push)
         return push
+
+    def _resources(self, alert: Alert) -> list[dict]:
+        """The alert's photos as CAP resources, each read back and checked against its digest."""
+        out = []
+        zh = self.settings.languages[0].lower().startswith("zh")
+        for i, d in enumerate(alert.photos):
+            photo = Photo.from_dict(d, f"alert {alert.alert_id} photos[{i}]")
+            self.photos.read(photo)          # CorruptFileError unless the bytes match the digest
+            desc = photo.desc or (f"失踪者照片 {i + 1}" if zh else f"Photo {i + 1} of the missing person")
+            out.append({"desc": desc, "mime_type": photo.mime_type, "size": photo.size,
+                        "uri": photo_uri(self.settings.photo_base_uri, photo), "digest": photo.digest})
+        return out
 
     def _area_desc(self, alert: Alert) -> str:
         # the division by its names, then the officer's own words for the area
@@ -749,7 +791,7 @@ class AlertEngine:
     def report(self, officer_id: str, *, lat: float, lon: float, missing_since: _dt.datetime,
                division: str, details: dict | None = None, now: _dt.datetime | None = None,
                schedule: RadiusSchedule | None = None, case_type: str = "child",
-               drill: bool = False, division_wide: bool = False) -> Alert:
+               drill: bool = False, division_wide: bool = False, photos=None) -> Alert:
         """Register a missing person.  Published at once unless policy requires approval.
 
         The point must lie in ``division`` (within the authority's tolerance).
@@ -759,6 +801,12 @@ class AlertEngine:
 
         ``case_type`` (``child``, ``elderly``, ``other`` or one the settings add)
         chooses the CAP event, the radius schedule and the expiry.
+
+        ``photos`` is a list of photos of the person, each a file path or a
+        ``(bytes, mime_type[, description])`` tuple: JPEG, PNG or WebP (the
+        bytes must be one), at most the settings' ``[photos] max_bytes``.
+        They are kept in :attr:`photos` and every push's CAP carries each as
+        a ``<resource>`` (description, MIME type, size, uri, SHA-1 digest).
 
         ``drill=True`` runs an exercise: the id starts with ``DRILL-``, every CAP
         message has status ``Exercise`` and says so in its headline, rings go
@@ -787,10 +835,20 @@ class AlertEngine:
             raise InvalidInputError(f"drill must be True or False, got {drill!r}")
         if not isinstance(division_wide, bool):
             raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
+        if photos is None:
+            photos = []
+        if not isinstance(photos, (list, tuple)):
+            raise InvalidInputError(f"photos must be a list of file paths or (bytes, mime_type) tuples, "
+                                    f"got {type(photos).__name__}")
+        if len(photos) > _MAX_PHOTOS:
+            raise InvalidInputError(f"photos: {len(photos)} photos, at most {_MAX_PHOTOS}")
+        loaded = [load_photo(p, self.settings.photo_max_bytes, i) for i, p in enumerate(photos)]
         with self._lock:
             self._check_clock(now)
             officer = self.authority.check_report(officer_id, division, clat, clon)
             self._check_rate(officer.officer_id, division, now)
+            # stored before the alert is logged: a logged alert never lacks its photos
+            kept = [self.photos.put(data, mime, desc).to_dict() for data, mime, desc in loaded]
             sched = schedule or self.schedule or case.schedule
             with self.log.transaction():
                 # The log's counter only grows and its instance id is random:
@@ -802,7 +860,7 @@ class AlertEngine:
                 alert = Alert(alert_id=alert_id, reporter=officer.officer_id, division=division, lat=clat,
                               lon=clon, missing_since=missing_since, reported_at=now, details=details,
                               schedule=sched.to_dict(), case_type=case.name, drill=drill,
-                              division_wide=division_wide)
+                              division_wide=division_wide, photos=kept)
                 twin = None if drill else self._possible_duplicate(alert)
                 if twin is not None:
                     alert.status = "held"
@@ -816,7 +874,8 @@ class AlertEngine:
                             "missing_since": _iso(missing_since), "case_type": case.name,
                             "expires_at": _iso(alert.expires_at), "drill": drill,
                             "duplicate_of": alert.duplicate_of, "place": self.authority.place(division),
-                            "division_wide": division_wide}, new=True)
+                            "division_wide": division_wide,
+                            "photos": [p["digest"] for p in kept]}, new=True)
             return alert
 
     def _check_cap_texts(self, details: dict, lat: float, lon: float, now: _dt.datetime) -> None:
@@ -977,7 +1036,8 @@ class AlertEngine:
                     out.errors.append(self._failed(alert.alert_id, exc, now))
             if self.retention_days is not None and not out.stale:
                 try:
-                    out.purged = purge_expired(self.log, self.retention_days, now)
+                    out.purged = purge_expired(self.log, self.retention_days, now,
+                                               photo_dir=self.photos.directory)
                 except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
                     out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
             return self._deliver(out)
@@ -1244,12 +1304,17 @@ class AlertEngine:
         self.alert(alert_id)
         return self._audience(self.log.notified(alert_id))
 
-    def stats(self, since=None, until=None, division=None) -> dict[str, Any]:
+    def stats(self, since=None, until=None, division=None, case_type=None) -> dict[str, Any]:
         """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached.
 
         ``by_division`` breaks the figures down by the divisions directly under
-        ``division`` (the provinces without one), each row with its ``name``.
+        ``division`` (the provinces without one), each row with its ``name``;
+        ``by_case_type`` by case type (a row for every case type in the
+        settings).  ``case_type`` keeps only that type's alerts; a name the
+        settings do not define is an :class:`InvalidInputError`.
         """
+        if case_type is not None:
+            self.settings.case(case_type)
         if division is not None and not isinstance(division, str):
             raise InvalidInputError(f"division must be a 6-digit string, got {type(division).__name__}")
         if since is not None:
@@ -1258,7 +1323,8 @@ class AlertEngine:
             until = check_aware(until, "until")
         records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
         return compute(records, since=since, until=until, division=division,
-                       divisions=self.authority.divisions)
+                       divisions=self.authority.divisions, case_type=case_type,
+                       case_types=tuple(self.settings.case_types))
 
     def verify(self, anchor=None) -> dict:
         """Check every logged push and the audit hash chain (CorruptFileError if not intact)."""

@@ -81,6 +81,18 @@ reports_per_division_per_hour = 30
 distance_km = 5.0
 hours = 24
 
+[photos]
+# Photos of the missing person travel in every CAP message as <resource>:
+# <uri> is base_uri + "/" + "<sha1>.<ext>" (the web server publishing the
+# photo directory).  Allowed: image/jpeg, image/png, image/webp, each at most
+# max_bytes.  dir: where the engine keeps them (content-addressed, 0600);
+# empty: "<log file>.photos" next to the recipient log.  Relative paths are
+# read from the settings file's directory.  Retention deletes an alert's
+# photos with its recipient sets.
+base_uri = "https://tuanyuan.mps.gov.cn/photos"
+max_bytes = 5242880
+dir = ""
+
 [drill]
 # Device ids (integers) that receive drill alerts.  Empty: drills reach
 # nobody; their counts are still computed as if they were real.
@@ -160,6 +172,9 @@ class Settings:
     case_types: Mapping[str, CaseType]
     drill_devices: tuple[int, ...] = ()
     source: str = "defaults"
+    photo_base_uri: str = "https://tuanyuan.mps.gov.cn/photos"
+    photo_max_bytes: int = 5 * 1024 * 1024
+    photo_dir: Path | None = None
 
     @classmethod
     def default(cls) -> "Settings":
@@ -212,6 +227,8 @@ class Settings:
             "limits": {"reports_per_officer_per_hour": self.limits.per_officer_per_hour,
                        "reports_per_division_per_hour": self.limits.per_division_per_hour},
             "duplicates": {"distance_km": self.duplicate_km, "hours": hours(self.duplicate_window)},
+            "photos": {"base_uri": self.photo_base_uri, "max_bytes": self.photo_max_bytes,
+                       "dir": str(self.photo_dir or "")},
             "drill": {"test_devices": list(self.drill_devices)},
             "case": {name: c.to_dict() for name, c in self.case_types.items()},
         }
@@ -227,7 +244,7 @@ class Settings:
         s, d, r, a, lim, dup = (doc[k] for k in ("sender", "dispatch", "retention", "approval",
                                                    "limits", "duplicates"))
         for table in ("sender", "dispatch", "retention", "approval", "limits", "duplicates", "drill",
-                      "case"):
+                      "photos", "case"):
             if not isinstance(doc[table], dict):
                 raise InvalidInputError(f"{source}: [{table}] must be a table")
         sender = _string(s["id"], "sender.id")
@@ -265,7 +282,19 @@ class Settings:
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**64 for v in devices):
             raise InvalidInputError(f"drill.test_devices must be a list of device ids (integers in "
                                     f"[0, 2**64)), got {devices!r}")
-        return cls(sender=sender, sender_name=_string(s["name"], "sender.name", empty_ok=True),
+        ph = doc["photos"]
+        base_uri = _string(ph["base_uri"], "photos.base_uri")
+        import urllib.parse
+        parts = urllib.parse.urlsplit(base_uri)
+        if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"[\s<>&\"']", base_uri):
+            raise InvalidInputError(f"photos.base_uri={base_uri!r} must be an absolute http(s) URL "
+                                    "without spaces, quotes, '<', '>' or '&'")
+        max_bytes = _count(ph["max_bytes"], "photos.max_bytes")
+        if not 0 < max_bytes <= 100 * 1024 * 1024:
+            raise InvalidInputError(f"photos.max_bytes={max_bytes} must be in 1 .. 104857600 (100 MB)")
+        return cls(photo_base_uri=base_uri, photo_max_bytes=max_bytes,
+                   photo_dir=_path(ph["dir"], "photos.dir", base),
+                   sender=sender, sender_name=_string(s["name"], "sender.name", empty_ok=True),
                    signing_key=key, signing_cert=cert, max_location_age=age,
                    languages=tuple(languages),
                    retention=None if days == 0 else _dt.timedelta(days=days), approval=approval,

@@ -24,7 +24,7 @@ from .errors import InvalidInputError
 from .geo import check_aware
 
 __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertRecord",
-           "compute", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records"]
+           "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records"]
 
 OUTCOMES = ("rescued_trafficking", "runaway", "lost", "drowned", "killed", "accident",
             "visiting_friends", "other", "not_found")
@@ -39,6 +39,14 @@ def check_outcome(outcome: str) -> str:
     if not isinstance(outcome, str) or outcome not in OUTCOMES:
         raise InvalidInputError(f"outcome={outcome!r} must be one of {', '.join(OUTCOMES)}")
     return outcome
+
+
+def check_case_type(case_type: str, known=None) -> str:
+    """Return ``case_type`` if it is a non-empty name (one of ``known`` when given), else raise."""
+    if not isinstance(case_type, str) or not case_type or (known is not None and case_type not in known):
+        allowed = f"one of {', '.join(known)}" if known is not None else "a non-empty string"
+        raise InvalidInputError(f"case_type={case_type!r} must be {allowed}")
+    return case_type
 
 
 def recovery_rate(found: int, published: int) -> float:
@@ -58,10 +66,12 @@ class AlertRecord:
     closed_at: _dt.datetime | None = None
     pushes: int = 0
     devices_reached: int = 0
+    case_type: str = "child"
 
     def __post_init__(self) -> None:
         if not isinstance(self.alert_id, str) or not self.alert_id:
             raise InvalidInputError(f"alert_id={self.alert_id!r} must be a non-empty string")
+        check_case_type(self.case_type)
         validate_division(self.division)
         if self.status not in STATUSES:
             raise InvalidInputError(
@@ -106,7 +116,8 @@ def _group_under(divisions, division: str | None, code: str) -> str:
 
 
 def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
-            until: _dt.datetime | None = None, division: str | None = None, divisions=None) -> dict:
+            until: _dt.datetime | None = None, division: str | None = None, divisions=None,
+            case_type: str | None = None, case_types=None) -> dict:
     """Aggregate statistics over alerts published in ``[since, until)`` within ``division``.
 
     ``by_division`` has one row per province; with a registry of real places
@@ -119,6 +130,12 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
     counts, including alerts never published (pending, or retracted before
     approval); with any bound only records published inside it count.
     ``found + not_found + open == published`` always holds.
+
+    ``by_case_type`` gives the same figures (with ``recovery_rate`` and
+    ``recovery_rate_pct``) per case type, with a row for every name in
+    ``case_types`` (the settings' case types) even when it has no alert;
+    ``case_type`` keeps only that type's alerts (it must be one of
+    ``case_types`` when those are given).
     """
     lo = None if since is None else check_aware(since, "since")
     hi = None if until is None else check_aware(until, "until")
@@ -127,17 +144,26 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
             f"until={until.isoformat()} is before since={since.isoformat()}")
     if division is not None:
         validate_division(division)
+    known = None if case_types is None else tuple(case_types)
+    if case_type is not None:
+        check_case_type(case_type, known)
     bounded = lo is not None or hi is not None
 
     totals = _blank()
     totals["pending"] = 0
     by_outcome = dict.fromkeys(OUTCOMES, 0)
     by_division: dict[str, dict] = {}
+    by_case: dict[str, dict] = {}
+    for name in known or ():
+        if case_type is None or name == case_type:
+            by_case[name] = {**_blank(), "pending": 0}
     pushes = devices = 0
     for i, rec in enumerate(records):
         if not isinstance(rec, AlertRecord):
             raise InvalidInputError(f"records[{i}] = {rec!r} is not an AlertRecord")
         if division is not None and not division_covers(division, rec.division):
+            continue
+        if case_type is not None and rec.case_type != case_type:
             continue
         if bounded:
             if rec.published_at is None:
@@ -147,8 +173,12 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
                 continue
         pushes += rec.pushes
         devices += rec.devices_reached
+        crow = by_case.get(rec.case_type)
+        if crow is None:
+            crow = by_case[rec.case_type] = {**_blank(), "pending": 0}
         if rec.status == "pending":
             totals["pending"] += 1
+            crow["pending"] += 1
             continue
         group = (province_of(rec.division) if divisions is None
                  else _group_under(divisions, division, rec.division))
@@ -162,6 +192,7 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
         else:
             totals["published"] += 1
             row["published"] += 1
+            crow["published"] += 1
             if rec.status == "open":
                 key = "open"
             else:
@@ -169,6 +200,11 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
                 key = "not_found" if rec.outcome == "not_found" else "found"
         totals[key] += 1
         row[key] += 1
+        crow[key] += 1
+    for crow in by_case.values():
+        r = recovery_rate(crow["found"], crow["published"])
+        crow["recovery_rate"] = r
+        crow["recovery_rate_pct"] = round(100.0 * r, 2)
 
     rate = recovery_rate(totals["found"], totals["published"])
     return {
@@ -179,6 +215,7 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
         "pushes": pushes,
         "devices_reached": devices,
         "by_division": {k: by_division[k] for k in sorted(by_division)},
+        "by_case_type": by_case,
     }
 
 

@@ -241,7 +241,12 @@ def test_stats_and_audit(batch, lifecycle):
     s = json.loads(passed(batch["stats-json"]))
     assert (s["published"], s["found"], s["open"], s["recovery_rate"]) == (1, 1, 0, 1.0)
     assert s["by_outcome"]["lost"] == 1
-    assert "100.00 % (found / published)" in passed(batch["stats-text"])
+    assert s["by_case_type"]["child"]["found"] == 1 and s["by_case_type"]["elderly"]["published"] == 0
+    text = passed(batch["stats-text"])
+    assert "100.00 % (found / published)" in text
+    assert "case type child: published 1  found 1" in text
+    only = json.loads(passed(batch["stats-elderly"]))
+    assert only["published"] == 0 and set(only["by_case_type"]) == {"elderly"}
     v = json.loads(passed(batch["audit-verify"]))
     assert v["ok"] and v["pushes"] == 3
     entries = json.loads(passed(batch["audit-list"]))["entries"]
@@ -462,6 +467,7 @@ READS = {
     "show-list": ["alert", "show", "--log", "{log}", "--json"],
     "stats-json": ["stats", "--log", "{log}", "--json"],
     "stats-text": ["stats", "--log", "{log}"],
+    "stats-elderly": ["stats", "--log", "{log}", "--case-type", "elderly", "--json"],
     "audit-verify": ["audit", "verify", "--log", "{log}", "--json"],
     "audit-list": ["audit", "list", "--log", "{log}", "--alert", ALERT, "--json"],
     "bench": ["bench", "--index", "st", "--city", "Hangzhou", "--radii", "50,300", "--repeat", 2, "--json"],

@@ -108,7 +108,7 @@ def test_defaults_text_parses_and_documents_every_key():
     import tomllib
     doc = tomllib.loads(DEFAULTS)
     assert set(doc) == {"sender", "dispatch", "retention", "approval", "limits", "duplicates", "drill",
-                        "case"}
+                        "photos", "case"}
     for table in doc.values():
         for key in table:
             assert key in DEFAULTS

@@ -276,3 +276,87 @@ def test_bad_record(kwargs, match):
     fields.update(kwargs)
     with pytest.raises(InvalidInputError, match=match):
         AlertRecord(**fields)
+
+
+# -- by case type, from a real engine ---------------------------------------------------------------
+
+T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
+
+
+def _case_engine(path, index=None):
+    import numpy as np
+    import geotarget as gt
+    if index is None:
+        rng = np.random.default_rng(5)
+        n = 2000
+        index = gt.SpatialIndex.build(gt.DeviceStore.from_arrays(
+            np.arange(1, n + 1, dtype=np.uint64), 30.27 + rng.normal(0, 0.5, n), 120.15 + rng.normal(0, 0.5, n)))
+    officers = [gt.Officer("C-1", level="county", division="330102"),
+                gt.Officer("S-1", level="city", division="330100")]
+    log = gt.RecipientLog(path)
+    return gt.AlertEngine(index, log=log, authority=gt.Authority(officers)), log
+
+
+def _open_case(eng, case_type, minute, drill=False):
+    at = T0 + dt.timedelta(minutes=minute)
+    a = eng.report("C-1", lat=30.27, lon=120.15, missing_since=at, division="330102", now=at,
+                   case_type=case_type, drill=drill, details={"headline": f"{case_type} {minute}"})
+    eng.approve(a.id, "S-1", now=at + dt.timedelta(minutes=1))
+    return a
+
+
+def test_engine_stats_by_case_type_and_filter(tmp_path):
+    eng, log = _case_engine(tmp_path / "log.sqlite")
+    # no person's name in the details, so no report is held as a duplicate of another
+    c1 = _open_case(eng, "child", 0)
+    c2 = _open_case(eng, "child", 1)
+    c3 = _open_case(eng, "child", 2)
+    e1 = _open_case(eng, "elderly", 3)
+    e2 = _open_case(eng, "elderly", 4)
+    _open_case(eng, "elderly", 5, drill=True)          # never counted
+    eng.tick(T0 + dt.timedelta(minutes=10))
+    later = T0 + dt.timedelta(hours=2)
+    eng.close(c1.id, "S-1", outcome="runaway", now=later)
+    eng.close(c2.id, "S-1", outcome="not_found", now=later)
+    eng.close(e1.id, "S-1", outcome="lost", now=later)
+    s = eng.stats()
+    assert s["published"] == 5 and s["found"] == 2
+    child, elderly = s["by_case_type"]["child"], s["by_case_type"]["elderly"]
+    assert (child["published"], child["found"], child["not_found"], child["open"]) == (3, 1, 1, 1)
+    assert (elderly["published"], elderly["found"], elderly["not_found"], elderly["open"]) == (2, 1, 0, 1)
+    assert child["recovery_rate"] == pytest.approx(1 / 3) and child["recovery_rate_pct"] == 33.33
+    assert elderly["recovery_rate"] == pytest.approx(0.5)
+    assert s["by_case_type"]["other"]["published"] == 0       # every configured type has a row
+    # the rows add up to the totals
+    for k in ("published", "found", "not_found", "open", "retracted", "pending"):
+        assert sum(r[k] for r in s["by_case_type"].values()) == s[k]
+    only = eng.stats(case_type="elderly")
+    assert (only["published"], only["found"], only["open"]) == (2, 1, 1)
+    assert set(only["by_case_type"]) == {"elderly"}
+    assert only["by_outcome"]["lost"] == 1 and only["by_outcome"]["runaway"] == 0
+    with pytest.raises(InvalidInputError, match="case_type"):
+        eng.stats(case_type="toddler")
+    # the case type survives a restart: the engine reloads it from the log
+    eng.shutdown()
+    log.close()
+    eng2, log2 = _case_engine(tmp_path / "log.sqlite", eng.index)
+    try:
+        assert eng2.stats()["by_case_type"] == s["by_case_type"]
+        assert {a.id for a in eng2.alerts() if a.case_type == "elderly" and not a.drill} == {e1.id, e2.id}
+    finally:
+        eng2.shutdown()
+        log2.close()
+
+
+def test_compute_case_type_rows_and_validation():
+    recs = [AlertRecord("a1", "330102", T0, "closed", "lost", case_type="child"),
+            AlertRecord("a2", "330102", T0, "open", case_type="elderly"),
+            AlertRecord("a3", "330102", None, "pending", case_type="elderly")]
+    s = compute(recs)
+    assert set(s["by_case_type"]) == {"child", "elderly"}
+    assert s["by_case_type"]["elderly"]["pending"] == 1 and s["by_case_type"]["elderly"]["open"] == 1
+    assert compute(recs, case_type="child")["published"] == 1
+    with pytest.raises(InvalidInputError, match="case_type"):
+        compute(recs, case_type="x", case_types=("child", "elderly"))
+    with pytest.raises(InvalidInputError, match="case_type"):
+        AlertRecord("a4", "330102", T0, "open", case_type="")
