@@ -120,6 +120,8 @@ def test_each_language_is_its_own_info(tmp_path):
     ({"translations": "en"}, "translations"),
     ({"translations": {"en": {"headline": 5}}}, "translations"),
     ({"translations": {"en": {"title": "x"}}}, "unknown field"),
+    ({"translations": {"en US": {"headline": "x"}}}, "not a language tag"),
+    ({"translations": {"en": {"headline": "x"}, "EN": {"headline": "y"}}}, "appears twice"),
     ({"age": object()}, "details\\['age'\\] must be a string"),
 ])
 def test_text_cap_cannot_carry_is_refused_at_report_and_update(engine, details, match):
