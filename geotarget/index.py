@@ -212,6 +212,10 @@ class SpatialIndex:
     def _args(self, lat, lon, radius_km, seen_since, apps):
         if not self._verified:
             self.verify()
+        return self._query_args(lat, lon, radius_km, seen_since, apps)
+
+    def _query_args(self, lat, lon, radius_km, seen_since, apps):
+        """A query's checked arguments: (lat, lon, radius, seen cutoff or -1, app codes or None)."""
         clat, clon = check_point(lat, lon)
         r = check_radius(radius_km)
         seen_min = -1
