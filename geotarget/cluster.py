@@ -83,7 +83,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without Ray
 from . import _kernels, _array_kernels
 from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
-from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
+from .geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import DEFAULT_LEAF_SIZE, SpatialIndex
 from .progress import bar
 from .store import DeviceStore, _fsync_dir, _save_npy, load_json
@@ -360,8 +360,7 @@ class ShardedIndex:
     def _options(timeout=DEFAULT_TIMEOUT, start_timeout=DEFAULT_START_TIMEOUT, actor_cpus=None,
                  task_retries=DEFAULT_TASK_RETRIES, ray_init=None) -> dict:
         """Checked serving options (before any file is written or any actor started)."""
-        if isinstance(task_retries, bool) or not isinstance(task_retries, (int, np.integer)) or task_retries < 0:
-            raise InvalidInputError(f"task_retries must be an integer >= 0, got {task_retries!r}")
+        task_retries = check_int(task_retries, "task_retries", 0)
         if ray_init is not None and not isinstance(ray_init, dict):
             raise InvalidInputError(f"ray_init must be a dict of ray.init arguments, got {ray_init!r}")
         return {"timeout": _check_positive(timeout, "timeout"),
@@ -381,10 +380,8 @@ class ShardedIndex:
         """
         if not isinstance(store, DeviceStore):
             raise InvalidInputError(f"store must be a DeviceStore, got {type(store).__name__}")
-        if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= MAX_SHARDS:
-            raise InvalidInputError(f"shards must be an integer in [1, {MAX_SHARDS}], got {shards!r}")
-        if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) or not 1 <= leaf_size <= 4096:
-            raise InvalidInputError(f"leaf_size must be an integer in [1, 4096], got {leaf_size!r}")
+        check_int(shards, "shards", 1, MAX_SHARDS)
+        check_int(leaf_size, "leaf_size", 1, 4096)
         cls._options(**options)
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
