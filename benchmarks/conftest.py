@@ -51,3 +51,10 @@ def balltree(cols):
 def ckdtree(cols):
     spatial = pytest.importorskip("scipy.spatial", reason="scipy is not installed")
     return spatial.cKDTree(unit_xyz(cols["lat"], cols["lon"]))
+
+
+@pytest.fixture(scope="session")
+def numba_peer(cols):
+    pytest.importorskip("numba", reason="numba is not installed")
+    from compare import NumbaPeer
+    return NumbaPeer(cols)

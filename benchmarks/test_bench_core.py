@@ -67,7 +67,7 @@ def test_build_ckdtree(benchmark, cols):
 # -- ids -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("centre, r", QUERIES, ids=QUERY_IDS)
-@pytest.mark.parametrize("engine", ["geotarget-fill", "geotarget-device_ids", "balltree", "ckdtree", "brute"])
+@pytest.mark.parametrize("engine", ["geotarget-fill", "geotarget-device_ids", "balltree", "ckdtree", "brute", "numba"])
 def test_ids(benchmark, engine, centre, r, cols, index, request):
     benchmark.group = f"ids {centre} {r:.0f} km"
     lat, lon = CENTRES[centre]
@@ -90,6 +90,9 @@ def test_ids(benchmark, engine, centre, r, cols, index, request):
         tree = request.getfixturevalue("ckdtree")
         x = unit_xyz(np.array([lat]), np.array([lon]))[0]
         rows = benchmark(lambda: tree.query_ball_point(x, chord(r), return_sorted=False))
+    elif engine == "numba":
+        peer = request.getfixturevalue("numba_peer")
+        rows = benchmark(peer.ids, lat, lon, r)
     else:
         rows = benchmark(lambda: np.flatnonzero(haversine_km(lat, lon, cols["lat"], cols["lon"]) <= r))
     _assert_same(rows, expected, cols, centre, r)
@@ -98,7 +101,7 @@ def test_ids(benchmark, engine, centre, r, cols, index, request):
 # -- counts --------------------------------------------------------------------
 
 @pytest.mark.parametrize("centre, r", QUERIES, ids=QUERY_IDS)
-@pytest.mark.parametrize("engine", ["geotarget", "balltree", "ckdtree", "brute"])
+@pytest.mark.parametrize("engine", ["geotarget", "balltree", "ckdtree", "brute", "numba"])
 def test_count(benchmark, engine, centre, r, cols, index, request):
     benchmark.group = f"count {centre} {r:.0f} km"
     lat, lon = CENTRES[centre]
@@ -113,6 +116,8 @@ def test_count(benchmark, engine, centre, r, cols, index, request):
         tree = request.getfixturevalue("ckdtree")
         x = unit_xyz(np.array([lat]), np.array([lon]))[0]
         got = int(benchmark(lambda: tree.query_ball_point(x, chord(r), return_length=True)))
+    elif engine == "numba":
+        got = benchmark(request.getfixturevalue("numba_peer").count, lat, lon, r)
     else:
         got = int(benchmark(lambda: np.count_nonzero(haversine_km(lat, lon, cols["lat"], cols["lon"]) <= r)))
     # a tie within 1e-6 km may flip one device either way

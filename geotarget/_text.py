@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Mapping
 
 from .errors import InvalidInputError
 
@@ -74,7 +76,9 @@ def check_details(details, name: str = "details") -> dict:
         if key in LIMITS:
             out[key] = check_text(value, where, *LIMITS[key])
         elif key == "translations":
-            out[key] = _check_translations(value, where)
+            out[key] = check_translations(value, where, LIMITS,
+                                          lambda v, n, k: check_text(v, n, *LIMITS[k]),
+                                          lambda v, n: check_text(v, n, 35, False))
         elif isinstance(value, str):
             out[key] = check_text(value, where, OTHER_MAX_CHARS, True)
         elif value is None or isinstance(value, (bool, int)):
@@ -90,18 +94,35 @@ def check_details(details, name: str = "details") -> dict:
     return out
 
 
-def _check_translations(value, where: str) -> dict:
-    if not isinstance(value, dict):
+#: An RFC 5646 language tag as CAP writes it (``zh-CN``, ``en-US``, ``ug``).
+LANGUAGE_TAG = re.compile(r"[a-zA-Z]{1,8}(-[a-zA-Z0-9]{1,8})*")
+
+
+def check_translations(value, where: str, fields, check_value, check_tag, taken=()) -> dict:
+    """``{language: {field: text}}`` checked: the one walk, for the details and for CAP.
+
+    Each language must be a tag (``LANGUAGE_TAG``, passed to ``check_tag``
+    first), named once (case-insensitively, and not one of ``taken``); its
+    texts a mapping whose keys are all in ``fields``, each value passed through
+    ``check_value(value, name, field)``.  Returns a plain-dict copy.
+    """
+    if not isinstance(value, Mapping):
         raise InvalidInputError(f"{where} must map a language tag to a dict of texts, got "
                                 f"{type(value).__name__}")
     out = {}
+    seen = {t.lower() for t in taken}
     for lang, texts in value.items():
-        check_text(lang, f"{where} language", 35, False)
-        if not isinstance(texts, dict):
+        check_tag(lang, f"{where} language")
+        if not LANGUAGE_TAG.fullmatch(lang):
+            raise InvalidInputError(f"{where}: {lang!r} is not a language tag such as 'en-US'")
+        if lang.lower() in seen:
+            raise InvalidInputError(f"{where}: language {lang!r} appears twice")
+        seen.add(lang.lower())
+        if not isinstance(texts, Mapping):
             raise InvalidInputError(f"{where}[{lang!r}] must be a dict of texts, got {type(texts).__name__}")
-        unknown = set(texts) - set(LIMITS)
+        unknown = set(texts) - set(fields)
         if unknown:
             raise InvalidInputError(f"{where}[{lang!r}] has unknown field(s) {sorted(map(str, unknown))}; "
-                                    f"known: {', '.join(LIMITS)}")
-        out[lang] = {k: check_text(v, f"{where}[{lang!r}][{k!r}]", *LIMITS[k]) for k, v in texts.items()}
+                                    f"known: {', '.join(fields)}")
+        out[lang] = {k: check_value(v, f"{where}[{lang!r}][{k!r}]", k) for k, v in texts.items()}
     return out

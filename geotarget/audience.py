@@ -18,6 +18,17 @@ from pyroaring import AbstractBitMap, BitMap
 from . import _array_kernels
 
 
+def gather_runs(keys: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """``keys[start:stop]`` of every ``(start, stop)`` row of ``runs``, concatenated (uint32)."""
+    lengths = runs[:, 1] - runs[:, 0] if runs.shape[0] else np.zeros(0, dtype=np.int64)
+    out = np.empty(int(lengths.sum()), dtype=np.uint32)
+    if runs.shape[0]:
+        offsets = np.zeros(runs.shape[0], dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        _array_kernels.gather_runs_u32(keys, runs, offsets, out)
+    return out
+
+
 def _bitmap_from_keys(keys: np.ndarray) -> BitMap:
     """A roaring bitmap of keys given in any order.
 

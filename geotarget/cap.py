@@ -42,6 +42,7 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Mapping, Sequence
 
+from ._text import LANGUAGE_TAG, check_translations
 from .errors import InvalidInputError
 from .geo import HALF_CIRCUMFERENCE_KM, check_aware, check_point, check_radius
 from .stats import check_outcome
@@ -65,7 +66,7 @@ _NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010fff
 # space-separated <references> list too.
 _BAD_TOKEN_CHAR = re.compile(r"[\s,<&]")
 # xs:language
-_LANGUAGE = re.compile(r"[a-zA-Z]{1,8}(-[a-zA-Z0-9]{1,8})*")
+_LANGUAGE = LANGUAGE_TAG
 
 # Wording of the messages the engine writes itself, by primary language subtag;
 # anything not Chinese gets English.
@@ -318,7 +319,9 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     lat_s, lon_s, r_s = _fmt_num(lat, 6), _fmt_num(lon, 6), _fmt_radius(r)
     blocks = [(language, {"headline": headline, "description": description,
                           "instruction": instruction, "area_desc": area_desc})]
-    blocks += _check_translations(translations, language)
+    blocks += list(check_translations(translations, "translations", _TRANSLATED,
+                                      lambda v, n, k: _check_text(v, n), _check_text,
+                                      taken=(language,)).items())
     if status == "Exercise":
         note = note or _TEXT[_lang(language)]["exercise"].strip()
 
@@ -436,31 +439,6 @@ def _check_resources(resources) -> list[dict]:
 
 
 _TRANSLATED = ("headline", "description", "instruction", "area_desc")
-
-
-def _check_translations(translations, language: str) -> list[tuple[str, dict]]:
-    if not isinstance(translations, Mapping):
-        raise InvalidInputError(f"translations must be a mapping of language to texts, "
-                                f"got {type(translations).__name__}")
-    out = []
-    seen = {language.lower()}
-    for tag, texts in translations.items():
-        _check_text(tag, "translations language")
-        if not _LANGUAGE.fullmatch(tag):
-            raise InvalidInputError(f"translations: {tag!r} is not a language tag such as 'en-US'")
-        if tag.lower() in seen:
-            raise InvalidInputError(f"translations: language {tag!r} appears twice")
-        seen.add(tag.lower())
-        if not isinstance(texts, Mapping):
-            raise InvalidInputError(f"translations[{tag!r}] must be a mapping of texts")
-        unknown = set(texts) - set(_TRANSLATED)
-        if unknown:
-            raise InvalidInputError(f"translations[{tag!r}] has unknown field(s) {sorted(unknown)}; "
-                                    f"known: {', '.join(_TRANSLATED)}")
-        for k, v in texts.items():
-            _check_text(v, f"translations[{tag!r}][{k!r}]")
-        out.append((tag, dict(texts)))
-    return out
 
 
 def _check_references(references, kind: str, sender: str, identifier: str) -> str:

@@ -124,16 +124,6 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
-def _days(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of days >= 0")
-    return v
-
-
 def _when(text: str | None, name: str) -> _dt.datetime | None:
     """An aware datetime from ISO 8601; ``None`` stays ``None``."""
     if text is None:
@@ -1193,7 +1183,7 @@ def build_parser() -> argparse.ArgumentParser:
                action("refresh", "top up open alerts with devices now inside (after a new --index "
                       "generation)", alert_id=False, officer=False)):
         handoff(ap)
-        ap.add_argument("--retention-days", type=_days, metavar="DAYS",
+        ap.add_argument("--retention-days", type=_nonneg_float, metavar="DAYS",
                         help="also apply the retention setting (see alert purge)")
     ap = action("update", "new details, to everyone notified so far")
     texts(ap)
@@ -1218,7 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--index", metavar="DIR", help="also split each push by app")
     ap = action("purge", "retention: drop the recipients of alerts closed more than DAYS ago, and every "
                 "output file written for them", index=False, officers=False, alert_id=False, officer=False)
-    ap.add_argument("--retention-days", type=_days, required=True, metavar="DAYS")
+    ap.add_argument("--retention-days", type=_nonneg_float, required=True, metavar="DAYS")
     ap.add_argument("--config", metavar="FILE", help="settings TOML (its [photos] dir; default: next to the log)")
 
     sp = verb("config", "the settings in force (defaults overlaid with --config FILE), as TOML", cmd_config)

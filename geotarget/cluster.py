@@ -24,7 +24,7 @@ every query out to the shards whose region can touch the circle.
 * **Pruning.**  Each shard records the bounding box of its unit vectors in
   float64, padded by :data:`BOX_PAD`.  A circle of radius r is the ball of
   chord ``T = 2 sin(r / 2R)`` around the centre's unit vector (as in the
-  index, see ``_kernels.pyx``), so a shard is asked only if the box's nearest
+  index, see ``index.CHORD_GUARD``), so a shard is asked only if the box's nearest
   point lies within ``T + CHORD_GUARD``.  The guard (13 m) dwarfs every
   rounding error in this float64 test, so no shard holding a device of the
   answer is ever skipped.
@@ -80,11 +80,10 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised only without Ray
     raise ImportError("geotarget.cluster needs Ray: pip install 'geotarget[ray]'") from _exc
 
-from . import _kernels, _array_kernels
-from .audience import Audience
+from .audience import Audience, gather_runs
 from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
-from .geo import check_aware, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
-from .index import DEFAULT_LEAF_SIZE, SpatialIndex
+from .geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
+from .index import CHORD_GUARD, DEFAULT_LEAF_SIZE, SpatialIndex, changed_within
 from .progress import bar
 from .store import DeviceStore, _fsync_dir, _save_npy, load_json
 
@@ -144,7 +143,7 @@ def chord_threshold(radius_km: float) -> float:
     half = radius_km / (2.0 * EARTH_RADIUS_KM)
     if half >= math.pi / 2:
         return math.inf
-    return 2.0 * math.sin(half) + _kernels.CHORD_GUARD
+    return 2.0 * math.sin(half) + CHORD_GUARD
 
 
 def boxes_touching(lo: np.ndarray, hi: np.ndarray, lat: float, lon: float, radius_km: float) -> np.ndarray:
@@ -231,13 +230,7 @@ class ShardServer:
         """Global keys (uint32, in the shard's index order) of the shard's devices in the circle."""
         self.served += 1
         aud = self.index.within(lat, lon, radius_km, seen_since=seen_since, apps=apps)
-        out = np.empty(len(aud), dtype=np.uint32)
-        runs = aud.runs
-        if runs.shape[0]:
-            offsets = np.zeros(runs.shape[0], dtype=np.int64)
-            np.cumsum(runs[:-1, 1] - runs[:-1, 0], out=offsets[1:])
-            _array_kernels.gather_runs_u32(self.leaf_keys, runs, offsets, out)
-        return out
+        return gather_runs(self.leaf_keys, aud.runs)
 
     def count(self, lat, lon, radius_km, seen_since, apps) -> int:
         self.served += 1
@@ -360,8 +353,7 @@ class ShardedIndex:
     def _options(timeout=DEFAULT_TIMEOUT, start_timeout=DEFAULT_START_TIMEOUT, actor_cpus=None,
                  task_retries=DEFAULT_TASK_RETRIES, ray_init=None) -> dict:
         """Checked serving options (before any file is written or any actor started)."""
-        if isinstance(task_retries, bool) or not isinstance(task_retries, (int, np.integer)) or task_retries < 0:
-            raise InvalidInputError(f"task_retries must be an integer >= 0, got {task_retries!r}")
+        task_retries = check_int(task_retries, "task_retries", 0)
         if ray_init is not None and not isinstance(ray_init, dict):
             raise InvalidInputError(f"ray_init must be a dict of ray.init arguments, got {ray_init!r}")
         return {"timeout": _check_positive(timeout, "timeout"),
@@ -381,10 +373,8 @@ class ShardedIndex:
         """
         if not isinstance(store, DeviceStore):
             raise InvalidInputError(f"store must be a DeviceStore, got {type(store).__name__}")
-        if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or not 1 <= shards <= MAX_SHARDS:
-            raise InvalidInputError(f"shards must be an integer in [1, {MAX_SHARDS}], got {shards!r}")
-        if isinstance(leaf_size, bool) or not isinstance(leaf_size, (int, np.integer)) or not 1 <= leaf_size <= 4096:
-            raise InvalidInputError(f"leaf_size must be an integer in [1, 4096], got {leaf_size!r}")
+        check_int(shards, "shards", 1, MAX_SHARDS)
+        check_int(leaf_size, "leaf_size", 1, 4096)
         cls._options(**options)
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -513,6 +503,14 @@ class ShardedIndex:
                 f"{what}: shards of {self.directory} did not deliver within {timeout:g} s") from None
         except RayActorError as exc:
             raise ShardUnavailableError(f"{what}: a shard actor of {self.directory} is gone: {exc}") from exc
+
+    def changed_within(self, circles, notified) -> list:
+        """Per circle, the devices this generation changed inside it, minus ``notified``.
+
+        The changed devices are few and held by the driver's store, so this
+        runs here, like ``SpatialIndex.changed_within``, without the shards.
+        """
+        return changed_within(self, circles, notified)
 
     def within(self, lat, lon, radius_km, seen_since=None, apps=None) -> Audience:
         """Devices within ``radius_km`` of (lat, lon): the :meth:`SpatialIndex.within` answer.

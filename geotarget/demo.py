@@ -54,7 +54,7 @@ from pyroaring import BitMap
 from .authority import ApprovalPolicy, Authority, Officer, division_covers, division_level
 from .engine import AlertEngine, Push
 from .errors import InvalidInputError
-from .geo import epoch_seconds, haversine_km
+from .geo import check_int, epoch_seconds, haversine_km
 from .index import SpatialIndex
 from .log import RecipientLog
 from .population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
@@ -307,11 +307,8 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
     Bad arguments raise :class:`InvalidInputError` before any work is done.
     """
     say = echo or (lambda _s: None)
-    if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or devices < 1:
-        raise InvalidInputError(f"devices must be a positive integer, got {devices!r}")
-    devices = int(devices)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
+    devices = check_int(devices, "devices", 1)
+    check_int(seed, "seed", 0)
     c = find_city(city)
     work = Path(os.fspath(workdir))
     if work.exists() and not work.is_dir():

@@ -60,7 +60,6 @@ import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
 
-from . import _kernels, _refresh_kernels
 from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
@@ -68,7 +67,6 @@ from .cap import render_push
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
                      RateLimitError, UnauthorizedError, UnknownAlertError)
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
-from .index import changed_device_points, populate
 from .log import PushRecord, RecipientLog
 from .photos import Photo, PhotoStore, load_photo, photo_uri
 from .schedule import RadiusSchedule
@@ -79,8 +77,6 @@ from .stats import AlertRecord, check_outcome, compute
 #: Kinds whose audience is new devices only (update, closure, retraction go to everyone notified).
 RING_KINDS = ("alert", "expand", "topup")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
-#: Changed devices per box when re-targeting a refresh (see ``_delta_points``).
-_DELTA_BLOCK = 1024
 #: How far ``now`` may lag the latest time the log recorded.  Hosts kept by NTP
 #: agree within milliseconds; two minutes absorbs a badly synchronised dispatch
 #: host, while a backdated report or closure (minutes to years) is refused.
@@ -1201,10 +1197,8 @@ class AlertEngine:
             with self._counted("log"):
                 self._bind(new_index)
             store = new_index.store
-            delta = None
-            if (getattr(store, "changed_keys", None) is not None
-                    and store.parent_generation == self.index.store.generation):
-                delta = self._delta_points(new_index)
+            delta = (getattr(store, "changed_keys", None) is not None
+                     and store.parent_generation == self.index.store.generation)
             self.index = new_index
             todo = []
             for alert in self._alerts.values():
@@ -1220,23 +1214,17 @@ class AlertEngine:
             # Top-ups against the changed devices: every open alert in one pass
             # over both cores, with each alert's notified devices skipped inside
             # the kernel, so only the devices new to an alert come out.
-            topups = [ar for ar in todo if delta is not None and ar[1] <= ar[0].radius_km
+            topups = [ar for ar in todo if delta and ar[1] <= ar[0].radius_km
                       and not ar[0].division_wide]
             fresh: dict[str, tuple[AbstractBitMap, float]] = {}
             if topups:
                 t0 = time.perf_counter()
-                skips = [_refresh_kernels.bitmap_ranges(self.log.notified(a.alert_id).serialize()) for a, _ in topups]
-                skip_offsets = np.zeros(len(skips) + 1, dtype=np.int64)
-                np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
-                circles = np.array([(a.lat, a.lon, r) for a, r in topups], dtype=np.float64)
-                keys, offsets = _refresh_kernels.circles_new_points(
-                    delta[0], delta[1], _DELTA_BLOCK, delta[2], delta[3], circles,
-                    np.ascontiguousarray(np.concatenate(skips)), skip_offsets)
+                news = new_index.changed_within([(a.lat, a.lon, r) for a, r in topups],
+                                                [self.log.notified(a.alert_id) for a, _ in topups])
                 cutoff = (epoch_seconds(now - self.max_location_age)
                           if self.max_location_age is not None else None)
                 q_ms = (time.perf_counter() - t0) * 1e3 / len(topups)
-                for c, (alert, _) in enumerate(topups):
-                    k = keys[offsets[c]:offsets[c + 1]]
+                for k, (alert, _) in zip(news, topups):
                     if cutoff is not None:
                         k = k[store.last_seen_s[k] >= cutoff]
                     fresh[alert.alert_id] = (Audience.from_keys(k, store).bitmap(), q_ms)
@@ -1271,28 +1259,6 @@ class AlertEngine:
                     out.errors.append(self._failed(alert.alert_id, exc, now))
             self._offer_stranded(out)
             return self._deliver(out)
-
-    @staticmethod
-    def _delta_points(index):
-        """The devices a generation changed: unit vectors (keyed), block boxes, latitudes, longitudes.
-
-        The index build keeps them (``index.delta_points``, ``index.delta_latlon``);
-        otherwise they are computed from the store's coordinates.  Changed keys
-        come in key order, which is spatial order within each ingest batch, so
-        blocks of consecutive changed devices are compact and a circle skips
-        most of them by their box.
-        """
-        store = index.store
-        keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
-        pts = getattr(index, "delta_points", None)
-        ll = getattr(index, "delta_latlon", None)
-        if pts is not None and ll is not None:
-            pts, ll = populate(pts), populate(ll)   # read in place, from the page cache
-        # a stale file (keys other than the store's) is recomputed, never trusted
-        if (pts is None or ll is None or ll.shape != (2, keys.shape[0])
-                or not _kernels.same_keys(pts, keys)):
-            pts, ll = changed_device_points(store.lat, store.lon, keys)
-        return pts, _refresh_kernels.block_bounds(pts, _DELTA_BLOCK), ll[0], ll[1]
 
     # -- reading ------------------------------------------------------------
 

@@ -142,6 +142,27 @@ def check_aware(when, name="time"):
     return when.astimezone(_dt.timezone.utc)
 
 
+def now_or_clock(now=None, name="now"):
+    """``now`` checked (aware, in UTC), or the system clock's UTC time when ``now`` is None."""
+    return check_aware(now, name) if now is not None else _dt.datetime.now(_dt.timezone.utc)
+
+
+def check_int(value, name, minimum=0, maximum=None):
+    """``value`` as a Python int if it is an integer (not a bool) in ``[minimum, maximum]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise InvalidInputError(f"{name} must be a whole number, got {value!r}")
+    v = int(value)
+    if v < minimum or (maximum is not None and v > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise InvalidInputError(f"{name} must be a whole number {bounds}, got {value!r}")
+    return v
+
+
+def iso_utc(when, timespec="auto"):
+    """ISO 8601 text of an aware datetime in UTC (``+00:00``); None stays None."""
+    return None if when is None else when.astimezone(_dt.timezone.utc).isoformat(timespec=timespec)
+
+
 def epoch_seconds(when: _dt.datetime) -> int:
     """Whole seconds since 1970-01-01 UTC of an aware datetime (floor)."""
     return math.floor(when.timestamp())

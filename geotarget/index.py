@@ -35,8 +35,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from pyroaring import AbstractBitMap
 
-from . import _kernels, _array_kernels
+from . import _kernels, _array_kernels, _refresh_kernels
 from ._fs import private_files
 from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
@@ -99,6 +100,80 @@ def changed_device_points(lat: np.ndarray, lon: np.ndarray, keys) -> tuple[np.nd
         _array_kernels.take(lon, keys, ll[1])
         _kernels.fill_points(ll[0], ll[1], pts, keys)
     return pts, ll
+
+
+#: Chord guard of the query kernels (unit sphere): a box farther than the circle's chord plus this
+#: cannot hold a device within the radius, whatever the float32 rounding of the stored vectors.
+CHORD_GUARD = _kernels.CHORD_GUARD
+
+#: Changed devices per box when re-targeting a refresh (see ``changed_points``).
+DELTA_BLOCK = 1024
+
+
+def changed_points(index):
+    """The devices a generation changed: unit vectors (keyed), block boxes, latitudes, longitudes.
+
+    The index build keeps them (``index.delta_points``, ``index.delta_latlon``);
+    otherwise they are computed from the store's coordinates.  Changed keys
+    come in key order, which is spatial order within each ingest batch, so
+    blocks of consecutive changed devices are compact and a circle skips
+    most of them by their box.
+    """
+    store = index.store
+    keys = np.ascontiguousarray(store.changed_keys, dtype=np.uint32)
+    pts = getattr(index, "delta_points", None)
+    ll = getattr(index, "delta_latlon", None)
+    if pts is not None and ll is not None:
+        pts, ll = populate(pts), populate(ll)   # read in place, from the page cache
+    # a stale file (keys other than the store's) is recomputed, never trusted
+    if (pts is None or ll is None or ll.shape != (2, keys.shape[0])
+            or not _kernels.same_keys(pts, keys)):
+        pts, ll = changed_device_points(store.lat, store.lon, keys)
+    return pts, _refresh_kernels.block_bounds(pts, DELTA_BLOCK), ll[0], ll[1]
+
+
+def _check_circles(circles, notified) -> tuple[list, list]:
+    if isinstance(circles, (str, bytes)) or not isinstance(circles, (list, tuple, np.ndarray)):
+        raise InvalidInputError(f"circles must be a sequence of (lat, lon, radius_km), got {type(circles).__name__}")
+    if isinstance(notified, (str, bytes)) or not isinstance(notified, (list, tuple)):
+        raise InvalidInputError(f"notified must be a list of roaring bitmaps, got {type(notified).__name__}")
+    if len(circles) != len(notified):
+        raise InvalidInputError(f"{len(circles)} circles but {len(notified)} notified bitmaps: one per circle")
+    out = []
+    for i, c in enumerate(circles):
+        try:
+            lat, lon, r = c
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"circles[{i}] must be (lat, lon, radius_km), got {c!r}") from None
+        out.append((*check_point(lat, lon), check_radius(r, f"circles[{i}] radius_km")))
+    for i, b in enumerate(notified):
+        if not isinstance(b, AbstractBitMap):
+            raise InvalidInputError(f"notified[{i}] must be a roaring bitmap, got {type(b).__name__}")
+    return out, list(notified)
+
+
+def changed_within(index, circles, notified) -> list:
+    """A refresh's top-ups: per circle, the changed devices inside it that it has not notified.
+
+    ``circles`` is a sequence of ``(lat, lon, radius_km)``; ``notified`` one
+    roaring bitmap of device keys per circle.  The store's changed devices
+    (``store.changed_keys``, see ``changed_points``) are tested against every
+    circle in one pass over both cores, each circle's notified keys skipped
+    inside the kernel.  Returns one uint32 key array per circle, in key order.
+    """
+    circles, notified = _check_circles(circles, notified)
+    if not circles:
+        return []
+    if getattr(index.store, "changed_keys", None) is None:
+        raise InvalidInputError("the index's store records no changed devices (not a new generation)")
+    pts, bounds, lat, lon = changed_points(index)
+    skips = [_refresh_kernels.bitmap_ranges(b.serialize()) for b in notified]
+    skip_offsets = np.zeros(len(skips) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in skips], out=skip_offsets[1:])
+    circ = np.array(circles, dtype=np.float64)
+    keys, offsets = _refresh_kernels.circles_new_points(
+        pts, bounds, DELTA_BLOCK, lat, lon, circ, np.ascontiguousarray(np.concatenate(skips)), skip_offsets)
+    return [keys[offsets[c]:offsets[c + 1]] for c in range(len(circles))]
 
 
 #: madvise(MADV_POPULATE_READ), Linux 5.14+ (Python 3.11's mmap module lacks the name).
@@ -212,6 +287,10 @@ class SpatialIndex:
     def _args(self, lat, lon, radius_km, seen_since, apps):
         if not self._verified:
             self.verify()
+        return self._query_args(lat, lon, radius_km, seen_since, apps)
+
+    def _query_args(self, lat, lon, radius_km, seen_since, apps):
+        """A query's checked arguments: (lat, lon, radius, seen cutoff or -1, app codes or None)."""
         clat, clon = check_point(lat, lon)
         r = check_radius(radius_km)
         seen_min = -1
@@ -228,6 +307,10 @@ class SpatialIndex:
 
     def _run(self, clat, clon, r, seen_min, codes, emit):
         return self._tree.query(clat, clon, r, seen_min, codes, emit, True)
+
+    def changed_within(self, circles, notified) -> list:
+        """Per circle, the devices this generation changed inside it, minus ``notified`` (see ``changed_within``)."""
+        return changed_within(self, circles, notified)
 
     def within(self, lat, lon, radius_km, seen_since=None, apps=None) -> Audience:
         """Devices whose haversine distance to (lat, lon) is <= ``radius_km``.

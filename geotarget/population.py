@@ -83,7 +83,6 @@ import datetime as _dt
 import difflib
 import functools
 import math
-import operator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -93,7 +92,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .errors import InvalidInputError
-from .geo import EARTH_RADIUS_KM, check_aware, epoch_seconds
+from .geo import EARTH_RADIUS_KM, check_aware, check_int, epoch_seconds
 from .progress import bar
 
 __all__ = [
@@ -608,21 +607,11 @@ class _Filler:
                 tick(done)
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise InvalidInputError(f"{name} must be an integer, got {value!r}") from None
-    if v < minimum:
-        raise InvalidInputError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
 def _check_args(n, seed, now) -> tuple[int, int, int]:
-    n = _check_int(n, "n", 0)
+    n = check_int(n, "n", 0)
     if n >= 2**63:
         raise InvalidInputError(f"n must be < 2**63, got {n}")
-    seed = _check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", 0)
     now_s = epoch_seconds(check_aware(DEFAULT_NOW if now is None else now, "now"))
     if now_s < SEEN_WINDOW_S:
         raise InvalidInputError(f"now={now!r} is before 1970-01-04; last_seen would be negative")
@@ -641,7 +630,7 @@ def generate_chunks(n: int, seed: int = 0, chunk_size: int = 5_000_000, progress
     ``chunk_size``.  ``progress`` shows a tqdm bar (default: on a terminal).
     """
     n, seed, now_s = _check_args(n, seed, now)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
     return _chunks(n, seed, now_s, chunk_size, progress)
 
 
@@ -705,7 +694,7 @@ def row_of(device_id, seed: int = 0) -> np.ndarray:
 
     ``row_of(generate_arrays(n, seed)["device_id"], seed)`` is ``arange(n)``.
     """
-    seed = _check_int(seed, "seed", 0)
+    seed = check_int(seed, "seed", 0)
     x = np.array(device_id, dtype=np.uint64, copy=True).reshape(-1)
     _unmix64(x)
     x -= _id_offset(seed)

@@ -28,6 +28,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .authority import ApprovalPolicy
 from .errors import InvalidInputError
+from .geo import check_int
 from .schedule import RadiusSchedule
 
 __all__ = ["Settings", "CaseType", "RateLimits", "DEFAULTS", "CASE_TYPES"]
@@ -349,9 +350,7 @@ def _number(v: Any, name: str) -> float:
 
 
 def _count(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise InvalidInputError(f"{name} must be a whole number >= 0, got {v!r}")
-    return v
+    return check_int(v, name, 0)
 
 
 def _hours(v: Any, name: str, zero_ok: bool = False) -> _dt.timedelta | None:

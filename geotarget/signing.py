@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 
 from .errors import InvalidInputError, SignatureError
+from .geo import check_int
 
 __all__ = ["CapSigner", "verify_cap", "self_signed", "DSIG_NS"]
 
@@ -176,8 +177,7 @@ def self_signed(common_name: str, directory, *, days: int = 30, curve: str = "se
 
     if not isinstance(common_name, str) or not common_name:
         raise InvalidInputError(f"common_name must be a non-empty string, got {common_name!r}")
-    if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
-        raise InvalidInputError(f"days must be a positive integer, got {days!r}")
+    days = check_int(days, "days", 1)
     try:
         key = ec.generate_private_key(getattr(ec, curve.upper())())
     except AttributeError:

@@ -54,7 +54,7 @@ from ._fs import fsync_dir as _fsync_dir
 from ._fs import private_files
 from ._fs import start_writeback as _start_writeback
 from .errors import CorruptFileError, InvalidInputError
-from .geo import check_coordinates
+from .geo import check_coordinates, now_or_clock
 
 STORE_FILE = "store.arrow"
 ID_INDEX_FILE = "id_index.npy"
@@ -213,7 +213,7 @@ def _encode_app_chunk(app: pa.Array, names: list, row0: int, pc) -> np.ndarray:
 def _check_last_seen(last_seen, n: int, now: _dt.datetime | None = None) -> np.ndarray:
     """Return int64 epoch seconds."""
     if last_seen is None:
-        now = now or _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         return np.full(n, int(now.timestamp()), dtype=np.int64)
     if isinstance(last_seen, _dt.datetime):
         if last_seen.tzinfo is None:

@@ -1,21 +1,17 @@
 """The settings file, case types, drills, expiry and freshness on the command line."""
 import datetime as dt
-import json
 
 import numpy as np
 import pytest
 
 from geotarget.index import SpatialIndex
 from geotarget.log import RecipientLog
-from test_cli import HZ, OFFICERS, T, ok, ok_json, run
+from test_cli import HZ, T, ok, ok_json, run
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli_settings")
-    (d / "officers.json").write_text(json.dumps(OFFICERS))
-    ok("generate", "--devices", "20k", "--store", "st", "--build", cwd=d)
-    return d
+def work(cli_work):
+    return cli_work("cli_settings", "20k")
 
 
 COMMON = ("--index", "st", "--officers", "officers.json")

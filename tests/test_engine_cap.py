@@ -19,17 +19,8 @@ def _minutes(m):
 
 
 @pytest.fixture
-def engine(tmp_path):
-    rng = np.random.default_rng(3)
-    n = 3000
-    store = gt.DeviceStore.from_arrays(np.arange(1, n + 1, dtype=np.uint64),
-                                       30.27 + rng.normal(0, 1.0, n), 120.15 + rng.normal(0, 1.0, n))
-    officers = [gt.Officer("C-1", level="county", division="330102"),
-                gt.Officer("S-1", level="city", division="330100")]
-    log = gt.RecipientLog(tmp_path / "log.sqlite")
-    eng = gt.AlertEngine(gt.SpatialIndex.build(store), log=log, authority=gt.Authority(officers))
-    yield eng
-    log.close()
+def engine(make_store, make_engine_on, officers):
+    return make_engine_on(gt.SpatialIndex.build(make_store(3000, seed=3, spread=1.0)), officers)
 
 
 def _info(xml):
@@ -120,6 +111,8 @@ def test_each_language_is_its_own_info(tmp_path):
     ({"translations": "en"}, "translations"),
     ({"translations": {"en": {"headline": 5}}}, "translations"),
     ({"translations": {"en": {"title": "x"}}}, "unknown field"),
+    ({"translations": {"en US": {"headline": "x"}}}, "not a language tag"),
+    ({"translations": {"en": {"headline": "x"}, "EN": {"headline": "y"}}}, "appears twice"),
     ({"age": object()}, "details\\['age'\\] must be a string"),
 ])
 def test_text_cap_cannot_carry_is_refused_at_report_and_update(engine, details, match):

@@ -24,11 +24,8 @@ def mode(path) -> int:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults_cli")
-    (d / "officers.json").write_text(json.dumps(OFFICERS))
-    ok("generate", "--devices", "5k", "--store", "st", "--build", cwd=d)
-    return d
+def work(cli_work):
+    return cli_work("faults_cli", "5k")
 
 
 def common(log="log.sqlite"):

@@ -361,3 +361,34 @@ def test_fill_rejects_wrong_buffers():
         aud.fill(np.empty(len(aud) - 1, np.uint32))
     with pytest.raises(TypeError):
         aud.fill(np.empty(len(aud), np.int64))
+
+
+def test_changed_within_is_the_changed_devices_in_each_circle_minus_the_notified():
+    """The refresh's re-targeting, as an index method: exact against a float64 scan of the changed devices."""
+    from pyroaring import BitMap
+    rng = np.random.default_rng(11)
+    n = 6000
+    store = gt.DeviceStore.from_arrays(np.arange(1, n + 1, dtype=np.uint64), 30.27 + rng.normal(0, 1.5, n),
+                                       120.15 + rng.normal(0, 1.5, n))
+    moved = rng.choice(n, 1500, replace=False).astype(np.uint64) + 1
+    new_ids = np.arange(n + 1, n + 501, dtype=np.uint64)
+    ids = np.concatenate([moved, new_ids])
+    store2 = store.with_updates(ids, 30.27 + rng.normal(0, 1.5, ids.size), 120.15 + rng.normal(0, 1.5, ids.size))
+    index2 = gt.SpatialIndex.build(store2)
+    changed = np.asarray(store2.changed_keys, dtype=np.int64)
+    assert changed.size == ids.size
+    circles = [(30.27, 120.15, 100.0), (31.0, 121.0, 50.0), (29.5, 119.0, 250.0), (10.0, 10.0, 5.0)]
+    rows = [np.sort(changed[haversine_km(la, lo, store2.lat[changed], store2.lon[changed]) <= r])
+            for la, lo, r in circles]
+    notified = [BitMap(), BitMap(rows[1][::2].tolist()), BitMap(rows[2][:10].tolist() + [0, 1, 2]), BitMap()]
+    got = index2.changed_within(circles, notified)
+    assert len(got) == 4 and rows[0].size > 0 and rows[2].size > rows[0].size
+    for g, want, skip in zip(got, rows, notified):
+        expect = np.array([k for k in want if k not in skip], dtype=np.int64)
+        np.testing.assert_array_equal(np.sort(g.astype(np.int64)), expect)
+    assert got[3].size == 0
+    assert index2.changed_within([], []) == []
+    with pytest.raises(gt.InvalidInputError, match="no changed devices"):
+        gt.SpatialIndex.build(store).changed_within(circles[:1], notified[:1])
+    with pytest.raises(gt.InvalidInputError, match="circles\\[0\\] radius_km"):
+        index2.changed_within([(30.0, 120.0, -1.0)], [BitMap()])

@@ -113,3 +113,11 @@ def test_ci_runs_the_readme_commands():
     assert commands[1] in ci
     install = commands[0].split("&&")[0].strip()
     assert install in ci
+
+
+def test_only_the_spatial_modules_call_compiled_code():
+    """The engine and the cluster reach the kernels through the index and the audience, never directly."""
+    import pathlib
+    pkg = pathlib.Path(gt.__file__).parent
+    for name in ("engine.py", "cluster.py"):
+        assert "_kernels" not in (pkg / name).read_text(encoding="utf-8"), name

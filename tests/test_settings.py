@@ -13,12 +13,6 @@ T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 H = dt.timedelta(hours=1)
 
 
-def _write(tmp_path, text, name="geotarget.toml"):
-    p = tmp_path / name
-    p.write_text(text, encoding="utf-8")
-    return p
-
-
 # -- the file ------------------------------------------------------------------
 
 def test_defaults_are_the_documented_text():
@@ -35,8 +29,8 @@ def test_defaults_are_the_documented_text():
     assert again.to_dict() == s.to_dict()
 
 
-def test_a_file_changes_only_what_it_names(tmp_path):
-    p = _write(tmp_path, """
+def test_a_file_changes_only_what_it_names(tmp_path, settings_file):
+    p = settings_file("""
 [sender]
 id = "alerts@gongan.zj.gov.cn"
 signing_key = "keys/k.pem"
@@ -89,16 +83,16 @@ expiry_hours = 48
     ("case = 3\n", "must be a table"),
     ("not toml [", "not valid TOML"),
 ])
-def test_bad_settings_are_refused_naming_the_key(tmp_path, text, match):
+def test_bad_settings_are_refused_naming_the_key(settings_file, text, match):
     with pytest.raises(gt.InvalidInputError, match=match):
-        Settings.load(_write(tmp_path, text))
+        Settings.load(settings_file(text))
 
 
-def test_unreadable_settings_file(tmp_path):
+def test_unreadable_settings_file(tmp_path, settings_file):
     with pytest.raises(gt.InvalidInputError, match="cannot read"):
         Settings.load(tmp_path / "missing.toml")
     with pytest.raises(gt.InvalidInputError, match="cannot read"):
-        Settings.load(_write(tmp_path, "").parent)   # a directory
+        Settings.load(settings_file("").parent)   # a directory
     (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(gt.InvalidInputError, match="cannot read"):
         Settings.load(tmp_path / "bin.toml")
@@ -114,9 +108,9 @@ def test_defaults_text_parses_and_documents_every_key():
             assert key in DEFAULTS
 
 
-def test_signer_from_settings(tmp_path):
+def test_signer_from_settings(tmp_path, settings_file):
     gt.signing.self_signed("s", tmp_path / "keys")
-    s = Settings.load(_write(tmp_path, "[sender]\nsigning_key='keys/signing-key.pem'\n"
+    s = Settings.load(settings_file("[sender]\nsigning_key='keys/signing-key.pem'\n"
                                        "signing_cert='keys/signing-cert.pem'\n"))
     signer = s.signer()
     assert isinstance(signer, gt.CapSigner)
@@ -126,25 +120,10 @@ def test_signer_from_settings(tmp_path):
 # -- case types and expiry in the engine -------------------------------------------
 
 @pytest.fixture
-def make_engine(tmp_path):
-    rng = np.random.default_rng(5)
-    n = 3000
-    store = gt.DeviceStore.from_arrays(np.arange(1, n + 1, dtype=np.uint64),
-                                       30.27 + rng.normal(0, 2.0, n), 120.15 + rng.normal(0, 2.0, n))
-    index = gt.SpatialIndex.build(store)
-    officers = [gt.Officer("C-1", level="county", division="330102"),
-                gt.Officer("S-1", level="city", division="330100"),
-                gt.Officer("C-9", level="county", division="110101")]
-    logs = []
-
-    def make(settings=None, name="log.sqlite"):
-        log = gt.RecipientLog(tmp_path / name)
-        logs.append(log)
-        return gt.AlertEngine(index, log=log, authority=gt.Authority(officers), settings=settings)
-
-    yield make
-    for log in logs:
-        log.close()
+def make_engine(make_store, make_engine_on, officers):
+    index = gt.SpatialIndex.build(make_store(3000, seed=5, spread=2.0))
+    officers = officers + [gt.Officer("C-9", level="county", division="110101")]
+    return lambda settings=None, name="log.sqlite": make_engine_on(index, officers, name, settings=settings)
 
 
 def _publish(eng, case_type="child", at=T0):

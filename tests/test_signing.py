@@ -154,19 +154,11 @@ def test_corrupt_signed_xml_is_signature_error(signer):
         verify_cap("<alert", signer.certificate_pem)
 
 
-def test_engine_signs_every_push(signer, tmp_path):
+def test_engine_signs_every_push(signer, make_store, make_engine_on, officers):
     """Every push the engine returns, the closure included, verifies against the pinned certificate."""
-    import numpy as np
-    rng = np.random.default_rng(1)
-    n = 4000
-    lat = 30.27 + rng.normal(0, 1.5, n)
-    lon = 120.15 + rng.normal(0, 1.5, n)
-    store = gt.DeviceStore.from_arrays(np.arange(1, n + 1, dtype=np.uint64), lat, lon)
-    index = gt.SpatialIndex.build(store)
-    officers = [gt.Officer("C-1", level="county", division="330102"),
-                gt.Officer("S-1", level="city", division="330100")]
-    log = gt.RecipientLog(tmp_path / "log.sqlite")
-    eng = gt.AlertEngine(index, log=log, authority=gt.Authority(officers), signer=signer)
+    index = gt.SpatialIndex.build(make_store(4000, seed=1, spread=1.5))
+    eng = make_engine_on(index, officers, signer=signer)
+    log = eng.log
     t0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
     a = eng.report("C-1", lat=30.27, lon=120.15, missing_since=t0, division="330102",
                    details={"headline": "Missing girl, 6"}, now=t0 + dt.timedelta(minutes=10))
