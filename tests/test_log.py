@@ -31,9 +31,17 @@ def _push(log, alert="A", seq=0, kind="alert", audience=(), push_id=None, radius
                            meta={"cap_xml": f"<alert>{alert}.{seq}</alert>"} if meta is None else meta)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path):
+    """Where a log lives: a directory (SQLite) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def log(tmp_path):
-    with RecipientLog(tmp_path) as lg:
+def log(where):
+    with RecipientLog(where) as lg:
         yield lg
 
 
