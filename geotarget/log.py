@@ -929,7 +929,8 @@ class RecipientLog:
             os.unlink(target)
         with self._guard() as conn:
             rows = self._dump(conn)
-        anchor = self.anchor()["text"]
+        head = self.anchor()
+        anchor = head["text"] if head["count"] else None  # an empty trail has nothing to anchor
         try:
             if parent is None:
                 pg = _pglog.PgConnection(target, self._lease, self._timeout)
@@ -1585,9 +1586,11 @@ def _close_connection(conn) -> None:
     if isinstance(conn, _pglog.PgConnection):
         try:
             if not conn.raw.closed:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                conn.release()
+                # a lost server: the lease row stays and simply expires
+                with contextlib.suppress(*_pglog.ERRORS):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.release()
         finally:
             conn.close()
         return
