@@ -999,6 +999,9 @@ def test_log_copy_on_the_command_line(tmp_path, pg_url, capsys):
     assert main(["log", "copy", src, pg_url, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["ok"] and doc["pushes"] == 4
+    # every --log takes the URL: verify the copy where it lives
+    assert main(["audit", "verify", "--log", pg_url]) == 0
+    assert "4 pushes" in capsys.readouterr().out
     back = str(tmp_path / "back.sqlite")
     assert main(["log", "copy", pg_url, back]) == 0
     assert "4 pushes" in capsys.readouterr().out
