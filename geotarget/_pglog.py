@@ -110,8 +110,12 @@ class PgConnection:
         with self.raw.transaction():
             # Two processes creating one log at once: the second waits, then finds it made.
             self.raw.execute("SELECT pg_advisory_xact_lock(4754524)")
-            if "pushes" in self.tables():
+            have = self.tables()
+            if "pushes" in have:
                 return False
+            if have:  # never mix a log's tables into another application's schema
+                raise CorruptFileError(f"{display(self.url)}: the schema holds tables {have[:5]} but no "
+                                       f"recipient log; use an empty database or schema")
             for stmt in schema:
                 self.raw.execute(translate_ddl(stmt))
             self.raw.execute(f"COMMENT ON TABLE log_meta IS '{SCHEMA_COMMENT.format(version=version)}'")

@@ -949,6 +949,25 @@ def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
         admin.close()
 
 
+def test_a_foreign_postgresql_schema_is_refused_and_left_alone(pg_url):
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("CREATE TABLE invoices(id bigint)")
+        with pytest.raises(CorruptFileError, match="no recipient log"):
+            RecipientLog(pg_url)
+        tables = other.execute("SELECT table_name FROM information_schema.tables "
+                               "WHERE table_schema = current_schema()").fetchall()
+        assert tables == [("invoices",)]
+        # a log whose schema marker is not this version's is refused too
+        other.execute("DROP TABLE invoices")
+    RecipientLog(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("COMMENT ON TABLE log_meta IS 'geotarget recipient log, schema 1'")
+    with pytest.raises(CorruptFileError, match="schema 1"):
+        RecipientLog(pg_url)
+
+
 def test_lease_must_be_positive(where):
     for bad in (0, -1, True, "10", float("nan")):
         with pytest.raises(InvalidInputError, match="lease"):
