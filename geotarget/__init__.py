@@ -10,7 +10,8 @@ from .audience import Audience
 from .authority import ApprovalPolicy, Authority, Officer
 from .divisions import Division, Divisions
 from .engine import Alert, AlertEngine, AlertFailure, Push, TickResult
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
+                     LineageError,
                      RateLimitError, ShardUnavailableError, SignatureError,
                      UnauthorizedError, UnknownAlertError, UnknownDivisionError, UnknownOfficerError,
                      UnknownPushError)
@@ -32,5 +33,5 @@ __all__ = [
     "GeotargetError", "InvalidInputError", "CorruptFileError", "UnknownAlertError",
     "UnknownOfficerError", "UnknownPushError", "UnauthorizedError", "AlertStateError",
     "ShardUnavailableError",
-    "SignatureError", "RateLimitError", "Settings", "Division", "Divisions", "UnknownDivisionError", "LineageError",
+    "SignatureError", "RateLimitError", "Settings", "Division", "Divisions", "UnknownDivisionError", "LineageError", "LeaseLostError",
 ]

@@ -226,8 +226,11 @@ def _open_index(path):
 
 
 def _open_log(path, create: bool = False, args=None):
+    from ._pglog import is_url
     from .log import FILENAME, RecipientLog
 
+    if is_url(path):  # a PostgreSQL log: created in the database on first open
+        return RecipientLog(path)
     p = Path(path)
     if not create and not p.exists():
         raise InvalidInputError(f"--log {str(p)!r}: no recipient log there")
@@ -885,7 +888,31 @@ def cmd_stats(args) -> int:
     return EXIT_OK
 
 
+def _cmd_log_copy(args) -> int:
+    from ._pglog import display, is_url
+
+    log = _open_log(args.src)
+    try:
+        dst = log.copy_to(args.dst)  # verifies the copy: verify() anchored at SRC's head, and every row
+        pushes = log.stats()["pushes"]
+        keyed, authenticated = log.keyed, log.authenticated
+    finally:
+        log.close()
+    src = display(args.src) if is_url(args.src) else str(args.src)
+    doc = {"ok": True, "src": src, "dst": dst, "pushes": pushes, "keyed": keyed,
+           "authenticated": authenticated}
+    if args.json:
+        _emit_json(doc)
+    else:
+        _out(f"copied {src} to {dst}: {pushes} pushes, every row compared, verified"
+             + ("" if authenticated else " (unkeyed)" if not keyed
+                else " (keyed log, MACs not checked: no key set)"))
+    return EXIT_OK
+
+
 def cmd_log(args) -> int:
+    if args.log_action == "copy":
+        return _cmd_log_copy(args)
     log = _open_log(args.src)
     try:
         dst = log.backup(args.dst)
@@ -1133,7 +1160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def action(name, help_, index=True, officers=True, alert_id=True, officer=True, now=True):
         ap = asub.add_parser(name, help=help_, description=help_)
-        ap.add_argument("--log", required=True, metavar="LOG", help="recipient log (SQLite file)")
+        ap.add_argument("--log", required=True, metavar="LOG",
+                        help="recipient log (SQLite file, or a postgresql:// URL)")
         if index:
             ap.add_argument("--index", required=True, metavar="DIR")
         if officers:
@@ -1246,6 +1274,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = lsub.add_parser("backup", help="copy a log (WAL included) with SQLite's online backup")
     ap.add_argument("src", metavar="SRC", help="the recipient log")
     ap.add_argument("dst", metavar="DST", help="a new file (never overwritten)")
+    ap.add_argument("--json", action="store_true")
+    ap = lsub.add_parser("copy", help="copy a log to another backend (SQLite file <-> postgresql:// URL), "
+                                      "then verify the copy row by row")
+    ap.add_argument("src", metavar="SRC", help="the recipient log (a file or a postgresql:// URL)")
+    ap.add_argument("dst", metavar="DST", help="a new file, or a postgresql:// database holding no log")
     ap.add_argument("--json", action="store_true")
 
     sp = verb("officers", "the officers registry bound to a log", cmd_officers, json_=False)

@@ -69,3 +69,8 @@ class UnknownDivisionError(GeotargetError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class LeaseLostError(GeotargetError):
+    """A write to a PostgreSQL recipient log by a process whose lease was taken over by another
+    (the fencing token no longer matches); nothing was written."""

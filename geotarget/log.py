@@ -112,6 +112,7 @@ from dataclasses import dataclass
 import numpy as np
 from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
+from . import _pglog
 from ._fs import fsync_dir as _fsync_dir
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                      UnknownAlertError, UnknownPushError)
@@ -183,7 +184,7 @@ _SCHEMA = (
 _METADATA_TABLES = ("pushes", "alerts", "audit", "log_meta", "macs")
 
 # SQLite's own failures; a damaged schema can make even its error message undecodable.
-_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError) + _pglog.ERRORS
 
 _PUSH_COLUMNS = ("log_seq, push_id, alert_id, seq, kind, radius_km, created_at, count, meta, "
                  "audience_sha256, audience_bytes, prev, checksum, acked_at, purged_at, state_sum, generation")
@@ -583,7 +584,14 @@ class RecipientLog:
     for the whole block.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None, lease: float = 10.0):
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < 1e6:
+            raise InvalidInputError(f"lease must be a number of seconds > 0, got {lease!r}")
+        self._lease = float(lease)
+        self._pg = _pglog.is_url(path)
+        if self._pg:
+            self._init_pg(path, timeout, key)
+            return
         try:
             p = os.fspath(path)
         except TypeError:
@@ -625,6 +633,47 @@ class RecipientLog:
         except BaseException:
             self.close()
             raise
+
+    def _init_pg(self, url: str, timeout, key) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        self._path = _pglog.display(url)
+        self._timeout = float(timeout)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._conn = None
+        self._key = load_key(key)
+        self._owner_engine = None
+        self._real = url
+        with _OPEN_LOGS_LOCK:
+            other = _OPEN_LOGS.get(url)
+            other = other() if other is not None else None
+            if other is not None and other._conn is not None:
+                raise InvalidInputError(f"path={self._path!r} is held by another RecipientLog in this process "
+                                        f"({other!r}); a recipient log has one owner at a time")
+            conn = _pglog.PgConnection(url, self._lease, self._timeout)
+            try:
+                conn.create(_SCHEMA, SCHEMA_VERSION, _initial_meta(self._key))
+                conn.check_schema(_SCHEMA, SCHEMA_VERSION, self._path)
+                conn.acquire(self._timeout, self._path)
+            except BaseException as exc:
+                conn.close()
+                if isinstance(exc, _SQLITE_ERRORS):
+                    raise self._db_error(exc) from exc
+                raise
+            self._conn = conn
+            _OPEN_LOGS[url] = weakref.ref(self)
+        self._finalizer = weakref.finalize(self, _close_connection, self._conn)
+        try:
+            self._load_identity()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def backend(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return "postgresql" if self._pg else "sqlite"
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -727,6 +776,10 @@ class RecipientLog:
                                        f"failed: {'; '.join(rows[:5])}")
 
     def _db_error(self, exc: Exception) -> Exception:
+        if _pglog.ERRORS and isinstance(exc, _pglog.ERRORS):
+            if isinstance(exc, _pglog.psycopg.OperationalError):
+                return OSError(f"{self._path}: {exc}")
+            return CorruptFileError(f"{self._path}: {exc}")
         if isinstance(exc, UnicodeDecodeError):
             return CorruptFileError(f"{self._path}: undecodable text in the file ({exc})")
         name = getattr(exc, "sqlite_errorname", "") or ""
@@ -762,9 +815,12 @@ class RecipientLog:
         """
         with self._guard() as conn:
             depth = self._depth
-            conn.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT s{depth}")
+            conn.execute("BEGIN IMMEDIATE" if depth == 0 and not self._pg else
+                         "BEGIN" if depth == 0 else f"SAVEPOINT s{depth}")
             self._depth = depth + 1
             try:
+                if depth == 0 and self._pg:
+                    conn.fence(self._path)  # every write transaction checks the lease is still ours
                 yield self
             except BaseException:
                 self._depth = depth
@@ -800,6 +856,8 @@ class RecipientLog:
             d = os.path.join(d, FILENAME)
         if os.path.lexists(d):
             raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file")
+        if self._pg:
+            return self.copy_to(d)
         parent = os.path.dirname(os.path.abspath(d))
         if not os.path.isdir(parent):
             raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
@@ -829,6 +887,78 @@ class RecipientLog:
             for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
+        return d
+
+    def _dump(self, conn) -> dict:
+        """Every row of every table but ``owner``, in a backend-neutral order (for copy and its check)."""
+        out = {}
+        for table, cols in _COPY_TABLES:
+            rows = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                    for r in conn.execute(f"SELECT {cols} FROM {table}").fetchall()]
+            out[table] = sorted(rows, key=lambda r: (r[0],))
+        return out
+
+    def copy_to(self, dst) -> str:
+        """Copy the whole log into a new log ``dst`` of either backend (a SQLite path or a
+        ``postgresql://`` URL to a database with no log), then verify the copy.
+
+        Every row is copied as stored (checksums, audit chain and MACs included, not
+        recomputed), so the copy has this log's instance id and key.  The check reopens the
+        copy, runs :meth:`verify` anchored at this log's audit head, and compares every row of
+        both.  A SQLite destination is linked into place only after it verified; a PostgreSQL
+        one is written in one transaction.  Returns the copy's path (or URL without password).
+        """
+        if self._depth:
+            raise GeotargetError(f"{self._path}: copy_to() called inside a transaction")
+        if _pglog.is_url(dst):
+            target, d, parent = dst, _pglog.display(dst), None
+        else:
+            try:
+                d = os.fsdecode(os.fspath(dst))
+            except TypeError:
+                raise InvalidInputError(f"dst must be a str, os.PathLike or postgresql:// URL, got {dst!r}") from None
+            if os.path.isdir(d):
+                d = os.path.join(d, FILENAME)
+            if os.path.lexists(d):
+                raise InvalidInputError(f"dst={d!r} exists; a copy never overwrites a file")
+            parent = os.path.dirname(os.path.abspath(d))
+            if not os.path.isdir(parent):
+                raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
+            fd, target = tempfile.mkstemp(prefix=f".{os.path.basename(d)}.", suffix=".copying", dir=parent)
+            os.close(fd)
+            os.unlink(target)
+        with self._guard() as conn:
+            rows = self._dump(conn)
+        head = self.anchor()
+        anchor = head["text"] if head["count"] else None  # an empty trail has nothing to anchor
+        try:
+            if parent is None:
+                pg = _pglog.PgConnection(target, self._lease, self._timeout)
+                try:
+                    if not pg.create(_SCHEMA, SCHEMA_VERSION, _copy_statements(rows)):
+                        raise InvalidInputError(f"dst={d!r} already holds a recipient log; a copy never "
+                                                f"overwrites one")
+                except _pglog.ERRORS as exc:
+                    raise OSError(f"{d}: {exc}") from exc
+                finally:
+                    pg.close()
+            else:
+                _create(target, None, meta=False, rows=_copy_statements(rows))
+            with RecipientLog(target, key=self._key) as copy:
+                copy.verify(anchor=anchor)
+                with copy._guard() as cconn:
+                    if copy._dump(cconn) != rows:
+                        raise CorruptFileError(f"{d}: the copy's rows differ from {self._path}'s")
+            if parent is not None:
+                os.link(target, d)
+                _fsync_dir(parent)
+        except FileExistsError:
+            raise InvalidInputError(f"dst={d!r} exists; a copy never overwrites a file") from None
+        finally:
+            if parent is not None:
+                for leftover in (target, target + "-wal", target + "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
         return d
 
     # -- identity, keyed MACs and named values --------------------------------
@@ -1142,12 +1272,14 @@ class RecipientLog:
             checksum = _push_checksum(push_id, alert_id, seq, kind, radius, created, count,
                                       meta_text, digest, len(blob), prev, generation)
             state_sum = _state_sum(checksum, None, None)
-            cur = conn.execute(
-                f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(NULL,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?)",
-                (push_id, alert_id, seq, kind, radius, created, count, meta_text, digest, len(blob),
+            # The row id SQLite would pick (one past the largest), explicit so both backends agree.
+            log_seq = conn.execute("SELECT coalesce(max(log_seq), 0) + 1 FROM pushes").fetchone()[0]
+            conn.execute(
+                f"INSERT INTO pushes({_PUSH_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?)",
+                (log_seq, push_id, alert_id, seq, kind, radius, created, count, meta_text, digest, len(blob),
                  prev, checksum, state_sum, generation))
-            log._put_mac(conn, f"push:{cur.lastrowid}", checksum, state_sum)
-            conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (cur.lastrowid, blob))
+            log._put_mac(conn, f"push:{log_seq}", checksum, state_sum)
+            conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (log_seq, blob))
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
                           meta=json.loads(meta_text), acked=False, count=count, generation=generation)
@@ -1279,7 +1411,7 @@ class RecipientLog:
                           detail={"pushes": [rec.push_id for _, rec in todo]})
         if todo:
             with self._guard() as conn:
-                if self._depth == 0:
+                if self._depth == 0 and not self._pg:
                     # Old WAL frames still hold the bitmap pages: fold them in and cut the WAL.
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(todo)
@@ -1375,7 +1507,7 @@ class RecipientLog:
         if anchor is not None:
             anchor = _parse_anchor(anchor)
         with self._guard() as conn:
-            rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            rows = ["ok"] if self._pg else [r[0] for r in conn.execute("PRAGMA integrity_check")]
             if rows != ["ok"]:
                 raise CorruptFileError(f"{self._path}: integrity check failed: {'; '.join(rows[:5])}")
             prev = _ZERO_HASH
@@ -1440,16 +1572,28 @@ class RecipientLog:
                 "FROM pushes").fetchone()
             alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()[0]
             audits = conn.execute("SELECT count(*) FROM audit").fetchone()[0]
-        on_disk = sum(os.path.getsize(p) for p in (self._path, self._path + "-wal")
-                      if os.path.exists(p))
+            on_disk = self._conn.size() if self._pg else sum(
+                os.path.getsize(p) for p in (self._path, self._path + "-wal") if os.path.exists(p))
+        recipients, kept = int(recipients), int(kept)
         return {"pushes": n, "acked": acked, "purged": purged, "alerts": alerts,
                 "audit_entries": audits, "recipients_logged": recipients,
                 "audience_bytes": kept, "bytes_on_disk": on_disk,
                 "bytes_per_recipient": on_disk / recipients if recipients else None}
 
 
-def _close_connection(conn: sqlite3.Connection) -> None:
+def _close_connection(conn) -> None:
     """Clear the owner mark, then close (SQLite checkpoints and removes the WAL)."""
+    if isinstance(conn, _pglog.PgConnection):
+        try:
+            if not conn.raw.closed:
+                # a lost server: the lease row stays and simply expires
+                with contextlib.suppress(*_pglog.ERRORS):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.release()
+        finally:
+            conn.close()
+        return
     if conn.in_transaction:
         conn.execute("ROLLBACK")
     with contextlib.suppress(sqlite3.OperationalError):  # a full disk: the mark stays, and so does the WAL
@@ -1457,7 +1601,36 @@ def _close_connection(conn: sqlite3.Connection) -> None:
     conn.close()
 
 
-def _create(path: str, key: bytes | None) -> None:
+_COPY_TABLES = (("pushes", _PUSH_COLUMNS), ("audiences", "log_seq, bitmap"),
+                ("alerts", "alert_id, record, checksum"), ("audit", _AUDIT_COLUMNS),
+                ("log_meta", "name, value, checksum"), ("macs", "record, mac"),
+                ("lineage", "id, lineage, checksum"))
+
+
+def _copy_statements(rows: dict) -> list:
+    out = []
+    for table, cols in _COPY_TABLES:
+        marks = ",".join("?" * len(cols.split(",")))
+        out += [(f"INSERT INTO {table}({cols}) VALUES({marks})", r) for r in rows[table]]
+    return out
+
+
+def _initial_meta(key: bytes | None) -> list:
+    """The statements that give a new log its identity (and key id, with the key's MACs)."""
+    # Random, so that two logs never hand out the same CAP identifiers.
+    meta = {"instance_id": secrets.token_hex(4)}
+    if key is not None:
+        meta["key_id"] = _key_id(key)
+    out = []
+    for name, value in meta.items():
+        checksum = _meta_checksum(name, value)
+        out.append(("INSERT INTO log_meta(name, value, checksum) VALUES(?,?,?)", (name, value, checksum)))
+        if key is not None:
+            out.append(("INSERT INTO macs(record, mac) VALUES(?,?)", (f"meta:{name}", _mac_of(key, checksum))))
+    return out
+
+
+def _create(path: str, key: bytes | None, meta: bool = True, rows=()) -> None:
     """Build an empty log under a temporary name, then link it into place atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".creating", dir=parent)
@@ -1471,17 +1644,8 @@ def _create(path: str, key: bytes | None) -> None:
             conn.execute("BEGIN IMMEDIATE")
             for stmt in _SCHEMA:
                 conn.execute(stmt)
-            # Random, so that two logs never hand out the same CAP identifiers.
-            meta = {"instance_id": secrets.token_hex(4)}
-            if key is not None:
-                meta["key_id"] = _key_id(key)
-            for name, value in meta.items():
-                checksum = _meta_checksum(name, value)
-                conn.execute("INSERT INTO log_meta(name, value, checksum) VALUES(?,?,?)",
-                             (name, value, checksum))
-                if key is not None:
-                    conn.execute("INSERT INTO macs(record, mac) VALUES(?,?)",
-                                 (f"meta:{name}", _mac_of(key, checksum)))
+            for sql, params in (_initial_meta(key) if meta else []) + list(rows):
+                conn.execute(sql, params)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")

@@ -1,5 +1,6 @@
 """Fixtures several test modules share: officers, small stores and engines around Hangzhou,
-settings files and a command-line working directory.
+settings files, a command-line working directory, and a real PostgreSQL (tests/_pg.py) for
+the log tests.
 
 Each fixture builds fresh objects (nothing mutable is shared between tests), so a test
 that changes what it was given cannot affect another.
@@ -73,3 +74,39 @@ def cli_work(tmp_path_factory):
         ok("generate", "--devices", devices, "--store", "st", "--build", cwd=d)
         return d
     return make
+
+
+# --- a real PostgreSQL for the log tests (tests/_pg.py) ---
+
+_CLUSTER = []
+_FAILED = []
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    from _pg import Cluster, _unavailable
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _unavailable("psycopg is not installed (pip install 'geotarget[postgres]')")
+    if _FAILED:  # one attempt per run: the reason, again
+        _unavailable(_FAILED[0])
+    if not _CLUSTER:
+        try:
+            _CLUSTER.append(Cluster())
+        except BaseException as exc:
+            _FAILED.append(str(exc))
+            raise
+    yield _CLUSTER[0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    while _CLUSTER:
+        _CLUSTER.pop().stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """A postgresql:// URL to a fresh, empty database."""
+    return pg_cluster.new_database()

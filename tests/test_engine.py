@@ -64,12 +64,18 @@ def engine_for(index, path, **kw):
     return gt.AlertEngine(index, log=gt.RecipientLog(path), authority=gt.Authority(OFFICERS), **kw)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_at(request, tmp_path):
+    """Where the engine's log lives: a SQLite file, or a fresh PostgreSQL database."""
+    return tmp_path / "log" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
 def keyset(push):
     return set(push.audience.keys().tolist())
 
 
-def test_full_lifecycle(world, tmp_path):
-    eng = engine_for(world, tmp_path / "log")
+def test_full_lifecycle(world, log_at):
+    eng = engine_for(world, log_at)
     alert = eng.report("county-1", lat=HZ[0], lon=HZ[1], division="330102",
                        missing_since=T0, now=T0 + dt.timedelta(minutes=20), details={"headline": "Missing girl, 6"})
     assert alert.status == "pending"
@@ -123,14 +129,14 @@ def test_late_report_starts_at_radius_due(world, tmp_path):
     assert keyset(ps[0]) == oracle(world, *HZ, 300)
 
 
-def test_outbox_replays_unacked_after_reopen(world, tmp_path):
-    eng = engine_for(world, tmp_path / "log")
+def test_outbox_replays_unacked_after_reopen(world, log_at):
+    eng = engine_for(world, log_at)
     a = eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
     p1 = eng.tick(T0)[0]
     eng.ack(p1.push_id)
     p2 = eng.tick(T0 + dt.timedelta(minutes=90))[0]                  # not acknowledged
     eng.log.close()
-    eng2 = engine_for(world, tmp_path / "log")
+    eng2 = engine_for(world, log_at)
     replay = eng2.tick(T0 + dt.timedelta(minutes=90))
     assert [p.push_id for p in replay] == [p2.push_id]
     assert replay[0].timings == {}                                   # a replay did no new work

@@ -31,9 +31,17 @@ def _push(log, alert="A", seq=0, kind="alert", audience=(), push_id=None, radius
                            meta={"cap_xml": f"<alert>{alert}.{seq}</alert>"} if meta is None else meta)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path):
+    """Where a log lives: a directory (SQLite) or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def log(tmp_path):
-    with RecipientLog(tmp_path) as lg:
+def log(where):
+    with RecipientLog(where) as lg:
         yield lg
 
 
@@ -238,8 +246,8 @@ def test_unknown_ids(log):
         log.alert("A")
 
 
-def test_a_closed_log_refuses_calls(tmp_path):
-    log = RecipientLog(tmp_path)
+def test_a_closed_log_refuses_calls(where):
+    log = RecipientLog(where)
     log.close()
     log.close()
     with pytest.raises(GeotargetError, match="closed"):
@@ -248,14 +256,14 @@ def test_a_closed_log_refuses_calls(tmp_path):
 
 # -- outbox ---------------------------------------------------------------------
 
-def test_ack_is_durable_and_reports_whether_it_was_new(tmp_path):
-    with RecipientLog(tmp_path) as log:
+def test_ack_is_durable_and_reports_whether_it_was_new(where):
+    with RecipientLog(where) as log:
         for s in range(4):
             _push(log, seq=s, kind="alert" if s == 0 else "expand", audience=[s])
         assert log.ack("A.1") is True
         assert log.ack("A.1") is False
         assert [p.push_id for p in log.unacked()] == ["A.0", "A.2", "A.3"]
-    with RecipientLog(tmp_path) as log:
+    with RecipientLog(where) as log:
         assert log.push("A.1").acked and not log.push("A.0").acked
         assert log.ack("A.1") is False and log.ack("A.3") is True
         assert [p.push_id for p in log.unacked()] == ["A.0", "A.2"]
@@ -264,8 +272,8 @@ def test_ack_is_durable_and_reports_whether_it_was_new(tmp_path):
 
 # -- transactions and threads ----------------------------------------------------
 
-def test_a_transaction_commits_everything_or_nothing(tmp_path):
-    with RecipientLog(tmp_path) as log:
+def test_a_transaction_commits_everything_or_nothing(where):
+    with RecipientLog(where) as log:
         with log.transaction():
             _push(log, audience=[1, 2])
             log.save_alert("A", {"next_seq": 1})
@@ -280,7 +288,7 @@ def test_a_transaction_commits_everything_or_nothing(tmp_path):
                 raise RuntimeError("dispatcher crashed before commit")
         with pytest.raises(UnknownPushError):
             log.push("A.1")
-    with RecipientLog(tmp_path) as log:
+    with RecipientLog(where) as log:
         assert [p.push_id for p in log.pushes()] == ["A.0"] and not log.push("A.0").acked
         assert log.alert("A") == {"next_seq": 1} and len(log.audit_entries()) == 1
         log.verify()
@@ -561,8 +569,8 @@ def test_purging_needs_a_closed_and_fully_acknowledged_alert(log):
         log.purge_audiences("Z")
 
 
-def test_purged_audiences_are_gone_but_counts_and_audit_stay(tmp_path):
-    with RecipientLog(tmp_path) as log:
+def test_purged_audiences_are_gone_but_counts_and_audit_stay(where):
+    with RecipientLog(where) as log:
         want = _closed_alert(log)
         keep = _closed_alert(log, alert="B")
         for p in log.unacked():
@@ -584,7 +592,7 @@ def test_purged_audiences_are_gone_but_counts_and_audit_stay(tmp_path):
         assert (entry["action"], entry["actor"], entry["count"]) == ("purge_audiences", "retention-job", 862)
         assert log.stats()["purged"] == 3
         log.verify()
-    with RecipientLog(tmp_path) as log:
+    with RecipientLog(where) as log:
         log.verify()
         with pytest.raises(AlertStateError, match="purged"):
             log.push("A.0")
@@ -877,3 +885,147 @@ def test_nothing_is_logged_after_a_purge_even_without_ring_pushes(tmp_path):
         with pytest.raises(AlertStateError, match="purged"):
             log.append_push(push_id="a", alert_id="D", seq=2, kind="alert", created_at=T0,
                             audience=BitMap(), **common)
+
+
+# -- the PostgreSQL backend: lease, fencing, copies between backends -----------
+
+def test_a_second_owner_of_a_postgresql_log_is_refused_until_the_lease_is_free(pg_url):
+    with RecipientLog(pg_url) as log:
+        _push(log, audience=[1])
+        with pytest.raises(InvalidInputError, match="held by another"):
+            RecipientLog(pg_url, timeout=0.05)
+        r = _other_process(pg_url, "print('opened')")
+        assert r.returncode == 3 and "held by another process" in r.stdout
+    # closing released the lease: the next owner gets in at once, and sees the push
+    r = _other_process(pg_url, "print([p.push_id for p in log.pushes()])")
+    assert r.returncode == 0 and "['A.0']" in r.stdout, r.stdout + r.stderr
+
+
+def _other_process(url, code):
+    """Run ``code`` with ``log`` open on ``url`` in another process (as another host would)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, datetime as dt\nfrom pyroaring import BitMap\nfrom geotarget.log import RecipientLog\n"
+              "try:\n    log = RecipientLog(sys.argv[1], timeout=0.2)\n"
+              "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
+              "with log:\n" + "".join(f"    {line}\n" for line in code.splitlines()))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
+    import psycopg
+
+    from geotarget.errors import LeaseLostError
+
+    log = RecipientLog(pg_url, lease=30)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        _push(log, audience=[1, 2])
+        # while the lease is live another process is refused
+        r = _other_process(pg_url, "print('opened')")
+        assert r.returncode == 3 and "InvalidInputError" in r.stdout and "held by another process" in r.stdout
+        # the owner stalls past its lease (its 30 s pass: moved here by the clock in the row)
+        admin.execute("UPDATE owner SET expires_at = now() - interval '1 second'")
+        # a standby process takes over and writes
+        r = _other_process(pg_url, "assert [p.push_id for p in log.unacked()] == ['A.0']\n"
+                                   "log.append_push(push_id='A.1', alert_id='A', seq=1, kind='expand', "
+                                   "radius_km=100.0, created_at=dt.datetime.now(dt.timezone.utc), "
+                                   "audience=BitMap([3]), meta={})\nprint('pushed')")
+        assert r.returncode == 0 and "pushed" in r.stdout, r.stdout + r.stderr
+        # the deposed owner's late writes fail, typed, and change nothing
+        for write in (lambda: _push(log, seq=1, kind="expand", audience=[4]), lambda: log.ack("A.0"),
+                      lambda: log.save_alert("A", {"x": 1}), lambda: log.audit("x", actor="old")):
+            with pytest.raises(LeaseLostError, match="no longer holds"):
+                write()
+        assert [p.push_id for p in log.pushes()] == ["A.0", "A.1"]  # reads still work
+        assert not log.push("A.0").acked and log.alerts() == {} and log.audit_entries() == []
+        assert admin.execute("SELECT count(*) FROM pushes").fetchone()[0] == 2
+        log.verify()
+    finally:
+        log.close()
+        admin.close()
+
+
+def test_a_foreign_postgresql_schema_is_refused_and_left_alone(pg_url):
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("CREATE TABLE invoices(id bigint)")
+        with pytest.raises(CorruptFileError, match="no recipient log"):
+            RecipientLog(pg_url)
+        tables = other.execute("SELECT table_name FROM information_schema.tables "
+                               "WHERE table_schema = current_schema()").fetchall()
+        assert tables == [("invoices",)]
+        # a log whose schema marker is not this version's is refused too
+        other.execute("DROP TABLE invoices")
+    RecipientLog(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        other.execute("COMMENT ON TABLE log_meta IS 'geotarget recipient log, schema 1'")
+    with pytest.raises(CorruptFileError, match="schema 1"):
+        RecipientLog(pg_url)
+
+
+def test_lease_must_be_positive(where):
+    for bad in (0, -1, True, "10", float("nan")):
+        with pytest.raises(InvalidInputError, match="lease"):
+            RecipientLog(where, lease=bad)
+
+
+def _busy_log(log):
+    log.save_alert("A", {"next_seq": 3}, new=True)
+    want = _closed_alert(log)
+    _push(log, alert="B", audience=[7, 8, 9])
+    log.ack("A.0")
+    log.bind_lineage("lineage-1")
+    log.set_meta_value("alert_counter", "2")
+    log.audit("alert", actor="engine", alert_id="A", count=len(want), radius_km=100.0, detail={"n": 1})
+    log.audit("expand", actor="engine", alert_id="B", count=3)
+    return want
+
+
+@pytest.mark.parametrize("direction", ["sqlite->postgresql", "postgresql->sqlite"])
+def test_log_copy_moves_a_log_between_backends(tmp_path, pg_url, direction, monkeypatch):
+    monkeypatch.setenv("GEOTARGET_LOG_KEY", "k" * 32)
+    src, dst = (str(tmp_path / "src.sqlite"), pg_url) if direction.startswith("sqlite") else (
+        pg_url, str(tmp_path / "dst.sqlite"))
+    with RecipientLog(src) as log:
+        want = _busy_log(log)
+        before = (log.pushes(), log.unacked(), log.audit_entries(), log.alerts(), log.instance_id,
+                  log.anchor(), log.lineage(), log.meta_value("alert_counter"))
+        copied = log.copy_to(dst)
+        with pytest.raises(InvalidInputError, match="never overwrite"):
+            log.copy_to(dst)
+    assert copied == (dst if dst.endswith(".sqlite") else copied)
+    with RecipientLog(dst) as copy:
+        assert copy.authenticated and copy.verify(anchor=before[5]["text"])["anchored"]
+        after = (copy.pushes(), copy.unacked(), copy.audit_entries(), copy.alerts(), copy.instance_id,
+                 copy.anchor(), copy.lineage(), copy.meta_value("alert_counter"))
+        assert after == before and copy.notified("A") == want
+        # the copy is a working log: it takes the next push of the chain
+        _push(copy, alert="B", seq=1, kind="closure", audience=[7, 8, 9])
+        copy.verify()
+
+
+def test_log_copy_on_the_command_line(tmp_path, pg_url, capsys):
+    from geotarget.cli import main
+
+    src = str(tmp_path / "a.sqlite")
+    with RecipientLog(src) as log:
+        _busy_log(log)
+    assert main(["log", "copy", src, pg_url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and doc["pushes"] == 4
+    # every --log takes the URL: verify the copy where it lives
+    assert main(["audit", "verify", "--log", pg_url]) == 0
+    assert "4 pushes" in capsys.readouterr().out
+    back = str(tmp_path / "back.sqlite")
+    assert main(["log", "copy", pg_url, back]) == 0
+    assert "4 pushes" in capsys.readouterr().out
+    with RecipientLog(src) as a, RecipientLog(back) as b:
+        assert a.pushes() == b.pushes() and a.anchor() == b.anchor() and a.instance_id == b.instance_id
+    # a destination that already holds a log is refused, and nothing changes
+    assert main(["log", "copy", src, pg_url]) == 2
+    assert "already holds a recipient log" in capsys.readouterr().err
