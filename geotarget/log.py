@@ -574,6 +574,24 @@ def _check_files(path: str) -> None:
 # the log
 # ---------------------------------------------------------------------------
 
+
+def _new_file(dst, what: str, kinds: str) -> tuple[str, str]:
+    """The path of a log file ``dst`` names (a directory: its ``FILENAME``) that does not exist
+    yet, and its existing parent directory; bad values are refused as :class:`InvalidInputError`."""
+    try:
+        d = os.fsdecode(os.fspath(dst))
+    except TypeError:
+        raise InvalidInputError(f"dst must be {kinds}, got {dst!r}") from None
+    if os.path.isdir(d):
+        d = os.path.join(d, FILENAME)
+    if os.path.lexists(d):
+        raise InvalidInputError(f"dst={d!r} exists; {what} never overwrites a file")
+    parent = os.path.dirname(os.path.abspath(d))
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
+    return d, parent
+
+
 class RecipientLog:
     """Durable, append-only log of pushes, alert state and the audit trail.
 
@@ -588,9 +606,17 @@ class RecipientLog:
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < 1e6:
             raise InvalidInputError(f"lease must be a number of seconds > 0, got {lease!r}")
         self._lease = float(lease)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        self._timeout = float(timeout)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._conn = None
+        self._key = load_key(key)
+        self._owner_engine = None
         self._pg = _pglog.is_url(path)
         if self._pg:
-            self._init_pg(path, timeout, key)
+            self._init_pg(path)
             return
         try:
             p = os.fspath(path)
@@ -603,15 +629,7 @@ class RecipientLog:
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent):
             raise InvalidInputError(f"path={p!r}: directory {parent!r} does not exist")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self._path = p
-        self._timeout = float(timeout)
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._conn = None
-        self._key = load_key(key)
-        self._owner_engine = None
         real = os.path.realpath(p)
         with _OPEN_LOGS_LOCK:
             other = _OPEN_LOGS.get(real)
@@ -634,16 +652,8 @@ class RecipientLog:
             self.close()
             raise
 
-    def _init_pg(self, url: str, timeout, key) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+    def _init_pg(self, url: str) -> None:
         self._path = _pglog.display(url)
-        self._timeout = float(timeout)
-        self._lock = threading.RLock()
-        self._depth = 0
-        self._conn = None
-        self._key = load_key(key)
-        self._owner_engine = None
         self._real = url
         with _OPEN_LOGS_LOCK:
             other = _OPEN_LOGS.get(url)
@@ -848,19 +858,9 @@ class RecipientLog:
         into place only when complete, and carries no owner mark: it opens as a
         cleanly closed log with the same instance id and key.  Returns its path.
         """
-        try:
-            d = os.fsdecode(os.fspath(dst))
-        except TypeError:
-            raise InvalidInputError(f"dst must be a str or os.PathLike, got {dst!r}") from None
-        if os.path.isdir(d):
-            d = os.path.join(d, FILENAME)
-        if os.path.lexists(d):
-            raise InvalidInputError(f"dst={d!r} exists; a backup never overwrites a file")
+        d, parent = _new_file(dst, "a backup", "a str or os.PathLike")
         if self._pg:
             return self.copy_to(d)
-        parent = os.path.dirname(os.path.abspath(d))
-        if not os.path.isdir(parent):
-            raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(d)}.", suffix=".backup", dir=parent)
         os.close(fd)
         try:
@@ -913,17 +913,7 @@ class RecipientLog:
         if _pglog.is_url(dst):
             target, d, parent = dst, _pglog.display(dst), None
         else:
-            try:
-                d = os.fsdecode(os.fspath(dst))
-            except TypeError:
-                raise InvalidInputError(f"dst must be a str, os.PathLike or postgresql:// URL, got {dst!r}") from None
-            if os.path.isdir(d):
-                d = os.path.join(d, FILENAME)
-            if os.path.lexists(d):
-                raise InvalidInputError(f"dst={d!r} exists; a copy never overwrites a file")
-            parent = os.path.dirname(os.path.abspath(d))
-            if not os.path.isdir(parent):
-                raise InvalidInputError(f"dst={d!r}: directory {parent!r} does not exist")
+            d, parent = _new_file(dst, "a copy", "a str, os.PathLike or postgresql:// URL")
             fd, target = tempfile.mkstemp(prefix=f".{os.path.basename(d)}.", suffix=".copying", dir=parent)
             os.close(fd)
             os.unlink(target)
