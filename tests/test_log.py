@@ -910,9 +910,15 @@ def _other_process(url, code):
               "try:\n    log = RecipientLog(sys.argv[1], timeout=0.2)\n"
               "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
               "with log:\n" + "".join(f"    {line}\n" for line in code.splitlines()))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import tempfile
+
+    import geotarget
+
+    # The package under test, wherever it is installed, run from outside the checkout: `-c` puts
+    # the working directory first on sys.path, and a CI checkout's sources are unbuilt.
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(geotarget.__file__))))
     return subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=120, cwd=tempfile.gettempdir())
 
 
 def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
