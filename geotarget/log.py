@@ -632,14 +632,10 @@ class RecipientLog:
         self._path = p
         real = os.path.realpath(p)
         with _OPEN_LOGS_LOCK:
-            other = _OPEN_LOGS.get(real)
-            other = other() if other is not None else None
-            if other is not None and other._conn is not None:
-                raise InvalidInputError(f"path={p!r} is held by another RecipientLog in this process ({other!r}); a "
-                                        f"recipient log has one owner at a time")
+            self._refuse_if_held(real)
             created = not os.path.exists(p)
             if created:
-                _create(p, self._key)
+                _create(p, _initial_meta(self._key))
             self._conn = self._connect()
             _OPEN_LOGS[real] = weakref.ref(self)
         # A log dropped without close() (or left open at interpreter exit) is
@@ -656,11 +652,7 @@ class RecipientLog:
         self._path = _pglog.display(url)
         self._real = url
         with _OPEN_LOGS_LOCK:
-            other = _OPEN_LOGS.get(url)
-            other = other() if other is not None else None
-            if other is not None and other._conn is not None:
-                raise InvalidInputError(f"path={self._path!r} is held by another RecipientLog in this process "
-                                        f"({other!r}); a recipient log has one owner at a time")
+            self._refuse_if_held(url)
             conn = _pglog.PgConnection(url, self._lease, self._timeout)
             try:
                 conn.create(_SCHEMA, SCHEMA_VERSION, _initial_meta(self._key))
@@ -679,6 +671,14 @@ class RecipientLog:
         except BaseException:
             self.close()
             raise
+
+    def _refuse_if_held(self, real: str) -> None:
+        """Refuse a log another open RecipientLog of this process owns (call under ``_OPEN_LOGS_LOCK``)."""
+        other = _OPEN_LOGS.get(real)
+        other = other() if other is not None else None
+        if other is not None and other._conn is not None:
+            raise InvalidInputError(f"path={self._path!r} is held by another RecipientLog in this process "
+                                    f"({other!r}); a recipient log has one owner at a time")
 
     @property
     def backend(self) -> str:
@@ -933,7 +933,7 @@ class RecipientLog:
                 finally:
                     pg.close()
             else:
-                _create(target, None, meta=False, rows=_copy_statements(rows))
+                _create(target, _copy_statements(rows))
             with RecipientLog(target, key=self._key) as copy:
                 copy.verify(anchor=anchor)
                 with copy._guard() as cconn:
@@ -1620,8 +1620,9 @@ def _initial_meta(key: bytes | None) -> list:
     return out
 
 
-def _create(path: str, key: bytes | None, meta: bool = True, rows=()) -> None:
-    """Build an empty log under a temporary name, then link it into place atomically."""
+def _create(path: str, statements: list) -> None:
+    """Build a log from the schema and ``statements`` (a new log's identity, or a copy's rows)
+    under a temporary name, then link it into place atomically."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".creating", dir=parent)
     os.close(fd)
@@ -1634,7 +1635,7 @@ def _create(path: str, key: bytes | None, meta: bool = True, rows=()) -> None:
             conn.execute("BEGIN IMMEDIATE")
             for stmt in _SCHEMA:
                 conn.execute(stmt)
-            for sql, params in (_initial_meta(key) if meta else []) + list(rows):
+            for sql, params in statements:
                 conn.execute(sql, params)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
