@@ -64,10 +64,10 @@ from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
-                     RateLimitError, UnauthorizedError, UnknownAlertError)
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
+                     LineageError, RateLimitError, UnauthorizedError, UnknownAlertError)
 from .geo import check_aware, check_point, epoch_seconds, haversine_km
-from .log import PushRecord, RecipientLog
+from .log import PushRecord, RecipientLog, check_wait
 from .photos import Photo, PhotoStore, load_photo, photo_uri
 from .schedule import RadiusSchedule
 from .settings import Settings
@@ -488,22 +488,73 @@ class AlertEngine:
         self.max_location_age = max_location_age
         self.workers = int(workers)
         self._lock = threading.RLock()
+        self._load_state()
+        log.claim(self)
+        if log.leader and len(authority) and log.meta_value("officers_digest") is None:
+            self._register_first(authority)
+
+    def _load_state(self) -> None:
+        """Read the alerts, the clock and the outbox from the log (at start, and on taking over)."""
+        log = self.log
         with self._counted("log"):   # the log's own records; _bind labels the index's refusals
-            self._bind(index)
+            self._bind(self.index)
             self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
             clock = log.meta_value("clock")
             self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
-            # Outbox: pushes logged by an earlier process and never acknowledged are
-            # offered again on the first tick of this one.
-            self._replay: list[PushRecord] | None = log.unacked()
-        if metrics is not None:
-            metrics.outbox.set(len(self._replay))
+            # Outbox: pushes logged by an earlier process (or the leader before this
+            # one) and never acknowledged are offered again on this one's first tick.
+            self._replay: list[PushRecord] | None = log.unacked() if log.leader else None
+        if self.metrics is not None:
+            self.metrics.outbox.set(len(self._replay or ()))
             self._observe_quarantine()
         # ... and pushes logged by this one but never handed to a caller.
         self._stranded: dict[str, PushRecord] = {}
-        log.claim(self)
-        if len(authority) and log.meta_value("officers_digest") is None:
-            self._register_first(authority)
+
+    # -- leadership (several engines on one PostgreSQL log) --------------------
+
+    @property
+    def leader(self) -> bool:
+        """Whether this engine may act: always on a SQLite log; on PostgreSQL while its log holds
+        the lease (docs/design.md, "Several engines, one log")."""
+        return self.log.leader
+
+    def take_over(self, timeout: float | None = None, *, poll: float = 0.2) -> bool:
+        """A standby engine waits to lead (:meth:`RecipientLog.take_lease`); True once it does.
+
+        On taking over it reads the alerts and the clock afresh, and its first
+        :meth:`tick` offers every push the log holds unacknowledged, under the
+        push id it was logged with.
+        """
+        check_wait(timeout, poll)
+        with self._lock:
+            if self.log.leader:
+                return True
+            if not self.log.take_lease(timeout, poll=poll):
+                return False
+            self._load_state()
+            if len(self.authority) and self.log.meta_value("officers_digest") is None:
+                self._register_first(self.authority)
+            return True
+
+    def step_down(self) -> None:
+        """Give the lease up: another engine may take over (a planned failover)."""
+        with self._lock:
+            self.log.step_down()
+
+    @contextlib.contextmanager
+    def _leading(self):
+        """Hold the engine's lock, as the leader; a standby's action is a :class:`LeaseLostError`."""
+        with self._lock:
+            if not self.log.leader:
+                raise LeaseLostError(f"{self.log.path}: this engine is a standby (it does not hold the "
+                                     f"log's lease); only the leader acts: take_over() first")
+            yield
+
+    def _follow_log(self) -> None:
+        """A standby answers reads from the log as the leader last committed it."""
+        if not self.log.leader:
+            with self._lock, self._counted("log"):
+                self._alerts = {a: Alert.from_record(r) for a, r in self.log.alerts().items()}
 
     def _register_first(self, authority: Authority) -> None:
         """A log's first registry is the one its first engine brings, recorded and audited."""
@@ -604,12 +655,14 @@ class AlertEngine:
     def alert(self, alert_id: str) -> Alert:
         if not isinstance(alert_id, str):
             raise InvalidInputError(f"alert_id must be a string, got {type(alert_id).__name__}")
+        self._follow_log()
         try:
             return self._alerts[alert_id]
         except KeyError:
             raise UnknownAlertError(f"unknown alert {alert_id!r}") from None
 
     def alerts(self) -> list[Alert]:
+        self._follow_log()
         return list(self._alerts.values())
 
     def _schedule_of(self, alert: Alert) -> RadiusSchedule:
@@ -839,7 +892,7 @@ class AlertEngine:
         if len(photos) > _MAX_PHOTOS:
             raise InvalidInputError(f"photos: {len(photos)} photos, at most {_MAX_PHOTOS}")
         loaded = [load_photo(p, self.settings.photo_max_bytes, i) for i, p in enumerate(photos)]
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             officer = self.authority.check_report(officer_id, division, clat, clon)
             self._check_rate(officer.officer_id, division, now)
@@ -917,7 +970,7 @@ class AlertEngine:
     def confirm_distinct(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         """A held report is another person after all: it goes on as any report would."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             alert = self._held(alert_id, officer_id)
             updated = dataclasses.replace(alert, status="pending")
@@ -932,7 +985,7 @@ class AlertEngine:
     def confirm_duplicate(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         """A held report is the same person as the alert it is linked to: it is merged, never pushed."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             alert = self._held(alert_id, officer_id)
             updated = dataclasses.replace(alert, status="merged", closed_at=now, closed_by=officer_id)
@@ -948,7 +1001,7 @@ class AlertEngine:
 
     def approve(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
             if alert.status != "pending":
@@ -974,7 +1027,7 @@ class AlertEngine:
         if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
                                   or not 0 < hours <= 24 * 366):
             raise InvalidInputError(f"hours must be a number in (0, 8784], got {hours!r}")
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             alert = self.alert(alert_id)
             self.authority.check_act(officer_id, alert.division, "renew")
@@ -997,7 +1050,7 @@ class AlertEngine:
         outbox only, and ``result.stale`` is True.
         """
         now = check_aware(now, "now")
-        with self._lock:
+        with self._leading():
             out = TickResult()
             try:
                 self._check_clock(now)
@@ -1034,12 +1087,19 @@ class AlertEngine:
                 try:
                     out.purged = purge_expired(self.log, self.retention_days, now,
                                                photo_dir=self.photos.directory)
+                except LeaseLostError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
                     out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
             return self._deliver(out)
 
     def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
-        """Record one alert's failure; quarantine it unless the environment failed."""
+        """Record one alert's failure; quarantine it unless the environment failed.
+
+        A lost lease is no alert's failure: it ends the tick (this engine is deposed).
+        """
+        if isinstance(exc, LeaseLostError):
+            raise exc
         error = f"{type(exc).__name__}: {exc}"
         if self.metrics is not None and isinstance(exc, (CorruptFileError, LineageError)):
             self.metrics.verification_failed(exc, "log")
@@ -1076,7 +1136,7 @@ class AlertEngine:
 
     def ack(self, push_id: str) -> bool:
         """The dispatcher has handed the push on; it will not be offered again."""
-        with self._lock:
+        with self._leading():
             newly = self.log.ack(push_id)
             if newly:
                 if self.metrics is not None:
@@ -1099,7 +1159,7 @@ class AlertEngine:
             raise InvalidInputError(f"details must be a non-empty dict, got {type(details).__name__} "
                                     f"{str(details)[:80]!r}")
         details = check_details(details)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "update")
@@ -1115,7 +1175,7 @@ class AlertEngine:
         """The child is found (or the search ends): closure to exactly everyone notified."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         outcome = check_outcome(outcome)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self.authority.check_act(officer_id, alert.division, "close")
             if alert.status == "closed":
@@ -1142,7 +1202,7 @@ class AlertEngine:
         """The report was erroneous or false.  Not an outcome; not counted in statistics."""
         now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
         reason = check_text(reason, "reason", _REASON_MAX_CHARS, True)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "retract")
@@ -1163,7 +1223,7 @@ class AlertEngine:
             return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
 
     def refresh(self, new_index, now: _dt.datetime) -> list[Push]:
-        """Switch to a newer index generation and top up every open alert.
+        """Switch to a newer index generation and top up every open alert (a standby only switches).
 
         The open alerts are re-targeted as a batch over ``workers`` threads (the
         kernels release the GIL).  Each alert gets one push: ``expand`` if its
@@ -1200,6 +1260,10 @@ class AlertEngine:
             delta = (getattr(store, "changed_keys", None) is not None
                      and store.parent_generation == self.index.store.generation)
             self.index = new_index
+            if not self.log.leader:
+                # A standby follows the generations (it must not lag the log when it takes
+                # over); the leader tops the alerts up.
+                return TickResult()
             todo = []
             for alert in self._alerts.values():
                 if (alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since
@@ -1287,7 +1351,7 @@ class AlertEngine:
             since = check_aware(since, "since")
         if until is not None:
             until = check_aware(until, "until")
-        records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
+        records = [r for r in (a.stats_record() for a in self.alerts()) if r is not None]
         return compute(records, since=since, until=until, division=division,
                        divisions=self.authority.divisions, case_type=case_type,
                        case_types=tuple(self.settings.case_types))

@@ -106,6 +106,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from . import _pglog
 from ._fs import fsync_dir as _fsync_dir
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      UnknownAlertError, UnknownPushError)
 from .geo import check_aware, check_radius
 
@@ -592,6 +593,15 @@ def _new_file(dst, what: str, kinds: str) -> tuple[str, str]:
     return d, parent
 
 
+def check_wait(timeout, poll) -> None:
+    """Check ``take_lease``'s waiting times: ``timeout`` None or >= 0 s, ``poll`` in (0, 60] s."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise InvalidInputError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 < poll <= 60:
+        raise InvalidInputError(f"poll must be a number of seconds in (0, 60], got {poll!r}")
+
+
 class RecipientLog:
     """Durable, append-only log of pushes, alert state and the audit trail.
 
@@ -602,10 +612,14 @@ class RecipientLog:
     for the whole block.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None, lease: float = 10.0):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None, lease: float = 10.0,
+                 standby: bool = False):
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < 1e6:
             raise InvalidInputError(f"lease must be a number of seconds > 0, got {lease!r}")
         self._lease = float(lease)
+        if not isinstance(standby, bool):
+            raise InvalidInputError(f"standby must be True or False, got {standby!r}")
+        self._reading = 0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self._timeout = float(timeout)
@@ -616,8 +630,11 @@ class RecipientLog:
         self._owner_engine = None
         self._pg = _pglog.is_url(path)
         if self._pg:
-            self._init_pg(path)
+            self._init_pg(path, standby)
             return
+        if standby:
+            raise InvalidInputError("standby=True needs a postgresql:// log: a SQLite log has one owner, "
+                                    "and no other process reads it")
         try:
             p = os.fspath(path)
         except TypeError:
@@ -648,7 +665,7 @@ class RecipientLog:
             self.close()
             raise
 
-    def _init_pg(self, url: str) -> None:
+    def _init_pg(self, url: str, standby: bool) -> None:
         self._path = _pglog.display(url)
         self._real = url
         with _OPEN_LOGS_LOCK:
@@ -657,7 +674,9 @@ class RecipientLog:
             try:
                 conn.create(_SCHEMA, SCHEMA_VERSION, _initial_meta(self._key))
                 conn.check_schema(_SCHEMA, SCHEMA_VERSION, self._path)
-                conn.acquire(self._timeout, self._path)
+                if not standby:
+                    conn.acquire(self._timeout, self._path)
+                    conn.start_heartbeat()
             except BaseException as exc:
                 conn.close()
                 if isinstance(exc, _SQLITE_ERRORS):
@@ -679,6 +698,64 @@ class RecipientLog:
         if other is not None and other._conn is not None:
             raise InvalidInputError(f"path={self._path!r} is held by another RecipientLog in this process "
                                     f"({other!r}); a recipient log has one owner at a time")
+
+    @property
+    def leader(self) -> bool:
+        """Whether this handle may write: an open SQLite log always; a PostgreSQL log while it
+        holds the lease (False for a standby, and once another process is known to have taken over)."""
+        if self._conn is None:
+            return False
+        return self._conn.leading if self._pg else True
+
+    @property
+    def term(self) -> int | None:
+        """The PostgreSQL leadership term this handle holds (1, 2, ... in the ``leases`` table), or None."""
+        return self._conn.term if self._pg and self._conn is not None and self._conn.token else None
+
+    def take_lease(self, timeout: float | None = None, *, poll: float = 0.2) -> bool:
+        """A standby waits to lead: True once this handle holds the lease, False after ``timeout`` s.
+
+        The lease is free when no one holds it, when its holder let it expire
+        (``lease`` s after its last renewal: a host that died or lost the network),
+        or at once when the holder's database session ended (a process that died).
+        ``None`` waits for ever.  See docs/design.md, "Several engines, one log".
+        """
+        check_wait(timeout, poll)
+        if not self._pg:
+            raise InvalidInputError("take_lease() is for a postgresql:// log; a SQLite log's owner is the "
+                                    "process that opened it")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                conn = self._conn
+                if conn is None:
+                    raise GeotargetError(f"{self._path}: the recipient log is closed")
+                if self._depth or self._reading:
+                    raise GeotargetError(f"{self._path}: take_lease() called inside a transaction")
+                if conn.leading:
+                    return True
+                conn.stop_heartbeat()
+                conn.token = None
+                try:
+                    taken = conn.try_acquire() is not None
+                except _SQLITE_ERRORS as exc:
+                    raise self._db_error(exc) from exc
+                if taken:
+                    conn.start_heartbeat()
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            left = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+            time.sleep(left)
+
+    def step_down(self) -> None:
+        """Give the lease up (a PostgreSQL leader becomes a standby; a planned failover)."""
+        if not self._pg:
+            raise InvalidInputError("step_down() is for a postgresql:// log")
+        with self._guard() as conn:
+            if self._depth:
+                raise GeotargetError(f"{self._path}: step_down() called inside a transaction")
+            conn.release()
 
     @property
     def backend(self) -> str:
@@ -806,12 +883,27 @@ class RecipientLog:
 
     @contextlib.contextmanager
     def _guard(self):
-        """Hold the lock on an open log and turn SQLite errors into typed ones."""
+        """Hold the lock on an open log and turn SQLite errors into typed ones.
+
+        A PostgreSQL standby reads in one read-only snapshot per outermost block:
+        the leader's commits in between never show a half-written state.
+        """
         with self._lock:
             if self._conn is None:
                 raise GeotargetError(f"{self._path}: the recipient log is closed")
+            conn = self._conn
+            snapshot = (self._pg and not self._depth and not self._reading and conn.token is None
+                        and not conn.in_transaction)
             try:
-                yield self._conn
+                if snapshot:
+                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                self._reading += 1
+                try:
+                    yield conn
+                finally:
+                    self._reading -= 1
+                    if snapshot and not conn.raw.closed and conn.in_transaction:
+                        conn.execute("COMMIT")
             except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
@@ -823,6 +915,9 @@ class RecipientLog:
         own.  Blocks nest (as savepoints); an exception rolls the block back
         and propagates.  Other threads wait until the outermost block ends.
         """
+        if self._pg and self._conn is not None and self._conn.token is None and not self._depth:
+            raise LeaseLostError(f"{self._path}: this process is a standby and does not hold the log's "
+                                 f"lease (RecipientLog.take_lease); nothing was written")
         with self._guard() as conn:
             depth = self._depth
             conn.execute("BEGIN IMMEDIATE" if depth == 0 and not self._pg else

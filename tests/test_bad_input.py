@@ -93,6 +93,12 @@ CASES = [
      lambda w, v: gt.RecipientLog(w.log.path + ".other", key=v)),
     ("RecipientLog", "lease", ("str", "bool", "complex", "list", "dict", "none"),
      lambda w, v: gt.RecipientLog(w.log.path + ".other", lease=v)),
+    ("RecipientLog", "standby", ("str", "complex", "list", "dict", "none", "int", "float"),
+     lambda w, v: gt.RecipientLog(w.log.path + ".other", standby=v)),
+    ("take_over", "timeout", ("str", "bool", "complex", "list", "dict", "bytes"),
+     lambda w, v: w.engine.take_over(v)),
+    ("take_over", "poll", ("str", "bool", "complex", "list", "dict", "none", "bytes"),
+     lambda w, v: w.engine.take_over(poll=v)),
     ("AlertEngine", "workers", ("str", "bool", "complex", "list", "dict", "none", "float"),
      lambda w, v: gt.AlertEngine(w.index, log=w.log, authority=w.authority, workers=v)),
     ("AlertEngine", "index", ("str", "bool", "complex", "list", "dict", "none", "int"),
@@ -292,7 +298,7 @@ def test_every_public_name_is_walked():
     walked = {label for label, *_ in CASES}
     engine_methods = {n for n, _ in inspect.getmembers(gt.AlertEngine, inspect.isfunction)
                       if not n.startswith("_")}
-    takes_input = engine_methods - {"alerts", "verify", "shutdown", "alert"}
+    takes_input = engine_methods - {"alerts", "verify", "shutdown", "alert", "step_down"}
     assert takes_input <= walked, takes_input - walked
     params = set(inspect.signature(gt.AlertEngine).parameters)
     assert params <= {name for label, name, *_ in CASES if label == "AlertEngine"}, params
