@@ -101,6 +101,9 @@ class PgConnection:
             raise OSError(f"{display(url)}: cannot connect: {exc}") from None
         # A push is returned only after its commit is durable (docs/operations.md).
         self.raw.execute("SET synchronous_commit = on")
+        # A process frozen inside a transaction (a hung host) would hold its locks, and
+        # the lease row, for ever: the server ends such a session after the lease.
+        self.raw.execute(f"SET idle_in_transaction_session_timeout = {max(1, int(self.lease * 1000))}")
 
     @property
     def in_transaction(self) -> bool:
@@ -172,7 +175,13 @@ class PgConnection:
         after it that holder's token matches no row.
         """
         with self.raw.transaction():
-            self.raw.execute("LOCK TABLE owner IN EXCLUSIVE MODE")
+            self.raw.execute("SET LOCAL lock_timeout = '1s'")
+            try:
+                with self.raw.transaction():   # a savepoint: a lock timeout ends the attempt only
+                    self.raw.execute("LOCK TABLE owner IN EXCLUSIVE MODE")
+            except psycopg.errors.LockNotAvailable:
+                self.blocker = "a writer inside a transaction"
+                return None
             row = self.raw.execute("SELECT holder, expires_at > now(), backend_pid FROM owner").fetchone()
             if row is None:
                 reason = "free"
@@ -205,6 +214,8 @@ class PgConnection:
         cur = self.raw.execute("UPDATE owner SET expires_at = now() + make_interval(secs => %s) "
                                "WHERE token = %s", (self.lease, self.token))
         if cur.rowcount != 1:
+            self.token = None      # a standby from now on: it must take the lease again to write
+            self.stop_heartbeat()
             raise LeaseLostError(f"{where}: this process no longer holds the log's lease (another "
                                  f"process took the log over); nothing was written")
 

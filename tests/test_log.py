@@ -933,7 +933,9 @@ def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
         # while the lease is live another process is refused
         r = _other_process(pg_url, "print('opened')")
         assert r.returncode == 3 and "InvalidInputError" in r.stdout and "held by another process" in r.stdout
-        # the owner stalls past its lease (its 30 s pass: moved here by the clock in the row)
+        # the owner stalls past its lease (its heartbeat stops, and its 30 s pass: moved here by
+        # the clock in the row)
+        log._conn.stop_heartbeat()
         admin.execute("UPDATE owner SET expires_at = now() - interval '1 second'")
         # a standby process takes over and writes
         r = _other_process(pg_url, "assert [p.push_id for p in log.unacked()] == ['A.0']\n"
