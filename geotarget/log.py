@@ -669,7 +669,8 @@ class RecipientLog:
         self._path = _pglog.display(url)
         self._real = url
         with _OPEN_LOGS_LOCK:
-            self._refuse_if_held(url)
+            if not standby:   # a standby may share a process with the leader: it never writes unless it leads
+                self._refuse_if_held(url)
             conn = _pglog.PgConnection(url, self._lease, self._timeout)
             try:
                 conn.create(_SCHEMA, SCHEMA_VERSION, _initial_meta(self._key))
@@ -683,7 +684,8 @@ class RecipientLog:
                     raise self._db_error(exc) from exc
                 raise
             self._conn = conn
-            _OPEN_LOGS[url] = weakref.ref(self)
+            if not standby:
+                _OPEN_LOGS[url] = weakref.ref(self)
         self._finalizer = weakref.finalize(self, _close_connection, self._conn)
         try:
             self._load_identity()
