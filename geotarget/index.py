@@ -337,15 +337,8 @@ class SpatialIndex:
         leaves on the border are tested (see ``geotarget/_polygon.py``).
         ``seen_since`` and ``apps`` filter as in :meth:`within`.
         """
-        from shapely.geometry.base import BaseGeometry
         from . import _polygon
-        geom = getattr(polygon_or_division, "polygon", polygon_or_division)
-        if not isinstance(geom, BaseGeometry) or geom.geom_type not in ("Polygon", "MultiPolygon"):
-            raise InvalidInputError(f"polygon_or_division must be a shapely Polygon or MultiPolygon or a "
-                                    f"Division, got {type(polygon_or_division).__name__}")
-        if geom.is_empty or not np.isfinite(shapely_bounds := np.asarray(geom.bounds, dtype=np.float64)).all():
-            raise InvalidInputError("polygon_or_division: the polygon is empty or has non-finite coordinates")
-        del shapely_bounds
+        geom = check_polygon(polygon_or_division)
         _, _, _, seen_min, codes = self._args(0.0, 0.0, 0.0, seen_since, apps)
         runs, count = _polygon.polygon_runs(self, geom, seen_min, codes)
         return Audience(index=self, runs=runs, count=count)
@@ -523,6 +516,18 @@ class SpatialIndex:
                     self.delta_points, np.ascontiguousarray(self.store.changed_keys, dtype=np.uint32)):
                 raise CorruptFileError(f"{d}: delta_points.npy does not hold the store's changed keys")
             self._verified = True
+
+
+def check_polygon(polygon_or_division):
+    """The shapely Polygon or MultiPolygon of ``polygon_or_division`` (a geometry or a Division), checked."""
+    from shapely.geometry.base import BaseGeometry
+    geom = getattr(polygon_or_division, "polygon", polygon_or_division)
+    if not isinstance(geom, BaseGeometry) or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise InvalidInputError(f"polygon_or_division must be a shapely Polygon or MultiPolygon or a "
+                                f"Division, got {type(polygon_or_division).__name__}")
+    if geom.is_empty or not np.isfinite(np.asarray(geom.bounds, dtype=np.float64)).all():
+        raise InvalidInputError("polygon_or_division: the polygon is empty or has non-finite coordinates")
+    return geom
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

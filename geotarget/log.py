@@ -117,16 +117,16 @@ from . import _pglog
 from ._fs import fsync_dir as _fsync_dir
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      UnknownAlertError, UnknownPushError)
-from .geo import check_aware, check_radius
+from .geo import check_aware, check_int, check_radius, iso_utc
+from .model import FOLLOW_UP_KINDS, KINDS, RING_KINDS
 
 __all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS", "load_key",
            "KEY_ENV", "KEY_FILE_ENV"]
 
 #: Kinds that reach only devices never notified for the alert; their union is the closure audience.
-NEW_DEVICE_KINDS = ("alert", "expand", "topup")
+NEW_DEVICE_KINDS = RING_KINDS
 #: Kinds that reach exactly the devices notified so far.
-NOTIFIED_KINDS = ("update", "closure", "retraction")
-KINDS = NEW_DEVICE_KINDS + NOTIFIED_KINDS
+NOTIFIED_KINDS = FOLLOW_UP_KINDS
 
 FILENAME = "recipients.sqlite"
 #: 2: log_meta, macs, owner and lineage tables, and a per-push ``generation`` (no migration from 1).
@@ -225,12 +225,9 @@ def _canon(obj) -> str:
                       allow_nan=False)
 
 
-def _iso(when: _dt.datetime) -> str:
-    return when.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
 def _now_iso() -> str:
-    return _iso(_dt.datetime.now(_dt.timezone.utc))
+    """The wall clock as the log stores times: UTC, to the microsecond."""
+    return iso_utc(_dt.datetime.now(_dt.timezone.utc), "microseconds")
 
 
 def _framed_sha256(tag: bytes, *fields) -> bytes:
@@ -375,12 +372,6 @@ def _check_id(value, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
     return value
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def _check_json_dict(value, name: str) -> str:
@@ -1296,17 +1287,17 @@ class RecipientLog:
         """
         push_id = _check_id(push_id, "push_id")
         alert_id = _check_id(alert_id, "alert_id")
-        seq = _check_count(seq, "seq")
+        seq = check_int(seq, "seq")
         if kind not in KINDS:
             raise InvalidInputError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
         radius = check_radius(radius_km)
-        created = _iso(check_aware(created_at, "created_at"))
+        created = iso_utc(check_aware(created_at, "created_at"), "microseconds")
         if not isinstance(audience, AbstractBitMap):
             raise InvalidInputError(f"audience must be a pyroaring BitMap of 32-bit device keys, "
                                     f"got {type(audience).__name__}")
         meta_text = _check_json_dict(meta, "meta")
         if generation is not None:
-            generation = _check_count(generation, "generation")
+            generation = check_int(generation, "generation")
         # The heavy part runs before taking the lock.
         bm = BitMap(audience)
         bm.run_optimize()
@@ -1322,7 +1313,7 @@ class RecipientLog:
                 diff = [name for name, a, b in (
                     ("alert_id", stored.alert_id, alert_id), ("seq", stored.seq, seq),
                     ("kind", stored.kind, kind), ("radius_km", stored.radius_km, radius),
-                    ("created_at", _iso(stored.created_at), created),
+                    ("created_at", iso_utc(stored.created_at, "microseconds"), created),
                     ("meta", _canon(stored.meta), meta_text), ("audience", stored.audience, bm),
                     ("generation", stored.generation, generation))
                     if a != b]
@@ -1519,8 +1510,8 @@ class RecipientLog:
         if alert_id is not None:
             alert_id = _check_id(alert_id, "alert_id")
         radius = None if radius_km is None else check_radius(radius_km)
-        count = None if count is None else _check_count(count, "count")
-        when = _now_iso() if at is None else _iso(check_aware(at, "at"))
+        count = None if count is None else check_int(count, "count")
+        when = _now_iso() if at is None else iso_utc(check_aware(at, "at"), "microseconds")
         detail_text = None if detail is None else _check_json_dict(detail, "detail")
         with self.transaction() as log:
             conn = log._conn

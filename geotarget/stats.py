@@ -22,6 +22,7 @@ from typing import Iterable, Mapping
 from .authority import division_covers, province_of, validate_division
 from .errors import InvalidInputError
 from .geo import check_aware
+from .model import COUNTED_STATUSES
 
 __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertRecord",
            "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records"]
@@ -29,7 +30,7 @@ __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertReco
 OUTCOMES = ("rescued_trafficking", "runaway", "lost", "drowned", "killed", "accident",
             "visiting_friends", "other", "not_found")
 FOUND_OUTCOMES = tuple(o for o in OUTCOMES if o != "not_found")
-STATUSES = ("pending", "open", "closed", "retracted")
+STATUSES = COUNTED_STATUSES
 #: Statuses of alerts that went out as an alert (retracted ones are excluded on purpose).
 _PUBLISHED = frozenset({"open", "closed"})
 
