@@ -24,7 +24,8 @@ from .errors import InvalidInputError
 from .geo import check_aware
 
 __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertRecord",
-           "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records"]
+           "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records",
+           "log_records"]
 
 OUTCOMES = ("rescued_trafficking", "runaway", "lost", "drowned", "killed", "accident",
             "visiting_friends", "other", "not_found")
@@ -113,6 +114,17 @@ def _group_under(divisions, division: str | None, code: str) -> str:
         return chain[0]
     i = chain.index(division)
     return chain[i + 1] if i + 1 < len(chain) else division
+
+
+def log_records(log) -> Iterable[AlertRecord]:
+    """The statistics records of every alert in a recipient log (drills and duplicates left out),
+    ready for :func:`compute`."""
+    from .engine import Alert  # the engine imports this module
+
+    for rec in log.alerts().values():
+        r = Alert.from_record(rec).stats_record()
+        if r is not None:
+            yield r
 
 
 def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,

@@ -146,28 +146,9 @@ class DeviceStore:
     @classmethod
     def from_table(cls, table: pa.Table, *, generation=1):
         """Ingest a pyarrow Table with ``device_id``, ``lat``/``lon`` (or
-        ``latitude``/``longitude``) and optional ``app`` and ``last_seen``."""
-        cols = {name.lower(): name for name in table.column_names}
-
-        def col(*names):
-            for nm in names:
-                if nm in cols:
-                    c = table.column(cols[nm])
-                    if c.null_count:
-                        i = int(np.flatnonzero(c.is_null().to_numpy(zero_copy_only=False))[0])
-                        raise InvalidInputError(f"{nm}[{i}] is null")
-                    return c
-            return None
-
-        ids = col("device_id", "id")
-        if ids is None:
-            raise InvalidInputError(f"no device_id column; columns are {table.column_names}")
-        lat = col("lat", "latitude")
-        lon = col("lon", "lng", "longitude")
-        if lat is None or lon is None:
-            lat, lon = _geoparquet_points(table)
-        return cls.from_arrays(ids.to_numpy(), np.asarray(lat), np.asarray(lon),
-                               app=col("app"), last_seen=col("last_seen"), generation=generation)
+        ``latitude``/``longitude``, or a GeoParquet point column) and optional ``app`` and ``last_seen``."""
+        ids, lat, lon, app, last_seen = _table_columns(table)
+        return cls.from_arrays(ids, lat, lon, app=app, last_seen=last_seen, generation=generation)
 
     @classmethod
     def from_parquet(cls, path, *, generation=1):
@@ -329,6 +310,16 @@ class DeviceStore:
                           _id_index=id_index, lineage=self.lineage, parent=plan.parent, ancestry=plan.ancestry)
         out.changed_keys, out.parent_generation = _readonly(plan.changed_keys()), plan.parent
         return out
+
+    def with_updates_from_table(self, table: pa.Table, *, directory=None, progress=None):
+        """:meth:`with_updates` with the rows of a pyarrow Table, read as :meth:`from_table` reads them.
+
+        Absent ``app`` and ``last_seen`` columns mean what absent arguments mean
+        to :meth:`with_updates`: moved devices keep their app, and are seen now.
+        """
+        ids, lat, lon, app, last_seen = _table_columns(table)
+        return self.with_updates(ids, lat, lon, last_seen=last_seen, app=app, directory=directory,
+                                 progress=progress)
 
     def _with_updates_to_disk(self, directory, device_id, lat, lon, last_seen, app, progress,
                               chunk_rows: int = 1 << 22):
@@ -682,6 +673,37 @@ class DeviceStore:
         mm = getattr(self, "_mmap", None)
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
             mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _table_columns(table: pa.Table):
+    """``(device_id, lat, lon, app, last_seen)`` of an input table; app and last_seen None when absent.
+
+    Column names are matched without regard to case (``id``, ``latitude``,
+    ``lng``, ``longitude`` are accepted); without lat/lon columns the points
+    come from GeoParquet metadata.  A null in any of them is refused.
+    """
+    if not isinstance(table, pa.Table):
+        raise InvalidInputError(f"table must be a pyarrow Table, got {type(table).__name__}")
+    cols = {name.lower(): name for name in table.column_names}
+
+    def col(*names):
+        for nm in names:
+            if nm in cols:
+                c = table.column(cols[nm])
+                if c.null_count:
+                    i = int(np.flatnonzero(c.is_null().to_numpy(zero_copy_only=False))[0])
+                    raise InvalidInputError(f"{nm}[{i}] is null")
+                return c
+        return None
+
+    ids = col("device_id", "id")
+    if ids is None:
+        raise InvalidInputError(f"no device_id column; columns are {table.column_names}")
+    lat = col("lat", "latitude")
+    lon = col("lon", "lng", "longitude")
+    if lat is None or lon is None:
+        lat, lon = _geoparquet_points(table)
+    return ids.to_numpy(), np.asarray(lat), np.asarray(lon), col("app"), col("last_seen")
 
 
 def _geoparquet_points(table: pa.Table):
