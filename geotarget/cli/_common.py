@@ -12,6 +12,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..geo import now_or_clock
 
 EXIT_OK, EXIT_USAGE, EXIT_REFUSED, EXIT_CHECK_FAILED = 0, 1, 2, 3
 
@@ -78,8 +79,7 @@ def parse_time(text: str | None, name: str) -> _dt.datetime | None:
 
 
 def now_of(args) -> _dt.datetime:
-    t = parse_time(getattr(args, "now", None), "--now")
-    return t if t is not None else _dt.datetime.now(_dt.timezone.utc)
+    return now_or_clock(parse_time(getattr(args, "now", None), "--now"), "--now")
 
 
 def iso_or_none(t) -> str | None:
