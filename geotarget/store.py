@@ -32,6 +32,15 @@ ingest, kept by every later generation), number, parent and a random uid.
 digest of every file of the generation; open checks the seal, that
 store.arrow's identity matches, and the sizes; :meth:`DeviceStore.verify`
 hashes the bytes (see docs/design.md, "Integrity").
+
+Modules
+-------
+This module is the generation itself (constructors, lookups, ``with_updates``,
+save, open, verify).  Its helpers each have a module: ``_store_checks``
+(``check_batch``, the validation every door runs), ``_store_plan``
+(``plan_generation``, the key rule both ``with_updates`` paths follow),
+``_store_files`` (the on-disk layout, ``install`` and ``StoreWriter``) and
+``_fs`` (file helpers shared with the index and the cluster).
 """
 from __future__ import annotations
 
