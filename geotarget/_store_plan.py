@@ -51,7 +51,7 @@ class GenerationPlan:
     ancestry: tuple
     n_old: int
     n_total: int
-    #: Keys of the devices the parent holds, ascending (int64), and the batch row of each.
+    #: Keys of the devices the parent holds, ascending (int64), and the batch row of each (``rows``' dtype).
     moved_keys: np.ndarray
     moved_rows: np.ndarray
     #: Batch rows of the new devices, in the order of their keys ``n_old, n_old + 1, ...``.
@@ -78,7 +78,10 @@ def plan_generation(keys, lat, lon, *, n_old: int, generation: int, uid: str, an
     :class:`InvalidInputError` when the new devices would not fit in the key space.
     """
     keys = np.asarray(keys, dtype=np.int64)
-    rows = np.arange(keys.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    # rows keep their dtype: the on-disk path's are uint32, and a copy of them costs 8 bytes a row
+    rows = np.arange(keys.shape[0], dtype=np.int64) if rows is None else np.asarray(rows)
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows must be integers, got {rows.dtype}")
     if rows.shape != keys.shape:
         raise ValueError(f"rows has shape {rows.shape} but keys has {keys.shape}")
     found = keys >= 0
