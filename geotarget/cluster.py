@@ -85,7 +85,10 @@ from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
 from .geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import CHORD_GUARD, DEFAULT_LEAF_SIZE, SpatialIndex, changed_within, check_polygon
 from .progress import bar
-from .store import DeviceStore, _fsync_dir, _save_npy, load_json
+from ._fs import fsync_dir as _fsync_dir
+from ._fs import load_json
+from ._fs import save_npy as _save_npy
+from .store import DeviceStore
 
 MANIFEST = "shards.json"
 FULL_DIR = "full"

@@ -43,9 +43,13 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from ._fs import read_sealed, write_sealed
-from .store import (MANIFEST_FILE, DeviceStore, _advise_mapping, _check_file_digest, _check_file_size,
-                    _fsync_dir, _stage_npy, load_npy, manifest_entries)
+from ._fs import advise_mapping as _advise_mapping
+from ._fs import check_file_digest as _check_file_digest
+from ._fs import check_file_size as _check_file_size
+from ._fs import fsync_dir as _fsync_dir
+from ._fs import load_npy, manifest_entries, read_sealed, write_sealed
+from ._fs import stage_npy as _stage_npy
+from .store import MANIFEST_FILE, DeviceStore
 
 INDEX_META = "index.json"
 _INDEX_FORMAT = "geotarget.index"

@@ -75,6 +75,8 @@ CASES = [
     ("DeviceStore.from_arrays", "last_seen", ("str", "complex", "dict", "naive", "bytes"),
      lambda w, v: gt.DeviceStore.from_arrays(np.arange(3, dtype=np.uint64), np.zeros(3), np.zeros(3),
                                              last_seen=v)),
+    ("DeviceStore.with_updates_from_table", "table", ("str", "complex", "list", "dict", "none", "int"),
+     lambda w, v: w.store.with_updates_from_table(v)),
     ("SpatialIndex.within", "lat", NUMBER, lambda w, v: w.index.within(v, 120.15, 10.0)),
     ("SpatialIndex.within", "lon", NUMBER, lambda w, v: w.index.within(30.27, v, 10.0)),
     ("SpatialIndex.within", "radius_km", NUMBER, lambda w, v: w.index.within(30.27, 120.15, v)),
