@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import threading
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ from ._fs import (content_digest, fsync_dir, manifest_entries, map_file, offset_
                   private_files, pwrite_all, stage_npy, start_writeback, write_sealed)
 from ._store_checks import MAX_APPS, MAX_DEVICES
 from .errors import CorruptFileError, InvalidInputError
+
+if TYPE_CHECKING:
+    from .store import DeviceStore
 
 STORE_FILE = "store.arrow"
 ID_INDEX_FILE = "id_index.npy"
