@@ -54,6 +54,13 @@ def nonneg_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    v = nonneg_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    return v
+
+
 def nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -160,12 +167,15 @@ def open_index(path):
     return SpatialIndex.open(p)
 
 
-def open_log(path, create: bool = False, args=None):
+def open_log(path, create: bool = False, args=None, standby: bool = False):
+    """The log at ``path``; ``standby``: a PostgreSQL log is opened without its lease (reads, or a
+    node that waits to lead), so it works beside the engine that leads it."""
     from .._pglog import is_url
     from ..log import FILENAME, RecipientLog
 
     if is_url(path):  # a PostgreSQL log: created in the database on first open
-        return RecipientLog(path)
+        lease = getattr(args, "lease", None)
+        return RecipientLog(path, standby=standby, **({"lease": lease} if lease is not None else {}))
     p = Path(path)
     if not create and not p.exists():
         raise InvalidInputError(f"--log {str(p)!r}: no recipient log there")
@@ -177,7 +187,7 @@ def open_log(path, create: bool = False, args=None):
     return log
 
 
-def open_engine(args, officers_required: bool):
+def open_engine(args, officers_required: bool, standby: bool = False):
     from ..authority import Authority
     from ..engine import AlertEngine
 
@@ -193,7 +203,7 @@ def open_engine(args, officers_required: bool):
     if retention is None and settings.retention is not None:
         retention = settings.retention.total_seconds() / 86400
     index = open_index(args.index)
-    log = open_log(args.log, create=args.action == "report", args=args)
+    log = open_log(args.log, create=args.action in ("report", "serve"), args=args, standby=standby)
     try:
         return AlertEngine(index, log=log, authority=authority, settings=settings,
                            max_location_age=age, signer=signer, retention_days=retention)

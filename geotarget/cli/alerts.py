@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ..outputs import app_counts, largest_first
-from ._common import (EXIT_OK, close_log, iso_or_none, load_settings, nonneg_float, now_of, open_engine,
-                      open_index, open_log, parse_time, place_names, write_json, write_line)
+from ._common import (EXIT_OK, close_log, iso_or_none, load_settings, nonneg_float, now_of, one_line,
+                      open_engine, open_index, open_log, parse_time, place_names, positive_float, write_json,
+                      write_line)
 
 
 def _push_doc(p, store=None, replayed=False, files=None) -> dict:
@@ -74,6 +75,8 @@ def cmd_alert(args) -> int:
     action = args.action
     if action == "show":
         return _alert_show(args)
+    if action == "serve":
+        return _alert_serve(args)
     if action == "purge":
         return _alert_purge(args)
     engine = open_engine(args, officers_required=action in ("report", "approve", "update", "close", "retract",
@@ -85,6 +88,76 @@ def cmd_alert(args) -> int:
         raise
     close_log(engine.log, args, failed=False)
     return code
+
+
+def _alert_serve(args) -> int:
+    """A dispatch node: wait to lead the log, then tick every ``--every`` seconds, writing and
+    acknowledging each push, until SIGTERM/SIGINT or ``--for`` seconds; several may share a
+    postgresql:// log (docs/operations.md, "Two engines on one database")."""
+    import signal
+    import threading
+    import time
+
+    from ..errors import LeaseLostError
+    from ..geo import now_or_clock
+
+    args.ack = True
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+
+    def left() -> float:
+        return float("inf") if deadline is None else deadline - time.monotonic()
+
+    def say(event: str, text: str, **fields) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps({"event": event, **fields}, ensure_ascii=False, default=str) + "\n")
+        else:
+            write_line(text)
+        sys.stdout.flush()
+
+    engine = open_engine(args, officers_required=False, standby=True)
+    replay = {r.push_id for r in engine.log.unacked()} if engine.leader else set()   # SQLite: leads at once
+    try:
+        while not stop.is_set() and left() > 0:
+            if not engine.leader:
+                say("standby", f"standby: waiting to lead {engine.log.path}")
+                while not stop.is_set() and left() > 0 and not engine.take_over(timeout=max(0.0, min(0.5, left()))):
+                    pass
+                if not engine.leader:
+                    break
+                replay = {r.push_id for r in engine.log.unacked()}
+                say("leading", f"leading {engine.log.path} (term {engine.log.term}); "
+                    f"{len(replay)} unacknowledged push(es) to offer again", term=engine.log.term,
+                    replay=sorted(replay))
+            try:
+                result = engine.tick(now_or_clock())
+                docs = _hand_off(engine, result, args, replay)
+            except LeaseLostError as exc:
+                say("deposed", f"deposed: {one_line(exc)}", error=one_line(exc))
+                continue
+            except OSError as exc:   # the database went away: a new connection, as a standby
+                say("reconnect", f"lost the log ({one_line(exc)}); reconnecting as a standby",
+                    error=one_line(exc))
+                engine.log.close()
+                stop.wait(min(1.0, max(0.0, left())))
+                engine = open_engine(args, officers_required=False, standby=True)
+                continue
+            if docs:
+                if args.json:
+                    say("pushes", "", pushes=docs)
+                else:
+                    _print_pushes(docs)
+            for f in result.errors:
+                sys.stderr.write(f"geotarget: alert {f.alert_id}: {f.error}\n")
+            stop.wait(max(0.0, min(args.every, left())))
+    finally:
+        if engine.log.backend == "postgresql" and engine.leader:
+            engine.step_down()          # a planned hand-over: a standby leads at once
+        engine.log.close()
+    say("stopped", "stopped")
+    return EXIT_OK
 
 
 def _alert_purge(args) -> int:
@@ -220,7 +293,7 @@ def _details(args) -> dict:
 def _alert_show(args) -> int:
     import numpy as np
 
-    log = open_log(args.log)
+    log = open_log(args.log, standby=True)
     try:
         if not args.alert_id:
             rows = []
@@ -365,6 +438,16 @@ def add_alert(verb) -> None:
                 officers=False, alert_id=False, officer=False, now=False)
     ap.add_argument("alert_id", metavar="ALERT_ID", nargs="?")
     ap.add_argument("--index", metavar="DIR", help="also split each push by app")
+    ap = action("serve", "a dispatch node: wait to lead the log, then tick every --every seconds, writing "
+                "and acknowledging each push (several nodes may share one postgresql:// log)",
+                alert_id=False, officer=False, now=False)
+    ap.add_argument("--out", required=True, metavar="DIR", help="write <push_id>.xml (CAP) and <push_id>.parquet")
+    ap.add_argument("--every", type=positive_float, default=10.0, metavar="SECONDS",
+                    help="seconds between ticks (default 10)")
+    ap.add_argument("--for", dest="duration", type=nonneg_float, metavar="SECONDS",
+                    help="stop after this long (default: until SIGTERM or SIGINT)")
+    ap.add_argument("--lease", type=positive_float, metavar="SECONDS",
+                    help="PostgreSQL lease: how long a hung leader keeps the log (default 10)")
     ap = action("purge", "retention: drop the recipients of alerts closed more than DAYS ago, and every "
                 "output file written for them", index=False, officers=False, alert_id=False, officer=False)
     ap.add_argument("--retention-days", type=nonneg_float, required=True, metavar="DAYS")

@@ -27,7 +27,7 @@ def cmd_map(args) -> int:
     from ..maps import draw_alert_map
 
     index = open_index(args.index)
-    log = open_log(args.log)
+    log = open_log(args.log, standby=True)
     try:
         rec = log.alert(args.alert)
         pushes = log.pushes(args.alert, audiences=False)

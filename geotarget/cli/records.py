@@ -9,7 +9,7 @@ from ._common import EXIT_OK, load_officers, now_of, open_log, write_json, write
 def _cmd_log_copy(args) -> int:
     from .._pglog import display, is_url
 
-    log = open_log(args.src)
+    log = open_log(args.src, standby=True)
     try:
         dst = log.copy_to(args.dst)  # verifies the copy: verify() anchored at SRC's head, and every row
         pushes = log.stats()["pushes"]
@@ -31,7 +31,7 @@ def _cmd_log_copy(args) -> int:
 def cmd_log(args) -> int:
     if args.log_action == "copy":
         return _cmd_log_copy(args)
-    log = open_log(args.src)
+    log = open_log(args.src, standby=True)
     try:
         dst = log.backup(args.dst)
     finally:
@@ -76,7 +76,7 @@ def _key_note(checked: dict) -> str:
 
 
 def cmd_audit(args) -> int:
-    log = open_log(args.log)
+    log = open_log(args.log, standby=True)
     try:
         if args.audit_action == "anchor":
             a = log.anchor()

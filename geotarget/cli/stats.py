@@ -22,7 +22,7 @@ def cmd_stats(args) -> int:
     settings = load_settings(args)
     if args.case_type is not None:
         settings.case(args.case_type)
-    log = open_log(args.log)
+    log = open_log(args.log, standby=True)
     try:
         from ..divisions import Divisions
         s = compute(list(log_records(log)), since=parse_time(args.since, "--since"),
