@@ -94,6 +94,7 @@ leave the file, not just the index.  Reading a purged audience raises
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import functools
@@ -129,6 +130,8 @@ NEW_DEVICE_KINDS = RING_KINDS
 NOTIFIED_KINDS = FOLLOW_UP_KINDS
 
 FILENAME = "recipients.sqlite"
+#: Alerts whose verified notified set a log keeps in memory (the most recently used).
+_NOTIFIED_CACHE_ALERTS = 64
 #: 2: log_meta, macs, owner and lineage tables, and a per-push ``generation`` (no migration from 1).
 SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "GTRL", so a foreign SQLite file is refused, not misread.
@@ -619,6 +622,8 @@ class RecipientLog:
         self._conn = None
         self._key = load_key(key)
         self._owner_engine = None
+        #: alert id -> (the key of its ring rows, their verified union), least recently used first.
+        self._notified_cache: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._pg = _pglog.is_url(path)
         if self._pg:
             self._init_pg(path, standby)
@@ -1269,10 +1274,32 @@ class RecipientLog:
     def _rows(self, conn, where: str = "", params=()):
         return conn.execute(f"SELECT {_PUSH_COLUMNS} FROM pushes {where}", params).fetchall()
 
-    def _notified(self, conn, alert_id: str) -> BitMap:
+    def _notified(self, conn, alert_id: str):
+        """The alert's notified devices (a FrozenBitMap) and the key of the rows they came from.
+
+        Every ring record's checksum (and MAC) is checked on each call.  The audiences'
+        bytes are read, hashed and decoded only when the rows changed since this
+        process last did so: the union it verified is kept, keyed by each row's log
+        position, audience digest and purge state (docs/design.md, "Durability").
+        """
         rows = self._rows(conn, "WHERE alert_id=? AND kind IN (?,?,?) ORDER BY seq",
                           (alert_id, *NEW_DEVICE_KINDS))
-        return BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows))
+        for r in rows:
+            self._decode(r, False)
+        key = tuple((r[0], bytes(r[9]), r[14]) for r in rows)
+        hit = self._notified_cache.get(alert_id)
+        if hit is not None and hit[0] == key:
+            self._notified_cache.move_to_end(alert_id)
+            return hit[1], key
+        union = FrozenBitMap(BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows)))
+        self._remember_notified(alert_id, key, union)
+        return union, key
+
+    def _remember_notified(self, alert_id: str, key: tuple, union: FrozenBitMap) -> None:
+        self._notified_cache[alert_id] = (key, union)
+        self._notified_cache.move_to_end(alert_id)
+        while len(self._notified_cache) > _NOTIFIED_CACHE_ALERTS:
+            self._notified_cache.popitem(last=False)
 
     def append_push(self, *, push_id: str, alert_id: str, seq: int, kind: str, radius_km: float,
                     created_at: _dt.datetime, audience: AbstractBitMap, meta: dict,
@@ -1333,7 +1360,7 @@ class RecipientLog:
             if purged is not None:
                 raise AlertStateError(f"alert {alert_id!r}: its audiences were purged under the retention "
                                       f"setting; nothing more can be logged for it")
-            notified = self._notified(conn, alert_id)
+            notified, key = self._notified(conn, alert_id)
             if kind in NEW_DEVICE_KINDS:
                 overlap = bm.intersection_cardinality(notified)
                 if overlap:
@@ -1358,6 +1385,9 @@ class RecipientLog:
                  prev, checksum, state_sum, generation))
             log._put_mac(conn, f"push:{log_seq}", checksum, state_sum)
             conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (log_seq, blob))
+            outermost = self._depth == 1
+        if kind in NEW_DEVICE_KINDS and outermost:   # committed: the next push of the alert starts from here
+            self._remember_notified(alert_id, key + ((log_seq, digest, None),), FrozenBitMap(notified | bm))
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
                           meta=json.loads(meta_text), acked=False, count=count, generation=generation)
@@ -1425,7 +1455,7 @@ class RecipientLog:
         alert_id = _check_id(alert_id, "alert_id")
         with self._guard() as conn:
             self._known_alert(conn, alert_id)
-            return self._notified(conn, alert_id)
+            return BitMap(self._notified(conn, alert_id)[0])
 
     def ack(self, push_id: str) -> bool:
         """Record durably that the dispatcher took the push; True if it was not acknowledged yet."""
