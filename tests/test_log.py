@@ -438,6 +438,53 @@ def test_an_edited_bitmap_is_never_returned(logged, byte):
             log.verify()
 
 
+def test_the_notified_set_is_read_once_and_kept_verified(where):
+    """Audiences are read, hashed and decoded when an alert's ring rows change, not on every call:
+    bytes changed on disk after that cannot change an answer, and verify() still finds them."""
+    with RecipientLog(where) as log:
+        _push(log, audience=range(0, 5000, 3))
+        _push(log, seq=1, kind="expand", audience=range(10_000, 20_000))
+        want = BitMap(range(0, 5000, 3)) | BitMap(range(10_000, 20_000))
+        assert log.notified("A") == want
+        got = log.notified("A")
+        got.add(7)                                    # a copy: the caller may change it
+        assert log.notified("A") == want
+        with log._guard() as conn:                    # one audience edited behind the log's back
+            blob = conn.execute("SELECT bitmap FROM audiences WHERE log_seq=2").fetchone()[0]
+            conn.execute("BEGIN")
+            conn.execute("UPDATE audiences SET bitmap=? WHERE log_seq=2", (BitMap([1, 2]).serialize(),))
+            conn.execute("COMMIT")
+        assert log.notified("A") == want and bytes(blob) != BitMap([1, 2]).serialize()
+        # ... the next ring is still checked against the devices really notified
+        with pytest.raises(AlertStateError, match="already notified"):
+            _push(log, seq=2, kind="expand", audience=[10_001])
+        with pytest.raises(CorruptFileError, match="SHA-256"):
+            log.verify()
+        # a record edit is seen at once: every record's checksum is checked on every call
+        with log._guard() as conn:
+            conn.execute("BEGIN")
+            conn.execute("UPDATE pushes SET radius_km=900 WHERE push_id='A.1'")
+            conn.execute("COMMIT")
+        with pytest.raises(CorruptFileError, match="checksum"):
+            log.notified("A")
+
+
+def test_a_leader_that_wakes_sees_the_rings_another_logged(pg_url):
+    with RecipientLog(pg_url) as first, RecipientLog(pg_url, standby=True) as second:
+        _push(first, audience=[1, 2])
+        assert first.notified("A") == BitMap([1, 2])
+        first.step_down()
+        assert second.take_lease(timeout=5)
+        _push(second, seq=1, kind="expand", audience=[3])
+        second.step_down()
+        assert first.take_lease(timeout=5)
+        assert first.notified("A") == BitMap([1, 2, 3])
+        with pytest.raises(AlertStateError, match="already notified"):
+            _push(first, seq=2, kind="expand", audience=[3, 4])
+        _push(first, seq=2, kind="expand", audience=[4])
+        assert first.notified("A") == second.notified("A") == BitMap([1, 2, 3, 4])
+
+
 @pytest.mark.parametrize("sql, match", [
     ("UPDATE pushes SET count=count+1 WHERE push_id='A.1'", "checksum"),
     ("UPDATE pushes SET radius_km=500 WHERE push_id='A.1'", "checksum"),
