@@ -1,7 +1,7 @@
 """What a query costs when the index is sharded over Ray actors, against the single index.
 
 One process, one private local Ray (2 CPUs, no dashboard, a 512 MB object
-store), the synthetic national population (``geotarget.population``):
+store), the synthetic national population (``geotarget.spatial.population``):
 
 1. build the single :class:`SpatialIndex`, and the :class:`ShardedIndex`
    (partition + per-shard build + save, then actor start); close it and time
@@ -48,8 +48,8 @@ sys.path.insert(0, HERE)
 import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
 from compare import CENTRES, best_of, load_average, parse_count, rss_bytes  # noqa: E402
 
-from geotarget.index import SpatialIndex  # noqa: E402
-from geotarget.population import population  # noqa: E402
+from geotarget.spatial.index import SpatialIndex  # noqa: E402
+from geotarget.spatial.population import population  # noqa: E402
 
 RADII_KM = (100.0, 500.0)
 OBJECT_STORE = 512 * 2**20
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import ray
-    from geotarget.cluster import ShardedIndex, ShardServer
+    from geotarget.spatial.cluster import ShardedIndex, ShardServer
 
     report = {"devices": args.devices, "shards": args.shards, "python": platform.python_version(),
               "ray": ray.__version__, "cpus": os.cpu_count(), "load_before": load_average()}

@@ -45,7 +45,7 @@ import numpy as np
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
 import geotarget as gt  # noqa: E402
 from geotarget.cli import parse_count  # noqa: E402
-from geotarget.population import population  # noqa: E402
+from geotarget.spatial.population import population  # noqa: E402
 
 SHANGHAI = (31.23, 121.47)
 NOW = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.timezone.utc)

@@ -29,7 +29,7 @@ import numpy as np
 from pyroaring import BitMap
 
 import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
-from geotarget.log import RecipientLog  # noqa: E402
+from geotarget.alerts.log import RecipientLog  # noqa: E402
 
 UTC = dt.timezone.utc
 

@@ -30,7 +30,7 @@ import numpy as np
 from pyroaring import BitMap
 
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
-from geotarget.log import RecipientLog
+from geotarget.alerts.log import RecipientLog
 
 UTC = dt.timezone.utc
 KEY = b"benchmark key of thirty-two bytes"

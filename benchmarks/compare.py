@@ -63,9 +63,9 @@ from geotarget.cli import parse_count  # noqa: E402
 import geotarget  # noqa: E402
 from geotarget import _kernels  # noqa: E402
 from geotarget.geo import EARTH_RADIUS_KM, haversine_km, unit_vectors  # noqa: E402
-from geotarget.index import SpatialIndex  # noqa: E402
-from geotarget.population import generate_arrays  # noqa: E402
-from geotarget.store import DeviceStore  # noqa: E402
+from geotarget.spatial.index import SpatialIndex  # noqa: E402
+from geotarget.spatial.population import generate_arrays  # noqa: E402
+from geotarget.spatial.store import DeviceStore  # noqa: E402
 
 #: The centres of docs/design.md, Targets.
 CENTRES = {
@@ -332,7 +332,7 @@ def run(n: int, seed: int = 0, peers=PEERS, budget_s: float = 1.0, log=print) ->
     t0 = time.perf_counter()
     cols = generate_arrays(n, seed=seed)
     res["generate_s"] = time.perf_counter() - t0
-    log(f"generated {n:,} devices in {res['generate_s']:.1f} s (geotarget.population, seed {seed})")
+    log(f"generated {n:,} devices in {res['generate_s']:.1f} s (geotarget.spatial.population, seed {seed})")
 
     gt = Geotarget(cols)
     res["build"]["geotarget"] = {"build_s": gt.build_s, "ingest_s": gt.ingest_s,

@@ -24,19 +24,19 @@ def bench_devices() -> int:
 
 @pytest.fixture(scope="session")
 def cols():
-    from geotarget.population import generate_arrays
+    from geotarget.spatial.population import generate_arrays
     return generate_arrays(bench_devices(), seed=0)
 
 
 @pytest.fixture(scope="session")
 def store(cols):
-    from geotarget.store import DeviceStore
+    from geotarget.spatial.store import DeviceStore
     return DeviceStore.from_arrays(cols["device_id"], cols["lat"], cols["lon"], last_seen=cols["last_seen"])
 
 
 @pytest.fixture(scope="session")
 def index(store):
-    from geotarget.index import SpatialIndex
+    from geotarget.spatial.index import SpatialIndex
     return SpatialIndex.build(store)
 
 

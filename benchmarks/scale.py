@@ -67,9 +67,9 @@ ROOT = Path(__file__).resolve().parents[1]
 from geotarget import population  # noqa: E402
 from geotarget.cli import parse_count as _parse_count  # noqa: E402
 from geotarget.geo import EARTH_RADIUS_KM, haversine_km  # noqa: E402
-from geotarget.index import SpatialIndex  # noqa: E402
+from geotarget.spatial.index import SpatialIndex  # noqa: E402
 from geotarget.progress import bar, want_progress  # noqa: E402
-from geotarget.store import DeviceStore  # noqa: E402
+from geotarget.spatial.store import DeviceStore  # noqa: E402
 
 UTC = dt.timezone.utc
 PHASES = ("generate", "build", "serve", "log", "dispatch", "refresh", "build2", "retarget")
@@ -317,7 +317,7 @@ def phase_serve(a) -> dict:
 
 
 def phase_log(a) -> dict:
-    from geotarget.log import RecipientLog
+    from geotarget.alerts.log import RecipientLog
 
     index = SpatialIndex.open(Path(a.workdir) / "g1")
     clat, clon = CENTRES["dense"]
@@ -516,7 +516,7 @@ def phase_refresh(a) -> dict:
     baseline = base.summary(a.baseline_seconds)
 
     if a.diagnose:  # wall seconds per step inside with_updates (costs nothing when off)
-        import geotarget.store as _store_mod
+        import geotarget.spatial.store as _store_mod
         _store_mod.update_step_seconds = {}
     with QueryLoop(old, a.query_interval) as loop:
         new, secs, cpu = timed_cpu(store.with_updates, cols["device_id"], cols["lat"], cols["lon"],
@@ -545,7 +545,7 @@ def phase_refresh(a) -> dict:
     if a.diagnose:
         out["diagnose_update_steps_s"] = dict(_store_mod.update_step_seconds)
         _store_mod.update_step_seconds = None
-        from geotarget._store_checks import check_app  # the app-name validation inside with_updates
+        from geotarget.spatial._store_checks import check_app  # the app-name validation inside with_updates
         _, out["diagnose_app_validation_s"] = timed(check_app, app, len(app), list(store.app_names))
         _, out["diagnose_lookup_s"] = timed(store.lookup, cols["device_id"])
     return out

@@ -42,7 +42,7 @@ def _assert_same(rows, expected, cols, centre, r):
 
 @pytest.mark.benchmark(group="build")
 def test_build_geotarget(benchmark, store):
-    from geotarget.index import SpatialIndex
+    from geotarget.spatial.index import SpatialIndex
     index = benchmark.pedantic(SpatialIndex.build, args=(store,), rounds=3, iterations=1)
     assert len(index) == len(store)
 

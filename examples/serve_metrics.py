@@ -23,7 +23,7 @@ import numpy as np
 from prometheus_client import start_http_server
 
 import geotarget as gt
-from geotarget.metrics import EngineMetrics
+from geotarget.alerts.metrics import EngineMetrics
 
 UTC = dt.timezone.utc
 

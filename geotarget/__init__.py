@@ -6,23 +6,23 @@ from ._build_check import require_kernels as _require_kernels
 
 _require_kernels(__path__[0])  # first: an unbuilt checkout gets a plain message, not a failure deep inside
 
-from .audience import Audience
-from .authority import ApprovalPolicy, Authority, Officer
-from .divisions import Division, Divisions
-from .engine import Alert, AlertEngine, AlertFailure, Push, TickResult
+from .spatial.audience import Audience
+from .alerts.authority import ApprovalPolicy, Authority, Officer
+from .spatial.divisions import Division, Divisions
+from .alerts.engine import Alert, AlertEngine, AlertFailure, Push, TickResult
 from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      LineageError,
                      RateLimitError, ShardUnavailableError, SignatureError,
                      UnauthorizedError, UnknownAlertError, UnknownDivisionError, UnknownOfficerError,
                      UnknownPushError)
 from .geo import EARTH_RADIUS_KM, HALF_CIRCUMFERENCE_KM, haversine_km
-from .index import SpatialIndex
-from .log import RecipientLog
-from .schedule import RadiusSchedule
-from .settings import Settings
-from .signing import CapSigner, verify_cap
-from .stats import OUTCOMES
-from .store import DeviceStore
+from .spatial.index import SpatialIndex
+from .alerts.log import RecipientLog
+from .alerts.schedule import RadiusSchedule
+from .alerts.settings import Settings
+from .alerts.signing import CapSigner, verify_cap
+from .alerts.stats import OUTCOMES
+from .spatial.store import DeviceStore
 
 __version__ = "0.1.0"
 

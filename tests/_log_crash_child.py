@@ -49,7 +49,7 @@ def args(alert: str, seq: int) -> dict:
 
 
 def _import_log():
-    """geotarget.log without the package __init__ (which pulls in pyarrow and the index):
+    """geotarget.alerts.log without the package __init__ (which pulls in pyarrow and the index):
     a kill round is dominated by interpreter start-up, and the log needs none of it."""
     import importlib
     import types
@@ -57,7 +57,7 @@ def _import_log():
     pkg = types.ModuleType("geotarget")
     pkg.__path__ = [root]
     sys.modules.setdefault("geotarget", pkg)
-    return importlib.import_module("geotarget.log")
+    return importlib.import_module("geotarget.alerts.log")
 
 
 def main(path: str, round_no: int) -> None:

@@ -4,9 +4,9 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from geotarget.authority import (ACTIONS, LEVELS, ApprovalPolicy, Authority, Officer,
+from geotarget.alerts.authority import (ACTIONS, LEVELS, ApprovalPolicy, Authority, Officer,
                                  division_covers, division_level, province_of, validate_division)
-from geotarget.divisions import Divisions
+from geotarget.spatial.divisions import Divisions
 from geotarget.errors import InvalidInputError, UnauthorizedError, UnknownOfficerError
 
 MINISTRY = Officer("M-1", "ministry", "000000", "部打拐办")

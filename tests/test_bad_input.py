@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import geotarget as gt
-from geotarget.engine import purge_expired, register_officers
+from geotarget.alerts.engine import purge_expired, register_officers
 from geotarget.errors import GeotargetError
 
 UTC = dt.timezone.utc
@@ -285,7 +285,7 @@ def cli_world(tmp_path_factory, world):
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_refuses_bad_arguments_without_a_traceback(cli_world, case, capsys):
     from geotarget.cli import main
-    from geotarget.log import RecipientLog
+    from geotarget.alerts.log import RecipientLog
 
     argv, code = CLI_CASES[case]
     d = cli_world

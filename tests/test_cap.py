@@ -7,11 +7,11 @@ import zoneinfo
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from geotarget.cap import (CAP_NS, KINDS, MSG_TYPES, format_sent, outcome_text, parse_identifiers,
+from geotarget.alerts.cap import (CAP_NS, KINDS, MSG_TYPES, format_sent, outcome_text, parse_identifiers,
                            render_push)
 from geotarget.errors import InvalidInputError
 from geotarget.geo import HALF_CIRCUMFERENCE_KM
-from geotarget.stats import FOUND_OUTCOMES, OUTCOMES
+from geotarget.alerts.stats import FOUND_OUTCOMES, OUTCOMES
 
 CST = dt.timezone(dt.timedelta(hours=8))
 UTC = dt.timezone.utc

@@ -31,10 +31,10 @@ from lxml import etree
 
 import geotarget
 from geotarget.geo import haversine_km
-from geotarget.index import SpatialIndex, within_reference
-from geotarget.log import RecipientLog
-from geotarget.population import city, generate_arrays
-from geotarget.signing import verify_cap
+from geotarget.spatial.index import SpatialIndex, within_reference
+from geotarget.alerts.log import RecipientLog
+from geotarget.spatial.population import city, generate_arrays
+from geotarget.alerts.signing import verify_cap
 
 # The subprocess must import the geotarget these tests imported: the directory
 # that holds the package goes first on its path.  For an in-place build that is
@@ -574,14 +574,14 @@ from hypothesis import strategies as st  # noqa: E402
 def test_rings_are_geodesic_circles(lat, lon, r):
     """Every drawn point lies at great-circle distance r from the centre (a lat/lon
     Euclidean circle would be off by up to tens of km at 500 km in China)."""
-    from geotarget.maps import geodesic_circle
+    from geotarget.cli.maps import geodesic_circle
     ys, xs = geodesic_circle(lat, lon, r)
     d = haversine_km(lat, lon, ys, ((xs + 180.0) % 360.0) - 180.0)
     assert np.allclose(d, r, rtol=1e-9, atol=1e-6)
 
 
 def test_compact_count():
-    from geotarget.maps import compact_count
+    from geotarget.cli.maps import compact_count
     assert [compact_count(n) for n in (0, 999, 1000, 34_149, 341_039, 999_999, 1_124_428, 3_194_927)] == \
         ["0", "999", "1k", "34.1k", "341k", "1M", "1.12M", "3.19M"]
 

@@ -4,8 +4,8 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from geotarget.index import SpatialIndex
-from geotarget.log import RecipientLog
+from geotarget.spatial.index import SpatialIndex
+from geotarget.alerts.log import RecipientLog
 from test_cli import HZ, T, ok, ok_json, run
 
 

@@ -13,11 +13,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import geotarget as gt  # noqa: E402
-from geotarget.cluster import (MANIFEST, ShardedIndex, ShardServer, ShardUnavailableError,  # noqa: E402
+from geotarget.spatial.cluster import (MANIFEST, ShardedIndex, ShardServer, ShardUnavailableError,  # noqa: E402
                                boxes_touching, kd_partition)
 from geotarget.errors import CorruptFileError, InvalidInputError  # noqa: E402
 from geotarget.geo import HALF_CIRCUMFERENCE_KM, unit_vectors  # noqa: E402
-from geotarget.index import within_reference  # noqa: E402
+from geotarget.spatial.index import within_reference  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -462,7 +462,7 @@ class _KillOnFirstQuery:
             ray.kill(self.inner.actors[self.victim], no_restart=False)
         return self.inner.within(*a, **kw)
 
-    # the rest of the engine's index interface (geotarget.model.Index), unchanged
+    # the rest of the engine's index interface (geotarget.alerts.model.Index), unchanged
     def count(self, *a, **kw):
         return self.inner.count(*a, **kw)
 
@@ -501,7 +501,7 @@ def test_concurrent_queries_from_threads(hz):
 # -- packaging -----------------------------------------------------------------------
 
 def test_core_does_not_import_ray():
-    code = "import sys, geotarget, geotarget.engine; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, geotarget, geotarget.alerts.engine; assert 'ray' not in sys.modules, 'ray imported'"
     root = os.path.dirname(os.path.dirname(os.path.abspath(gt.__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
                    env={**os.environ, "PYTHONPATH": root})

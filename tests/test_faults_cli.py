@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from geotarget.log import RecipientLog
+from geotarget.alerts.log import RecipientLog
 from test_cli import HZ, OFFICERS, T, ok, ok_json, run
 
 KEY = "an operator key of 32 characters"
@@ -139,7 +139,7 @@ def test_engine_retention_setting_purges_on_tick(work):
     import datetime as dt
 
     import geotarget as gt
-    from geotarget.authority import Authority, Officer
+    from geotarget.alerts.authority import Authority, Officer
 
     aid = report(work, "ret2.sqlite")
     ok("alert", "tick", *common("ret2.sqlite"), "--now", T.format("08:30"), "--ack", cwd=work)

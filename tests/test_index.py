@@ -8,7 +8,7 @@ import pytest
 import geotarget as gt
 from geotarget.errors import CorruptFileError, InvalidInputError
 from geotarget.geo import HALF_CIRCUMFERENCE_KM, haversine_km
-from geotarget.index import within_reference
+from geotarget.spatial.index import within_reference
 
 UTC = dt.timezone.utc
 
@@ -169,7 +169,7 @@ def test_built_index_is_read_only(tmp_path):
 
 def test_huge_page_build_arrays_give_the_same_index(tmp_path, monkeypatch):
     """Large builds back their arrays by transparent huge pages; force that path on a small store."""
-    import geotarget.index as gi
+    import geotarget.spatial.index as gi
     lat, lon = _uniform(20_000, 16)
     store = _store(lat, lon)
     plain = gt.SpatialIndex.build(store)
@@ -257,7 +257,7 @@ def test_a_new_generation_with_moved_devices_reads_its_keys(tmp_path):
 def test_bitmap_of_a_large_audience_whose_rows_are_not_keys():
     """From 2^16 keys (and one in 256 of the store) the bitmap comes from a dense bitset
     of the runs' keys; it must be the same set as the keys, whatever their order."""
-    from geotarget.audience import _bitmap_from_keys, _dense
+    from geotarget.spatial.audience import _bitmap_from_keys, _dense
     lat, lon = _uniform(150_000, 23)
     g1 = _store(lat, lon)
     rng = np.random.default_rng(23)
@@ -278,7 +278,7 @@ def test_bitmap_of_a_large_audience_whose_rows_are_not_keys():
 
 
 def test_populate_maps_a_mapped_array_in_place(tmp_path):
-    from geotarget.index import populate
+    from geotarget.spatial.index import populate
     a = np.arange(100_000, dtype=np.uint32).reshape(50_000, 2)
     np.save(tmp_path / "a.npy", a)
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")

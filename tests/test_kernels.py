@@ -8,7 +8,7 @@ from hypothesis.extra import numpy as hnp
 import geotarget as gt
 from geotarget import _kernels, _array_kernels, _refresh_kernels
 from geotarget.geo import HALF_CIRCUMFERENCE_KM, haversine_km, unit_vectors
-from geotarget.index import build_tree_reference, within_reference
+from geotarget.spatial.index import build_tree_reference, within_reference
 
 lats = st.floats(-90, 90, allow_nan=False, allow_infinity=False)
 lons = st.floats(-180, 180, allow_nan=False, allow_infinity=False)
@@ -246,7 +246,7 @@ def test_consecutive_ranges_matches_reference(keys):
 @settings(max_examples=50, deadline=None)
 @given(hnp.arrays(np.uint32, st.integers(0, 3000), elements=st.integers(0, 5000)))
 def test_audience_bitmap_from_any_key_order(keys):
-    from geotarget.audience import _bitmap_from_keys
+    from geotarget.spatial.audience import _bitmap_from_keys
     assert set(_bitmap_from_keys(keys)) == set(keys.tolist())
     runs = np.sort(np.unique(keys))
     assert set(_bitmap_from_keys(runs)) == set(runs.tolist())
@@ -506,7 +506,7 @@ def test_build_tree_leaves_rows_already_in_leaf_order_in_place(cloud, leaf):
 def test_bitmap_from_ranges_is_the_union(spec, rnd):
     """Ranges across 2^16 container boundaries, touching and shuffled, serialised as run containers."""
     from pyroaring import BitMap
-    from geotarget.audience import _bitmap_from_keys
+    from geotarget.spatial.audience import _bitmap_from_keys
     keys = set()
     for base, off, length in spec:
         a = min(base + off, 2**32 - 1)
@@ -542,7 +542,7 @@ def test_block_bounds_matches_reference(cloud, block):
 def test_bitmap_from_keys_matches_set(keys, rnd):
     """Sorted and shuffled scattered keys (the bulk-add path), including the top of the key space."""
     from pyroaring import BitMap
-    from geotarget.audience import _bitmap_from_keys
+    from geotarget.spatial.audience import _bitmap_from_keys
     k = np.array(sorted(keys), dtype=np.uint32)
     assert _bitmap_from_keys(k) == BitMap(sorted(keys))
     rnd.shuffle(k)
@@ -561,7 +561,7 @@ def test_count_runs_matches_reference(keys):
 
 def test_bitmap_from_keys_dense_and_sparse_containers():
     from pyroaring import BitMap
-    from geotarget.audience import _bitmap_from_keys
+    from geotarget.spatial.audience import _bitmap_from_keys
     rng = np.random.default_rng(14)
     dense = rng.choice(3 * 65536 + 100, 150_000, replace=False)                # > 4096 per container
     sparse = rng.choice(np.arange(2**20, 2**28), 70_000, replace=False)       # < 4096 per container

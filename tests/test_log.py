@@ -16,7 +16,7 @@ from pyroaring import BitMap, FrozenBitMap
 
 from geotarget.errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                               UnknownAlertError, UnknownPushError)
-from geotarget.log import (FILENAME, SCHEMA_VERSION, PushRecord, RecipientLog, _frame_checksums,
+from geotarget.alerts.log import (FILENAME, SCHEMA_VERSION, PushRecord, RecipientLog, _frame_checksums,
                            _wal_checksum_py)
 
 UTC = dt.timezone.utc
@@ -375,7 +375,7 @@ def audited(tmp_path):
 
 def _rehash(conn, seq):
     """What a careful forger does: recompute the edited entry's own hash."""
-    from geotarget.log import _audit_hash
+    from geotarget.alerts.log import _audit_hash
     row = conn.execute("SELECT seq, at, actor, action, alert_id, radius_km, count, detail, prev_hash "
                        "FROM audit WHERE seq=?", (seq,)).fetchone()
     entry = dict(zip(["seq", "at", "actor", "action", "alert_id", "radius_km", "count"], row[:7]))
@@ -953,7 +953,7 @@ def _other_process(url, code):
     import subprocess
     import sys
 
-    script = ("import sys, datetime as dt\nfrom pyroaring import BitMap\nfrom geotarget.log import RecipientLog\n"
+    script = ("import sys, datetime as dt\nfrom pyroaring import BitMap\nfrom geotarget.alerts.log import RecipientLog\n"
               "try:\n    log = RecipientLog(sys.argv[1], timeout=0.2)\n"
               "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
               "with log:\n" + "".join(f"    {line}\n" for line in code.splitlines()))
@@ -1052,7 +1052,7 @@ def test_a_standby_takes_over_as_soon_as_the_leader_process_dies(pg_url):
     import geotarget
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(geotarget.__file__))))
-    code = ("import sys, time\nfrom geotarget.log import RecipientLog\n"
+    code = ("import sys, time\nfrom geotarget.alerts.log import RecipientLog\n"
             "log = RecipientLog(sys.argv[1], lease=60)\nprint('leading', flush=True)\ntime.sleep(600)\n")
     import tempfile
 

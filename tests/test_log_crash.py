@@ -21,7 +21,7 @@ import pytest
 from pyroaring import BitMap
 
 from geotarget.errors import CorruptFileError
-from geotarget.log import RecipientLog
+from geotarget.alerts.log import RecipientLog
 
 pytestmark = pytest.mark.crash
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (geotarget.metrics): values read back from each engine's own registry."""
+"""Prometheus metrics (geotarget.alerts.metrics): values read back from each engine's own registry."""
 import datetime as dt
 import os
 import sqlite3
@@ -14,7 +14,7 @@ import geotarget as gt
 from geotarget.errors import CorruptFileError, InvalidInputError, LineageError
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from geotarget.metrics import EngineMetrics  # noqa: E402
+from geotarget.alerts.metrics import EngineMetrics  # noqa: E402
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -236,7 +236,7 @@ def test_the_engine_needs_no_prometheus_client_without_metrics(tmp_path):
         assert len(c) == len(p) > 0
         assert "prometheus_client" not in [m for m in sys.modules if sys.modules[m] is not None]
         try:
-            import geotarget.metrics
+            import geotarget.alerts.metrics
         except ImportError:
             print("ok")
     """)

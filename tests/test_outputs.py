@@ -7,7 +7,7 @@ import pytest
 
 import geotarget as gt
 from geotarget.errors import InvalidInputError
-from geotarget.outputs import app_counts, audience_table, largest_first, push_table
+from geotarget.spatial.outputs import app_counts, audience_table, largest_first, push_table
 
 
 @pytest.fixture(scope="module")

@@ -115,22 +115,61 @@ def test_ci_runs_the_readme_commands():
     assert install in ci
 
 
-def test_only_the_spatial_modules_call_compiled_code():
-    """The engine and the cluster reach the kernels through the index and the audience, never directly."""
+def _imports(path):
+    """The geotarget modules ``path`` imports (absolute names), lazy imports included."""
+    import ast
     import pathlib
+
     pkg = pathlib.Path(gt.__file__).parent
-    for name in ("engine.py", "cluster.py"):
-        assert "_kernels" not in (pkg / name).read_text(encoding="utf-8"), name
+    package = ["geotarget", *path.relative_to(pkg).parent.parts]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if node.module is None or mod.split(".")[-1] in ("", "geotarget"):
+                out |= {f"{mod}.{a.name}" for a in node.names}
+            else:
+                out.add(mod)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("geotarget")}
+
+
+def test_only_the_spatial_layer_calls_compiled_code_and_layers_point_down():
+    """Compiled code is reached through the store, the index and the audience (geotarget/spatial),
+    and the layers import downwards only: spatial knows nothing of alerts or the command line,
+    alerts nothing of the command line."""
+    import pathlib
+
+    pkg = pathlib.Path(gt.__file__).parent
+    callers, upward = set(), []
+    for path in pkg.rglob("*.py"):
+        mods = _imports(path)
+        layer = path.relative_to(pkg).parts[0] if len(path.relative_to(pkg).parts) > 1 else ""
+        if any(m.rsplit(".", 1)[-1].endswith("_kernels") for m in mods):
+            callers.add(path.relative_to(pkg).as_posix())
+        above = {"spatial": ("geotarget.alerts", "geotarget.cli"), "alerts": ("geotarget.cli",),
+                 "": ("geotarget.spatial", "geotarget.alerts", "geotarget.cli")}.get(layer, ())
+        if layer == "" and path.name in ("__init__.py", "__main__.py"):
+            above = ()
+        upward += [f"{path.relative_to(pkg)} imports {m}" for m in mods if m.startswith(above)] if above else []
+    assert {c.split("/")[0] for c in callers} == {"spatial"}, callers
+    assert {"spatial/index.py", "spatial/audience.py", "spatial/store.py"} <= callers
+    assert upward == []
 
 
 def test_both_indexes_answer_the_engines_index_interface():
-    """The engine takes any geotarget.model.Index; SpatialIndex and ShardedIndex both are one, alike."""
+    """The engine takes any geotarget.alerts.model.Index; SpatialIndex and ShardedIndex both are one, alike."""
     import inspect
 
     import numpy as np
 
-    from geotarget.cluster import ShardedIndex
-    from geotarget.model import Index
+    from geotarget.spatial.cluster import ShardedIndex
+    from geotarget.alerts.model import Index
 
     methods = [n for n, v in vars(Index).items() if callable(v) and not n.startswith("_")]
     assert sorted(methods) == ["changed_within", "count", "within", "within_polygon"]

@@ -11,9 +11,9 @@ import pytest
 from lxml import etree
 
 import geotarget as gt
-from geotarget.engine import purge_expired
-from geotarget.photos import MIME_TYPES, Photo, PhotoStore
-from geotarget.signing import self_signed, verify_cap
+from geotarget.alerts.engine import purge_expired
+from geotarget.alerts.photos import MIME_TYPES, Photo, PhotoStore
+from geotarget.alerts.signing import self_signed, verify_cap
 
 capvalidator = pytest.importorskip("capvalidator")
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from geotarget import population as P
 from geotarget.errors import InvalidInputError
 from geotarget.geo import haversine_km
-from geotarget.store import DeviceStore
+from geotarget.spatial.store import DeviceStore
 
 UTC = dt.timezone.utc
 COLUMNS = ("device_id", "lat", "lon", "app", "last_seen")

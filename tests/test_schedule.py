@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from geotarget.errors import InvalidInputError
 from geotarget.geo import HALF_CIRCUMFERENCE_KM
-from geotarget.schedule import RadiusSchedule
+from geotarget.alerts.schedule import RadiusSchedule
 
 UTC = dt.timezone.utc
 CST = dt.timezone(dt.timedelta(hours=8))

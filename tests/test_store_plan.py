@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from geotarget._store_checks import MAX_DEVICES
-from geotarget._store_plan import plan_generation, spatial_order
+from geotarget.spatial._store_checks import MAX_DEVICES
+from geotarget.spatial._store_plan import plan_generation, spatial_order
 from geotarget.errors import InvalidInputError
 
 

@@ -4,10 +4,10 @@ One module per verb group, each registering its own subcommands and options
 (``add_*``) and holding their ``cmd_*`` functions: :mod:`.data` (generate,
 ingest, build, query, bench), :mod:`.alerts` (the alert lifecycle),
 :mod:`.records` (log, audit, officers), :mod:`.stats` (stats, divisions,
-config) and :mod:`.demo` (demo, map); :mod:`._common` holds the exit codes,
+config) and :mod:`.showcase` (demo, map); :mod:`._common` holds the exit codes,
 argument types and openers they share.  Tables, counts and statistics
-records come from the library (:mod:`geotarget.outputs`,
-:func:`geotarget.stats.log_records`, :meth:`DeviceStore.with_updates_from_table`).
+records come from the library (:mod:`geotarget.spatial.outputs`,
+:func:`geotarget.alerts.stats.log_records`, :meth:`DeviceStore.with_updates_from_table`).
 
 Verbs
 -----
@@ -71,15 +71,15 @@ import sys
 from typing import Sequence
 
 from ..errors import GeotargetError
-from . import alerts, data, demo, records, stats
+from . import alerts, data, records, showcase, stats
 from ._common import EXIT_OK, EXIT_REFUSED, Parser, load_officers, one_line, parse_count
 
 __all__ = ["main", "build_parser", "parse_count", "load_officers"]
 
 #: The verbs in the order ``geotarget --help`` lists them.
-_VERBS = (demo.add_demo, data.add_generate, data.add_ingest, data.add_build, data.add_query, alerts.add_alert,
+_VERBS = (showcase.add_demo, data.add_generate, data.add_ingest, data.add_build, data.add_query, alerts.add_alert,
           stats.add_config, stats.add_stats, records.add_audit, records.add_log, records.add_officers,
-          data.add_bench, stats.add_divisions, demo.add_map)
+          data.add_bench, stats.add_divisions, showcase.add_map)
 
 _EPILOG = """\
 a store and its index share one directory: --store DIR writes it, --index DIR reads it.

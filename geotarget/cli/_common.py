@@ -115,8 +115,8 @@ def to_ms(seconds: float) -> float:
 
 
 def load_officers(path) -> "Authority":  # noqa: F821 - imported lazily
-    """An :class:`~geotarget.authority.Authority` from a JSON or CSV officers file (see module doc)."""
-    from ..authority import Authority, Officer
+    """An :class:`~geotarget.alerts.authority.Authority` from a JSON or CSV officers file (see module doc)."""
+    from ..alerts.authority import Authority, Officer
 
     p = Path(path)
     if not p.is_file():
@@ -159,7 +159,7 @@ def load_officers(path) -> "Authority":  # noqa: F821 - imported lazily
 
 
 def open_index(path):
-    from ..index import SpatialIndex
+    from ..spatial.index import SpatialIndex
 
     p = Path(path)
     if not p.is_dir():
@@ -170,8 +170,8 @@ def open_index(path):
 def open_log(path, create: bool = False, args=None, standby: bool = False):
     """The log at ``path``; ``standby``: a PostgreSQL log is opened without its lease (reads, or a
     node that waits to lead), so it works beside the engine that leads it."""
-    from .._pglog import is_url
-    from ..log import FILENAME, RecipientLog
+    from ..alerts._pglog import is_url
+    from ..alerts.log import FILENAME, RecipientLog
 
     if is_url(path):  # a PostgreSQL log: created in the database on first open
         lease = getattr(args, "lease", None)
@@ -188,8 +188,8 @@ def open_log(path, create: bool = False, args=None, standby: bool = False):
 
 
 def open_engine(args, officers_required: bool, standby: bool = False):
-    from ..authority import Authority
-    from ..engine import AlertEngine
+    from ..alerts.authority import Authority
+    from ..alerts.engine import AlertEngine
 
     if officers_required and not args.officers:
         raise InvalidInputError(f"alert {args.action} needs --officers FILE (who may act)")
@@ -223,13 +223,13 @@ def close_log(log, args, failed: bool = True) -> None:
 
 
 def load_settings(args):
-    from ..settings import Settings
+    from ..alerts.settings import Settings
     return Settings.load(getattr(args, "config", None))
 
 
 def place_names(code: str) -> str:
     """The names of a division code, or "" for a code the registry does not hold (an old log)."""
-    from ..divisions import Divisions
+    from ..spatial.divisions import Divisions
     divs = Divisions.china()
     return "全国" if code == "000000" else (divs.full_name(code) if code in divs else "")
 

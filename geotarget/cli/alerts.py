@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..outputs import app_counts, largest_first
+from ..spatial.outputs import app_counts, largest_first
 from ._common import (EXIT_OK, close_log, iso_or_none, load_settings, nonneg_float, now_of, one_line,
                       open_engine, open_index, open_log, parse_time, place_names, positive_float, write_json,
                       write_line)
@@ -34,13 +34,13 @@ def _hand_off(engine, pushes, args, replay_ids=()) -> list[dict]:
         if out is not None:
             import pyarrow.parquet as pq
 
-            from ..outputs import push_table
+            from ..spatial.outputs import push_table
 
             cap = out / f"{p.push_id}.xml"
             cap.write_text(p.cap_xml, encoding="utf-8")
             pq.write_table(push_table(p.batches), out / f"{p.push_id}.parquet")
             files = {"cap_file": str(cap), "batches_file": str(out / f"{p.push_id}.parquet")}
-            from ..engine import record_outputs
+            from ..alerts.engine import record_outputs
 
             record_outputs(engine.log, p.push_id, [os.path.abspath(f) for f in files.values()])
         acked = bool(getattr(args, "ack", False))
@@ -161,7 +161,7 @@ def _alert_serve(args) -> int:
 
 
 def _alert_purge(args) -> int:
-    from ..engine import purge_expired
+    from ..alerts.engine import purge_expired
 
     log = open_log(args.log)
     try:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidInputError
-from ..outputs import largest_first
+from ..spatial.outputs import largest_first
 from ._common import (EXIT_OK, iso_or_none, nonneg_int, open_index, parse_apps, parse_count, parse_time,
                       to_ms, write_json, write_line)
 
@@ -17,8 +17,8 @@ def _store_summary(store, path, seconds: dict) -> dict:
 
 
 def _held(d: Path) -> list[str]:
-    from ..index import INDEX_META
-    from ..store import MANIFEST_FILE, STORE_FILE
+    from ..spatial.index import INDEX_META
+    from ..spatial.store import MANIFEST_FILE, STORE_FILE
 
     return [what for what, names in (("a store", (STORE_FILE, MANIFEST_FILE)), ("an index", (INDEX_META,)))
             if any((d / nm).exists() for nm in names)]
@@ -50,7 +50,7 @@ def _replace_store(store, d: Path) -> None:
     replaces its manifest last: at no instant does ``d`` hold an index and a
     store that open together but do not belong together.
     """
-    from ..index import SpatialIndex
+    from ..spatial.index import SpatialIndex
 
     if d.is_dir():
         SpatialIndex.remove(d)
@@ -60,7 +60,7 @@ def _replace_store(store, d: Path) -> None:
 def _maybe_build(store, directory, seconds: dict, build: bool):
     if not build:
         return
-    from ..index import SpatialIndex
+    from ..spatial.index import SpatialIndex
 
     t0 = time.perf_counter()
     SpatialIndex.build(store).save(directory)
@@ -68,7 +68,7 @@ def _maybe_build(store, directory, seconds: dict, build: bool):
 
 
 def cmd_generate(args) -> int:
-    from ..population import population
+    from ..spatial.population import population
 
     d = _check_store_dir(args.store, args.force)
     seconds = {}
@@ -130,7 +130,7 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def cmd_ingest(args) -> int:
-    from ..store import DeviceStore
+    from ..spatial.store import DeviceStore
 
     path = Path(args.input)
     d = _check_store_dir(args.store, args.force)
@@ -173,8 +173,8 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from ..index import SpatialIndex
-    from ..store import DeviceStore
+    from ..spatial.index import SpatialIndex
+    from ..spatial.store import DeviceStore
 
     d = Path(args.store)
     if not d.is_dir():
@@ -212,7 +212,7 @@ def cmd_query(args) -> int:
     if args.out:
         import pyarrow.parquet as pq
 
-        from ..outputs import audience_table
+        from ..spatial.outputs import audience_table
 
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -240,7 +240,7 @@ def cmd_query(args) -> int:
 def cmd_bench(args) -> int:
     import numpy as np
 
-    from ..index import SpatialIndex
+    from ..spatial.index import SpatialIndex
 
     d = Path(args.index)
     if not d.is_dir():
@@ -249,7 +249,7 @@ def cmd_bench(args) -> int:
     index = SpatialIndex.open(d)
     opened = time.perf_counter() - t0
     if args.city:
-        from ..population import city
+        from ..spatial.population import city
         c = city(args.city)
         lat, lon, where = c["lat"], c["lon"], c["name_en"]
     else:

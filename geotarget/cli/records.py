@@ -7,7 +7,7 @@ from ._common import EXIT_OK, load_officers, now_of, open_log, write_json, write
 
 
 def _cmd_log_copy(args) -> int:
-    from .._pglog import display, is_url
+    from ..alerts._pglog import display, is_url
 
     log = open_log(args.src, standby=True)
     try:
@@ -36,7 +36,7 @@ def cmd_log(args) -> int:
         dst = log.backup(args.dst)
     finally:
         log.close()
-    from ..log import RecipientLog
+    from ..alerts.log import RecipientLog
 
     with RecipientLog(dst) as copy:
         checked = copy.verify()
@@ -52,7 +52,7 @@ def cmd_log(args) -> int:
 
 
 def cmd_officers(args) -> int:
-    from ..engine import register_officers
+    from ..alerts.engine import register_officers
 
     authority = load_officers(args.officers)
     log = open_log(args.log)

@@ -17,14 +17,14 @@ def cmd_config(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from ..stats import compute, log_records
+    from ..alerts.stats import compute, log_records
 
     settings = load_settings(args)
     if args.case_type is not None:
         settings.case(args.case_type)
     log = open_log(args.log, standby=True)
     try:
-        from ..divisions import Divisions
+        from ..spatial.divisions import Divisions
         s = compute(list(log_records(log)), since=parse_time(args.since, "--since"),
                     until=parse_time(args.until, "--until"), division=args.division,
                     divisions=Divisions.china(), case_type=args.case_type,
@@ -54,7 +54,7 @@ def cmd_stats(args) -> int:
 
 def cmd_divisions(args) -> int:
     """Look a division up by code, by name or by point (China's registry)."""
-    from ..divisions import Divisions
+    from ..spatial.divisions import Divisions
     divs = Divisions.china()
     if args.point is not None:
         lat, lon = _parse_point(args.point)

@@ -1,7 +1,7 @@
 """The on-disk layout of a store generation and the code that writes it.
 
 One generation is ``store.arrow`` (an uncompressed Arrow IPC file, see
-:mod:`geotarget.store`), the id index (``id_sorted.npy``, ``id_index.npy``),
+:mod:`geotarget.spatial.store`), the id index (``id_sorted.npy``, ``id_index.npy``),
 the keys it changed since its parent (``changed_since_<parent>.npy``) and the
 sealed manifest ``store.json`` listing every file's size and digest.
 :func:`install` moves staged files into place under a new manifest;
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import _array_kernels
-from ._fs import (content_digest, fsync_dir, manifest_entries, map_file, offset_in, pread_into,
+from .. import _array_kernels
+from .._fs import (content_digest, fsync_dir, manifest_entries, map_file, offset_in, pread_into,
                   private_files, pwrite_all, stage_npy, start_writeback, write_sealed)
 from ._store_checks import MAX_APPS, MAX_DEVICES
-from .errors import CorruptFileError, InvalidInputError
+from ..errors import CorruptFileError, InvalidInputError
 
 if TYPE_CHECKING:
     from .store import DeviceStore
@@ -42,7 +42,7 @@ MANIFEST_FILE = "store.json"
 #: 2: store.arrow names its lineage, parent and uid; ``store.json`` seals the files.
 FORMAT_VERSION = 2
 #: The schema metadata key of store.arrow's generation identity.
-META_KEY = b"geotarget.store"
+META_KEY = b"geotarget.spatial.store"
 
 SCHEMA = pa.schema([
     pa.field("device_id", pa.uint64(), nullable=False),
@@ -52,7 +52,7 @@ SCHEMA = pa.schema([
     pa.field("last_seen", pa.timestamp("s", tz="UTC"), nullable=False),
 ])
 
-MANIFEST_FORMAT = "geotarget.store"
+MANIFEST_FORMAT = "geotarget.spatial.store"
 
 
 def new_id() -> str:

@@ -37,22 +37,22 @@ from pathlib import Path
 import numpy as np
 from pyroaring import AbstractBitMap
 
-from . import _kernels, _array_kernels, _refresh_kernels
-from ._fs import private_files
+from .. import _kernels, _array_kernels, _refresh_kernels
+from .._fs import private_files
 from .audience import Audience
-from .errors import CorruptFileError, InvalidInputError
-from .geo import check_aware, check_point, check_radius, epoch_seconds
-from .progress import progress_steps
-from ._fs import advise_mapping as _advise_mapping
-from ._fs import check_file_digest as _check_file_digest
-from ._fs import check_file_size as _check_file_size
-from ._fs import fsync_dir as _fsync_dir
-from ._fs import load_npy, manifest_entries, read_sealed, write_sealed
-from ._fs import stage_npy as _stage_npy
+from ..errors import CorruptFileError, InvalidInputError
+from ..geo import check_aware, check_point, check_radius, epoch_seconds
+from ..progress import progress_steps
+from .._fs import advise_mapping as _advise_mapping
+from .._fs import check_file_digest as _check_file_digest
+from .._fs import check_file_size as _check_file_size
+from .._fs import fsync_dir as _fsync_dir
+from .._fs import load_npy, manifest_entries, read_sealed, write_sealed
+from .._fs import stage_npy as _stage_npy
 from .store import MANIFEST_FILE, DeviceStore
 
 INDEX_META = "index.json"
-_INDEX_FORMAT = "geotarget.index"
+_INDEX_FORMAT = "geotarget.spatial.index"
 #: 2: index.json is sealed and binds the index to its store generation and its arrays' digests.
 FORMAT_VERSION = 2
 #: The store identity an index is bound to (``DeviceStore.identity``).
@@ -333,12 +333,12 @@ class SpatialIndex:
         return int(self._run(*args, False)[2])
 
     def within_polygon(self, polygon_or_division, seen_since=None, apps=None) -> Audience:
-        """Devices inside a polygon or a :class:`~geotarget.divisions.Division`, as an Audience.
+        """Devices inside a polygon or a :class:`~geotarget.spatial.divisions.Division`, as an Audience.
 
         Exact against ``shapely.contains_xy(polygon, lon, lat)`` over the
         stored coordinates (boundary points are outside): whole subtrees
         inside or outside are decided by their boxes, and only the points of
-        leaves on the border are tested (see ``geotarget/_polygon.py``).
+        leaves on the border are tested (see ``geotarget/spatial/_polygon.py``).
         ``seen_since`` and ``apps`` filter as in :meth:`within`.
         """
         from . import _polygon
@@ -574,7 +574,7 @@ def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):
 
 def within_reference(store: DeviceStore, lat, lon, radius_km, seen_since=None, apps=None) -> np.ndarray:
     """Sorted keys a float64 NumPy haversine scan selects (the contract)."""
-    from .geo import haversine_km
+    from ..geo import haversine_km
     d = haversine_km(lat, lon, store.lat, store.lon)
     mask = d <= radius_km
     if seen_since is not None:

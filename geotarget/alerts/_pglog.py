@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 
-from .errors import CorruptFileError, InvalidInputError, LeaseLostError
+from ..errors import CorruptFileError, InvalidInputError, LeaseLostError
 
 try:  # an optional extra: geotarget[postgres]
     import psycopg

@@ -27,7 +27,7 @@ refused action changes nothing.
 
 Real places
 -----------
-Codes are checked against a :class:`~geotarget.divisions.Divisions` registry
+Codes are checked against a :class:`~geotarget.spatial.divisions.Divisions` registry
 (China's by default): an officer or an alert in a code the registry does not
 hold is refused, and a report's point must lie in the alert's division (which
 lies in the reporter's), or within ``tolerance_km`` of it so that a child last
@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from .errors import InvalidInputError, UnauthorizedError, UnknownDivisionError, UnknownOfficerError
+from ..errors import InvalidInputError, UnauthorizedError, UnknownDivisionError, UnknownOfficerError
 
 __all__ = ["LEVELS", "ACTIONS", "DEFAULT_TOLERANCE_KM", "Officer", "ApprovalPolicy", "Authority",
            "division_covers", "division_level", "validate_division", "province_of"]
@@ -255,7 +255,7 @@ class Authority:
     # -- real places ---------------------------------------------------------------
 
     def _init_divisions(self, divisions, tolerance_km) -> None:
-        from .divisions import Divisions
+        from ..spatial.divisions import Divisions
         if divisions is None:
             divisions = Divisions.china()
         elif not isinstance(divisions, Divisions):
@@ -307,7 +307,7 @@ class Authority:
     def distance_km(self, division: str, lat, lon) -> float:
         """How far (lat, lon) lies outside ``division`` (0 inside); see :meth:`Divisions.distance_km`."""
         if self._known(division) == "000000":
-            from .divisions import distance_to_km
+            from ..spatial.divisions import distance_to_km
             return distance_to_km(self._divisions.country, lat, lon)
         return self._divisions.distance_km(division, lat, lon)
 

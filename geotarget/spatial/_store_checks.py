@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from . import _array_kernels
-from .errors import InvalidInputError
-from .geo import check_coordinates, now_or_clock
+from .. import _array_kernels
+from ..errors import InvalidInputError
+from ..geo import check_coordinates, now_or_clock
 
 #: Keys are uint32 and 2^32 - 1 is reserved as "no key".
 MAX_DEVICES = 2**32 - 1

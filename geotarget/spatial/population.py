@@ -91,9 +91,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from .errors import InvalidInputError
-from .geo import EARTH_RADIUS_KM, check_aware, check_int, epoch_seconds
-from .progress import bar
+from ..errors import InvalidInputError
+from ..geo import EARTH_RADIUS_KM, check_aware, check_int, epoch_seconds
+from ..progress import bar
 
 __all__ = [
     "APP_WEIGHTS", "DEFAULT_NOW", "PARTNER_APPS", "PROVINCES", "RURAL_SHARE", "app_array",
@@ -670,7 +670,7 @@ def app_array(codes: np.ndarray) -> pa.DictionaryArray:
 
 
 def population(n: int, seed: int = 0, progress=None, now: _dt.datetime | None = None):
-    """A :class:`~geotarget.store.DeviceStore` of ``n`` synthetic devices over China.
+    """A :class:`~geotarget.spatial.store.DeviceStore` of ``n`` synthetic devices over China.
 
     Apps are named by :data:`PARTNER_APPS`; the store's rows are in spatial
     order, as for any first ingest.

@@ -52,15 +52,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import _array_kernels, _store_kernels
-from ._fs import (NpyWriter, check_file_digest, check_file_size, drop_pages, load_npy, map_file, prefetch,
+from .. import _array_kernels, _store_kernels
+from .._fs import (NpyWriter, check_file_digest, check_file_size, drop_pages, load_npy, map_file, prefetch,
                   private_files, read_sealed, stage_npy)
 from ._store_checks import DEFAULT_APP, MAX_APPS, MAX_DEVICES, check_app, check_batch  # noqa: F401 (public names)
 from ._store_files import (CHANGED_PREFIX, FORMAT_VERSION, ID_INDEX_FILE, ID_SORTED_FILE, MANIFEST_FILE,
                            MANIFEST_FORMAT, META_KEY, SCHEMA, STORE_FILE, BackgroundIO, BufferPool,
                            OldColumns, StoreWriter, install, new_id, run_jobs)
 from ._store_plan import plan_generation, spatial_order
-from .errors import CorruptFileError, InvalidInputError
+from ..errors import CorruptFileError, InvalidInputError
 
 #: Set to a dict to collect wall seconds per step of the next on-disk ``with_updates``
 #: (``benchmarks/scale.py --diagnose`` does); None costs nothing.
@@ -180,7 +180,7 @@ class DeviceStore:
         sort; duplicates across chunks are caught when the id index is built.
         Memory stays bounded by one chunk.
         """
-        from .progress import bar
+        from ..progress import bar
         app_names = list(app_names)
         writer = StoreWriter(directory, n, app_names, generation)
         start = 0
@@ -332,7 +332,7 @@ class DeviceStore:
 
     def _with_updates_to_disk(self, directory, device_id, lat, lon, last_seen, app, progress,
                               chunk_rows: int = 1 << 22):
-        from .progress import bar
+        from ..progress import bar
         lap = _Laps()
         # the lookup walks the whole id index: have the kernel read it ahead while we validate
         prefetch(self._sorted_ids)

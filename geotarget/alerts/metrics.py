@@ -1,4 +1,4 @@
-"""Prometheus metrics of one :class:`~geotarget.engine.AlertEngine` (optional extra).
+"""Prometheus metrics of one :class:`~geotarget.alerts.engine.AlertEngine` (optional extra).
 
 Install with ``pip install "geotarget[metrics]"`` (``prometheus-client``).  The
 engine never imports this module unless it is given ``metrics=``; without it
@@ -11,7 +11,7 @@ client's own HTTP server, bound to the loopback interface (a reverse proxy or
 the node's Prometheus agent reaches it there)::
 
     from prometheus_client import start_http_server
-    from geotarget.metrics import EngineMetrics
+    from geotarget.alerts.metrics import EngineMetrics
 
     metrics = EngineMetrics()
     engine = AlertEngine(index, log, authority, metrics=metrics)
@@ -58,7 +58,7 @@ class EngineMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         if registry is not None and not isinstance(registry, CollectorRegistry):
-            from .errors import InvalidInputError
+            from ..errors import InvalidInputError
             raise InvalidInputError(f"registry must be a prometheus_client.CollectorRegistry or None, "
                                     f"got {type(registry).__name__}")
         #: Where the series live; give it to ``start_http_server`` or ``generate_latest``.

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
 
-from . import _array_kernels
+from .. import _array_kernels
 
 
 def gather_runs(keys: np.ndarray, runs: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ class Audience:
     @classmethod
     def from_keys(cls, keys, store) -> "Audience":
         """An audience of explicit keys (validated against ``store``)."""
-        from .errors import InvalidInputError
+        from ..errors import InvalidInputError
         k = np.asarray(keys)
         if k.size and (not np.issubdtype(k.dtype, np.integer) or k.min() < 0 or k.max() >= len(store)):
             raise InvalidInputError(f"keys must be integers in [0, {len(store)})")

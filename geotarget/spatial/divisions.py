@@ -48,8 +48,8 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
-from .errors import CorruptFileError, InvalidInputError, UnknownDivisionError
-from .geo import check_point, haversine_km
+from ..errors import CorruptFileError, InvalidInputError, UnknownDivisionError
+from ..geo import check_point, haversine_km
 
 __all__ = ["Division", "Divisions", "DIVISION_LEVELS", "distance_to_km"]
 

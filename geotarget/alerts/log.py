@@ -115,10 +115,10 @@ import numpy as np
 from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from . import _pglog
-from ._fs import fsync_dir as _fsync_dir
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
+from .._fs import fsync_dir as _fsync_dir
+from ..errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      UnknownAlertError, UnknownPushError)
-from .geo import check_aware, check_int, check_radius, iso_utc
+from ..geo import check_aware, check_int, check_radius, iso_utc
 from .model import FOLLOW_UP_KINDS, KINDS, RING_KINDS
 
 __all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS", "load_key",
@@ -339,7 +339,7 @@ def _mac_of(key: bytes, *parts: bytes) -> bytes:
 
 def _key_id(key: bytes) -> str:
     """Names the key without revealing it, so a wrong key is told apart from a forged record."""
-    return hmac.new(key, b"geotarget.log-key-id", hashlib.sha256).hexdigest()[:16]
+    return hmac.new(key, b"geotarget.alerts.log-key-id", hashlib.sha256).hexdigest()[:16]
 
 
 def _parse_anchor(anchor) -> tuple[int, str]:

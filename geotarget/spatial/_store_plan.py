@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _array_kernels, _kernels
+from .. import _array_kernels, _kernels
 from ._store_checks import MAX_DEVICES
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 #: Leaf size used to order new devices spatially (the index may use another).
 INGEST_LEAF = 64

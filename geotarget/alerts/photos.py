@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._fs import fsync_dir
-from .errors import CorruptFileError, InvalidInputError
+from .._fs import fsync_dir
+from ..errors import CorruptFileError, InvalidInputError
 
 __all__ = ["MIME_TYPES", "Photo", "PhotoStore", "check_photo_bytes", "photo_uri"]
 

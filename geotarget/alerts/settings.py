@@ -27,8 +27,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .authority import ApprovalPolicy
-from .errors import InvalidInputError
-from .geo import check_int
+from ..errors import InvalidInputError
+from ..geo import check_int
 from .model import CaseType
 from .schedule import RadiusSchedule
 
@@ -192,7 +192,7 @@ class Settings:
         return self.case_types[name]
 
     def signer(self):
-        """A :class:`~geotarget.signing.CapSigner` from ``signing_key``/``signing_cert``, or None."""
+        """A :class:`~geotarget.alerts.signing.CapSigner` from ``signing_key``/``signing_cert``, or None."""
         if self.signing_key is None:
             return None
         from .signing import CapSigner

@@ -58,13 +58,13 @@ from typing import Any
 import numpy as np
 from pyroaring import AbstractBitMap, BitMap
 
-from ._text import check_details, check_text
-from .audience import Audience
+from .._text import check_details, check_text
+from ..spatial.audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
+from ..errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      LineageError, RateLimitError, UnauthorizedError, UnknownAlertError)
-from .geo import check_aware, check_int, check_point, epoch_seconds, haversine_km, iso_utc, now_or_clock
+from ..geo import check_aware, check_int, check_point, epoch_seconds, haversine_km, iso_utc, now_or_clock
 from .log import PushRecord, RecipientLog, check_wait
 from .model import RING_KINDS, Alert, AlertStatus, Index, Push, PushKind
 from .photos import Photo, PhotoStore, load_photo, photo_uri
@@ -308,7 +308,7 @@ def _valid_details(details: dict) -> dict:
 
 def _check_index(index, name: str) -> None:
     if not isinstance(index, Index):
-        raise InvalidInputError(f"{name} must be a SpatialIndex or a ShardedIndex (a geotarget.model.Index), "
+        raise InvalidInputError(f"{name} must be a SpatialIndex or a ShardedIndex (a geotarget.alerts.model.Index), "
                                 f"got {type(index).__name__}")
 
 
@@ -331,9 +331,9 @@ class AlertEngine:
             # imported only here: an engine without metrics needs no prometheus-client
             from .metrics import EngineMetrics
             if not isinstance(metrics, EngineMetrics):
-                raise InvalidInputError(f"metrics must be a geotarget.metrics.EngineMetrics or None, got "
+                raise InvalidInputError(f"metrics must be a geotarget.alerts.metrics.EngineMetrics or None, got "
                                         f"{type(metrics).__name__}")
-        #: Prometheus series of this engine (:mod:`geotarget.metrics`), or None.
+        #: Prometheus series of this engine (:mod:`geotarget.alerts.metrics`), or None.
         self.metrics = metrics
         if retention_days is not None and (isinstance(retention_days, bool)
                                            or not isinstance(retention_days, (int, float))

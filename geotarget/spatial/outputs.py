@@ -48,7 +48,7 @@ def app_counts(store, keys) -> dict:
     :class:`~geotarget.errors.InvalidInputError` if a key lies beyond the store
     (a push logged against a later generation than ``store``).
     """
-    from .errors import InvalidInputError
+    from ..errors import InvalidInputError
 
     keys = np.asarray(keys, dtype=np.uint32)
     if keys.size and int(keys.max()) >= len(store):

@@ -30,8 +30,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import InvalidInputError, SignatureError
-from .geo import check_int
+from ..errors import InvalidInputError, SignatureError
+from ..geo import check_int
 
 __all__ = ["CapSigner", "verify_cap", "self_signed", "DSIG_NS"]
 

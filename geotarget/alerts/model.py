@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from .audience import Audience
-from .geo import iso_utc
+from ..spatial.audience import Audience
+from ..geo import iso_utc
 from .schedule import RadiusSchedule
 
 if TYPE_CHECKING:
     from .stats import AlertRecord
-    from .store import DeviceStore
+    from ..spatial.store import DeviceStore
 
 __all__ = ["PushKind", "AlertStatus", "RING_KINDS", "FOLLOW_UP_KINDS", "KINDS", "COUNTED_STATUSES",
            "CaseType", "Alert", "Push", "Index"]
@@ -72,7 +72,7 @@ COUNTED_STATUSES = tuple(s.value for s in (AlertStatus.PENDING, AlertStatus.OPEN
 @runtime_checkable
 class Index(Protocol):
     """What the engine asks of an index: :class:`~geotarget.SpatialIndex` on one machine and
-    :class:`~geotarget.cluster.ShardedIndex` over Ray both answer it, exactly alike."""
+    :class:`~geotarget.spatial.cluster.ShardedIndex` over Ray both answer it, exactly alike."""
 
     #: The device store whose keys the answers are (ids, apps, last seen, generation, lineage).
     store: "DeviceStore"
@@ -145,7 +145,7 @@ class Alert:
     expired_at: _dt.datetime | None = None   # when the engine noticed the expiry (audited once)
     #: True: the area is the whole division (its polygon), not a growing circle.
     division_wide: bool = False
-    #: Photos (:meth:`geotarget.photos.Photo.to_dict`); the bytes are in the engine's PhotoStore.
+    #: Photos (:meth:`geotarget.alerts.photos.Photo.to_dict`); the bytes are in the engine's PhotoStore.
     photos: list = dataclasses.field(default_factory=list)
 
     quarantine: str | None = None    # why tick skips the alert, until an update or retraction
