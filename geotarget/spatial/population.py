@@ -100,7 +100,7 @@ __all__ = [
     "cities", "city", "generate_arrays", "generate_chunks", "population", "row_of",
 ]
 
-CITIES_CSV = Path(__file__).with_name("data") / "cities_cn.csv"
+CITIES_CSV = Path(__file__).resolve().parent.parent / "data" / "cities_cn.csv"
 
 #: The partner apps of the seed reports: the 21 apps connected to "Tuanyuan"
 #: by 2018 (Weibo and Amap first; Alipay, Taobao, Yidian Zixun, Toutiao, Baidu
