@@ -35,7 +35,7 @@ import numpy as np
 
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
 import geotarget as gt  # noqa: E402
-from geotarget import population  # noqa: E402
+from geotarget.spatial import population  # noqa: E402
 from geotarget.spatial._polygon import within_polygon_reference  # noqa: E402
 from geotarget.cli import parse_count  # noqa: E402
 from geotarget.geo import epoch_seconds  # noqa: E402

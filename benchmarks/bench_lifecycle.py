@@ -26,7 +26,7 @@ import time
 
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)
 import geotarget as gt  # noqa: E402
-from geotarget import population  # noqa: E402
+from geotarget.spatial import population  # noqa: E402
 from geotarget.cli import parse_count  # noqa: E402
 
 

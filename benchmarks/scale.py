@@ -64,7 +64,7 @@ import _paths  # noqa: E402,F401  (finds geotarget: in-place build or installed)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from geotarget import population  # noqa: E402
+from geotarget.spatial import population  # noqa: E402
 from geotarget.cli import parse_count as _parse_count  # noqa: E402
 from geotarget.geo import EARTH_RADIUS_KM, haversine_km  # noqa: E402
 from geotarget.spatial.index import SpatialIndex  # noqa: E402

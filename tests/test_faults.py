@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import geotarget as gt
-from geotarget import log as logmod
+from geotarget.alerts import log as logmod
 from geotarget.alerts.engine import AlertEngine, TickResult, officers_digest, register_officers
 from geotarget.errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
                               UnauthorizedError)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geotarget import population as P
+from geotarget.spatial import population as P
 from geotarget.errors import InvalidInputError
 from geotarget.geo import haversine_km
 from geotarget.spatial.store import DeviceStore
