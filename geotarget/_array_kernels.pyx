@@ -531,7 +531,7 @@ cdef extern from "gt_arrays.hpp" nogil:
 
 def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64_t key_space,
                       const int64_t[::1] kept=None, const uint32_t[::1] seen=None, uint32_t seen_min=0):
-    """Roaring portable serialisation (bytes) of the keys ``src[s:e]`` of every run, all below ``key_space``.
+    """Roaring portable serialisation (a uint8 array: no copy into ``bytes``) of the keys ``src[s:e]`` of every run, all below ``key_space``.
 
     The keys are set in a dense bitset, each core owning one stretch of the
     key space, and the bitset is written container by container in the form
@@ -574,8 +574,8 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
             gt_container_sizes(&w[0], nc, <GtContainer*>&cv[0, 0], gt_max_threads() if nc >= CONTAINERS_PARALLEL_MIN else 1)
     used = np.flatnonzero(cont[:nc, 0]).astype(np.int64)
     cdef int64_t m = used.shape[0]
-    if m == 0:
-        return b"\x3a\x30\x00\x00\x00\x00\x00\x00"   # cookie 12346, no containers: the empty bitmap
+    if m == 0:   # cookie 12346, no containers: the empty bitmap
+        return np.frombuffer(b"\x3a\x30\x00\x00\x00\x00\x00\x00", dtype=np.uint8)
     cdef int64_t head = 4 + (m + 7) // 8 + 4 * m + (4 * m if m >= 4 else 0)
     body = cont[used, 2]
     offsets = np.full(m, head, dtype=np.int64)
@@ -597,4 +597,4 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
         for j in prange(m, schedule="dynamic", num_threads=gt_max_threads() if m >= CONTAINERS_PARALLEL_MIN else 1):
             c = uv[j]
             gt_container_write(&w[c << 10], (<GtContainer*>&cv[0, 0])[c], &o[ov[j]])
-    return out.tobytes()
+    return out

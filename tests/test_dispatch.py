@@ -401,3 +401,22 @@ def test_group_bitmap_by_app_split_over_cores_and_bad_bytes():
         bad = bytearray(r.serialize())
         bad[-2:] = (500).to_bytes(2, "little")
         _array_kernels.group_bitmap_by_app(bytes(bad), device_id, app)
+
+
+@pytest.mark.parametrize("shuffled,base", [(False, BASE), (True, 2**31 - 50)])
+def test_fresh_counts_shared_over_cores_match_the_scan(shuffled, base):
+    """Over a million rows in fresh runs: the query counts them over the cores before its second
+    pass (gt_fresh.hpp).  Both directions against the scan, cut-offs on exact seconds, the u32
+    clock's top bit straddled, and a cut-off at 0 (1970) that keeps everything."""
+    store = _world(1_500_000, 9, shuffled, base=base)
+    index = gt.SpatialIndex.build(store)
+    for cut in (-base, 0, 37, 99, 100):
+        since = dt.datetime.fromtimestamp(base + cut, UTC)
+        ref = within_reference(store, 31.0, 121.0, 1500.0, seen_since=since)
+        aud = index.within(31.0, 121.0, 1500.0, seen_since=since)
+        if cut in (37, 99):   # the shared path ran: over 2^20 rows in fresh runs
+            lengths = aud._runs[:, 1] - aud._runs[:, 0]
+            assert lengths[aud._kept < lengths].sum() > 1 << 20
+        assert index.count(31.0, 121.0, 1500.0, seen_since=since) == len(aud) == len(ref)
+        np.testing.assert_array_equal(aud.keys(), ref)
+        assert np.all(store.last_seen_s[ref] >= max(base + cut, 0))
