@@ -311,6 +311,14 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
         const int64_t B = 256;
         uint32_t kb[B]; uint8_t cb[B]; uint64_t ib[B];
         gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
+            if (!rows_keys && !fresh) {   /* rows are keys: the ids are read forward, no block needed */
+                for (int64_t r = s; r < e; r++) {
+                    int64_t pos = c[(uint8_t)app_rows[r]]++;
+                    out_keys[pos] = (uint32_t)r;
+                    out_ids[pos] = device_id[r];
+                }
+                return;
+            }
             for (int64_t b0 = s; b0 < e; b0 += B) {
                 int64_t b1 = b0 + B < e ? b0 + B : e, m = 0;
                 if (fresh) {   /* write every row, advance past the fresh ones: no branch on the data */
@@ -321,8 +329,7 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
                     }
                 } else {
                     m = b1 - b0;
-                    if (rows_keys) std::copy(rows_keys + b0, rows_keys + b1, kb);
-                    else gt_iota(kb, m, (uint32_t)b0);
+                    std::copy(rows_keys + b0, rows_keys + b1, kb);
                     std::copy((const uint8_t*)app_rows + b0, (const uint8_t*)app_rows + b1, cb);
                 }
                 for (int64_t j = 0; j < m; j++) ib[j] = device_id[kb[j]];
