@@ -550,8 +550,8 @@ def phase_refresh(a) -> dict:
     if a.diagnose:
         out["diagnose_update_steps_s"] = dict(_store_mod.update_step_seconds)
         _store_mod.update_step_seconds = None
-        from geotarget.store import _check_app  # the app-name validation inside with_updates
-        _, out["diagnose_app_validation_s"] = timed(_check_app, app, len(app), list(store.app_names))
+        from geotarget._store_checks import check_app  # the app-name validation inside with_updates
+        _, out["diagnose_app_validation_s"] = timed(check_app, app, len(app), list(store.app_names))
         _, out["diagnose_lookup_s"] = timed(store.lookup, cols["device_id"])
     return out
 

@@ -45,6 +45,7 @@ from typing import Mapping, Sequence
 from ._text import LANGUAGE_TAG, check_translations
 from .errors import InvalidInputError
 from .geo import HALF_CIRCUMFERENCE_KM, check_aware, check_point, check_radius
+from .model import KINDS
 from .stats import check_outcome
 
 __all__ = ["CAP_NS", "KINDS", "MSG_TYPES", "EVENT", "render_push", "parse_identifiers",
@@ -52,7 +53,6 @@ __all__ = ["CAP_NS", "KINDS", "MSG_TYPES", "EVENT", "render_push", "parse_identi
 
 CAP_NS = "urn:oasis:names:tc:emergency:cap:1.2"
 EVENT = "Child Abduction Emergency"
-KINDS = ("alert", "expand", "topup", "update", "closure", "retraction")
 MSG_TYPES = {"alert": "Alert", "expand": "Update", "topup": "Update", "update": "Update",
              "closure": "Update", "retraction": "Cancel"}
 STATUSES = ("Actual", "Exercise", "System", "Test", "Draft")

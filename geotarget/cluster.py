@@ -83,9 +83,12 @@ except ImportError as _exc:  # pragma: no cover - exercised only without Ray
 from .audience import Audience, gather_runs
 from .errors import CorruptFileError, InvalidInputError, ShardUnavailableError
 from .geo import check_aware, check_int, check_point, check_radius, unit_vectors, EARTH_RADIUS_KM
-from .index import CHORD_GUARD, DEFAULT_LEAF_SIZE, SpatialIndex, changed_within
+from .index import CHORD_GUARD, DEFAULT_LEAF_SIZE, SpatialIndex, changed_within, check_polygon
 from .progress import bar
-from .store import DeviceStore, _fsync_dir, _save_npy, load_json
+from ._fs import fsync_dir as _fsync_dir
+from ._fs import load_json
+from ._fs import save_npy as _save_npy
+from .store import DeviceStore
 
 MANIFEST = "shards.json"
 FULL_DIR = "full"
@@ -235,6 +238,12 @@ class ShardServer:
     def count(self, lat, lon, radius_km, seen_since, apps) -> int:
         self.served += 1
         return self.index.count(lat, lon, radius_km, seen_since=seen_since, apps=apps)
+
+    def within_polygon(self, polygon, seen_since, apps) -> np.ndarray:
+        """Global keys (uint32, in the shard's index order) of the shard's devices inside ``polygon``."""
+        self.served += 1
+        aud = self.index.within_polygon(polygon, seen_since=seen_since, apps=apps)
+        return gather_runs(self.leaf_keys, aud.runs)
 
 
 # ---------------------------------------------------------------------------
@@ -527,6 +536,20 @@ class ShardedIndex:
         """``len(self.within(...))``: a sum of shard counts, no keys travel."""
         args = self._args(lat, lon, radius_km, seen_since, apps)
         return int(sum(self._fanout("count", args)))
+
+    def within_polygon(self, polygon_or_division, seen_since=None, apps=None) -> Audience:
+        """Devices inside a polygon or a Division: the :meth:`SpatialIndex.within_polygon` answer.
+
+        Every shard with devices answers for its own (a shard's subtree boxes prune inside it).
+        """
+        geom = check_polygon(polygon_or_division)
+        _, _, _, seen_since, apps = self._args(0.0, 0.0, 0.0, seen_since, apps)
+        targets = np.flatnonzero(~np.isnan(self.lo[:, 0]))
+        calls = [(int(i), self._actors[i].within_polygon.remote(geom, seen_since, apps)) for i in targets]
+        parts = self._gather(calls, self.timeout, "within_polygon")
+        keys = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
+        del parts
+        return _key_audience(keys, self.store)
 
     # -- facts --------------------------------------------------------------
 

@@ -60,6 +60,7 @@ from .log import RecipientLog
 from .population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
 from .settings import Settings
 from .signing import self_signed, verify_cap
+from .model import RING_KINDS
 
 __all__ = ["run_demo", "format_report", "demo_officers", "DEFAULT_DEVICES", "DEFAULT_CITY"]
 
@@ -215,7 +216,7 @@ def _test_devices(store, index, lat: float, lon: float, seen_since: _dt.datetime
 
 def _rings_union(pushes) -> tuple[BitMap, bool]:
     """The union of the ring pushes' audiences, and whether no device is in two of them."""
-    sets = [BitMap(p.audience.keys()) for p in pushes if p.kind in ("alert", "expand", "topup")]
+    sets = [BitMap(p.audience.keys()) for p in pushes if p.kind in RING_KINDS]
     union = BitMap.union(BitMap(), *sets)
     return union, sum(len(b) for b in sets) == len(union)
 
@@ -233,7 +234,6 @@ def _event_of(cap_xml: str) -> tuple[str, str]:
     return doc.findtext("cap:info/cap:event", namespaces=ns), doc.findtext("cap:status", namespaces=ns)
 
 
-_RINGS = ("alert", "expand", "topup")
 
 
 def _check_case(engine, alert_id: str, pushes, closure, store, last_at: _dt.datetime) -> dict:
@@ -242,7 +242,7 @@ def _check_case(engine, alert_id: str, pushes, closure, store, last_at: _dt.date
     its last circle (NumPy haversine scan of ``store``, fresh at ``last_at``) was notified."""
     a = engine.alert(alert_id)
     case = engine.settings.case(a.case_type)
-    rings = [p for p in pushes if p.kind in _RINGS]
+    rings = [p for p in pushes if p.kind in RING_KINDS]
     union, disjoint = _rings_union(rings)
     equal = _same_keys(closure.audience, union)
     last_r = max((p.radius_km for p in rings), default=0.0)
@@ -264,7 +264,7 @@ def _check_drill(pushes, child_pushes, store, test_keys: np.ndarray, lat: float,
     """The drill reached only test devices, exactly those inside its rings when they were pushed;
     every message is an Exercise; its first ring was counted as if real (the child's first ring
     is the same circle at the same time); its closure is the union of its rings."""
-    rings = [p for p in pushes if p.kind in _RINGS]
+    rings = [p for p in pushes if p.kind in RING_KINDS]
     closure = [p for p in pushes if p.kind == "closure"][-1]
     union, disjoint = _rings_union(rings)
     tk = np.sort(test_keys[test_keys >= 0]).astype(np.int64)
@@ -395,7 +395,7 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
 
     def handle(pushes: list[Push], now, engine_s: float) -> None:
         for p in pushes:
-            if p.kind in ("alert", "expand", "topup"):
+            if p.kind in RING_KINDS:
                 reached[p.alert_id] += len(p)
             cap_path = work / FILES["cap"] / f"{p.push_id}.xml"
             cap_path.write_text(p.cap_xml, encoding="utf-8")
@@ -441,10 +441,10 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
         pushes, es = call(engine.tick, now)
         handle(pushes, now, es)
         last_ring_at = now
-    say(f"[4/6] rings       " + " -> ".join(
+    say("[4/6] rings       " + " -> ".join(
         f"{r.radius_km:g} km" if r.kind != "topup" else "topup" for r in rows[alert.id])
         + f" ({len(rows[alert.id])} pushes)")
-    say(f"                  elderly: " + " -> ".join(
+    say("                  elderly: " + " -> ".join(
         f"{r.radius_km:g} km" if r.kind != "topup" else "topup" for r in rows[elderly.id])
         + f"; drill: {drill_check['test_reached']} of {len(test_ids)} test devices reached, "
         f"{drill_check['as_if_real']:,} as if real")
@@ -464,7 +464,7 @@ def run_demo(*, devices: int = DEFAULT_DEVICES, seed: int = 0, city: str = DEFAU
 
     # the check, from the pushes received --------------------------------------
     with timed("check"):
-        rings = [p for p in received[alert.id] if p.kind in ("alert", "expand", "topup")]
+        rings = [p for p in received[alert.id] if p.kind in RING_KINDS]
         union, disjoint = _rings_union(rings)
         closure_keys = closure.audience.keys()
         equal = _same_keys(closure.audience, union)
@@ -559,7 +559,7 @@ def format_report(result: dict, top_apps: int = 3) -> str:
     rows = result["pushes"]
     totals: dict[str, int] = {}
     for r in rows:
-        if r["kind"] in ("alert", "expand", "topup"):
+        if r["kind"] in RING_KINDS:
             for a, v in r["by_app"].items():
                 totals[a] = totals.get(a, 0) + v
     apps = [a for a, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top_apps]]

@@ -52,30 +52,28 @@ import json
 import os
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from pyroaring import AbstractBitMap, BitMap
 
 from ._text import check_details, check_text
 from .audience import Audience
 from .authority import Authority
 from .cap import render_push
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LineageError,
-                     RateLimitError, UnauthorizedError, UnknownAlertError)
-from .geo import check_aware, check_point, epoch_seconds, haversine_km
-from .log import PushRecord, RecipientLog
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
+                     LineageError, RateLimitError, UnauthorizedError, UnknownAlertError)
+from .geo import check_aware, check_int, check_point, epoch_seconds, haversine_km, iso_utc, now_or_clock
+from .log import PushRecord, RecipientLog, check_wait
+from .model import RING_KINDS, Alert, AlertStatus, Index, Push, PushKind
 from .photos import Photo, PhotoStore, load_photo, photo_uri
 from .schedule import RadiusSchedule
 from .settings import Settings
 from .signing import CapSigner
-from .stats import AlertRecord, check_outcome, compute
+from .stats import check_outcome, compute
 
 #: Kinds whose audience is new devices only (update, closure, retraction go to everyone notified).
-RING_KINDS = ("alert", "expand", "topup")
 DEFAULT_SENDER = "tuanyuan@mps.gov.cn"
 #: How far ``now`` may lag the latest time the log recorded.  Hosts kept by NTP
 #: agree within milliseconds; two minutes absorbs a badly synchronised dispatch
@@ -108,7 +106,7 @@ def register_officers(log: RecipientLog, authority: Authority, officer_id: str,
         raise InvalidInputError(f"authority must be an Authority, got {type(authority).__name__}")
     if not isinstance(officer_id, str) or not officer_id:
         raise InvalidInputError(f"officer_id must be a non-empty string, got {officer_id!r}")
-    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    now = now_or_clock(now)
     new = officers_digest(authority)
     old = log.meta_value("officers_digest")
     if old is None:
@@ -160,15 +158,17 @@ def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | 
     if (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
             or not retention_days >= 0 or retention_days == float("inf")):
         raise InvalidInputError(f"retention_days must be a finite number of days >= 0, got {retention_days!r}")
-    now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+    now = now_or_clock(now)
     cutoff = now - _dt.timedelta(days=retention_days)
     photos = PhotoStore(default_photo_dir(log) if photo_dir is None else photo_dir)
     result: dict[str, Any] = {"purged": {}, "files": [], "waiting": []}
     records = log.alerts()
 
     def expired(rec) -> bool:
-        closed_at = _from_iso(rec.get("closed_at"))
-        return rec.get("status") in ("closed", "retracted") and closed_at is not None and closed_at <= cutoff
+        closed = rec.get("closed_at")
+        closed_at = _dt.datetime.fromisoformat(closed) if closed is not None else None
+        return (rec.get("status") in (AlertStatus.CLOSED, AlertStatus.RETRACTED)
+                and closed_at is not None and closed_at <= cutoff)
     kept = {p.get("digest") for rec in records.values() if not expired(rec) for p in rec.get("photos", [])}
     for alert_id, rec in records.items():
         if not expired(rec):
@@ -229,14 +229,6 @@ class TickResult(list):
         return f"TickResult({list.__repr__(self)}, errors={self.errors!r})"
 
 
-def _iso(t: _dt.datetime | None) -> str | None:
-    return t.astimezone(_dt.timezone.utc).isoformat() if t is not None else None
-
-
-def _from_iso(s: str | None) -> _dt.datetime | None:
-    return _dt.datetime.fromisoformat(s) if s is not None else None
-
-
 #: Detail keys that become CAP text; every other detail goes out as a CAP <parameter>.
 _TEXT_DETAILS = ("headline", "description", "instruction", "area", "retraction_reason", "translations")
 
@@ -257,9 +249,9 @@ def _cap_texts(kind: str, details: dict, languages: tuple[str, ...] = ("zh-CN",)
     """
     texts = {"headline": str(details.get("headline", "")), "area_desc": str(details.get("area", "")),
              "language": languages[0]}
-    if kind == "retraction":
+    if kind == PushKind.RETRACTION:
         texts["description"] = str(details.get("retraction_reason", ""))
-    elif kind != "closure":
+    elif kind != PushKind.CLOSURE:
         texts["description"] = str(details.get("description", ""))
         texts["instruction"] = str(details.get("instruction", ""))
     params = {}
@@ -279,14 +271,13 @@ def _cap_texts(kind: str, details: dict, languages: tuple[str, ...] = ("zh-CN",)
         unknown = set(t) - {"headline", "description", "instruction", "area"}
         if unknown:
             raise ValueError(f"translations[{lang!r}] has unknown field(s) {sorted(unknown)}")
-        keep = ("headline", "area") if kind in ("closure", "retraction") else (
+        keep = ("headline", "area") if kind in (PushKind.CLOSURE, PushKind.RETRACTION) else (
             "headline", "description", "instruction", "area")
         translations[lang] = {("area_desc" if k == "area" else k): t[k] for k in keep if k in t}
     texts["translations"] = translations
     return texts
 
 
-_TIME_FIELDS = ("missing_since", "reported_at", "published_at", "closed_at", "expires_at", "expired_at")
 _HOUR = _dt.timedelta(hours=1)
 
 
@@ -305,98 +296,6 @@ _MAX_PHOTOS = 10
 _FOLLOW_UP_VALIDITY = _dt.timedelta(hours=24)
 
 
-@dataclasses.dataclass
-class Alert:
-    """The engine's state of one alert (persisted as JSON in the log)."""
-
-    alert_id: str
-    reporter: str
-    division: str
-    lat: float
-    lon: float
-    missing_since: _dt.datetime
-    reported_at: _dt.datetime
-    details: dict
-    schedule: dict
-    status: str = "pending"          # pending | open | closed | retracted | held | merged
-    published_at: _dt.datetime | None = None
-    approved_by: str | None = None
-    outcome: str | None = None
-    closed_at: _dt.datetime | None = None
-    closed_by: str | None = None
-    radius_km: float = 0.0           # radius of the last ring pushed
-    next_seq: int = 0
-    pushes: int = 0
-    reached: int = 0                 # devices notified so far (size of the closure audience)
-    case_type: str = "child"
-    drill: bool = False                      # an exercise: CAP status Exercise, test devices only
-    duplicate_of: str | None = None          # held: possibly the same person as this alert
-    expires_at: _dt.datetime | None = None   # rings stop here unless an officer renews
-    expired_at: _dt.datetime | None = None   # when the engine noticed the expiry (audited once)
-    #: True: the area is the whole division (its polygon), not a growing circle.
-    division_wide: bool = False
-    #: Photos (:meth:`geotarget.photos.Photo.to_dict`); the bytes are in the engine's PhotoStore.
-    photos: list = dataclasses.field(default_factory=list)
-
-    quarantine: str | None = None    # why tick skips the alert, until an update or retraction
-
-    def expired(self, now: _dt.datetime) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
-
-    def stats_record(self) -> AlertRecord | None:
-        """What the statistics count of this alert; None for a drill or a merged or held duplicate."""
-        if self.drill or self.status in ("held", "merged"):
-            return None
-        return AlertRecord(alert_id=self.alert_id, division=self.division, published_at=self.published_at,
-                           status=self.status, outcome=self.outcome, closed_at=self.closed_at,
-                           pushes=self.pushes, devices_reached=self.reached, case_type=self.case_type)
-
-    @property
-    def id(self) -> str:
-        return self.alert_id
-
-    def to_record(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in _TIME_FIELDS:
-            d[k] = _iso(d[k])
-        return d
-
-    @classmethod
-    def from_record(cls, d: dict) -> "Alert":
-        d = dict(d)
-        for k in _TIME_FIELDS:
-            d[k] = _from_iso(d.get(k))
-        return cls(**d)
-
-
-@dataclasses.dataclass(frozen=True)
-class Push:
-    """One message to the dispatchers.  ``push_id`` is their idempotency key."""
-
-    alert_id: str
-    seq: int
-    kind: str
-    radius_km: float
-    push_id: str
-    audience: Audience
-    cap_xml: str
-    created_at: _dt.datetime
-    #: Wall time this process spent on the push (``query_ms``, ``log_ms``); empty on a replay.
-    timings: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
-    #: An exercise (CAP status ``Exercise``); its audience is the test devices only.
-    drill: bool = False
-    #: For a drill ring: how many devices a real alert's ring would have reached.
-    as_if_real: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.audience)
-
-    @property
-    def batches(self) -> dict[str, pa.Table]:
-        """Per-app batches: ``{app: Table(device_id, key)}``, in key order (``Audience.by_app``)."""
-        return self.audience.by_app()
-
-
 def _valid_details(details: dict) -> dict:
     out = {}
     for k, v in details.items():
@@ -408,10 +307,9 @@ def _valid_details(details: dict) -> dict:
 
 
 def _check_index(index, name: str) -> None:
-    """An index is anything with ``within`` and a ``store`` (a SpatialIndex or a ShardedIndex)."""
-    if not callable(getattr(index, "within", None)) or getattr(index, "store", None) is None:
-        raise InvalidInputError(f"{name} must be a SpatialIndex (or an index with within() and a "
-                                f"store), got {type(index).__name__}")
+    if not isinstance(index, Index):
+        raise InvalidInputError(f"{name} must be a SpatialIndex or a ShardedIndex (a geotarget.model.Index), "
+                                f"got {type(index).__name__}")
 
 
 def _check_schedule(schedule) -> None:
@@ -467,8 +365,7 @@ class AlertEngine:
                                     f"{type(max_location_age).__name__}")
         if max_location_age is not None and max_location_age <= _dt.timedelta(0):
             raise InvalidInputError(f"max_location_age must be positive, got {max_location_age}")
-        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-            raise InvalidInputError(f"workers must be an integer >= 1, got {workers!r}")
+        workers = check_int(workers, "workers", 1)
         if len(authority):
             registered = log.meta_value("officers_digest")
             digest = officers_digest(authority)
@@ -488,22 +385,73 @@ class AlertEngine:
         self.max_location_age = max_location_age
         self.workers = int(workers)
         self._lock = threading.RLock()
+        self._load_state()
+        log.claim(self)
+        if log.leader and len(authority) and log.meta_value("officers_digest") is None:
+            self._register_first(authority)
+
+    def _load_state(self) -> None:
+        """Read the alerts, the clock and the outbox from the log (at start, and on taking over)."""
+        log = self.log
         with self._counted("log"):   # the log's own records; _bind labels the index's refusals
-            self._bind(index)
+            self._bind(self.index)
             self._alerts: dict[str, Alert] = {a: Alert.from_record(r) for a, r in log.alerts().items()}
             clock = log.meta_value("clock")
             self._clock = _dt.datetime.fromisoformat(clock) if clock is not None else None
-            # Outbox: pushes logged by an earlier process and never acknowledged are
-            # offered again on the first tick of this one.
-            self._replay: list[PushRecord] | None = log.unacked()
-        if metrics is not None:
-            metrics.outbox.set(len(self._replay))
+            # Outbox: pushes logged by an earlier process (or the leader before this
+            # one) and never acknowledged are offered again on this one's first tick.
+            self._replay: list[PushRecord] | None = log.unacked() if log.leader else None
+        if self.metrics is not None:
+            self.metrics.outbox.set(len(self._replay or ()))
             self._observe_quarantine()
         # ... and pushes logged by this one but never handed to a caller.
         self._stranded: dict[str, PushRecord] = {}
-        log.claim(self)
-        if len(authority) and log.meta_value("officers_digest") is None:
-            self._register_first(authority)
+
+    # -- leadership (several engines on one PostgreSQL log) --------------------
+
+    @property
+    def leader(self) -> bool:
+        """Whether this engine may act: always on a SQLite log; on PostgreSQL while its log holds
+        the lease (docs/design.md, "Several engines, one log")."""
+        return self.log.leader
+
+    def take_over(self, timeout: float | None = None, *, poll: float = 0.2) -> bool:
+        """A standby engine waits to lead (:meth:`RecipientLog.take_lease`); True once it does.
+
+        On taking over it reads the alerts and the clock afresh, and its first
+        :meth:`tick` offers every push the log holds unacknowledged, under the
+        push id it was logged with.
+        """
+        check_wait(timeout, poll)
+        with self._lock:
+            if self.log.leader:
+                return True
+            if not self.log.take_lease(timeout, poll=poll):
+                return False
+            self._load_state()
+            if len(self.authority) and self.log.meta_value("officers_digest") is None:
+                self._register_first(self.authority)
+            return True
+
+    def step_down(self) -> None:
+        """Give the lease up: another engine may take over (a planned failover)."""
+        with self._lock:
+            self.log.step_down()
+
+    @contextlib.contextmanager
+    def _leading(self):
+        """Hold the engine's lock, as the leader; a standby's action is a :class:`LeaseLostError`."""
+        with self._lock:
+            if not self.log.leader:
+                raise LeaseLostError(f"{self.log.path}: this engine is a standby (it does not hold the "
+                                     f"log's lease); only the leader acts: take_over() first")
+            yield
+
+    def _follow_log(self) -> None:
+        """A standby answers reads from the log as the leader last committed it."""
+        if not self.log.leader:
+            with self._lock, self._counted("log"):
+                self._alerts = {a: Alert.from_record(r) for a, r in self.log.alerts().items()}
 
     def _register_first(self, authority: Authority) -> None:
         """A log's first registry is the one its first engine brings, recorded and audited."""
@@ -543,7 +491,7 @@ class AlertEngine:
         """Set the quarantine gauge; called where a quarantine is set or lifted (not per save)."""
         if self.metrics is not None:
             self.metrics.quarantined.set(sum(1 for a in self._alerts.values()
-                                             if a.quarantine is not None and a.status == "open"))
+                                             if a.quarantine is not None and a.status == AlertStatus.OPEN))
 
     def _bind(self, index) -> None:
         """Refuse an index the log's keys do not mean, then verify its bytes (before any push).
@@ -604,12 +552,14 @@ class AlertEngine:
     def alert(self, alert_id: str) -> Alert:
         if not isinstance(alert_id, str):
             raise InvalidInputError(f"alert_id must be a string, got {type(alert_id).__name__}")
+        self._follow_log()
         try:
             return self._alerts[alert_id]
         except KeyError:
             raise UnknownAlertError(f"unknown alert {alert_id!r}") from None
 
     def alerts(self) -> list[Alert]:
+        self._follow_log()
         return list(self._alerts.values())
 
     def _schedule_of(self, alert: Alert) -> RadiusSchedule:
@@ -659,7 +609,7 @@ class AlertEngine:
         cap_xml = render_push(
             identifier=push_id, sender=self.sender, sent=now, kind=kind, lat=alert.lat, lon=alert.lon,
             radius_km=radius, references=self._references(alert) if seq else (),
-            outcome=alert.outcome if kind == "closure" else None, signer=self.signer,
+            outcome=alert.outcome if kind == PushKind.CLOSURE else None, signer=self.signer,
             event=case.event, event_code=case.event_code, expires=self._cap_expires(alert, kind, now),
             sender_name=self.settings.sender_name, status="Exercise" if alert.drill else "Actual",
             geocode=alert.division, circle=not alert.division_wide, resources=self._resources(alert),
@@ -763,7 +713,8 @@ class AlertEngine:
         A closure, a retraction or an update sent after the alert expired stays
         on receivers' screens for a day (:data:`_FOLLOW_UP_VALIDITY`).
         """
-        if kind in RING_KINDS + ("update",) and alert.expires_at is not None and alert.expires_at > now:
+        if (kind in RING_KINDS + (PushKind.UPDATE,) and alert.expires_at is not None
+                and alert.expires_at > now):
             return alert.expires_at
         return now + _FOLLOW_UP_VALIDITY
 
@@ -773,7 +724,7 @@ class AlertEngine:
             return False
         if alert.expired_at is None:
             self._save(dataclasses.replace(alert, expired_at=now), "expire", "engine", now,
-                       {"expires_at": _iso(alert.expires_at)})
+                       {"expires_at": iso_utc(alert.expires_at)})
         return True
 
     def _drill_keys(self) -> BitMap:
@@ -815,7 +766,7 @@ class AlertEngine:
         it (``duplicate_of``) until an officer calls :meth:`confirm_distinct`
         or :meth:`confirm_duplicate`; it is never pushed before that.
         """
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         missing_since = check_aware(missing_since, "missing_since")
         if missing_since > now:
             raise InvalidInputError(
@@ -839,7 +790,7 @@ class AlertEngine:
         if len(photos) > _MAX_PHOTOS:
             raise InvalidInputError(f"photos: {len(photos)} photos, at most {_MAX_PHOTOS}")
         loaded = [load_photo(p, self.settings.photo_max_bytes, i) for i, p in enumerate(photos)]
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             officer = self.authority.check_report(officer_id, division, clat, clon)
             self._check_rate(officer.officer_id, division, now)
@@ -859,16 +810,16 @@ class AlertEngine:
                               division_wide=division_wide, photos=kept)
                 twin = None if drill else self._possible_duplicate(alert)
                 if twin is not None:
-                    alert.status = "held"
+                    alert.status = AlertStatus.HELD.value
                     alert.duplicate_of = twin.alert_id
                 elif not self.authority.needs_approval(officer):
-                    alert.status = "open"
+                    alert.status = AlertStatus.OPEN.value
                     alert.published_at = now
                     alert.expires_at = now + case.expiry
                 self._save(alert, "report", officer.officer_id, now,
                            {"lat": clat, "lon": clon, "division": division, "status": alert.status,
-                            "missing_since": _iso(missing_since), "case_type": case.name,
-                            "expires_at": _iso(alert.expires_at), "drill": drill,
+                            "missing_since": iso_utc(missing_since), "case_type": case.name,
+                            "expires_at": iso_utc(alert.expires_at), "drill": drill,
                             "duplicate_of": alert.duplicate_of, "place": self.authority.place(division),
                             "division_wide": division_wide,
                             "photos": [p["digest"] for p in kept]}, new=True)
@@ -907,7 +858,8 @@ class AlertEngine:
         if not window or name is None:
             return None
         for a in self._alerts.values():
-            if (a.status in ("pending", "open") and not a.drill and a.case_type == new.case_type
+            if (a.status in (AlertStatus.PENDING, AlertStatus.OPEN) and not a.drill
+                    and a.case_type == new.case_type
                     and _person_name(a.details) == name
                     and abs(a.missing_since - new.missing_since) <= window
                     and float(haversine_km(a.lat, a.lon, new.lat, new.lon)) <= self.settings.duplicate_km):
@@ -916,14 +868,14 @@ class AlertEngine:
 
     def confirm_distinct(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         """A held report is another person after all: it goes on as any report would."""
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        now = now_or_clock(now)
+        with self._leading():
             self._check_clock(now)
             alert = self._held(alert_id, officer_id)
-            updated = dataclasses.replace(alert, status="pending")
+            updated = dataclasses.replace(alert, status=AlertStatus.PENDING.value)
             if not self.authority.needs_approval(alert.reporter):
                 case = self.settings.case(alert.case_type)
-                updated = dataclasses.replace(updated, status="open", published_at=now,
+                updated = dataclasses.replace(updated, status=AlertStatus.OPEN.value, published_at=now,
                                               expires_at=now + case.expiry)
             self._save(updated, "confirm-distinct", officer_id, now,
                        {"duplicate_of": alert.duplicate_of, "status": updated.status})
@@ -931,33 +883,35 @@ class AlertEngine:
 
     def confirm_duplicate(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
         """A held report is the same person as the alert it is linked to: it is merged, never pushed."""
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        now = now_or_clock(now)
+        with self._leading():
             self._check_clock(now)
             alert = self._held(alert_id, officer_id)
-            updated = dataclasses.replace(alert, status="merged", closed_at=now, closed_by=officer_id)
+            updated = dataclasses.replace(alert, status=AlertStatus.MERGED.value, closed_at=now,
+                                          closed_by=officer_id)
             self._save(updated, "confirm-duplicate", officer_id, now, {"duplicate_of": alert.duplicate_of})
             return updated
 
     def _held(self, alert_id: str, officer_id: str) -> Alert:
         alert = self.alert(alert_id)
         self.authority.check_act(officer_id, alert.division, "confirm")
-        if alert.status != "held":
+        if alert.status != AlertStatus.HELD:
             raise AlertStateError(f"alert {alert_id} is {alert.status}, not held as a possible duplicate")
         return alert
 
     def approve(self, alert_id: str, officer_id: str, now: _dt.datetime | None = None) -> Alert:
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
-        with self._lock:
+        now = now_or_clock(now)
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
-            if alert.status != "pending":
+            if alert.status != AlertStatus.PENDING:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}, not pending approval")
             officer = self.authority.check_approve(officer_id, alert.reporter, alert.division)
             if now < alert.reported_at:
                 raise InvalidInputError(f"now={now.isoformat()}: an approval may not precede its report "
                                         f"({alert.reported_at.isoformat()})")
-            updated = dataclasses.replace(alert, status="open", published_at=now, approved_by=officer.officer_id,
+            updated = dataclasses.replace(alert, status=AlertStatus.OPEN.value, published_at=now,
+                                          approved_by=officer.officer_id,
                                           expires_at=now + self.settings.case(alert.case_type).expiry)
             self._save(updated, "approve", officer.officer_id, now,
                        {"place": self.authority.place(alert.division)})
@@ -970,21 +924,21 @@ class AlertEngine:
         An expired alert resumes its rings and top-ups from the next tick.
         Only an officer who may act on the alert renews it; the renewal is audited.
         """
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float))
                                   or not 0 < hours <= 24 * 366):
             raise InvalidInputError(f"hours must be a number in (0, 8784], got {hours!r}")
-        with self._lock:
+        with self._leading():
             self._check_clock(now)
             alert = self.alert(alert_id)
             self.authority.check_act(officer_id, alert.division, "renew")
-            if alert.status != "open":
+            if alert.status != AlertStatus.OPEN:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts can be renewed")
             span = (_dt.timedelta(hours=hours) if hours is not None
                     else self.settings.case(alert.case_type).expiry)
             updated = dataclasses.replace(alert, expires_at=now + span, expired_at=None)
             self._save(updated, "renew", officer_id, now,
-                       {"expires_at": _iso(updated.expires_at), "was": _iso(alert.expires_at)})
+                       {"expires_at": iso_utc(updated.expires_at), "was": iso_utc(alert.expires_at)})
             return updated
 
     def tick(self, now: _dt.datetime) -> TickResult:
@@ -997,7 +951,7 @@ class AlertEngine:
         outbox only, and ``result.stale`` is True.
         """
         now = check_aware(now, "now")
-        with self._lock:
+        with self._leading():
             out = TickResult()
             try:
                 self._check_clock(now)
@@ -1008,7 +962,7 @@ class AlertEngine:
                 self._replay = None
             self._offer_stranded(out)
             for alert in list(self._alerts.values()) if not out.stale else ():
-                if alert.status != "open" or alert.quarantine is not None:
+                if alert.status != AlertStatus.OPEN or alert.quarantine is not None:
                     continue
                 if now < alert.missing_since or self._expire_if_due(alert, now):
                     continue
@@ -1016,7 +970,7 @@ class AlertEngine:
                     if alert.next_seq == 0:   # the area never grows: one alert, then top-ups
                         t0 = time.perf_counter()
                         aud = self._query(alert, 0.0, now)
-                        out.append(self._emit(alert, "alert", 0.0, aud, now, "engine",
+                        out.append(self._emit(alert, PushKind.ALERT.value, 0.0, aud, now, "engine",
                                               query_ms=(time.perf_counter() - t0) * 1e3))
                     continue
                 try:
@@ -1024,22 +978,29 @@ class AlertEngine:
                     if alert.next_seq == 0:
                         t0 = time.perf_counter()
                         aud = self._query(alert, radius, now)
-                        out.append(self._emit(alert, "alert", radius, aud, now, "engine",
+                        out.append(self._emit(alert, PushKind.ALERT.value, radius, aud, now, "engine",
                                               query_ms=(time.perf_counter() - t0) * 1e3))
                     elif radius > alert.radius_km:
-                        out.extend(self._ring(alert, "expand", radius, now, self.index))
+                        out.extend(self._ring(alert, PushKind.EXPAND.value, radius, now, self.index))
                 except Exception as exc:  # noqa: BLE001 - one alert must not stop the others
                     out.errors.append(self._failed(alert.alert_id, exc, now))
             if self.retention_days is not None and not out.stale:
                 try:
                     out.purged = purge_expired(self.log, self.retention_days, now,
                                                photo_dir=self.photos.directory)
+                except LeaseLostError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - retention must not stop the pushes
                     out.errors.append(AlertFailure("", f"retention: {type(exc).__name__}: {exc}", False, exc))
             return self._deliver(out)
 
     def _failed(self, alert_id: str, exc: Exception, now: _dt.datetime) -> AlertFailure:
-        """Record one alert's failure; quarantine it unless the environment failed."""
+        """Record one alert's failure; quarantine it unless the environment failed.
+
+        A lost lease is no alert's failure: it ends the tick (this engine is deposed).
+        """
+        if isinstance(exc, LeaseLostError):
+            raise exc
         error = f"{type(exc).__name__}: {exc}"
         if self.metrics is not None and isinstance(exc, (CorruptFileError, LineageError)):
             self.metrics.verification_failed(exc, "log")
@@ -1076,7 +1037,7 @@ class AlertEngine:
 
     def ack(self, push_id: str) -> bool:
         """The dispatcher has handed the push on; it will not be offered again."""
-        with self._lock:
+        with self._leading():
             newly = self.log.ack(push_id)
             if newly:
                 if self.metrics is not None:
@@ -1094,37 +1055,37 @@ class AlertEngine:
 
     def update(self, alert_id: str, officer_id: str, details: dict, now: _dt.datetime | None = None) -> Push:
         """New details, to everyone notified so far."""
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         if not isinstance(details, dict) or not details:
             raise InvalidInputError(f"details must be a non-empty dict, got {type(details).__name__} "
                                     f"{str(details)[:80]!r}")
         details = check_details(details)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "update")
-            if alert.status != "open":
+            if alert.status != AlertStatus.OPEN:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
             merged = check_details({**alert.details, **details})
             self._check_cap_texts(merged, alert.lat, alert.lon, now)
             # New details are how an officer repairs a quarantined alert.
             alert = dataclasses.replace(alert, details=merged, quarantine=None)
-            return self._deliver([self._follow(alert, "update", officer_id, now)])[0]
+            return self._deliver([self._follow(alert, PushKind.UPDATE.value, officer_id, now)])[0]
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:
         """The child is found (or the search ends): closure to exactly everyone notified."""
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         outcome = check_outcome(outcome)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self.authority.check_act(officer_id, alert.division, "close")
-            if alert.status == "closed":
+            if alert.status == AlertStatus.CLOSED:
                 if alert.outcome != outcome:
                     raise AlertStateError(
                         f"alert {alert_id} is already closed with outcome {alert.outcome!r}, not {outcome!r}")
-                closure = [r for r in self.log.pushes(alert_id) if r.kind == "closure"]
+                closure = [r for r in self.log.pushes(alert_id) if r.kind == PushKind.CLOSURE]
                 return self._to_push(closure[-1])
-            if alert.status != "open":
+            if alert.status != AlertStatus.OPEN:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts can be closed")
             self._check_clock(now)
             first = next(iter(self.log.pushes(alert_id, audiences=False)), None)
@@ -1134,19 +1095,19 @@ class AlertEngine:
             if now < alert.reported_at:
                 raise InvalidInputError(f"now={now.isoformat()}: a closure may not precede the report "
                                         f"({alert.reported_at.isoformat()})")
-            alert = dataclasses.replace(alert, status="closed", outcome=outcome, closed_at=now,
-                                        closed_by=officer_id)
-            return self._deliver([self._follow(alert, "closure", officer_id, now)])[0]
+            alert = dataclasses.replace(alert, status=AlertStatus.CLOSED.value, outcome=outcome,
+                                        closed_at=now, closed_by=officer_id)
+            return self._deliver([self._follow(alert, PushKind.CLOSURE.value, officer_id, now)])[0]
 
     def retract(self, alert_id: str, officer_id: str, reason: str = "", now: _dt.datetime | None = None):
         """The report was erroneous or false.  Not an outcome; not counted in statistics."""
-        now = check_aware(now, "now") if now is not None else _dt.datetime.now(_dt.timezone.utc)
+        now = now_or_clock(now)
         reason = check_text(reason, "reason", _REASON_MAX_CHARS, True)
-        with self._lock:
+        with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
             self.authority.check_act(officer_id, alert.division, "retract")
-            if alert.status not in ("pending", "open"):
+            if alert.status not in (AlertStatus.PENDING, AlertStatus.OPEN):
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; it cannot be retracted")
             if now < alert.reported_at:
                 raise InvalidInputError(f"now={now.isoformat()}: a retraction may not precede the report "
@@ -1154,16 +1115,16 @@ class AlertEngine:
             # A quarantined alert may hold text no message can carry: the
             # retraction keeps only the details that pass the checks.
             details = {**_valid_details(alert.details), "retraction_reason": reason}
-            alert = dataclasses.replace(alert, status="retracted", closed_at=now, closed_by=officer_id,
-                                        details=details)
+            alert = dataclasses.replace(alert, status=AlertStatus.RETRACTED.value, closed_at=now,
+                                        closed_by=officer_id, details=details)
             if alert.next_seq == 0:
                 self._save(alert, "retract", officer_id, now, {"reason": reason})
                 self._observe_quarantine()
                 return None
-            return self._deliver([self._follow(alert, "retraction", officer_id, now)])[0]
+            return self._deliver([self._follow(alert, PushKind.RETRACTION.value, officer_id, now)])[0]
 
     def refresh(self, new_index, now: _dt.datetime) -> list[Push]:
-        """Switch to a newer index generation and top up every open alert.
+        """Switch to a newer index generation and top up every open alert (a standby only switches).
 
         The open alerts are re-targeted as a batch over ``workers`` threads (the
         kernels release the GIL).  Each alert gets one push: ``expand`` if its
@@ -1197,12 +1158,16 @@ class AlertEngine:
             with self._counted("log"):
                 self._bind(new_index)
             store = new_index.store
-            delta = (getattr(store, "changed_keys", None) is not None
+            delta = (store.changed_keys is not None
                      and store.parent_generation == self.index.store.generation)
             self.index = new_index
+            if not self.log.leader:
+                # A standby follows the generations (it must not lag the log when it takes
+                # over); the leader tops the alerts up.
+                return TickResult()
             todo = []
             for alert in self._alerts.values():
-                if (alert.status != "open" or alert.next_seq == 0 or now < alert.missing_since
+                if (alert.status != AlertStatus.OPEN or alert.next_seq == 0 or now < alert.missing_since
                         or alert.quarantine is not None):
                     continue
                 if self._expire_if_due(alert, now):
@@ -1244,7 +1209,7 @@ class AlertEngine:
                 auds = dict(zip((a.alert_id for a, _ in rings), pool.map(target, rings)))
             out = TickResult()
             for alert, radius in todo:
-                kind = "expand" if radius > alert.radius_km else "topup"
+                kind = PushKind.EXPAND.value if radius > alert.radius_km else PushKind.TOPUP.value
                 current = self._alerts[alert.alert_id]
                 try:
                     if alert.alert_id in fresh:
@@ -1287,7 +1252,7 @@ class AlertEngine:
             since = check_aware(since, "since")
         if until is not None:
             until = check_aware(until, "until")
-        records = [r for r in (a.stats_record() for a in self._alerts.values()) if r is not None]
+        records = [r for r in (a.stats_record() for a in self.alerts()) if r is not None]
         return compute(records, since=since, until=until, division=division,
                        divisions=self.authority.divisions, case_type=case_type,
                        case_types=tuple(self.settings.case_types))

@@ -72,5 +72,6 @@ class UnknownDivisionError(GeotargetError, KeyError):
 
 
 class LeaseLostError(GeotargetError):
-    """A write to a PostgreSQL recipient log by a process whose lease was taken over by another
-    (the fencing token no longer matches); nothing was written."""
+    """An action or a write on a PostgreSQL recipient log by a standby (it does not hold the lease),
+    or by a process whose lease was taken over by another (the fencing token no longer matches);
+    nothing was written."""

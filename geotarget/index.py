@@ -43,9 +43,13 @@ from .audience import Audience
 from .errors import CorruptFileError, InvalidInputError
 from .geo import check_aware, check_point, check_radius, epoch_seconds
 from .progress import progress_steps
-from ._fs import read_sealed, write_sealed
-from .store import (MANIFEST_FILE, DeviceStore, _advise_mapping, _check_file_digest, _check_file_size,
-                    _fsync_dir, _stage_npy, load_npy, manifest_entries)
+from ._fs import advise_mapping as _advise_mapping
+from ._fs import check_file_digest as _check_file_digest
+from ._fs import check_file_size as _check_file_size
+from ._fs import fsync_dir as _fsync_dir
+from ._fs import load_npy, manifest_entries, read_sealed, write_sealed
+from ._fs import stage_npy as _stage_npy
+from .store import MANIFEST_FILE, DeviceStore
 
 INDEX_META = "index.json"
 _INDEX_FORMAT = "geotarget.index"
@@ -337,15 +341,8 @@ class SpatialIndex:
         leaves on the border are tested (see ``geotarget/_polygon.py``).
         ``seen_since`` and ``apps`` filter as in :meth:`within`.
         """
-        from shapely.geometry.base import BaseGeometry
         from . import _polygon
-        geom = getattr(polygon_or_division, "polygon", polygon_or_division)
-        if not isinstance(geom, BaseGeometry) or geom.geom_type not in ("Polygon", "MultiPolygon"):
-            raise InvalidInputError(f"polygon_or_division must be a shapely Polygon or MultiPolygon or a "
-                                    f"Division, got {type(polygon_or_division).__name__}")
-        if geom.is_empty or not np.isfinite(shapely_bounds := np.asarray(geom.bounds, dtype=np.float64)).all():
-            raise InvalidInputError("polygon_or_division: the polygon is empty or has non-finite coordinates")
-        del shapely_bounds
+        geom = check_polygon(polygon_or_division)
         _, _, _, seen_min, codes = self._args(0.0, 0.0, 0.0, seen_since, apps)
         runs, count = _polygon.polygon_runs(self, geom, seen_min, codes)
         return Audience(index=self, runs=runs, count=count)
@@ -523,6 +520,18 @@ class SpatialIndex:
                     self.delta_points, np.ascontiguousarray(self.store.changed_keys, dtype=np.uint32)):
                 raise CorruptFileError(f"{d}: delta_points.npy does not hold the store's changed keys")
             self._verified = True
+
+
+def check_polygon(polygon_or_division):
+    """The shapely Polygon or MultiPolygon of ``polygon_or_division`` (a geometry or a Division), checked."""
+    from shapely.geometry.base import BaseGeometry
+    geom = getattr(polygon_or_division, "polygon", polygon_or_division)
+    if not isinstance(geom, BaseGeometry) or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise InvalidInputError(f"polygon_or_division must be a shapely Polygon or MultiPolygon or a "
+                                f"Division, got {type(polygon_or_division).__name__}")
+    if geom.is_empty or not np.isfinite(np.asarray(geom.bounds, dtype=np.float64)).all():
+        raise InvalidInputError("polygon_or_division: the polygon is empty or has non-finite coordinates")
+    return geom
 
 
 def build_tree_reference(xyz: np.ndarray, keys: np.ndarray, leaf_size: int):

@@ -94,6 +94,7 @@ leave the file, not just the index.  Reading a purged audience raises
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import functools
@@ -106,6 +107,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -114,20 +116,22 @@ from pyroaring import AbstractBitMap, BitMap, FrozenBitMap
 
 from . import _pglog
 from ._fs import fsync_dir as _fsync_dir
-from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
+from .errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError, LeaseLostError,
                      UnknownAlertError, UnknownPushError)
-from .geo import check_aware, check_radius
+from .geo import check_aware, check_int, check_radius, iso_utc
+from .model import FOLLOW_UP_KINDS, KINDS, RING_KINDS
 
 __all__ = ["PushRecord", "RecipientLog", "KINDS", "NEW_DEVICE_KINDS", "NOTIFIED_KINDS", "load_key",
            "KEY_ENV", "KEY_FILE_ENV"]
 
 #: Kinds that reach only devices never notified for the alert; their union is the closure audience.
-NEW_DEVICE_KINDS = ("alert", "expand", "topup")
+NEW_DEVICE_KINDS = RING_KINDS
 #: Kinds that reach exactly the devices notified so far.
-NOTIFIED_KINDS = ("update", "closure", "retraction")
-KINDS = NEW_DEVICE_KINDS + NOTIFIED_KINDS
+NOTIFIED_KINDS = FOLLOW_UP_KINDS
 
 FILENAME = "recipients.sqlite"
+#: Alerts whose verified notified set a log keeps in memory (the most recently used).
+_NOTIFIED_CACHE_ALERTS = 64
 #: 2: log_meta, macs, owner and lineage tables, and a per-push ``generation`` (no migration from 1).
 SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: "GTRL", so a foreign SQLite file is refused, not misread.
@@ -224,12 +228,9 @@ def _canon(obj) -> str:
                       allow_nan=False)
 
 
-def _iso(when: _dt.datetime) -> str:
-    return when.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
 def _now_iso() -> str:
-    return _iso(_dt.datetime.now(_dt.timezone.utc))
+    """The wall clock as the log stores times: UTC, to the microsecond."""
+    return iso_utc(_dt.datetime.now(_dt.timezone.utc), "microseconds")
 
 
 def _framed_sha256(tag: bytes, *fields) -> bytes:
@@ -374,12 +375,6 @@ def _check_id(value, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
     return value
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def _check_json_dict(value, name: str) -> str:
@@ -592,6 +587,15 @@ def _new_file(dst, what: str, kinds: str) -> tuple[str, str]:
     return d, parent
 
 
+def check_wait(timeout, poll) -> None:
+    """Check ``take_lease``'s waiting times: ``timeout`` None or >= 0 s, ``poll`` in (0, 60] s."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout >= 0):
+        raise InvalidInputError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not 0 < poll <= 60:
+        raise InvalidInputError(f"poll must be a number of seconds in (0, 60], got {poll!r}")
+
+
 class RecipientLog:
     """Durable, append-only log of pushes, alert state and the audit trail.
 
@@ -602,10 +606,14 @@ class RecipientLog:
     for the whole block.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None, lease: float = 10.0):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 5.0, key=None, lease: float = 10.0,
+                 standby: bool = False):
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease < 1e6:
             raise InvalidInputError(f"lease must be a number of seconds > 0, got {lease!r}")
         self._lease = float(lease)
+        if not isinstance(standby, bool):
+            raise InvalidInputError(f"standby must be True or False, got {standby!r}")
+        self._reading = 0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise InvalidInputError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         self._timeout = float(timeout)
@@ -614,10 +622,15 @@ class RecipientLog:
         self._conn = None
         self._key = load_key(key)
         self._owner_engine = None
+        #: alert id -> (the key of its ring rows, their verified union), least recently used first.
+        self._notified_cache: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._pg = _pglog.is_url(path)
         if self._pg:
-            self._init_pg(path)
+            self._init_pg(path, standby)
             return
+        if standby:
+            raise InvalidInputError("standby=True needs a postgresql:// log: a SQLite log has one owner, "
+                                    "and no other process reads it")
         try:
             p = os.fspath(path)
         except TypeError:
@@ -648,23 +661,27 @@ class RecipientLog:
             self.close()
             raise
 
-    def _init_pg(self, url: str) -> None:
+    def _init_pg(self, url: str, standby: bool) -> None:
         self._path = _pglog.display(url)
         self._real = url
         with _OPEN_LOGS_LOCK:
-            self._refuse_if_held(url)
+            if not standby:   # a standby may share a process with the leader: it never writes unless it leads
+                self._refuse_if_held(url)
             conn = _pglog.PgConnection(url, self._lease, self._timeout)
             try:
                 conn.create(_SCHEMA, SCHEMA_VERSION, _initial_meta(self._key))
                 conn.check_schema(_SCHEMA, SCHEMA_VERSION, self._path)
-                conn.acquire(self._timeout, self._path)
+                if not standby:
+                    conn.acquire(self._timeout, self._path)
+                    conn.start_heartbeat()
             except BaseException as exc:
                 conn.close()
                 if isinstance(exc, _SQLITE_ERRORS):
                     raise self._db_error(exc) from exc
                 raise
             self._conn = conn
-            _OPEN_LOGS[url] = weakref.ref(self)
+            if not standby:
+                _OPEN_LOGS[url] = weakref.ref(self)
         self._finalizer = weakref.finalize(self, _close_connection, self._conn)
         try:
             self._load_identity()
@@ -679,6 +696,64 @@ class RecipientLog:
         if other is not None and other._conn is not None:
             raise InvalidInputError(f"path={self._path!r} is held by another RecipientLog in this process "
                                     f"({other!r}); a recipient log has one owner at a time")
+
+    @property
+    def leader(self) -> bool:
+        """Whether this handle may write: an open SQLite log always; a PostgreSQL log while it
+        holds the lease (False for a standby, and once another process is known to have taken over)."""
+        if self._conn is None:
+            return False
+        return self._conn.leading if self._pg else True
+
+    @property
+    def term(self) -> int | None:
+        """The PostgreSQL leadership term this handle holds (1, 2, ... in the ``leases`` table), or None."""
+        return self._conn.term if self._pg and self._conn is not None and self._conn.token else None
+
+    def take_lease(self, timeout: float | None = None, *, poll: float = 0.2) -> bool:
+        """A standby waits to lead: True once this handle holds the lease, False after ``timeout`` s.
+
+        The lease is free when no one holds it, when its holder let it expire
+        (``lease`` s after its last renewal: a host that died or lost the network),
+        or at once when the holder's database session ended (a process that died).
+        ``None`` waits for ever.  See docs/design.md, "Several engines, one log".
+        """
+        check_wait(timeout, poll)
+        if not self._pg:
+            raise InvalidInputError("take_lease() is for a postgresql:// log; a SQLite log's owner is the "
+                                    "process that opened it")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                conn = self._conn
+                if conn is None:
+                    raise GeotargetError(f"{self._path}: the recipient log is closed")
+                if self._depth or self._reading:
+                    raise GeotargetError(f"{self._path}: take_lease() called inside a transaction")
+                if conn.leading:
+                    return True
+                conn.stop_heartbeat()
+                conn.token = None
+                try:
+                    taken = conn.try_acquire() is not None
+                except _SQLITE_ERRORS as exc:
+                    raise self._db_error(exc) from exc
+                if taken:
+                    conn.start_heartbeat()
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            left = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+            time.sleep(left)
+
+    def step_down(self) -> None:
+        """Give the lease up (a PostgreSQL leader becomes a standby; a planned failover)."""
+        if not self._pg:
+            raise InvalidInputError("step_down() is for a postgresql:// log")
+        with self._guard() as conn:
+            if self._depth:
+                raise GeotargetError(f"{self._path}: step_down() called inside a transaction")
+            conn.release()
 
     @property
     def backend(self) -> str:
@@ -806,12 +881,27 @@ class RecipientLog:
 
     @contextlib.contextmanager
     def _guard(self):
-        """Hold the lock on an open log and turn SQLite errors into typed ones."""
+        """Hold the lock on an open log and turn SQLite errors into typed ones.
+
+        A PostgreSQL standby reads in one read-only snapshot per outermost block:
+        the leader's commits in between never show a half-written state.
+        """
         with self._lock:
             if self._conn is None:
                 raise GeotargetError(f"{self._path}: the recipient log is closed")
+            conn = self._conn
+            snapshot = (self._pg and not self._depth and not self._reading and conn.token is None
+                        and not conn.in_transaction)
             try:
-                yield self._conn
+                if snapshot:
+                    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                self._reading += 1
+                try:
+                    yield conn
+                finally:
+                    self._reading -= 1
+                    if snapshot and not conn.raw.closed and conn.in_transaction:
+                        conn.execute("COMMIT")
             except _SQLITE_ERRORS as exc:
                 raise self._db_error(exc) from exc
 
@@ -823,6 +913,9 @@ class RecipientLog:
         own.  Blocks nest (as savepoints); an exception rolls the block back
         and propagates.  Other threads wait until the outermost block ends.
         """
+        if self._pg and self._conn is not None and self._conn.token is None and not self._depth:
+            raise LeaseLostError(f"{self._path}: this process is a standby and does not hold the log's "
+                                 f"lease (RecipientLog.take_lease); nothing was written")
         with self._guard() as conn:
             depth = self._depth
             conn.execute("BEGIN IMMEDIATE" if depth == 0 and not self._pg else
@@ -1181,10 +1274,32 @@ class RecipientLog:
     def _rows(self, conn, where: str = "", params=()):
         return conn.execute(f"SELECT {_PUSH_COLUMNS} FROM pushes {where}", params).fetchall()
 
-    def _notified(self, conn, alert_id: str) -> BitMap:
+    def _notified(self, conn, alert_id: str):
+        """The alert's notified devices (a FrozenBitMap) and the key of the rows they came from.
+
+        Every ring record's checksum (and MAC) is checked on each call.  The audiences'
+        bytes are read, hashed and decoded only when the rows changed since this
+        process last did so: the union it verified is kept, keyed by each row's log
+        position, audience digest and purge state (docs/design.md, "Durability").
+        """
         rows = self._rows(conn, "WHERE alert_id=? AND kind IN (?,?,?) ORDER BY seq",
                           (alert_id, *NEW_DEVICE_KINDS))
-        return BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows))
+        for r in rows:
+            self._decode(r, False)
+        key = tuple((r[0], bytes(r[9]), r[14]) for r in rows)
+        hit = self._notified_cache.get(alert_id)
+        if hit is not None and hit[0] == key:
+            self._notified_cache.move_to_end(alert_id)
+            return hit[1], key
+        union = FrozenBitMap(BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows)))
+        self._remember_notified(alert_id, key, union)
+        return union, key
+
+    def _remember_notified(self, alert_id: str, key: tuple, union: FrozenBitMap) -> None:
+        self._notified_cache[alert_id] = (key, union)
+        self._notified_cache.move_to_end(alert_id)
+        while len(self._notified_cache) > _NOTIFIED_CACHE_ALERTS:
+            self._notified_cache.popitem(last=False)
 
     def append_push(self, *, push_id: str, alert_id: str, seq: int, kind: str, radius_km: float,
                     created_at: _dt.datetime, audience: AbstractBitMap, meta: dict,
@@ -1199,17 +1314,17 @@ class RecipientLog:
         """
         push_id = _check_id(push_id, "push_id")
         alert_id = _check_id(alert_id, "alert_id")
-        seq = _check_count(seq, "seq")
+        seq = check_int(seq, "seq")
         if kind not in KINDS:
             raise InvalidInputError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
         radius = check_radius(radius_km)
-        created = _iso(check_aware(created_at, "created_at"))
+        created = iso_utc(check_aware(created_at, "created_at"), "microseconds")
         if not isinstance(audience, AbstractBitMap):
             raise InvalidInputError(f"audience must be a pyroaring BitMap of 32-bit device keys, "
                                     f"got {type(audience).__name__}")
         meta_text = _check_json_dict(meta, "meta")
         if generation is not None:
-            generation = _check_count(generation, "generation")
+            generation = check_int(generation, "generation")
         # The heavy part runs before taking the lock.
         bm = BitMap(audience)
         bm.run_optimize()
@@ -1225,7 +1340,7 @@ class RecipientLog:
                 diff = [name for name, a, b in (
                     ("alert_id", stored.alert_id, alert_id), ("seq", stored.seq, seq),
                     ("kind", stored.kind, kind), ("radius_km", stored.radius_km, radius),
-                    ("created_at", _iso(stored.created_at), created),
+                    ("created_at", iso_utc(stored.created_at, "microseconds"), created),
                     ("meta", _canon(stored.meta), meta_text), ("audience", stored.audience, bm),
                     ("generation", stored.generation, generation))
                     if a != b]
@@ -1245,7 +1360,7 @@ class RecipientLog:
             if purged is not None:
                 raise AlertStateError(f"alert {alert_id!r}: its audiences were purged under the retention "
                                       f"setting; nothing more can be logged for it")
-            notified = self._notified(conn, alert_id)
+            notified, key = self._notified(conn, alert_id)
             if kind in NEW_DEVICE_KINDS:
                 overlap = bm.intersection_cardinality(notified)
                 if overlap:
@@ -1270,6 +1385,9 @@ class RecipientLog:
                  prev, checksum, state_sum, generation))
             log._put_mac(conn, f"push:{log_seq}", checksum, state_sum)
             conn.execute("INSERT INTO audiences(log_seq, bitmap) VALUES(?,?)", (log_seq, blob))
+            outermost = self._depth == 1
+        if kind in NEW_DEVICE_KINDS and outermost:   # committed: the next push of the alert starts from here
+            self._remember_notified(alert_id, key + ((log_seq, digest, None),), FrozenBitMap(notified | bm))
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=_dt.datetime.fromisoformat(created), audience=FrozenBitMap(bm),
                           meta=json.loads(meta_text), acked=False, count=count, generation=generation)
@@ -1337,7 +1455,7 @@ class RecipientLog:
         alert_id = _check_id(alert_id, "alert_id")
         with self._guard() as conn:
             self._known_alert(conn, alert_id)
-            return self._notified(conn, alert_id)
+            return BitMap(self._notified(conn, alert_id)[0])
 
     def ack(self, push_id: str) -> bool:
         """Record durably that the dispatcher took the push; True if it was not acknowledged yet."""
@@ -1422,8 +1540,8 @@ class RecipientLog:
         if alert_id is not None:
             alert_id = _check_id(alert_id, "alert_id")
         radius = None if radius_km is None else check_radius(radius_km)
-        count = None if count is None else _check_count(count, "count")
-        when = _now_iso() if at is None else _iso(check_aware(at, "at"))
+        count = None if count is None else check_int(count, "count")
+        when = _now_iso() if at is None else iso_utc(check_aware(at, "at"), "microseconds")
         detail_text = None if detail is None else _check_json_dict(detail, "detail")
         with self.transaction() as log:
             conn = log._conn

@@ -40,12 +40,12 @@ import numpy as np
 
 from .errors import InvalidInputError
 from .geo import EARTH_RADIUS_KM, check_point, check_radius, haversine_km
+from .model import RING_KINDS
 
 __all__ = ["geodesic_circle", "draw_alert_map", "compact_count"]
 
 #: Rows drawn for the density background (per panel).
 DEFAULT_SAMPLE = 1_500_000
-_RING_KINDS = ("alert", "expand", "topup")
 
 
 def geodesic_circle(lat: float, lon: float, radius_km: float, n: int = 361):
@@ -293,7 +293,7 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
     clat, clon = check_point(_field(alert, "lat"), _field(alert, "lon"))
     details = _field(alert, "details", {}) or {}
     pushes = list(pushes)
-    rings = [p for p in pushes if _field(p, "kind") in _RING_KINDS]
+    rings = [p for p in pushes if _field(p, "kind") in RING_KINDS]
     place = details.get("city") if isinstance(details, dict) else None
     if not place:
         name, dist = _nearest_city(clat, clon)

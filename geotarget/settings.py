@@ -29,6 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .authority import ApprovalPolicy
 from .errors import InvalidInputError
 from .geo import check_int
+from .model import CaseType
 from .schedule import RadiusSchedule
 
 __all__ = ["Settings", "CaseType", "RateLimits", "DEFAULTS", "CASE_TYPES"]
@@ -128,23 +129,6 @@ expiry_hours = 72
 CASE_TYPES = ("child", "elderly", "other")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _SAME = re.compile(r"[A-Z]{3}")
-
-
-@dataclasses.dataclass(frozen=True)
-class CaseType:
-    """A kind of missing person: its CAP event, radius schedule and expiry."""
-
-    name: str
-    event: str
-    event_code: str
-    schedule: RadiusSchedule
-    expiry: _dt.timedelta
-
-    def to_dict(self) -> dict:
-        d = self.schedule.to_dict()
-        return {"event": self.event, "event_code": self.event_code,
-                "schedule": [[s / 3600, km] for s, km in d["steps"]],
-                "final_km": d["final_km"], "expiry_hours": self.expiry.total_seconds() / 3600}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,14 +22,16 @@ from typing import Iterable, Mapping
 from .authority import division_covers, province_of, validate_division
 from .errors import InvalidInputError
 from .geo import check_aware
+from .model import COUNTED_STATUSES, AlertStatus
 
 __all__ = ["OUTCOMES", "FOUND_OUTCOMES", "STATUSES", "check_outcome", "AlertRecord",
-           "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records"]
+           "compute", "check_case_type", "recovery_rate", "SeedFigure", "SEED_FIGURES", "seed_records",
+           "log_records"]
 
 OUTCOMES = ("rescued_trafficking", "runaway", "lost", "drowned", "killed", "accident",
             "visiting_friends", "other", "not_found")
 FOUND_OUTCOMES = tuple(o for o in OUTCOMES if o != "not_found")
-STATUSES = ("pending", "open", "closed", "retracted")
+STATUSES = COUNTED_STATUSES
 #: Statuses of alerts that went out as an alert (retracted ones are excluded on purpose).
 _PUBLISHED = frozenset({"open", "closed"})
 
@@ -115,6 +117,17 @@ def _group_under(divisions, division: str | None, code: str) -> str:
     return chain[i + 1] if i + 1 < len(chain) else division
 
 
+def log_records(log) -> Iterable[AlertRecord]:
+    """The statistics records of every alert in a recipient log (drills and duplicates left out),
+    ready for :func:`compute`."""
+    from .engine import Alert  # the engine imports this module
+
+    for rec in log.alerts().values():
+        r = Alert.from_record(rec).stats_record()
+        if r is not None:
+            yield r
+
+
 def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
             until: _dt.datetime | None = None, division: str | None = None, divisions=None,
             case_type: str | None = None, case_types=None) -> dict:
@@ -176,7 +189,7 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
         crow = by_case.get(rec.case_type)
         if crow is None:
             crow = by_case[rec.case_type] = {**_blank(), "pending": 0}
-        if rec.status == "pending":
+        if rec.status == AlertStatus.PENDING:
             totals["pending"] += 1
             crow["pending"] += 1
             continue
@@ -187,13 +200,13 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
             row = by_division[group] = _blank()
             if divisions is not None:
                 row["name"] = divisions.full_name(group) if group in divisions else ""
-        if rec.status == "retracted":
+        if rec.status == AlertStatus.RETRACTED:
             key = "retracted"
         else:
             totals["published"] += 1
             row["published"] += 1
             crow["published"] += 1
-            if rec.status == "open":
+            if rec.status == AlertStatus.OPEN:
                 key = "open"
             else:
                 by_outcome[rec.outcome] += 1

@@ -75,6 +75,8 @@ CASES = [
     ("DeviceStore.from_arrays", "last_seen", ("str", "complex", "dict", "naive", "bytes"),
      lambda w, v: gt.DeviceStore.from_arrays(np.arange(3, dtype=np.uint64), np.zeros(3), np.zeros(3),
                                              last_seen=v)),
+    ("DeviceStore.with_updates_from_table", "table", ("str", "complex", "list", "dict", "none", "int"),
+     lambda w, v: w.store.with_updates_from_table(v)),
     ("SpatialIndex.within", "lat", NUMBER, lambda w, v: w.index.within(v, 120.15, 10.0)),
     ("SpatialIndex.within", "lon", NUMBER, lambda w, v: w.index.within(30.27, v, 10.0)),
     ("SpatialIndex.within", "radius_km", NUMBER, lambda w, v: w.index.within(30.27, 120.15, v)),
@@ -93,6 +95,12 @@ CASES = [
      lambda w, v: gt.RecipientLog(w.log.path + ".other", key=v)),
     ("RecipientLog", "lease", ("str", "bool", "complex", "list", "dict", "none"),
      lambda w, v: gt.RecipientLog(w.log.path + ".other", lease=v)),
+    ("RecipientLog", "standby", ("str", "complex", "list", "dict", "none", "int", "float"),
+     lambda w, v: gt.RecipientLog(w.log.path + ".other", standby=v)),
+    ("take_over", "timeout", ("str", "bool", "complex", "list", "dict", "bytes"),
+     lambda w, v: w.engine.take_over(v)),
+    ("take_over", "poll", ("str", "bool", "complex", "list", "dict", "none", "bytes"),
+     lambda w, v: w.engine.take_over(poll=v)),
     ("AlertEngine", "workers", ("str", "bool", "complex", "list", "dict", "none", "float"),
      lambda w, v: gt.AlertEngine(w.index, log=w.log, authority=w.authority, workers=v)),
     ("AlertEngine", "index", ("str", "bool", "complex", "list", "dict", "none", "int"),
@@ -236,6 +244,12 @@ CLI_CASES = {
                              "--officer", "city-1", "--lat", "30.27", "--lon", "120.15", "--missing-since",
                              "2026-11-23T08:00:00Z", "--details", "[1, 2]"], 2),
     "tick-now-text": (["alert", "tick", "--log", "{log}", "--index", "{st}", "--now", "soon"], 2),
+    "serve-every-zero": (["alert", "serve", "--log", "{log}", "--index", "{st}", "--out", "{tmp}/o", "--every",
+                          "0"], 1),
+    "serve-lease-text": (["alert", "serve", "--log", "{log}", "--index", "{st}", "--out", "{tmp}/o", "--lease",
+                          "long"], 1),
+    "serve-for-negative": (["alert", "serve", "--log", "{log}", "--index", "{st}", "--out", "{tmp}/o", "--for",
+                            "-1"], 1),
     "purge-days-text": (["alert", "purge", "--log", "{log}", "--retention-days", "ten"], 1),
     "purge-days-negative": (["alert", "purge", "--log", "{log}", "--retention-days", "-1"], 1),
     "verify-anchor-text": (["audit", "verify", "--log", "{log}", "--anchor", "latest"], 2),
@@ -292,7 +306,7 @@ def test_every_public_name_is_walked():
     walked = {label for label, *_ in CASES}
     engine_methods = {n for n, _ in inspect.getmembers(gt.AlertEngine, inspect.isfunction)
                       if not n.startswith("_")}
-    takes_input = engine_methods - {"alerts", "verify", "shutdown", "alert"}
+    takes_input = engine_methods - {"alerts", "verify", "shutdown", "alert", "step_down"}
     assert takes_input <= walked, takes_input - walked
     params = set(inspect.signature(gt.AlertEngine).parameters)
     assert params <= {name for label, name, *_ in CASES if label == "AlertEngine"}, params

@@ -123,6 +123,27 @@ def test_200_circles_same_keys_and_ids_as_spatial_index(world):
     assert pruned > 50  # small circles really ask fewer shards
 
 
+def test_polygons_same_keys_as_spatial_index(world):
+    from shapely.geometry import Polygon, box
+
+    single, sharded = world
+    polygons = [box(120.0, 30.0, 123.0, 32.5),                                    # around Shanghai
+                Polygon([(100, -10), (150, 10), (110, 45), (100, -10)]),           # across clusters
+                box(-180, -90, 180, 90),                                           # everything
+                box(10.0, 10.0, 10.001, 10.001)]                                   # (almost) nothing
+    for poly in polygons:
+        ref = single.within_polygon(poly)
+        got = sharded.within_polygon(poly)
+        np.testing.assert_array_equal(got.keys(), ref.keys(), err_msg=str(poly.bounds))
+        np.testing.assert_array_equal(got.device_ids(), ref.device_ids())
+    seen = single.store.last_seen_s.max() - 3 * 86400
+    since = dt.datetime.fromtimestamp(int(seen), dt.timezone.utc)
+    np.testing.assert_array_equal(sharded.within_polygon(polygons[1], seen_since=since, apps="qq").keys(),
+                                  single.within_polygon(polygons[1], seen_since=since, apps="qq").keys())
+    with pytest.raises(gt.InvalidInputError, match="polygon_or_division"):
+        sharded.within_polygon("not a polygon")
+
+
 @pytest.mark.parametrize("seen_hours, apps", [(24, None), (None, "qq"), (72, ["amap", "alipay"])])
 def test_filters_match(world, seen_hours, apps):
     single, sharded = world
@@ -440,6 +461,16 @@ class _KillOnFirstQuery:
             self.killed = True
             ray.kill(self.inner.actors[self.victim], no_restart=False)
         return self.inner.within(*a, **kw)
+
+    # the rest of the engine's index interface (geotarget.model.Index), unchanged
+    def count(self, *a, **kw):
+        return self.inner.count(*a, **kw)
+
+    def within_polygon(self, *a, **kw):
+        return self.inner.within_polygon(*a, **kw)
+
+    def changed_within(self, *a, **kw):
+        return self.inner.changed_within(*a, **kw)
 
 
 def test_kill_an_actor_during_refresh(hz, tmp_path):

@@ -402,3 +402,44 @@ def test_tick_and_ack_from_several_threads(world, tmp_path):
         assert set().union(*rings) == oracle(world, *centres[ids.index(aid)], 500)
         closure = eng.close(aid, "city-1", outcome="lost", now=T0 + dt.timedelta(hours=5))
         assert set(closure.audience.keys().tolist()) == set().union(*rings)
+
+
+def test_a_standby_engine_answers_reads_refuses_actions_and_takes_over(world, pg_url):
+    from geotarget.errors import LeaseLostError
+
+    leader = engine_for(world, pg_url)
+    standby = gt.AlertEngine(world, log=gt.RecipientLog(pg_url, standby=True), authority=gt.Authority(OFFICERS))
+    try:
+        assert leader.leader and not standby.leader
+        a = leader.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
+        [p1] = leader.tick(T0)
+        leader.ack(p1.push_id)
+        [p2] = leader.tick(T0 + dt.timedelta(minutes=90))          # handed over, never acknowledged
+        # the standby reads what the leader committed
+        assert [x.alert_id for x in standby.alerts()] == [a.alert_id]
+        assert standby.alert(a.alert_id).radius_km == 200
+        assert [x.push_id for x in standby.pushes(a.alert_id)] == [p1.push_id, p2.push_id]
+        assert set(standby.notified(a.alert_id).keys().tolist()) == keyset(p1) | keyset(p2)
+        assert standby.stats()["published"] == 1 and standby.verify()["anchored"] is False
+        # ... and acts on nothing
+        before = leader.log.anchor()
+        for act in (lambda: standby.tick(T0 + dt.timedelta(minutes=150)),
+                    lambda: standby.report("city-1", lat=HZ[0], lon=HZ[1], division="330100",
+                                           missing_since=T0, now=T0),
+                    lambda: standby.close(a.alert_id, "city-1", outcome="lost", now=T0 + dt.timedelta(hours=2)),
+                    lambda: standby.ack(p2.push_id)):
+            with pytest.raises(LeaseLostError, match="standby"):
+                act()
+        assert leader.log.anchor() == before and standby.take_over(timeout=0.2) is False
+        # a planned hand-over: the new leader offers the unacknowledged push again, under its id
+        leader.step_down()
+        assert standby.take_over(timeout=5) and standby.leader and not leader.leader
+        replay = standby.tick(T0 + dt.timedelta(minutes=95))
+        assert [x.push_id for x in replay] == [p2.push_id] and keyset(replay[0]) == keyset(p2)
+        closure = standby.close(a.alert_id, "city-1", outcome="lost", now=T0 + dt.timedelta(hours=2))
+        assert keyset(closure) == keyset(p1) | keyset(p2)
+        with pytest.raises(LeaseLostError):
+            leader.tick(T0 + dt.timedelta(hours=3))
+    finally:
+        standby.log.close()
+        leader.log.close()

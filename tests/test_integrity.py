@@ -193,7 +193,7 @@ def test_one_bit_flipped_in_the_device_id_column_is_refused(world, tmp_path):
     with gt.RecipientLog(log) as lg:
         key = min(lg.notified(world["alert"]))
     store = gt.DeviceStore.open(d)
-    at = gt.store._offset_in(store._mmap, store.device_id) + 8 * key
+    at = gt._fs.offset_in(store._mmap, store.device_id) + 8 * key
     del store
     with open(d / "store.arrow", "r+b") as fh:
         fh.seek(at)
@@ -291,7 +291,7 @@ def test_engine_verifies_a_generation_once_before_its_first_push(world, tmp_path
     engine(idx, _log_copy(world, tmp_path)).log.close()
     assert idx._verified and idx.store._verified
     calls = []
-    monkeypatch.setattr(gt.store, "file_digest", lambda p: calls.append(p))
+    monkeypatch.setattr(gt._fs, "file_digest", lambda p: calls.append(p))
     idx.within(HZ[0], HZ[1], 100.0)
     assert calls == []                                        # remembered in-process
 

@@ -438,6 +438,53 @@ def test_an_edited_bitmap_is_never_returned(logged, byte):
             log.verify()
 
 
+def test_the_notified_set_is_read_once_and_kept_verified(where):
+    """Audiences are read, hashed and decoded when an alert's ring rows change, not on every call:
+    bytes changed on disk after that cannot change an answer, and verify() still finds them."""
+    with RecipientLog(where) as log:
+        _push(log, audience=range(0, 5000, 3))
+        _push(log, seq=1, kind="expand", audience=range(10_000, 20_000))
+        want = BitMap(range(0, 5000, 3)) | BitMap(range(10_000, 20_000))
+        assert log.notified("A") == want
+        got = log.notified("A")
+        got.add(7)                                    # a copy: the caller may change it
+        assert log.notified("A") == want
+        with log._guard() as conn:                    # one audience edited behind the log's back
+            blob = conn.execute("SELECT bitmap FROM audiences WHERE log_seq=2").fetchone()[0]
+            conn.execute("BEGIN")
+            conn.execute("UPDATE audiences SET bitmap=? WHERE log_seq=2", (BitMap([1, 2]).serialize(),))
+            conn.execute("COMMIT")
+        assert log.notified("A") == want and bytes(blob) != BitMap([1, 2]).serialize()
+        # ... the next ring is still checked against the devices really notified
+        with pytest.raises(AlertStateError, match="already notified"):
+            _push(log, seq=2, kind="expand", audience=[10_001])
+        with pytest.raises(CorruptFileError, match="SHA-256"):
+            log.verify()
+        # a record edit is seen at once: every record's checksum is checked on every call
+        with log._guard() as conn:
+            conn.execute("BEGIN")
+            conn.execute("UPDATE pushes SET radius_km=900 WHERE push_id='A.1'")
+            conn.execute("COMMIT")
+        with pytest.raises(CorruptFileError, match="checksum"):
+            log.notified("A")
+
+
+def test_a_leader_that_wakes_sees_the_rings_another_logged(pg_url):
+    with RecipientLog(pg_url) as first, RecipientLog(pg_url, standby=True) as second:
+        _push(first, audience=[1, 2])
+        assert first.notified("A") == BitMap([1, 2])
+        first.step_down()
+        assert second.take_lease(timeout=5)
+        _push(second, seq=1, kind="expand", audience=[3])
+        second.step_down()
+        assert first.take_lease(timeout=5)
+        assert first.notified("A") == BitMap([1, 2, 3])
+        with pytest.raises(AlertStateError, match="already notified"):
+            _push(first, seq=2, kind="expand", audience=[3, 4])
+        _push(first, seq=2, kind="expand", audience=[4])
+        assert first.notified("A") == second.notified("A") == BitMap([1, 2, 3, 4])
+
+
 @pytest.mark.parametrize("sql, match", [
     ("UPDATE pushes SET count=count+1 WHERE push_id='A.1'", "checksum"),
     ("UPDATE pushes SET radius_km=500 WHERE push_id='A.1'", "checksum"),
@@ -933,7 +980,9 @@ def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
         # while the lease is live another process is refused
         r = _other_process(pg_url, "print('opened')")
         assert r.returncode == 3 and "InvalidInputError" in r.stdout and "held by another process" in r.stdout
-        # the owner stalls past its lease (its 30 s pass: moved here by the clock in the row)
+        # the owner stalls past its lease (its heartbeat stops, and its 30 s pass: moved here by
+        # the clock in the row)
+        log._conn.stop_heartbeat()
         admin.execute("UPDATE owner SET expires_at = now() - interval '1 second'")
         # a standby process takes over and writes
         r = _other_process(pg_url, "assert [p.push_id for p in log.unacked()] == ['A.0']\n"
@@ -942,9 +991,13 @@ def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
                                    "audience=BitMap([3]), meta={})\nprint('pushed')")
         assert r.returncode == 0 and "pushed" in r.stdout, r.stdout + r.stderr
         # the deposed owner's late writes fail, typed, and change nothing
+        with pytest.raises(LeaseLostError, match="no longer holds"):
+            _push(log, seq=1, kind="expand", audience=[4])
+        # ... and from then on it is a standby, which writes nothing until it takes the lease again
+        assert not log.leader
         for write in (lambda: _push(log, seq=1, kind="expand", audience=[4]), lambda: log.ack("A.0"),
                       lambda: log.save_alert("A", {"x": 1}), lambda: log.audit("x", actor="old")):
-            with pytest.raises(LeaseLostError, match="no longer holds"):
+            with pytest.raises(LeaseLostError, match="standby and does not hold"):
                 write()
         assert [p.push_id for p in log.pushes()] == ["A.0", "A.1"]  # reads still work
         assert not log.push("A.0").acked and log.alerts() == {} and log.audit_entries() == []
@@ -953,6 +1006,94 @@ def test_a_deposed_owner_cannot_write_after_its_lease_was_taken_over(pg_url):
     finally:
         log.close()
         admin.close()
+
+
+def test_a_standby_reads_the_leaders_log_and_writes_nothing(pg_url, tmp_path):
+    from geotarget.errors import LeaseLostError
+
+    with RecipientLog(pg_url) as leader, RecipientLog(pg_url, standby=True) as standby:
+        _push(leader, audience=[1, 2])
+        leader.audit("alert", actor="engine", alert_id="A", count=2)
+        assert leader.leader and leader.term == 1 and not standby.leader and standby.term is None
+        # reads see what the leader committed
+        assert [p.push_id for p in standby.pushes()] == ["A.0"] and standby.notified("A") == BitMap([1, 2])
+        assert standby.verify()["keyed"] == leader.verify()["keyed"]
+        assert standby.audit_entries() == leader.audit_entries() and standby.stats() == leader.stats()
+        _push(leader, seq=1, kind="expand", audience=[3])
+        assert standby.notified("A") == BitMap([1, 2, 3])
+        # every write is refused, typed, and changes nothing
+        before = (leader.stats(), leader.anchor())
+        for write in (lambda: _push(standby, seq=2, kind="expand", audience=[4]), lambda: standby.ack("A.0"),
+                      lambda: standby.save_alert("B", {"x": 1}, new=True),
+                      lambda: standby.audit("x", actor="standby"), lambda: standby.set_meta_value("n", "1"),
+                      lambda: standby.purge_audiences("A")):
+            with pytest.raises(LeaseLostError, match="standby"):
+                write()
+        assert (leader.stats(), leader.anchor()) == before
+        # a live leader keeps the lease: the standby's bounded wait ends without it
+        assert standby.take_lease(timeout=0.3) is False and not standby.leader
+    # a SQLite log has no standbys
+    with pytest.raises(InvalidInputError, match="postgresql"):
+        RecipientLog(tmp_path, standby=True)
+    with RecipientLog(tmp_path) as log:
+        assert log.leader and log.term is None
+        with pytest.raises(InvalidInputError, match="postgresql"):
+            log.take_lease(0)
+        with pytest.raises(InvalidInputError, match="timeout"):
+            log.take_lease(-1)
+
+
+def test_a_standby_takes_over_as_soon_as_the_leader_process_dies(pg_url):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import geotarget
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(geotarget.__file__))))
+    code = ("import sys, time\nfrom geotarget.log import RecipientLog\n"
+            "log = RecipientLog(sys.argv[1], lease=60)\nprint('leading', flush=True)\ntime.sleep(600)\n")
+    import tempfile
+
+    proc = subprocess.Popen([sys.executable, "-c", code, pg_url], stdout=subprocess.PIPE, text=True, env=env,
+                            cwd=tempfile.gettempdir())
+    try:
+        assert proc.stdout.readline().strip() == "leading"
+        with RecipientLog(pg_url, standby=True, lease=60) as standby:
+            assert standby.take_lease(timeout=0.5) is False     # alive, lease 60 s
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            t0 = time.monotonic()
+            assert standby.take_lease(timeout=30) is True
+            # not the 60 s lease: its database session ended with it
+            assert time.monotonic() - t0 < 5
+            assert standby.leader and standby.term == 2
+            _push(standby, audience=[1])
+            with standby._guard() as conn:
+                terms = conn.execute("SELECT term, reason, first_log_seq FROM leases ORDER BY term").fetchall()
+            assert [t[0] for t in terms] == [1, 2] and "session" in terms[1][1] and terms[1][2] == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_an_idle_leader_keeps_its_lease_and_can_hand_it_over(pg_url):
+    import time
+
+    from geotarget.errors import LeaseLostError
+
+    with RecipientLog(pg_url, lease=1.0) as leader, RecipientLog(pg_url, standby=True, lease=1.0) as standby:
+        _push(leader, audience=[1])
+        time.sleep(2.5)                       # no writes for 2.5 leases: the heartbeat renewed it
+        assert leader.leader and standby.take_lease(timeout=0) is False
+        leader.step_down()                    # a planned hand-over
+        assert not leader.leader
+        assert standby.take_lease(timeout=5) is True and standby.term == 2
+        _push(standby, seq=1, kind="expand", audience=[2])
+        with pytest.raises(LeaseLostError, match="standby"):
+            _push(leader, seq=2, kind="expand", audience=[3])
+        assert [p.push_id for p in leader.pushes()] == ["A.0", "A.1"]
 
 
 def test_a_foreign_postgresql_schema_is_refused_and_left_alone(pg_url):

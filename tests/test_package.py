@@ -121,3 +121,39 @@ def test_only_the_spatial_modules_call_compiled_code():
     pkg = pathlib.Path(gt.__file__).parent
     for name in ("engine.py", "cluster.py"):
         assert "_kernels" not in (pkg / name).read_text(encoding="utf-8"), name
+
+
+def test_both_indexes_answer_the_engines_index_interface():
+    """The engine takes any geotarget.model.Index; SpatialIndex and ShardedIndex both are one, alike."""
+    import inspect
+
+    import numpy as np
+
+    from geotarget.cluster import ShardedIndex
+    from geotarget.model import Index
+
+    methods = [n for n, v in vars(Index).items() if callable(v) and not n.startswith("_")]
+    assert sorted(methods) == ["changed_within", "count", "within", "within_polygon"]
+    for cls in (gt.SpatialIndex, ShardedIndex):
+        for name in methods:
+            want = list(inspect.signature(getattr(Index, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls, name)
+    store = gt.DeviceStore.from_arrays(np.arange(1, 11, dtype=np.uint64), np.zeros(10), np.zeros(10))
+    assert isinstance(gt.SpatialIndex.build(store), Index)
+    assert not isinstance(store, Index)
+
+
+def test_no_module_imports_private_names_from_the_store():
+    """File helpers and batch checks live in their own modules (geotarget/_fs.py,
+    _store_checks.py, _store_files.py): nothing reaches into store.py's private names."""
+    import ast
+    offenders = []
+    files = [p for d in ("geotarget", "benchmarks", "examples", "tests") for p in (ROOT / d).rglob("*.py")]
+    assert any(p.name == "index.py" for p in files) and any(p.name == "cluster.py" for p in files)
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "store":
+                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+        offenders += [f"{path.name}: {m}" for m in re.findall(r"\b(?:gt|geotarget)\.store\._\w+", text)]
+    assert offenders == []
