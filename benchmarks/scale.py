@@ -279,7 +279,7 @@ def _reference_check(store: DeviceStore, queries: dict, auds: dict) -> dict:
 
 
 def phase_serve(a) -> dict:
-    directory = Path(a.workdir) / "g1"
+    directory = g1_dir(a)
     rss_before = rss_now()
     index, open_s = timed(SpatialIndex.open, directory)
     rss_open = rss_now()
@@ -319,7 +319,7 @@ def phase_serve(a) -> dict:
 def phase_log(a) -> dict:
     from geotarget.alerts.log import RecipientLog
 
-    index = SpatialIndex.open(Path(a.workdir) / "g1")
+    index = SpatialIndex.open(g1_dir(a))
     clat, clon = CENTRES["dense"]
     aud = index.within(clat, clon, 500.0)
     bm, bitmap_s, bitmap_cpu = timed_cpu(aud.bitmap)
@@ -344,10 +344,15 @@ def phase_log(a) -> dict:
             "bytes_per_recipient": stats["bytes_on_disk"] / stats["recipients_logged"]}
 
 
+def g1_dir(a) -> Path:
+    """Generation 1: ``--g1`` (an existing, built generation, only read) or ``WORKDIR/g1``."""
+    return Path(a.g1) if a.g1 else Path(a.workdir) / "g1"
+
+
 def phase_dispatch(a) -> dict:
     import dispatch as dp   # benchmarks/dispatch.py: the engine's ring, stage by stage
 
-    index = SpatialIndex.open(Path(a.workdir) / "g1")
+    index = SpatialIndex.open(g1_dir(a))
     clat, clon = CENTRES["dense"]
     cut = T0 - dp.AGE
     n = len(index)
@@ -922,6 +927,8 @@ def child_args(a, phase: str) -> list[str]:
             "--repeat", str(a.repeat), "--count-repeat", str(a.count_repeat), "--log-repeat", str(a.log_repeat),
             "--query-interval", str(a.query_interval), "--baseline-seconds", str(a.baseline_seconds),
             "--alerts", str(a.alerts)]
+    if a.g1:
+        args += ["--g1", str(a.g1)]
     args.append("--verify" if a.verify else "--no-verify")
     if a.diagnose:
         args.append("--diagnose")
@@ -1040,6 +1047,8 @@ def main(argv=None) -> int:
                     help="refuse unless free disk >= this x the bytes the phases will write")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the disk and print the plan, run nothing, write no report")
+    ap.add_argument("--g1", help="an existing generation 1 (store and built index) for the serve, log and "
+                    "dispatch phases, only read; logs still go to WORKDIR (default WORKDIR/g1)")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase:

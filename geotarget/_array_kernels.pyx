@@ -11,10 +11,10 @@ compares the two on hypothesis-generated and adversarial inputs.
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from geotarget._geom cimport gt_max_threads
+from geotarget._geom cimport __builtin_popcountll, gt_max_threads
 
 cnp.import_array()
 
@@ -30,6 +30,15 @@ cdef extern from "gt_arrays.hpp" nogil:
                        int64_t k, int64_t total, const uint32_t* seen, uint32_t cut, int nt, uint32_t* out)
     int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k, const uint32_t* seen,
                           uint32_t cut, int64_t* out)
+    int __builtin_clzll(unsigned long long)
+    void gt_group_bitmap_by_app(const uint8_t* buf, const int64_t* kind, const int64_t* card,
+                                const int64_t* pos, const uint32_t* base, const int64_t* chunk_at,
+                                int64_t nch, int64_t total, const uint64_t* device_id, const int8_t* app,
+                                uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
+    void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
+                              const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
+                              uint32_t cut, const int8_t* app_rows, const uint64_t* device_id,
+                              uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
 
 # Below this many elements a gather runs on the calling thread.  A parallel
 # region ends at a barrier, so on a busy machine it waits for the OS to
@@ -205,6 +214,189 @@ def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, co
     return ids, ks, starts
 
 
+def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, const int64_t[::1] kept,
+                      const uint32_t[::1] seen, uint32_t seen_min, const int8_t[::1] app,
+                      const cnp.uint64_t[::1] device_id):
+    """A query result grouped by app straight from its runs: ``(ids, keys, starts)`` as ``group_by_app``.
+
+    ``keys``, ``seen`` and ``app`` are the index's leaf-ordered columns
+    (``keys=None``: the rows are the keys); ``kept`` (None: every run keeps
+    all its rows) and ``seen_min`` describe fresh runs as in ``fill_fresh``;
+    ``device_id`` is the store's, by key.  No key array is written first, and
+    app codes are read by row, not by key.  In numpy, this operation is
+    equivalent to::
+
+        rows = np.concatenate([np.arange(s, e)[(seen[s:e] >= seen_min) | (k == e - s)]
+                               for (s, e), k in zip(runs, kept)])    # kept=None: every row
+        order = np.argsort(app[rows].view(np.uint8), kind="stable")
+        rows = rows[order]
+        out_keys = rows if keys is None else keys[rows]
+        ids = device_id[out_keys]
+        starts = np.r_[0, np.cumsum(np.bincount(app[rows].view(np.uint8), minlength=256))]
+    """
+    cdef Py_ssize_t k = runs.shape[0], i
+    if kept is not None and kept.shape[0] != k:
+        raise ValueError("kept needs one count per run")
+    if kept is not None and seen is None:
+        raise ValueError("fresh runs need the seen column")
+    for i in range(k):
+        if not 0 <= runs[i, 0] <= runs[i, 1] <= app.shape[0]:
+            raise ValueError("a run lies outside the index's rows")
+        if kept is not None and (runs[i, 1] > seen.shape[0] or not 0 <= kept[i] <= runs[i, 1] - runs[i, 0]):
+            raise ValueError("a fresh run lies outside the seen column or keeps too many rows")
+        if keys is not None and runs[i, 1] > keys.shape[0]:
+            raise ValueError("a run lies outside the index's keys")
+    offsets = np.zeros(k, dtype=np.int64)
+    cdef int64_t[::1] off = offsets
+    cdef int64_t total = 0
+    for i in range(k):
+        off[i] = total
+        total += kept[i] if kept is not None else runs[i, 1] - runs[i, 0]
+    ids = np.empty(total, dtype=np.uint64)
+    ks = np.empty(total, dtype=np.uint32)
+    starts = np.zeros(257, dtype=np.int64)
+    cdef cnp.uint64_t[::1] io = ids
+    cdef uint32_t[::1] ko = ks
+    cdef cnp.int64_t[::1] so = starts
+    cdef const uint32_t* kp = &keys[0] if keys is not None and keys.shape[0] else NULL
+    cdef const int64_t* keptp = &kept[0] if kept is not None and k else NULL
+    cdef const uint32_t* sp = &seen[0] if seen is not None and seen.shape[0] else NULL
+    if total:
+        with nogil:
+            gt_group_runs_by_app(kp, &runs[0, 0], keptp, &off[0], k, total, sp, seen_min, &app[0],
+                                 &device_id[0], &io[0], &ko[0], &so[0],
+                                 gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1)
+    return ids, ks, starts
+
+
+cdef inline uint32_t _get32(const uint8_t* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint32_t _get16(const uint8_t* p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):
+    """A roaring bitmap's keys grouped by app, from its portable serialisation: ``(ids, keys, starts)``.
+
+    ``buf`` is ``BitMap.serialize()``; the result is ``group_by_app`` of the
+    bitmap's sorted keys (each app's keys ascend), without writing those keys
+    out first.  Raises ``ValueError`` on bytes that are not a well-formed
+    serialisation or on a key outside ``device_id`` and ``app``.  In numpy,
+    this operation is equivalent to::
+
+        keys = np.asarray(BitMap.deserialize(buf).to_array(), np.uint32)
+        codes = app[keys].view(np.uint8)
+        order = np.argsort(codes, kind="stable")
+        ids, keys = device_id[keys[order]], keys[order]
+        starts = np.r_[0, np.cumsum(np.bincount(codes, minlength=256))]
+    """
+    cdef Py_ssize_t size_b = buf.shape[0], at, size, i, j, flags_at = 0, desc_at
+    cdef const uint8_t* p = &buf[0] if size_b > 0 else NULL
+    cdef uint32_t cookie
+    cdef bint has_run
+    cdef int64_t n = min(device_id.shape[0], app.shape[0]), c, nr, got, top
+    cdef uint64_t w
+    if size_b < 4:
+        raise ValueError("roaring bitmap: truncated header")
+    cookie = _get32(p)
+    if (cookie & 0xFFFF) == 12347:
+        has_run = True
+        size = (cookie >> 16) + 1
+        flags_at = 4
+        at = 4 + (size + 7) // 8
+    elif cookie == 12346:
+        if size_b < 8:
+            raise ValueError("roaring bitmap: truncated header")
+        has_run = False
+        size = _get32(p + 4)
+        at = 8
+    else:
+        raise ValueError(f"roaring bitmap: unknown cookie {cookie}")
+    desc_at = at
+    at += 4 * size
+    if not has_run or size >= 4:
+        at += 4 * size   # offset header; containers are read in order
+    if at > size_b:
+        raise ValueError("roaring bitmap: truncated header")
+    kind_a = np.empty(size, dtype=np.int64)
+    card_a = np.empty(size, dtype=np.int64)
+    pos_a = np.empty(size, dtype=np.int64)
+    base_a = np.empty(size, dtype=np.uint32)
+    chunk_a = np.zeros(size + 1, dtype=np.int64)
+    cdef int64_t[::1] kind = kind_a, card = card_a, pos = pos_a, chunk_at = chunk_a
+    cdef uint32_t[::1] base = base_a
+    cdef int64_t total = 0, in_chunk = 0, nch = 0, prev = -1
+    for i in range(size):
+        c = _get16(p + desc_at + 4 * i)
+        if c <= prev:
+            raise ValueError("roaring bitmap: containers out of order")
+        prev = c
+        base[i] = <uint32_t>(c << 16)
+        card[i] = <int64_t>_get16(p + desc_at + 4 * i + 2) + 1
+        pos[i] = at
+        top = -1
+        if has_run and (p[flags_at + i // 8] >> (i % 8)) & 1:
+            kind[i] = 2
+            if at + 2 > size_b:
+                raise ValueError("roaring bitmap: truncated run container")
+            nr = _get16(p + at)
+            if at + 2 + 4 * nr > size_b:
+                raise ValueError("roaring bitmap: truncated run container")
+            got = 0
+            for j in range(nr):
+                got += <int64_t>_get16(p + at + 4 + 4 * j) + 1
+                top = max(top, <int64_t>_get16(p + at + 2 + 4 * j) + _get16(p + at + 4 + 4 * j))
+            if got != card[i] or top > 65535:
+                raise ValueError("roaring bitmap: a run container disagrees with its cardinality")
+            at += 2 + 4 * nr
+        elif card[i] > 4096:
+            kind[i] = 1
+            if at + 8192 > size_b:
+                raise ValueError("roaring bitmap: truncated bitmap container")
+            got = 0
+            for j in range(1024):
+                memcpy(&w, p + at + 8 * j, 8)
+                got += __builtin_popcountll(w)
+                if w:
+                    top = 64 * j + 63 - __builtin_clzll(w)
+            if got != card[i]:
+                raise ValueError("roaring bitmap: a bitmap container disagrees with its cardinality")
+            at += 8192
+        else:
+            kind[i] = 0
+            if at + 2 * card[i] > size_b:
+                raise ValueError("roaring bitmap: truncated array container")
+            for j in range(card[i]):
+                top = max(top, <int64_t>_get16(p + at + 2 * j))
+            at += 2 * card[i]
+        if (c << 16) + top >= n:
+            raise ValueError(f"roaring bitmap: key {(c << 16) + top} outside the {n} devices")
+        total += card[i]
+        in_chunk += card[i]
+        if in_chunk >= RUNS_PARALLEL_MIN // 8 or i == size - 1:
+            nch += 1
+            chunk_at[nch] = i + 1
+            in_chunk = 0
+    ids = np.empty(total, dtype=np.uint64)
+    ks = np.empty(total, dtype=np.uint32)
+    starts = np.zeros(257, dtype=np.int64)
+    cdef cnp.uint64_t[::1] io = ids
+    cdef uint32_t[::1] ko = ks
+    cdef cnp.int64_t[::1] so = starts
+    if total:
+        with nogil:
+            gt_group_bitmap_by_app(p, &kind[0], &card[0], &pos[0], &base[0], &chunk_at[0], nch, total,
+                                   &device_id[0], &app[0], &io[0], &ko[0], &so[0],
+                                   gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1)
+    return ids, ks, starts
+
+
 def sort_ids(const cnp.uint64_t[::1] ids):
     """Sort device ids and carry their row numbers: ``(sorted_ids, rows)``.
 
@@ -339,7 +531,7 @@ cdef extern from "gt_arrays.hpp" nogil:
 
 def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64_t key_space,
                       const int64_t[::1] kept=None, const uint32_t[::1] seen=None, uint32_t seen_min=0):
-    """Roaring portable serialisation (bytes) of the keys ``src[s:e]`` of every run, all below ``key_space``.
+    """Roaring portable serialisation (a uint8 array: no copy into ``bytes``) of the keys ``src[s:e]`` of every run, all below ``key_space``.
 
     The keys are set in a dense bitset, each core owning one stretch of the
     key space, and the bitset is written container by container in the form
@@ -382,8 +574,8 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
             gt_container_sizes(&w[0], nc, <GtContainer*>&cv[0, 0], gt_max_threads() if nc >= CONTAINERS_PARALLEL_MIN else 1)
     used = np.flatnonzero(cont[:nc, 0]).astype(np.int64)
     cdef int64_t m = used.shape[0]
-    if m == 0:
-        return b"\x3a\x30\x00\x00\x00\x00\x00\x00"   # cookie 12346, no containers: the empty bitmap
+    if m == 0:   # cookie 12346, no containers: the empty bitmap
+        return np.frombuffer(b"\x3a\x30\x00\x00\x00\x00\x00\x00", dtype=np.uint8)
     cdef int64_t head = 4 + (m + 7) // 8 + 4 * m + (4 * m if m >= 4 else 0)
     body = cont[used, 2]
     offsets = np.full(m, head, dtype=np.int64)
@@ -405,4 +597,4 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
         for j in prange(m, schedule="dynamic", num_threads=gt_max_threads() if m >= CONTAINERS_PARALLEL_MIN else 1):
             c = uv[j]
             gt_container_write(&w[c << 10], (<GtContainer*>&cv[0, 0])[c], &o[ov[j]])
-    return out.tobytes()
+    return out

@@ -253,3 +253,170 @@ def test_bitset_of_keys_beyond_the_key_space_writes_nothing_outside():
     seen = np.array([9, 0, 9, 9, 9, 9], dtype=np.uint32)
     bm = BitMap.deserialize(_array_kernels.roaring_from_runs(src, runs, 131_072, np.array([5]), seen, 1))
     assert bm == BitMap([0, 70_000, 131_071])
+
+
+def _group_ref(keys, device_id, app):
+    """Plain NumPy grouping by app (stable): (ids, keys, starts)."""
+    codes = app[keys].view(np.uint8)
+    order = np.argsort(codes, kind="stable")
+    return (device_id[keys[order]], keys[order],
+            np.r_[0, np.cumsum(np.bincount(codes, minlength=256))])
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
+       cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
+       rows_are_keys=st.booleans(), edges=st.booleans(), fresh=st.booleans(), negative=st.booleans())
+def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges, fresh, negative):
+    """Straight from a query's runs (fresh runs dropping rows below the cut-off second) to the grouping
+    of the rows they hold: every fresh row of every run is there once, no stale row of a fresh run."""
+    rng = np.random.default_rng(seed)
+    seen = rng.integers(0, 11, n_rows).astype(np.uint32)
+    if edges:
+        seen = rng.choice(np.r_[EDGE_SEEN, np.arange(11, dtype=np.uint32)], n_rows)
+    runs, kept = _fresh_runs(rng, n_rows, seen, cut)
+    if not fresh:   # plain runs only (an unfiltered query, or an app filter)
+        kept = None
+    app = rng.integers(0, 5, n_rows).astype(np.int8)
+    if negative:
+        app = (app.astype(np.int16) - 3).astype(np.int8)
+    keys = None if rows_are_keys else rng.permutation(n_rows).astype(np.uint32)
+    device_id = rng.integers(0, 2**64 - 1, max(n_rows, 1), dtype=np.uint64)
+    rows = (_rows_ref(runs, kept, seen, cut) if kept is not None else
+            np.concatenate([np.arange(s, e) for s, e in runs]) if len(runs) else np.empty(0, np.int64))
+    ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen if kept is not None else None,
+                                                       cut, app, device_id)
+    order = np.argsort(app[rows].view(np.uint8), kind="stable")
+    want_keys = (rows if keys is None else keys[rows])[order].astype(np.uint32)
+    np.testing.assert_array_equal(ks, want_keys)
+    np.testing.assert_array_equal(ids, device_id[want_keys])
+    np.testing.assert_array_equal(starts, np.r_[0, np.cumsum(np.bincount(app[rows].view(np.uint8),
+                                                                          minlength=256))])
+    if kept is not None and n_rows:   # both directions against the seen column itself
+        fresh_rows = np.zeros(n_rows, bool)
+        fresh_rows[rows] = True
+        in_fresh = np.zeros(n_rows, bool)
+        for (s, e), k in zip(runs, kept):
+            if k < e - s:
+                in_fresh[s:e] = True
+        assert np.all(seen[fresh_rows & in_fresh] >= cut)
+        assert not np.any(in_fresh & ~fresh_rows & (seen >= cut))
+
+
+@pytest.mark.parametrize("total", [1 << 19, (1 << 21) + 17])   # on one core, then split over cores
+def test_group_runs_by_app_split_over_cores_matches_numpy(total):
+    rng = np.random.default_rng(total)
+    seen = rng.integers(0, 4, total + 5000).astype(np.uint32)
+    edges = np.sort(rng.choice(np.arange(1, total + 5000), 4000, replace=False)).reshape(-1, 2)
+    runs = np.ascontiguousarray(edges.astype(np.int64))
+    kept = np.array([(seen[s:e] >= 2).sum() for s, e in runs], dtype=np.int64)
+    kept = np.where(np.arange(len(runs)) % 3 == 0, runs[:, 1] - runs[:, 0], kept)
+    keep = kept > 0
+    runs, kept = np.ascontiguousarray(runs[keep]), np.ascontiguousarray(kept[keep])
+    app = rng.integers(0, 25, total + 5000).astype(np.int8)
+    device_id = rng.integers(0, 2**63, total + 5000, dtype=np.uint64)
+    rows = _rows_ref(runs, kept, seen, 2)
+    for keys in (None, rng.permutation(total + 5000).astype(np.uint32)):
+        ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen, 2, app, device_id)
+        codes = app[rows].view(np.uint8)     # app is by row (the index's column), the ids by key
+        want = (rows if keys is None else keys[rows]).astype(np.uint32)[np.argsort(codes, kind="stable")]
+        np.testing.assert_array_equal(ks, want)
+        np.testing.assert_array_equal(ids, device_id[want])
+        np.testing.assert_array_equal(starts, np.r_[0, np.cumsum(np.bincount(codes, minlength=256))])
+
+
+def test_group_runs_by_app_rejects_runs_outside_the_columns():
+    runs = np.array([[0, 4]], dtype=np.int64)
+    app, seen, ids = np.zeros(4, np.int8), np.zeros(4, np.uint32), np.zeros(4, np.uint64)
+    with pytest.raises(ValueError):
+        _array_kernels.group_runs_by_app(None, np.array([[0, 5]], dtype=np.int64), None, None, 0, app, ids)
+    with pytest.raises(ValueError):
+        _array_kernels.group_runs_by_app(None, runs, np.array([5]), seen, 0, app, ids)
+    with pytest.raises(ValueError):
+        _array_kernels.group_runs_by_app(None, runs, np.array([1, 1]), seen, 0, app, ids)
+    with pytest.raises(ValueError):
+        _array_kernels.group_runs_by_app(np.zeros(3, np.uint32), runs, None, None, 0, app, ids)
+
+
+@st.composite
+def roaring_sets(draw):
+    """Key sets that give array, bitmap and run containers, and container edges."""
+    parts = draw(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["one", "run", "dense", "sparse"])),
+                          max_size=8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    keys = [np.empty(0, np.uint32)]
+    for c, form in parts:
+        base = c << 16
+        if form == "one":
+            keys.append(np.array([base + draw(st.sampled_from([0, 1, 65_535]))], np.uint32))
+        elif form == "run":
+            s = int(rng.integers(0, 60_000))
+            keys.append(np.arange(base + s, base + s + int(rng.integers(1, 5536)), dtype=np.uint32))
+        elif form == "dense":     # > 4096 scattered keys: a bitmap container
+            keys.append((base + rng.choice(65_536, int(rng.integers(4097, 30_000)), replace=False)).astype(np.uint32))
+        else:
+            keys.append((base + rng.choice(65_536, int(rng.integers(1, 4096)), replace=False)).astype(np.uint32))
+    return np.unique(np.concatenate(keys)), draw(st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=roaring_sets(), seed=st.integers(0, 2**31))
+def test_group_bitmap_by_app_matches_numpy(case, seed):
+    keys, optimise = case
+    bm = BitMap(keys)
+    if optimise:
+        bm.run_optimize()
+    rng = np.random.default_rng(seed)
+    space = int(keys.max()) + 1 if keys.size else 1
+    device_id = rng.integers(0, 2**64 - 1, space, dtype=np.uint64)
+    app = (rng.integers(0, 7, space) - 3).astype(np.int8)
+    ids, ks, starts = _array_kernels.group_bitmap_by_app(bm.serialize(), device_id, app)
+    want = _group_ref(keys, device_id, app)
+    np.testing.assert_array_equal(ks, want[1])      # every key once, each app's keys ascending
+    np.testing.assert_array_equal(ids, want[0])
+    np.testing.assert_array_equal(starts, want[2])
+
+
+def test_group_bitmap_by_app_split_over_cores_and_bad_bytes():
+    rng = np.random.default_rng(1)
+    n = 3_000_000
+    keys = np.unique(np.r_[rng.choice(n, 900_000, replace=False), np.arange(1_000_000, 1_400_000)]).astype(np.uint32)
+    bm = BitMap(keys)
+    bm.run_optimize()
+    device_id = rng.integers(0, 2**63, n, dtype=np.uint64)
+    app = rng.integers(0, 25, n).astype(np.int8)
+    ids, ks, starts = _array_kernels.group_bitmap_by_app(bm.serialize(), device_id, app)
+    want = _group_ref(keys, device_id, app)
+    np.testing.assert_array_equal(ks, want[1])
+    np.testing.assert_array_equal(ids, want[0])
+    blob = bm.serialize()
+    for bad in (blob[:3], blob[:len(blob) // 2], b"\x00" * 16):
+        with pytest.raises(ValueError):
+            _array_kernels.group_bitmap_by_app(bad, device_id, app)
+    with pytest.raises(ValueError):   # a key past the columns
+        _array_kernels.group_bitmap_by_app(BitMap([5, n]).serialize(), device_id, app)
+    with pytest.raises(ValueError):   # a run container whose runs disagree with its cardinality
+        r = BitMap(np.arange(100, 200))
+        r.run_optimize()
+        bad = bytearray(r.serialize())
+        bad[-2:] = (500).to_bytes(2, "little")
+        _array_kernels.group_bitmap_by_app(bytes(bad), device_id, app)
+
+
+@pytest.mark.parametrize("shuffled,base", [(False, BASE), (True, 2**31 - 50)])
+def test_fresh_counts_shared_over_cores_match_the_scan(shuffled, base):
+    """Over a million rows in fresh runs: the query counts them over the cores before its second
+    pass (gt_fresh.hpp).  Both directions against the scan, cut-offs on exact seconds, the u32
+    clock's top bit straddled, and a cut-off at 0 (1970) that keeps everything."""
+    store = _world(1_500_000, 9, shuffled, base=base)
+    index = gt.SpatialIndex.build(store)
+    for cut in (-base, 0, 37, 99, 100):
+        since = dt.datetime.fromtimestamp(base + cut, UTC)
+        ref = within_reference(store, 31.0, 121.0, 1500.0, seen_since=since)
+        aud = index.within(31.0, 121.0, 1500.0, seen_since=since)
+        if cut in (37, 99):   # the shared path ran: over 2^20 rows in fresh runs
+            lengths = aud._runs[:, 1] - aud._runs[:, 0]
+            assert lengths[aud._kept < lengths].sum() > 1 << 20
+        assert index.count(31.0, 121.0, 1500.0, seen_since=since) == len(aud) == len(ref)
+        np.testing.assert_array_equal(aud.keys(), ref)
+        assert np.all(store.last_seen_s[ref] >= max(base + cut, 0))

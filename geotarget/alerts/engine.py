@@ -540,7 +540,7 @@ class AlertEngine:
             raise CorruptFileError(f"{where}: the log holds pushes with seq {seqs}, but the alert made "
                                    f"{alert.next_seq}; a push row is missing or foreign, nothing was sent")
         ring = sum(r.count for r in recs if r.kind in RING_KINDS)
-        notified = self.log.notified(alert.alert_id)
+        notified = self.log.notified(alert.alert_id, frozen=True)
         if ring != alert.reached or len(notified) != alert.reached:
             raise CorruptFileError(f"{where}: the logged rings hold {len(notified)} devices ({ring} "
                                    f"counted), the alert record says {alert.reached}; nothing was sent")
@@ -1025,7 +1025,7 @@ class AlertEngine:
         t0 = time.perf_counter()
         if new is None:
             aud = audience if audience is not None else self._query(alert, radius, now, index)
-            new = aud.bitmap() - self.log.notified(alert.alert_id)
+            new = aud.bitmap() - self.log.notified(alert.alert_id, frozen=True)
         query_ms = (query_ms or 0.0) + (time.perf_counter() - t0) * 1e3
         if len(new) == 0:
             # Nothing to send, but the ring is done: remember the radius so the
@@ -1185,7 +1185,7 @@ class AlertEngine:
             if topups:
                 t0 = time.perf_counter()
                 news = new_index.changed_within([(a.lat, a.lon, r) for a, r in topups],
-                                                [self.log.notified(a.alert_id) for a, _ in topups])
+                                                [self.log.notified(a.alert_id, frozen=True) for a, _ in topups])
                 cutoff = (epoch_seconds(now - self.max_location_age)
                           if self.max_location_age is not None else None)
                 q_ms = (time.perf_counter() - t0) * 1e3 / len(topups)
@@ -1233,7 +1233,7 @@ class AlertEngine:
 
     def notified(self, alert_id: str) -> Audience:
         self.alert(alert_id)
-        return self._audience(self.log.notified(alert_id))
+        return self._audience(self.log.notified(alert_id, frozen=True))
 
     def stats(self, since=None, until=None, division=None, case_type=None) -> dict[str, Any]:
         """Published, found, not found, open, recovery rate, outcomes, pushes, devices reached.

@@ -1450,12 +1450,19 @@ class RecipientLog:
                 rows = self._rows(conn, "WHERE alert_id=? ORDER BY seq", (alert_id,))
             return [self._decode(r, audiences) for r in rows]
 
-    def notified(self, alert_id: str) -> BitMap:
-        """Union of the alert/expand/topup audiences of the alert: the closure audience."""
+    def notified(self, alert_id: str, *, frozen: bool = False) -> AbstractBitMap:
+        """Union of the alert/expand/topup audiences of the alert: the closure audience.
+
+        A BitMap of its own; ``frozen=True`` returns the log's verified FrozenBitMap
+        itself, without copying (what the engine reads before every ring).
+        """
         alert_id = _check_id(alert_id, "alert_id")
+        if not isinstance(frozen, bool):
+            raise InvalidInputError(f"frozen must be True or False, got {frozen!r}")
         with self._guard() as conn:
             self._known_alert(conn, alert_id)
-            return BitMap(self._notified(conn, alert_id)[0])
+            union = self._notified(conn, alert_id)[0]
+            return union if frozen else BitMap(union)
 
     def ack(self, push_id: str) -> bool:
         """Record durably that the dispatcher took the push; True if it was not acknowledged yet."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import functools
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import pyarrow as pa
@@ -203,7 +204,7 @@ class Push:
     def __len__(self) -> int:
         return len(self.audience)
 
-    @property
+    @functools.cached_property
     def batches(self) -> dict[str, pa.Table]:
-        """Per-app batches: ``{app: Table(device_id, key)}``, in key order (``Audience.by_app``)."""
+        """Per-app batches: ``{app: Table(device_id, key)}`` (``Audience.by_app``), built once."""
         return self.audience.by_app()

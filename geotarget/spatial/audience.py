@@ -291,9 +291,26 @@ class Audience:
         sorts each app's rows by device id as well (one id sort per app).
         """
         store = self._store
-        keys = self._unordered_keys()
-        ids, k, starts = _array_kernels.group_by_app(keys, np.ascontiguousarray(store.device_id),
-                                                     np.ascontiguousarray(store.app_codes))
+        index = self._index
+        app = getattr(index, "app", None)   # a SpatialIndex's leaf-ordered app codes
+        if (self._runs is not None and self._keys is None and not index.keys_are_rows
+                and app is not None and app.shape[0] == index.keys.shape[0]):
+            # A query result whose rows are not its keys: straight from its runs,
+            # app codes read by row.  (When rows are keys, the store's columns
+            # are read forward anyway, and writing the keys first measured faster.)
+            ids, k, starts = _array_kernels.group_runs_by_app(
+                np.ascontiguousarray(index.keys), self._runs, self._kept,
+                self._seen_col() if self._kept is not None else None, max(self._seen_min, 0),
+                np.ascontiguousarray(app), np.ascontiguousarray(store.device_id))
+        elif self._keys is None and self._bitmap is not None:
+            # a set-algebra result: straight from the bitmap's containers, no key array first
+            ids, k, starts = _array_kernels.group_bitmap_by_app(
+                self._bitmap.serialize(), np.ascontiguousarray(store.device_id),
+                np.ascontiguousarray(store.app_codes))
+        else:
+            keys = self._unordered_keys()
+            ids, k, starts = _array_kernels.group_by_app(keys, np.ascontiguousarray(store.device_id),
+                                                         np.ascontiguousarray(store.app_codes))
         table = pa.table({"device_id": pa.array(ids, type=pa.uint64()), "key": pa.array(k, type=pa.uint32())})
         out = {}
         for code in np.flatnonzero(np.diff(starts)):

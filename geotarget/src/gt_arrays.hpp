@@ -21,6 +21,7 @@ struct GtIdKey { uint64_t id; uint32_t key; };
 
 #include <vector>
 #include <memory>
+#include <cstring>
 /* d[j] = s + j for j < m.  GCC's own vectorisation of this loop for
    baseline x86-64 ran at 0.77 ms for 3.1 M keys, this unrolled SSE2 at
    0.26 ms (one 16-byte store a cycle, no data read). */
@@ -235,6 +236,171 @@ static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* dev
             out_keys[pos] = k;
             out_ids[pos] = device_id[k];
         }
+    });
+}
+
+/* The pieces of an audience's runs that chunk ch of nch (an equal share of
+   the output positions [0, total)) writes: f(out_pos, s, e, fresh) for rows
+   [s, e), fresh when only the rows with seen[r] >= cut belong (a fresh run,
+   see _kernels.Tree.query).  Plain runs are split by output position; a
+   fresh run goes whole to the chunk whose share holds its first position,
+   as in gt_fill_fresh.  kept NULL: every run is plain. */
+template <class F> static inline void gt_chunk_pieces(const int64_t* runs, const int64_t* kept,
+                                                      const int64_t* offsets, int64_t k, int64_t total,
+                                                      int64_t nch, int64_t ch, F f) {
+    int64_t lo = total * ch / nch, hi = total * (ch + 1) / nch;
+    if (lo >= hi) return;
+    int64_t i = (int64_t)(std::upper_bound(offsets, offsets + k, lo) - offsets) - 1;
+    if (i < 0) i = 0;
+    for (; i < k && offsets[i] < hi; i++) {
+        int64_t s = runs[2 * i], e = runs[2 * i + 1], o = offsets[i], len = e - s;
+        if (!kept || kept[i] == len) {
+            int64_t a = o > lo ? o : lo, b = o + len < hi ? o + len : hi;
+            if (a < b) f(a, s + (a - o), s + (b - o), false);
+        } else if (o >= lo) {
+            f(o, s, e, true);
+        }
+    }
+}
+
+/* Group a query result's devices by partner app straight from its runs: the
+   app code and last-seen of each row are read from the index's leaf-ordered
+   columns (sequential, 5 B a row) instead of the store's by key (random), and
+   the keys are never written out first.  A stable counting sort over nt
+   threads: every chunk of output positions counts its rows per app, then
+   scatters id and key after the chunks before it.  Each app's devices keep
+   the runs' order (index order), so the result equals gt_group_by_app of the
+   keys fill() writes.  rows_keys NULL: the rows are the keys. */
+static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
+                                 const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
+                                 uint32_t cut, const int8_t* app_rows, const uint64_t* device_id,
+                                 uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
+    int64_t nch = gt_chunks(total, nt);
+    std::vector<int64_t> counts((size_t)nch * 256, 0);
+    gt_par(nch, nt, [&](int64_t ch) {
+        uint32_t h[4][256] = {};
+        gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
+            int64_t r = s;
+            if (fresh) {
+                for (; r < e; r++) h[r & 3][(uint8_t)app_rows[r]] += seen[r] >= cut;
+                return;
+            }
+            for (; r + 4 <= e; r += 4) {
+                h[0][(uint8_t)app_rows[r]]++; h[1][(uint8_t)app_rows[r + 1]]++;
+                h[2][(uint8_t)app_rows[r + 2]]++; h[3][(uint8_t)app_rows[r + 3]]++;
+            }
+            for (; r < e; r++) h[0][(uint8_t)app_rows[r]]++;
+        });
+        int64_t* c = &counts[(size_t)ch * 256];
+        for (int a = 0; a < 256; a++) c[a] = (int64_t)h[0][a] + h[1][a] + h[2][a] + h[3][a];
+    });
+    int64_t acc = 0;
+    for (int a = 0; a < 256; a++) {
+        starts[a] = acc;
+        for (int64_t u = 0; u < nch; u++) {
+            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
+    }
+    starts[256] = acc;
+    /* Scatter in blocks of rows: the block's keys and codes, then its ids
+       in one tight loop (many id misses in flight at once, and in index
+       order, where neighbouring rows of one ingest batch share cache
+       lines), then id and key into the app streams.  Gathering the ids
+       after the scatter, in app order, read each id line once per app. */
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t* c = &counts[(size_t)ch * 256];
+        const int64_t B = 256;
+        uint32_t kb[B]; uint8_t cb[B]; uint64_t ib[B];
+        gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
+            if (!rows_keys && !fresh) {   /* rows are keys: the ids are read forward, no block needed */
+                for (int64_t r = s; r < e; r++) {
+                    int64_t pos = c[(uint8_t)app_rows[r]]++;
+                    out_keys[pos] = (uint32_t)r;
+                    out_ids[pos] = device_id[r];
+                }
+                return;
+            }
+            for (int64_t b0 = s; b0 < e; b0 += B) {
+                int64_t b1 = b0 + B < e ? b0 + B : e, m = 0;
+                if (fresh) {   /* write every row, advance past the fresh ones: no branch on the data */
+                    for (int64_t r = b0; r < b1; r++) {
+                        kb[m] = rows_keys ? rows_keys[r] : (uint32_t)r;
+                        cb[m] = (uint8_t)app_rows[r];
+                        m += seen[r] >= cut;
+                    }
+                } else {
+                    m = b1 - b0;
+                    std::copy(rows_keys + b0, rows_keys + b1, kb);
+                    std::copy((const uint8_t*)app_rows + b0, (const uint8_t*)app_rows + b1, cb);
+                }
+                for (int64_t j = 0; j < m; j++) ib[j] = device_id[kb[j]];
+                for (int64_t j = 0; j < m; j++) {
+                    int64_t pos = c[cb[j]]++;
+                    out_keys[pos] = kb[j];
+                    out_ids[pos] = ib[j];
+                }
+            }
+        });
+    });
+}
+
+/* f(key) for every key of one container of roaring's portable
+   serialisation, ascending: kind 0 an array (card uint16), 1 a bitmap (1024
+   words), 2 runs (uint16 count, then (start, length - 1) pairs). */
+template <class F> static inline void gt_container_keys(const uint8_t* p, int64_t kind, int64_t card,
+                                                        uint32_t base, F f) {
+    if (kind == 0) {
+        for (int64_t j = 0; j < card; j++) { uint16_t v; std::memcpy(&v, p + 2 * j, 2); f(base + v); }
+    } else if (kind == 1) {
+        for (int j = 0; j < 1024; j++) {
+            uint64_t w; std::memcpy(&w, p + 8 * j, 8);
+            for (; w; w &= w - 1) f(base + 64 * j + (uint32_t)__builtin_ctzll(w));
+        }
+    } else {
+        uint16_t nr; std::memcpy(&nr, p, 2);
+        for (int64_t j = 0; j < nr; j++) {
+            uint16_t st, ln; std::memcpy(&st, p + 2 + 4 * j, 2); std::memcpy(&ln, p + 4 + 4 * j, 2);
+            for (uint32_t v = st, e = (uint32_t)st + ln; v <= e; v++) f(base + v);
+        }
+    }
+}
+
+/* A roaring bitmap's devices grouped by app straight from its portable
+   serialisation: no key array is written first (pyroaring's to_array
+   allocates memory the kernel must fault in page by page, 0.5 ms a MB on
+   this machine).  Containers are cut into chunks of about GT_CHUNK keys
+   (chunk_at[c] .. chunk_at[c + 1]); each counts its keys per app, then
+   scatters them, with their ids, after the chunks before it.  Each app's
+   keys ascend.  The caller has checked
+   every container (kind, card, pos[] its byte offset, base its high
+   bits) and that every key indexes device_id and app. */
+static void gt_group_bitmap_by_app(const uint8_t* buf, const int64_t* kind, const int64_t* card,
+                                   const int64_t* pos, const uint32_t* base, const int64_t* chunk_at,
+                                   int64_t nch, int64_t total, const uint64_t* device_id, const int8_t* app,
+                                   uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
+    std::vector<int64_t> counts((size_t)nch * 256, 0);
+    gt_par(nch, nt, [&](int64_t ch) {
+        uint32_t h[256] = {};
+        for (int64_t i = chunk_at[ch]; i < chunk_at[ch + 1]; i++)
+            gt_container_keys(buf + pos[i], kind[i], card[i], base[i], [&](uint32_t key) { h[(uint8_t)app[key]]++; });
+        int64_t* c = &counts[(size_t)ch * 256];
+        for (int a = 0; a < 256; a++) c[a] = h[a];
+    });
+    int64_t acc = 0;
+    for (int a = 0; a < 256; a++) {
+        starts[a] = acc;
+        for (int64_t u = 0; u < nch; u++) {
+            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
+    }
+    starts[256] = acc;
+    /* keys ascend, so the ids are read in key order: a forward stream */
+    gt_par(nch, nt, [&](int64_t ch) {
+        int64_t* c = &counts[(size_t)ch * 256];
+        for (int64_t i = chunk_at[ch]; i < chunk_at[ch + 1]; i++)
+            gt_container_keys(buf + pos[i], kind[i], card[i], base[i], [&](uint32_t key) {
+                int64_t at = c[(uint8_t)app[key]]++;
+                out_keys[at] = key;
+                out_ids[at] = device_id[key];
+            });
     });
 }
 
