@@ -51,7 +51,7 @@ Earth, and it must come back in milliseconds for tens of millions of devices.
    count from 3.7 ms to 1.1 ms.
 
 6. **No Python on the query path.**  Kernels are ``nogil``, take clean
-   contiguous arrays (validation lives in ``geotarget/index.py``), and return
+   contiguous arrays (validation lives in ``geotarget/spatial/index.py``), and return
    NumPy arrays of runs.  The build's array of (x, y, z, key) records *is* the
    serving layout (16 bytes a device), plus a contiguous copy of the keys
    (4 bytes) so that materialising an audience is ``memcpy`` of key ranges.
@@ -246,7 +246,7 @@ def build_tree(GtPoint[::1] pts, int leaf_size, bint parallel_top=True):
     Returns ``(bounds, depth)`` where ``bounds`` is float32 ``(2^(depth+1)-1, 6)``
     holding ``[xmin, ymin, zmin, xmax, ymax, zmax]`` per node.
 
-    In numpy, this operation is equivalent to ``geotarget.index.build_tree_reference``
+    In numpy, this operation is equivalent to ``geotarget.spatial.index.build_tree_reference``
     (recursive ``np.argsort`` on the widest axis with ties broken by key).
     """
     cdef int64_t n = pts.shape[0]

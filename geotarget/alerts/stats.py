@@ -134,7 +134,7 @@ def compute(records: Iterable[AlertRecord], since: _dt.datetime | None = None,
     """Aggregate statistics over alerts published in ``[since, until)`` within ``division``.
 
     ``by_division`` has one row per province; with a registry of real places
-    (``divisions``, a :class:`~geotarget.divisions.Divisions`) it has one row
+    (``divisions``, a :class:`~geotarget.spatial.divisions.Divisions`) it has one row
     per division directly under ``division`` (the provinces when there is
     none), each with its ``name`` (``浙江省 杭州市``), so a province's figures
     break down by city and a city's by county.
