@@ -196,3 +196,30 @@ def test_no_module_imports_private_names_from_the_store():
                 offenders += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
         offenders += [f"{path.name}: {m}" for m in re.findall(r"\b(?:gt|geotarget)\.store\._\w+", text)]
     assert offenders == []
+
+
+def test_every_module_imports():
+    """Every module of every layer loads (a lazy import's target included: each is imported here)."""
+    import importlib
+    import pathlib
+
+    pkg = pathlib.Path(gt.__file__).parent
+    names = sorted({".".join(["geotarget", *p.relative_to(pkg).with_suffix("").parts][:-1 if p.stem == "__init__"
+                                                                                     else None])
+                    for p in pkg.rglob("*.py") if p.name != "__main__.py"})
+    optional = {"geotarget.alerts.metrics": "prometheus_client", "geotarget.spatial.cluster": "ray"}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            if name in optional and optional[name] in str(exc):
+                continue
+            raise
+    for path in pkg.rglob("*.py"):
+        for mod in _imports(path):
+            if mod.split(".")[-1] in ("spatial", "alerts", "cli") or mod in names:
+                continue
+            head, _, attr = mod.rpartition(".")
+            if head in names and hasattr(importlib.import_module(head), attr):   # from a package import a module
+                continue
+            raise AssertionError(f"{path.relative_to(pkg)} imports {mod}, which does not exist")

@@ -51,16 +51,16 @@ from typing import Any, Callable
 import numpy as np
 from pyroaring import BitMap
 
-from .authority import ApprovalPolicy, Authority, Officer, division_covers, division_level
-from .engine import AlertEngine, Push
-from .errors import InvalidInputError
-from .geo import check_int, epoch_seconds, haversine_km
-from .index import SpatialIndex
-from .log import RecipientLog
-from .population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
-from .settings import Settings
-from .signing import self_signed, verify_cap
-from .model import RING_KINDS
+from ..alerts.authority import ApprovalPolicy, Authority, Officer, division_covers, division_level
+from ..alerts.engine import AlertEngine, Push
+from ..errors import InvalidInputError
+from ..geo import check_int, epoch_seconds, haversine_km
+from ..spatial.index import SpatialIndex
+from ..alerts.log import RecipientLog
+from ..spatial.population import DEFAULT_NOW, PARTNER_APPS, cities, city as find_city, generate_arrays, population
+from ..alerts.settings import Settings
+from ..alerts.signing import self_signed, verify_cap
+from ..alerts.model import RING_KINDS
 
 __all__ = ["run_demo", "format_report", "demo_officers", "DEFAULT_DEVICES", "DEFAULT_CITY"]
 
@@ -107,7 +107,7 @@ def demo_officers(c: dict) -> tuple[list[Officer], dict]:
     code = c["adcode"]
     # the real district holding the seat of government; a city without
     # counties (Dongguan) or a county-level city reports as itself
-    from .divisions import Divisions
+    from ..spatial.divisions import Divisions
     found = Divisions.china().locate(c["lat"], c["lon"])
     if found is not None and found.code != code and division_covers(code, found.code):
         district = found.code

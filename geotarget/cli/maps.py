@@ -38,9 +38,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .geo import EARTH_RADIUS_KM, check_point, check_radius, haversine_km
-from .model import RING_KINDS
+from ..errors import InvalidInputError
+from ..geo import EARTH_RADIUS_KM, check_point, check_radius, haversine_km
+from ..alerts.model import RING_KINDS
 
 __all__ = ["geodesic_circle", "draw_alert_map", "compact_count"]
 
@@ -86,8 +86,8 @@ def compact_count(n: int) -> str:
 # ---------------------------------------------------------------------------
 
 def _store_of(index_or_store):
-    from .index import SpatialIndex
-    from .store import DeviceStore
+    from ..spatial.index import SpatialIndex
+    from ..spatial.store import DeviceStore
 
     if isinstance(index_or_store, SpatialIndex):
         return index_or_store.store
@@ -111,7 +111,7 @@ def _push_count(p) -> int:
 
 
 def _nearest_city(lat: float, lon: float) -> tuple[str, float]:
-    from .population import cities
+    from ..spatial.population import cities
 
     t = cities()
     d = haversine_km(lat, lon, t.column("lat").to_numpy(), t.column("lon").to_numpy())
@@ -199,7 +199,7 @@ def _share_norm(collections) -> None:
 
 def _label_cities(fig, ax, zoom, clat, clon, taken, halo, limit: int = 12) -> None:
     """Name the largest cities of the zoomed region where the name hides no ring label."""
-    from .population import cities
+    from ..spatial.population import cities
 
     t = cities()
     c_lat, c_lon = t.column("lat").to_numpy(), t.column("lon").to_numpy()
@@ -242,7 +242,7 @@ def _draw_borders(axes, division: str | None, tolerances) -> None:
     """Coastline and land borders, province borders, and ``division`` shaded, on each of ``axes``."""
     import shapely
     from matplotlib.collections import LineCollection, PolyCollection
-    from .divisions import Divisions
+    from ..spatial.divisions import Divisions
     divs = Divisions.china()
     for ax, tol in zip(axes, tolerances):
         provinces = [line for c in divs.children(None) for line in _lines(divs.polygon(c), tol)]
@@ -315,7 +315,7 @@ def draw_alert_map(index_or_store, alert, pushes: Iterable[Any], path, *,
             max(-90.0, big_lat.min() - pad_lat), min(90.0, big_lat.max() + pad_lat))
     wide = bool(_field(alert, "division_wide", False))
     if wide:   # the area is the division: frame its bounds
-        from .divisions import Divisions
+        from ..spatial.divisions import Divisions
         x0, y0, x1, y1 = Divisions.china().polygon(division).bounds
         px, py = (x1 - x0) * 0.08, (y1 - y0) * 0.08
         zoom = (x0 - px, x1 + px, max(-90.0, y0 - py), min(90.0, y1 + py))
