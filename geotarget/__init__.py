@@ -24,7 +24,15 @@ from .alerts.signing import CapSigner, verify_cap
 from .alerts.stats import OUTCOMES
 from .spatial.store import DeviceStore
 
+from . import _moved
+
+_moved.install()            # geotarget.engine, geotarget.store, ...: the same modules as before the layers
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    return _moved.attribute(name)
 
 __all__ = [
     "Audience", "DeviceStore", "SpatialIndex", "haversine_km", "EARTH_RADIUS_KM", "HALF_CIRCUMFERENCE_KM",

@@ -223,3 +223,23 @@ def test_every_module_imports():
             if head in names and hasattr(importlib.import_module(head), attr):   # from a package import a module
                 continue
             raise AssertionError(f"{path.relative_to(pkg)} imports {mod}, which does not exist")
+
+
+def test_the_modules_old_names_are_the_same_modules():
+    """Code written before the layers (``import geotarget.store``, ``from geotarget import log``,
+    ``gt.signing``) gets the very modules that now live in a layer."""
+    import importlib
+
+    from geotarget import _moved
+
+    for old, home in _moved.MOVED.items():
+        if old in ("cluster", "metrics"):      # optional extras (ray, prometheus-client)
+            continue
+        assert importlib.import_module(f"geotarget.{old}") is importlib.import_module(home), old
+        assert getattr(gt, old) is importlib.import_module(home)
+    from geotarget import log
+    assert log.RecipientLog is gt.RecipientLog
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        gt.nothing
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("geotarget.nothing")

@@ -326,7 +326,7 @@ def test_app_names_that_overflow_one_arrow_array():
     n = 20_000_000
     app = np.array(["amap", "qq", "didi", "weibo"])[np.arange(n) % 4]
     assert isinstance(pa.array(app, type=pa.string()), pa.ChunkedArray)
-    codes, names = gt._store_checks.check_app(app, n)
+    codes, names = gt.spatial._store_checks.check_app(app, n)
     assert names == ["amap", "qq", "didi", "weibo"]
     np.testing.assert_array_equal(codes[:8], [0, 1, 2, 3, 0, 1, 2, 3])
     np.testing.assert_array_equal(np.bincount(codes), [n // 4] * 4)
@@ -436,14 +436,14 @@ def test_with_updates_to_disk_failing_midway_leaves_no_new_generation(tmp_path, 
             real_fsync(fd)
         monkeypatch.setattr(gt.store.os, "fsync", fsync)
     else:
-        real = gt._store_files.pwrite_all
+        real = gt.spatial._store_files.pwrite_all
 
         def pwrite_all(*a):
             calls["n"] += 1
             if calls["n"] == fail_at:
                 raise OSError(errno.ENOSPC, "injected: no space left")
             real(*a)
-        monkeypatch.setattr(gt._store_files, "pwrite_all", pwrite_all)
+        monkeypatch.setattr(gt.spatial._store_files, "pwrite_all", pwrite_all)
     up = np.concatenate([ids[:800], np.arange(50, dtype=np.uint64) + 10**13])
     with pytest.raises(OSError, match="injected"):
         base._with_updates_to_disk(tmp_path / "g2", up, np.zeros(len(up)), np.zeros(len(up)), None, None, None,
@@ -489,7 +489,7 @@ def test_save_over_a_generation_with_an_id_index_drops_the_stale_index(tmp_path)
 
 
 def test_buffer_pool_reuses_and_does_not_grow_with_the_number_of_requests():
-    pool = gt._store_files.BufferPool()
+    pool = gt.spatial._store_files.BufferPool()
     held = set()
     for size in list(range(1000, 1100)) + [500] * 10:   # merge chunks: sizes creep up
         b = pool.get(np.uint64, size)
