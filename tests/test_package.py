@@ -243,3 +243,25 @@ def test_the_modules_old_names_are_the_same_modules():
         gt.nothing
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("geotarget.nothing")
+
+
+def test_on_disk_format_names_are_not_module_paths():
+    """Files written before the modules moved into layers must still open: the names inside the
+    files (format markers, MAC domains) are the formats' own, whatever module writes them."""
+    import hashlib
+    import hmac
+
+    import ast
+    import pathlib
+
+    from geotarget.alerts import log
+    from geotarget.spatial import _store_files, index
+
+    assert index._INDEX_FORMAT == "geotarget.index"
+    assert _store_files.MANIFEST_FORMAT == "geotarget.store" and _store_files.META_KEY == b"geotarget.store"
+    cluster = pathlib.Path(gt.__file__).parent / "spatial" / "cluster.py"     # (Ray is an optional extra)
+    formats = [n.value.value for n in ast.walk(ast.parse(cluster.read_text(encoding="utf-8")))
+               if isinstance(n, ast.Assign) and [t.id for t in n.targets if isinstance(t, ast.Name)] == ["FORMAT"]]
+    assert formats == ["geotarget.sharded"]
+    key = bytes(range(32))
+    assert log._key_id(key) == hmac.new(key, b"geotarget.log-key-id", hashlib.sha256).hexdigest()[:16]

@@ -339,7 +339,7 @@ def _mac_of(key: bytes, *parts: bytes) -> bytes:
 
 def _key_id(key: bytes) -> str:
     """Names the key without revealing it, so a wrong key is told apart from a forged record."""
-    return hmac.new(key, b"geotarget.alerts.log-key-id", hashlib.sha256).hexdigest()[:16]
+    return hmac.new(key, b"geotarget.log-key-id", hashlib.sha256).hexdigest()[:16]
 
 
 def _parse_anchor(anchor) -> tuple[int, str]:

@@ -42,7 +42,7 @@ MANIFEST_FILE = "store.json"
 #: 2: store.arrow names its lineage, parent and uid; ``store.json`` seals the files.
 FORMAT_VERSION = 2
 #: The schema metadata key of store.arrow's generation identity.
-META_KEY = b"geotarget.spatial.store"
+META_KEY = b"geotarget.store"
 
 SCHEMA = pa.schema([
     pa.field("device_id", pa.uint64(), nullable=False),
@@ -52,7 +52,7 @@ SCHEMA = pa.schema([
     pa.field("last_seen", pa.timestamp("s", tz="UTC"), nullable=False),
 ])
 
-MANIFEST_FORMAT = "geotarget.spatial.store"
+MANIFEST_FORMAT = "geotarget.store"
 
 
 def new_id() -> str:

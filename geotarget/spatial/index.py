@@ -52,7 +52,7 @@ from .._fs import stage_npy as _stage_npy
 from .store import MANIFEST_FILE, DeviceStore
 
 INDEX_META = "index.json"
-_INDEX_FORMAT = "geotarget.spatial.index"
+_INDEX_FORMAT = "geotarget.index"
 #: 2: index.json is sealed and binds the index to its store generation and its arrays' digests.
 FORMAT_VERSION = 2
 #: The store identity an index is bound to (``DeviceStore.identity``).
