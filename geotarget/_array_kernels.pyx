@@ -15,8 +15,16 @@ from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from geotarget._geom cimport __builtin_popcountll, gt_max_threads
+from geotarget._roaring cimport (RB_BITSET, RB_COOKIE_RUNS, RB_OFFSETS_FROM, RB_RUN, RbContainer, RbReader,
+                                 rb_header_bytes, rb_next, rb_open, rb_u16)
 
 cnp.import_array()
+
+#: The portable roaring format's constants, for the Python writer (``audience._bitmap_from_ranges``):
+#: one definition, in geotarget/_roaring.pxd.
+ROARING_COOKIE_RUNS = RB_COOKIE_RUNS
+ROARING_OFFSETS_FROM = RB_OFFSETS_FROM
+
 
 cdef extern from "gt_arrays.hpp" nogil:
     void gt_sort_ids(const uint64_t* ids, int64_t n, uint64_t* out_ids, uint32_t* out_rows)
@@ -269,18 +277,6 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
     return ids, ks, starts
 
 
-cdef inline uint32_t _get32(const uint8_t* p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline uint32_t _get16(const uint8_t* p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
-
-
 def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):
     """A roaring bitmap's keys grouped by app, from its portable serialisation: ``(ids, keys, starts)``.
 
@@ -296,34 +292,14 @@ def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_i
         ids, keys = device_id[keys[order]], keys[order]
         starts = np.r_[0, np.cumsum(np.bincount(codes, minlength=256))]
     """
-    cdef Py_ssize_t size_b = buf.shape[0], at, size, i, j, flags_at = 0, desc_at
-    cdef const uint8_t* p = &buf[0] if size_b > 0 else NULL
-    cdef uint32_t cookie
-    cdef bint has_run
-    cdef int64_t n = min(device_id.shape[0], app.shape[0]), c, nr, got, top
+    cdef Py_ssize_t size_b = buf.shape[0], size, i, j
+    cdef RbReader r
+    cdef RbContainer ct
+    cdef int64_t n = min(device_id.shape[0], app.shape[0]), c, got, top
     cdef uint64_t w
-    if size_b < 4:
-        raise ValueError("roaring bitmap: truncated header")
-    cookie = _get32(p)
-    if (cookie & 0xFFFF) == 12347:
-        has_run = True
-        size = (cookie >> 16) + 1
-        flags_at = 4
-        at = 4 + (size + 7) // 8
-    elif cookie == 12346:
-        if size_b < 8:
-            raise ValueError("roaring bitmap: truncated header")
-        has_run = False
-        size = _get32(p + 4)
-        at = 8
-    else:
-        raise ValueError(f"roaring bitmap: unknown cookie {cookie}")
-    desc_at = at
-    at += 4 * size
-    if not has_run or size >= 4:
-        at += 4 * size   # offset header; containers are read in order
-    if at > size_b:
-        raise ValueError("roaring bitmap: truncated header")
+    rb_open(&r, &buf[0] if size_b > 0 else NULL, size_b)
+    size = r.size
+    cdef const uint8_t* p = r.p
     kind_a = np.empty(size, dtype=np.int64)
     card_a = np.empty(size, dtype=np.int64)
     pos_a = np.empty(size, dtype=np.int64)
@@ -331,50 +307,36 @@ def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_i
     chunk_a = np.zeros(size + 1, dtype=np.int64)
     cdef int64_t[::1] kind = kind_a, card = card_a, pos = pos_a, chunk_at = chunk_a
     cdef uint32_t[::1] base = base_a
-    cdef int64_t total = 0, in_chunk = 0, nch = 0, prev = -1
+    cdef int64_t total = 0, in_chunk = 0, nch = 0
     for i in range(size):
-        c = _get16(p + desc_at + 4 * i)
-        if c <= prev:
-            raise ValueError("roaring bitmap: containers out of order")
-        prev = c
-        base[i] = <uint32_t>(c << 16)
-        card[i] = <int64_t>_get16(p + desc_at + 4 * i + 2) + 1
-        pos[i] = at
+        rb_next(&r, i, &ct)
+        c = ct.base >> 16
+        base[i] = <uint32_t>ct.base
+        card[i] = ct.card
+        kind[i] = ct.kind
         top = -1
-        if has_run and (p[flags_at + i // 8] >> (i % 8)) & 1:
-            kind[i] = 2
-            if at + 2 > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
-            nr = _get16(p + at)
-            if at + 2 + 4 * nr > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
+        if ct.kind == RB_RUN:
+            pos[i] = ct.at - 2          # the kernel reads the run count first
             got = 0
-            for j in range(nr):
-                got += <int64_t>_get16(p + at + 4 + 4 * j) + 1
-                top = max(top, <int64_t>_get16(p + at + 2 + 4 * j) + _get16(p + at + 4 + 4 * j))
-            if got != card[i] or top > 65535:
+            for j in range(ct.runs):
+                got += <int64_t>rb_u16(p + ct.at + 2 + 4 * j) + 1
+                top = max(top, <int64_t>rb_u16(p + ct.at + 4 * j) + rb_u16(p + ct.at + 2 + 4 * j))
+            if got != ct.card or top > 65535:
                 raise ValueError("roaring bitmap: a run container disagrees with its cardinality")
-            at += 2 + 4 * nr
-        elif card[i] > 4096:
-            kind[i] = 1
-            if at + 8192 > size_b:
-                raise ValueError("roaring bitmap: truncated bitmap container")
+        elif ct.kind == RB_BITSET:
+            pos[i] = ct.at
             got = 0
             for j in range(1024):
-                memcpy(&w, p + at + 8 * j, 8)
+                memcpy(&w, p + ct.at + 8 * j, 8)
                 got += __builtin_popcountll(w)
                 if w:
                     top = 64 * j + 63 - __builtin_clzll(w)
-            if got != card[i]:
+            if got != ct.card:
                 raise ValueError("roaring bitmap: a bitmap container disagrees with its cardinality")
-            at += 8192
         else:
-            kind[i] = 0
-            if at + 2 * card[i] > size_b:
-                raise ValueError("roaring bitmap: truncated array container")
-            for j in range(card[i]):
-                top = max(top, <int64_t>_get16(p + at + 2 * j))
-            at += 2 * card[i]
+            pos[i] = ct.at
+            for j in range(ct.card):
+                top = max(top, <int64_t>rb_u16(p + ct.at + 2 * j))
         if (c << 16) + top >= n:
             raise ValueError(f"roaring bitmap: key {(c << 16) + top} outside the {n} devices")
         total += card[i]
@@ -576,7 +538,7 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
     cdef int64_t m = used.shape[0]
     if m == 0:   # cookie 12346, no containers: the empty bitmap
         return np.frombuffer(b"\x3a\x30\x00\x00\x00\x00\x00\x00", dtype=np.uint8)
-    cdef int64_t head = 4 + (m + 7) // 8 + 4 * m + (4 * m if m >= 4 else 0)
+    cdef int64_t head = rb_header_bytes(m)
     body = cont[used, 2]
     offsets = np.full(m, head, dtype=np.int64)
     offsets[1:] += np.cumsum(body[:m - 1])
@@ -584,14 +546,14 @@ def roaring_from_runs(const uint32_t[::1] src, const int64_t[:, ::1] runs, int64
     cdef uint8_t[::1] o = out
     cdef int64_t[::1] uv = used, ov = offsets
     cdef int64_t j, c
-    gt_put32(&o[0], 12347u | (<uint32_t>(m - 1) << 16))
+    gt_put32(&o[0], <uint32_t>RB_COOKIE_RUNS | (<uint32_t>(m - 1) << 16))
     for j in range(m):
         c = uv[j]
         if cv[c, 3] == 2:
             o[4 + j // 8] |= <uint8_t>(1 << (j % 8))
         gt_put16(&o[4 + (m + 7) // 8 + 4 * j], <uint32_t>c)
         gt_put16(&o[4 + (m + 7) // 8 + 4 * j + 2], <uint32_t>(cv[c, 0] - 1))
-        if m >= 4:
+        if m >= RB_OFFSETS_FROM:
             gt_put32(&o[4 + (m + 7) // 8 + 4 * m + 4 * j], <uint32_t>ov[j])
     with nogil:
         for j in prange(m, schedule="dynamic", num_threads=gt_max_threads() if m >= CONTAINERS_PARALLEL_MIN else 1):

@@ -16,6 +16,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
+from geotarget._roaring cimport RB_BITSET, RB_RUN, RbContainer, RbReader, rb_next, rb_open, rb_u16
 from geotarget._geom cimport (GT_DEG2RAD, GtPoint, Thresholds, __builtin_ctzll, _bbox, _box_dist2,
                               _haversine_km, _thresholds, gt_max_threads)
 
@@ -203,18 +204,6 @@ cdef inline void _push_range(vector[int64_t]* v, int64_t s, int64_t e) noexcept 
         v.push_back(e)
 
 
-cdef inline uint32_t _u32(const uint8_t* p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline uint16_t _u16(const uint8_t* p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
-
-
 def bitmap_ranges(const uint8_t[::1] buf):
     """The maximal ``[start, end)`` runs of a roaring bitmap, from its portable serialisation.
 
@@ -225,56 +214,25 @@ def bitmap_ranges(const uint8_t[::1] buf):
     that are not a well-formed serialisation.  In numpy, this operation is
     equivalent to ``consecutive_ranges(np.asarray(BitMap.deserialize(buf).to_array(), np.uint32))``.
     """
-    cdef Py_ssize_t size_b = buf.shape[0], pos, size, i, j, card, nruns
-    cdef const uint8_t* p = &buf[0] if size_b > 0 else NULL
-    cdef uint32_t cookie
-    cdef bint has_run
-    cdef Py_ssize_t flags_at = 0, desc_at
+    cdef Py_ssize_t size_b = buf.shape[0], i, j
+    cdef RbReader r
+    cdef RbContainer ct
     cdef int64_t base, st, ln, t, ones
     cdef uint64_t w, x
     cdef vector[int64_t] v
-    if size_b < 4:
-        raise ValueError("roaring bitmap: truncated header")
-    cookie = _u32(p)
-    if (cookie & 0xFFFF) == 12347:
-        has_run = True
-        size = (cookie >> 16) + 1
-        flags_at = 4
-        pos = 4 + (size + 7) // 8
-    elif cookie == 12346:
-        if size_b < 8:
-            raise ValueError("roaring bitmap: truncated header")
-        has_run = False
-        size = _u32(p + 4)
-        pos = 8
-    else:
-        raise ValueError(f"roaring bitmap: unknown cookie {cookie}")
-    desc_at = pos
-    pos += 4 * size
-    if not has_run or size >= 4:
-        pos += 4 * size   # offset header; containers are read in order, so it is not needed
-    if pos > size_b:
-        raise ValueError("roaring bitmap: truncated header")
-    for i in range(size):
-        base = <int64_t>_u16(p + desc_at + 4 * i) << 16
-        card = <Py_ssize_t>_u16(p + desc_at + 4 * i + 2) + 1
-        if has_run and (p[flags_at + i // 8] >> (i % 8)) & 1:
-            if pos + 2 > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
-            nruns = _u16(p + pos)
-            pos += 2
-            if pos + 4 * nruns > size_b:
-                raise ValueError("roaring bitmap: truncated run container")
-            for j in range(nruns):
-                st = _u16(p + pos + 4 * j)
-                ln = <int64_t>_u16(p + pos + 4 * j + 2) + 1
+    rb_open(&r, &buf[0] if size_b > 0 else NULL, size_b)
+    cdef const uint8_t* p = r.p
+    for i in range(r.size):
+        rb_next(&r, i, &ct)
+        base = ct.base
+        if ct.kind == RB_RUN:
+            for j in range(ct.runs):
+                st = rb_u16(p + ct.at + 4 * j)
+                ln = <int64_t>rb_u16(p + ct.at + 4 * j + 2) + 1
                 _push_range(&v, base + st, base + st + ln)
-            pos += 4 * nruns
-        elif card > 4096:
-            if pos + 8192 > size_b:
-                raise ValueError("roaring bitmap: truncated bitmap container")
+        elif ct.kind == RB_BITSET:
             for j in range(1024):
-                memcpy(&w, p + pos + 8 * j, 8)
+                memcpy(&w, p + ct.at + 8 * j, 8)
                 while w:
                     t = __builtin_ctzll(w)
                     x = ~(w >> t)
@@ -284,14 +242,10 @@ def bitmap_ranges(const uint8_t[::1] buf):
                         w = 0
                     else:
                         w &= ~((((<uint64_t>1) << ones) - 1) << t)
-            pos += 8192
         else:
-            if pos + 2 * card > size_b:
-                raise ValueError("roaring bitmap: truncated array container")
-            for j in range(card):
-                st = _u16(p + pos + 2 * j)
+            for j in range(ct.card):
+                st = rb_u16(p + ct.at + 2 * j)
                 _push_range(&v, base + st, base + st + 1)
-            pos += 2 * card
     out = np.empty((v.size() // 2, 2), dtype=np.int64)
     cdef int64_t[:, ::1] o = out
     if v.size():

@@ -651,3 +651,46 @@ def test_same_keys_matches_reference(keys, data):
         other = other[: max(0, other.size - 1)]
     ref = pts.shape[0] == other.shape[0] and np.array_equal(pts["key"], other)
     assert _kernels.same_keys(pts, np.ascontiguousarray(other)) == ref
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 5 * 65536 - 1), max_size=3000), st.booleans(), st.data())
+def test_both_roaring_readers_judge_bytes_alike(values, optimize, data):
+    """bitmap_ranges and group_bitmap_by_app read the format through one reader (_roaring.pxd): on
+    pyroaring's bytes both answer like their references, and on damaged bytes either both refuse
+    with ValueError or both answer, and then alike."""
+    from pyroaring import BitMap
+    n = 5 * 65536
+    device_id = np.arange(n, dtype=np.uint64) + 7
+    app = (np.arange(n) % 5).astype(np.int8)
+    bm = BitMap(values)
+    if optimize:
+        bm.run_optimize()
+    blob = bytearray(bm.serialize())
+    if data.draw(st.booleans()) and len(blob) > 0:   # damage: cut the tail, or flip a byte
+        if data.draw(st.booleans()):
+            del blob[data.draw(st.integers(0, len(blob) - 1)):]
+        else:
+            i = data.draw(st.integers(0, len(blob) - 1))
+            blob[i] ^= 1 << data.draw(st.integers(0, 7))
+    blob = bytes(blob)
+    outcomes = []
+    for read in (lambda: _refresh_kernels.bitmap_ranges(blob),
+                 lambda: _array_kernels.group_bitmap_by_app(np.frombuffer(blob, np.uint8), device_id, app)):
+        try:
+            outcomes.append(read())
+        except ValueError as exc:
+            assert "roaring bitmap" in str(exc)
+            outcomes.append(None)
+    ranges, grouped = outcomes
+    if blob == bm.serialize():
+        assert ranges is not None and grouped is not None
+    # group_bitmap_by_app also checks each container's cardinality and its keys' range: it may
+    # refuse what the range reader takes, never the reverse
+    assert not (ranges is None and grouped is not None)
+    if ranges is None or grouped is None:
+        return
+    keys = np.concatenate([np.arange(s, e) for s, e in ranges]) if len(ranges) else np.empty(0, np.int64)
+    ids, got_keys, starts = grouped
+    assert np.array_equal(np.sort(got_keys.astype(np.int64)), keys)
+    assert np.array_equal(ids, device_id[got_keys])

@@ -89,8 +89,10 @@ def _bitmap_from_runs(src: np.ndarray, runs: np.ndarray, key_space: int) -> BitM
                                                                runs, key_space))
 
 
-_SERIAL_COOKIE = 12347       # RoaringFormatSpec: "has run containers"
-_NO_OFFSET_THRESHOLD = 4     # below this many containers the offset header is omitted
+# RoaringFormatSpec: the cookie of a bitmap with run containers, and the container count from which
+# it has an offset header (geotarget/_roaring.pxd owns the format).
+_SERIAL_COOKIE = _array_kernels.ROARING_COOKIE_RUNS
+_NO_OFFSET_THRESHOLD = _array_kernels.ROARING_OFFSETS_FROM
 
 
 def _bitmap_from_ranges(ranges: np.ndarray) -> BitMap:
