@@ -197,6 +197,18 @@ static int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k
     return m;
 }
 
+/* Per-chunk counts of each app code (nch rows of 256) become, in place, each chunk's first slot
+   for each app, and `starts` (257) the apps' first slots: where a parallel scatter writes. */
+static inline void gt_app_offsets(std::vector<int64_t>& counts, int64_t nch, int64_t* starts) {
+    int64_t acc = 0;
+    for (int a = 0; a < 256; a++) {
+        starts[a] = acc;
+        for (int64_t u = 0; u < nch; u++) {
+            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
+    }
+    starts[256] = acc;
+}
+
 /* Group an audience's devices by partner app: a stable counting sort by
    app code over nt threads (each chunk counts its slice, then scatters it
    after the slices before it), carrying device id and key.  Linear, no sort by id;
@@ -220,13 +232,7 @@ static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* dev
         int64_t* c = &counts[(size_t)ch * 256];
         for (int a = 0; a < 256; a++) c[a] = (int64_t)h[0][a] + h[1][a] + h[2][a] + h[3][a];
     });
-    int64_t acc = 0;
-    for (int a = 0; a < 256; a++) {
-        starts[a] = acc;
-        for (int64_t u = 0; u < nch; u++) {
-            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
-    }
-    starts[256] = acc;
+    gt_app_offsets(counts, nch, starts);
     gt_par(nch, nt, [&](int64_t ch) {
         int64_t s = n * ch / nch, e = n * (ch + 1) / nch;
         int64_t* c = &counts[(size_t)ch * 256];
@@ -294,13 +300,7 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
         int64_t* c = &counts[(size_t)ch * 256];
         for (int a = 0; a < 256; a++) c[a] = (int64_t)h[0][a] + h[1][a] + h[2][a] + h[3][a];
     });
-    int64_t acc = 0;
-    for (int a = 0; a < 256; a++) {
-        starts[a] = acc;
-        for (int64_t u = 0; u < nch; u++) {
-            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
-    }
-    starts[256] = acc;
+    gt_app_offsets(counts, nch, starts);
     /* Scatter in blocks of rows: the block's keys and codes, then its ids
        in one tight loop (many id misses in flight at once, and in index
        order, where neighbouring rows of one ingest batch share cache
@@ -385,13 +385,7 @@ static void gt_group_bitmap_by_app(const uint8_t* buf, const int64_t* kind, cons
         int64_t* c = &counts[(size_t)ch * 256];
         for (int a = 0; a < 256; a++) c[a] = h[a];
     });
-    int64_t acc = 0;
-    for (int a = 0; a < 256; a++) {
-        starts[a] = acc;
-        for (int64_t u = 0; u < nch; u++) {
-            int64_t v = counts[(size_t)u * 256 + a]; counts[(size_t)u * 256 + a] = acc; acc += v; }
-    }
-    starts[256] = acc;
+    gt_app_offsets(counts, nch, starts);
     /* keys ascend, so the ids are read in key order: a forward stream */
     gt_par(nch, nt, [&](int64_t ch) {
         int64_t* c = &counts[(size_t)ch * 256];
