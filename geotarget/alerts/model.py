@@ -15,13 +15,13 @@ import enum
 import functools
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import pyarrow as pa
-
-from ..spatial.audience import Audience
 from ..geo import iso_utc
 from .schedule import RadiusSchedule
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # annotations only: the log imports this module without pyarrow or the kernels
+    import pyarrow as pa
+
+    from ..spatial.audience import Audience
     from .stats import AlertRecord
     from ..spatial.store import DeviceStore
 
