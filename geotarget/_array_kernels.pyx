@@ -195,6 +195,12 @@ def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
                 out[i] = src[idx[i]]
 
 
+cdef tuple _grouped_outputs(Py_ssize_t n):
+    """What every grouping by app returns, before it is filled: ``n`` ids (uint64), ``n`` keys
+    (uint32) and the 257 starts of the apps' slices (int64)."""
+    return np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint32), np.zeros(257, dtype=np.int64)
+
+
 def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):
     """Device ids and keys grouped by app code, each app in the input's order: ``(ids, keys, starts)``.
 
@@ -209,9 +215,7 @@ def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, co
         starts = np.r_[0, np.cumsum(np.bincount(codes, minlength=256))]
     """
     cdef Py_ssize_t n = keys.shape[0]
-    ids = np.empty(n, dtype=np.uint64)
-    ks = np.empty(n, dtype=np.uint32)
-    starts = np.zeros(257, dtype=np.int64)
+    ids, ks, starts = _grouped_outputs(n)
     cdef cnp.uint64_t[::1] io = ids
     cdef uint32_t[::1] ko = ks
     cdef cnp.int64_t[::1] so = starts
@@ -260,9 +264,7 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
     for i in range(k):
         off[i] = total
         total += kept[i] if kept is not None else runs[i, 1] - runs[i, 0]
-    ids = np.empty(total, dtype=np.uint64)
-    ks = np.empty(total, dtype=np.uint32)
-    starts = np.zeros(257, dtype=np.int64)
+    ids, ks, starts = _grouped_outputs(total)
     cdef cnp.uint64_t[::1] io = ids
     cdef uint32_t[::1] ko = ks
     cdef cnp.int64_t[::1] so = starts
@@ -345,9 +347,7 @@ def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_i
             nch += 1
             chunk_at[nch] = i + 1
             in_chunk = 0
-    ids = np.empty(total, dtype=np.uint64)
-    ks = np.empty(total, dtype=np.uint32)
-    starts = np.zeros(257, dtype=np.int64)
+    ids, ks, starts = _grouped_outputs(total)
     cdef cnp.uint64_t[::1] io = ids
     cdef uint32_t[::1] ko = ks
     cdef cnp.int64_t[::1] so = starts

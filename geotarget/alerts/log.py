@@ -1243,18 +1243,23 @@ class RecipientLog:
         except (TypeError, ValueError, AttributeError) as exc:
             raise CorruptFileError(f"{where}: {exc}") from None
         self._check_mac(self._conn, f"push:{log_seq}", checksum, state_sum, where=where)
-        bm = None
-        if audience:
-            if purged_at is not None:
-                raise AlertStateError(
-                    f"the audience of push {push_id!r} (alert {alert_id!r}) was purged at "
-                    f"{purged_at} under the retention setting; its {count} recipients are no "
-                    f"longer stored")
-            bm = self._read_audience(log_seq, digest, nbytes, count, where)
+        bm = self._row_audience(row) if audience else None
         return PushRecord(push_id=push_id, alert_id=alert_id, seq=seq, kind=kind, radius_km=radius,
                           created_at=created_at, audience=bm, meta=meta_obj,
                           acked=acked_at is not None, count=count, purged=purged_at is not None,
                           generation=generation)
+
+    def _row_audience(self, row) -> FrozenBitMap:
+        """The audience of a push row whose record ``_decode`` has checked."""
+        log_seq, push_id, alert_id, count, digest, nbytes, purged_at = (row[0], row[1], row[2], row[7], row[9],
+                                                                        row[10], row[14])
+        if purged_at is not None:
+            raise AlertStateError(
+                f"the audience of push {push_id!r} (alert {alert_id!r}) was purged at "
+                f"{purged_at} under the retention setting; its {count} recipients are no "
+                f"longer stored")
+        return self._read_audience(log_seq, digest, nbytes, count,
+                                   f"{self._path}: push {push_id!r} (log row {log_seq})")
 
     def _read_audience(self, log_seq, digest, nbytes, count, where) -> FrozenBitMap:
         row = self._conn.execute("SELECT bitmap FROM audiences WHERE log_seq=?", (log_seq,)).fetchone()
@@ -1291,7 +1296,7 @@ class RecipientLog:
         if hit is not None and hit[0] == key:
             self._notified_cache.move_to_end(alert_id)
             return hit[1], key
-        union = FrozenBitMap(BitMap.union(BitMap(), *(self._decode(r, True).audience for r in rows)))
+        union = FrozenBitMap(BitMap.union(BitMap(), *(self._row_audience(r) for r in rows)))
         self._remember_notified(alert_id, key, union)
         return union, key
 
