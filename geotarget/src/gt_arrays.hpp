@@ -214,34 +214,46 @@ static inline void gt_app_offsets(std::vector<int64_t>& counts, int64_t nch, int
    after the slices before it), carrying device id and key.  Linear, no sort by id;
    each app's devices keep the audience's order.  starts[c] .. starts[c + 1]
    is code c's stretch (codes are the int8 column read as unsigned). */
+/* f(q, i) for every i of four contiguous quarters [b[q], b[q + 1]) of a
+   range, the quarters interleaved: a scatter by app then has four chains of
+   counter increments in flight instead of one (consecutive keys of the
+   biggest app otherwise wait for each other's increment). */
+template <class F> static inline void gt_quarters(const int64_t* b, F f) {
+    int64_t m = b[1] - b[0];
+    for (int q = 1; q < 4; q++) m = std::min(m, b[q + 1] - b[q]);
+    for (int64_t i = 0; i < m; i++) { f(0, b[0] + i); f(1, b[1] + i); f(2, b[2] + i); f(3, b[3] + i); }
+    for (int q = 0; q < 4; q++)
+        for (int64_t i = b[q] + m; i < b[q + 1]; i++) f(q, i);
+}
+
 static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
                             uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
-    int64_t nch = gt_chunks(n, nt);
-    std::vector<int64_t> counts((size_t)nch * 256, 0);
+    /* every chunk is four quarters, each with its own counts and slots */
+    int64_t nch = gt_chunks(n, nt), nq = 4 * nch;
+    std::vector<int64_t> counts((size_t)nq * 256, 0);
+    auto quarters = [&](int64_t ch, int64_t* b) { for (int q = 0; q < 5; q++) b[q] = n * (4 * ch + q) / nq; };
     gt_par(nch, nt, [&](int64_t ch) {
-        int64_t s = n * ch / nch, e = n * (ch + 1) / nch;
-        /* four histograms: one app holds a fifth of the devices, and a single
-           counter would make every increment wait for the one before */
         uint32_t h[4][256] = {};
-        int64_t i = s;
-        for (; i + 4 <= e; i += 4) {
-            h[0][(uint8_t)app[keys[i]]]++; h[1][(uint8_t)app[keys[i + 1]]]++;
-            h[2][(uint8_t)app[keys[i + 2]]]++; h[3][(uint8_t)app[keys[i + 3]]]++;
+        int64_t b[5];
+        quarters(ch, b);
+        gt_quarters(b, [&](int q, int64_t i) { h[q][(uint8_t)app[keys[i]]]++; });
+        for (int q = 0; q < 4; q++) {
+            int64_t* c = &counts[(size_t)(4 * ch + q) * 256];
+            for (int a = 0; a < 256; a++) c[a] = h[q][a];
         }
-        for (; i < e; i++) h[0][(uint8_t)app[keys[i]]]++;
-        int64_t* c = &counts[(size_t)ch * 256];
-        for (int a = 0; a < 256; a++) c[a] = (int64_t)h[0][a] + h[1][a] + h[2][a] + h[3][a];
     });
-    gt_app_offsets(counts, nch, starts);
+    gt_app_offsets(counts, nq, starts);
     gt_par(nch, nt, [&](int64_t ch) {
-        int64_t s = n * ch / nch, e = n * (ch + 1) / nch;
-        int64_t* c = &counts[(size_t)ch * 256];
-        for (int64_t i = s; i < e; i++) {
+        int64_t b[5];
+        quarters(ch, b);
+        int64_t* c[4];
+        for (int q = 0; q < 4; q++) c[q] = &counts[(size_t)(4 * ch + q) * 256];
+        gt_quarters(b, [&](int q, int64_t i) {
             uint32_t k = keys[i];
-            int64_t pos = c[(uint8_t)app[k]]++;
+            int64_t pos = c[q][(uint8_t)app[k]]++;
             out_keys[pos] = k;
             out_ids[pos] = device_id[k];
-        }
+        });
     });
 }
 
