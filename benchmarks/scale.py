@@ -371,6 +371,9 @@ def phase_dispatch(a) -> dict:
         batches["b"] = index.within(clat, clon, 500.0, seen_since=cut).by_app()
 
     bbest, btimes = best_of(by_app, a.repeat)
+    # by_app's floor in this run: the audience's ids alone, read in index order
+    # (fill, then one gather; no grouping), and the batches' bytes copied
+    gbest, _ = best_of(lambda: index.within(clat, clon, 500.0, seen_since=cut).device_ids(sort=False), a.repeat)
     aud = index.within(clat, clon, 500.0, seen_since=cut)
     _, bitmap_s, bitmap_cpu = timed_cpu(aud.bitmap)
     if not (filled["n"] == count == len(aud) == len(aud.bitmap())
@@ -386,7 +389,8 @@ def phase_dispatch(a) -> dict:
            "within_fill_best_s": fbest, "within_fill_median_s": float(np.median(ftimes)),
            "by_app_best_s": bbest, "by_app_median_s": float(np.median(btimes)), "apps": len(batches["b"]),
            "bitmap_s": bitmap_s, "bitmap_cpu_s": bitmap_cpu, "ring": ring, "load": load,
-           "floor_batches_copy_s": floor, "floor_keys_copy_s": dp.copy_floor(count, a.repeat) * 4 / 12}
+           "floor_batches_copy_s": floor, "floor_keys_copy_s": dp.copy_floor(count, a.repeat) * 4 / 12,
+           "floor_ids_gather_s": gbest, "floor_by_app_copy_s": dp.copy_floor(count, a.repeat)}
     if a.verify:
         want = 0
         for s in range(0, n, SCAN_ROWS):
@@ -824,7 +828,9 @@ def measures(res: dict, n: int) -> list[dict]:
         add("dispatch", "  the same: within + fill into a reused buffer", dp["within_fill_best_s"], "s", 0.060,
             f"floor (copying the keys' bytes) {fmt_seconds(dp['floor_keys_copy_s'])}")
         add("dispatch", "  the same: every app's batch of device ids (by_app)", dp["by_app_best_s"], "s", 0.300,
-            f"{dp['apps']} apps")
+            f"{dp['apps']} apps; floor: the ids alone (fill, gather) "
+            f"{fmt_seconds(dp.get('floor_ids_gather_s'))}, copying the batches' bytes "
+            f"{fmt_seconds(dp.get('floor_by_app_copy_s'))}")
         add("dispatch", "  the same: roaring bitmap", dp["bitmap_s"], "s", note=cpu_note(dp["bitmap_cpu_s"]))
         rg = dp["ring"]
         add("dispatch", "tick() to every app's batch of a new 500 km ring", rg["tick_to_batches_s"], "s", 0.500,

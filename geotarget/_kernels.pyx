@@ -86,7 +86,7 @@ import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport cos, sin
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
@@ -97,14 +97,20 @@ from geotarget._geom cimport (GT_DEG2RAD, GT_EARTH_R, GT_GUARD, GT_HAVE_OPENMP, 
 cnp.import_array()
 
 cdef extern from "gt_fresh.hpp" nogil:
+    int GT_COARSE_SHIFT
+    uint16_t gt_coarse(uint32_t s, uint32_t top)
+    void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt)
     int64_t gt_fresh_count(const uint32_t* s, int64_t n, uint32_t cut)
+    int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s, int64_t n, uint16_t qc, uint32_t cut)
     void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                         uint32_t cut, int64_t* kept, int nt)
+                         const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt)
 
 cdef extern from "gt_build.hpp" nogil:
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
 
 HAVE_OPENMP = bool(GT_HAVE_OPENMP)
+#: Coarse last-seen values step in 2**COARSE_SHIFT seconds (gt_fresh.hpp).
+COARSE_SHIFT = GT_COARSE_SHIFT
 EARTH_RADIUS_KM = GT_EARTH_R
 CHORD_GUARD = GT_GUARD
 
@@ -338,6 +344,8 @@ cdef struct QueryCtx:
     bint everything
     bint filter_seen
     uint32_t seen_min
+    const uint16_t* coarse    # (n,) coarse last-seen (gt_fresh.hpp), or NULL
+    uint16_t coarse_cut       # gt_coarse(seen_min, top) when coarse is not NULL
     bint filter_app
     uint64_t app_mask[4]
     bint emit
@@ -385,7 +393,11 @@ cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     copy.  Tracking runs row by row here cost a branch per row and, with
     one device in ten stale, a run per ten devices (5 M runs at 400 M).
     """
-    _emit_fresh_kept(q, s, e, gt_fresh_count(q.seen + s, e - s, q.seen_min))
+    if q.coarse != NULL:
+        _emit_fresh_kept(q, s, e, gt_fresh_count_coarse(q.coarse + s, q.seen + s, e - s, q.coarse_cut,
+                                                        q.seen_min))
+    else:
+        _emit_fresh_kept(q, s, e, gt_fresh_count(q.seen + s, e - s, q.seen_min))
 
 
 cdef inline void _emit_fresh_kept(QueryCtx* q, int64_t s, int64_t e, int64_t kept) noexcept nogil:
@@ -600,7 +612,8 @@ cdef void _query(QueryCtx* q) noexcept nogil:
                 fresh_rows += items[3 * i + 2] - items[3 * i + 1]
         if fresh_rows >= FRESH_PARALLEL_MIN:
             kept_of.resize(m)
-            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.seen_min, kept_of.data(), gt_max_threads())
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
+                            kept_of.data(), gt_max_threads())
     pf = 0
     pending = 0     # boundary leaves in (i, pf) already prefetched
     for i in range(m):
@@ -648,6 +661,9 @@ cdef class Tree:
     cdef const uint32_t[::1] seen
     cdef const int8_t[::1] app
     cdef const uint32_t[:, ::1] seen_bounds
+    cdef const uint16_t[::1] coarse
+    cdef uint32_t coarse_top
+    cdef bint has_coarse
     cdef int depth
     cdef int64_t n
 
@@ -657,6 +673,13 @@ cdef class Tree:
         self.pts, self.keys, self.bounds, self.depth = pts, keys, bounds, depth
         self.lat, self.lon, self.seen, self.app, self.seen_bounds = lat, lon, seen, app, seen_bounds
         self.n = pts.shape[0]
+        self.has_coarse = False
+
+    def set_coarse(self, const uint16_t[::1] coarse, uint32_t top):
+        """Count fresh rows from ``coarse`` (``coarse_seen(seen, top)`` of this tree's ``seen``) from now on."""
+        if coarse.shape[0] != self.n:
+            raise ValueError(f"coarse has {coarse.shape[0]} rows, the tree {self.n}")
+        self.coarse, self.coarse_top, self.has_coarse = coarse, top, True
 
     def query(self, double clat, double clon, double radius_km, int64_t seen_min=-1,
               object app_codes=None, bint emit=True, bint fresh_runs=False):
@@ -703,6 +726,15 @@ cdef class Tree:
         q.seen = &self.seen[0] if self.seen.shape[0] > 0 else NULL
         q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
         q.seen_bounds = &self.seen_bounds[0, 0] if self.seen_bounds.shape[0] > 0 else NULL
+        # The coarse values decide a row alone unless it shares the cut-off's
+        # 4 s step; a cut-off older than their 72.8 h window (value 0) or at
+        # or after the newest row (65535) gains nothing from them.
+        q.coarse = NULL
+        q.coarse_cut = 0
+        if (q.filter_seen and self.has_coarse and self.n > 0
+                and 0 < gt_coarse(q.seen_min, self.coarse_top) < 65535):
+            q.coarse = &self.coarse[0]
+            q.coarse_cut = gt_coarse(q.seen_min, self.coarse_top)
         q.filter_app = app_codes is not None
         q.app = &self.app[0] if self.app.shape[0] > 0 else NULL
         q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
@@ -732,6 +764,44 @@ cdef class Tree:
         out = np.ascontiguousarray(both[:, :2])
         kept = np.ascontiguousarray(both[:, 2]) if q.fresh_runs else None
         return out, kept, q.count, stats
+
+
+def coarse_seen(const uint32_t[::1] seen, uint32_t top):
+    """The coarse last-seen of ``seen`` against ``top`` (best: its newest), uint16 ``(n,)``.
+
+    Counting from them is exact whatever ``top`` is; a ``top`` near the
+    newest last-seen makes it fast.  In numpy, this operation is equivalent to::
+
+        d = (top - seen.astype(np.int64)) >> COARSE_SHIFT
+        coarse = np.where(seen >= top, 65535, 65535 - np.minimum(65535, d)).astype(np.uint16)
+    """
+    cdef int64_t n = seen.shape[0]
+    out = np.empty(n, dtype=np.uint16)
+    cdef uint16_t[::1] o = out
+    if n:
+        with nogil:
+            gt_coarse_column(&seen[0], n, top, &o[0], gt_max_threads() if n >= FRESH_PARALLEL_MIN else 1)
+    return out
+
+
+def fresh_count(const uint32_t[::1] seen, uint32_t cut, const uint16_t[::1] coarse=None, uint32_t top=0):
+    """How many of ``seen`` are >= ``cut``; from ``coarse`` (``coarse_seen(seen, top)``) where
+    given, as a query counts fresh runs.  In numpy, this operation is equivalent to::
+
+        np.count_nonzero(seen >= cut)
+    """
+    cdef int64_t n = seen.shape[0]
+    cdef int64_t kept
+    if coarse is None:
+        with nogil:
+            kept = gt_fresh_count(&seen[0], n, cut) if n else 0
+        return kept
+    if coarse.shape[0] != n:
+        raise ValueError(f"coarse has {coarse.shape[0]} rows, seen {n}")
+    cdef uint16_t qc = gt_coarse(cut, top)
+    with nogil:
+        kept = gt_fresh_count_coarse(&coarse[0], &seen[0], n, qc, cut) if n else 0
+    return kept
 
 
 def node_seen_bounds(const uint32_t[::1] seen, int depth):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pyroaring import BitMap
 
 import geotarget as gt
-from geotarget import _array_kernels
+from geotarget import _array_kernels, _kernels
 from geotarget.spatial.index import within_reference
 
 BASE = 1_700_000_000
@@ -420,3 +420,62 @@ def test_fresh_counts_shared_over_cores_match_the_scan(shuffled, base):
         assert index.count(31.0, 121.0, 1500.0, seen_since=since) == len(aud) == len(ref)
         np.testing.assert_array_equal(aud.keys(), ref)
         assert np.all(store.last_seen_s[ref] >= max(base + cut, 0))
+
+
+def _coarse_ref(seen, top):
+    d = (np.int64(top) - seen.astype(np.int64)) >> _kernels.COARSE_SHIFT
+    return np.where(seen >= top, 65535, 65535 - np.minimum(65535, d)).astype(np.uint16)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.sampled_from([0, 1, 31, 32, 33, 64, 1000, 20_000, (32 << 12) + 65]),
+       spread=st.sampled_from([1, 8, 3600, 3 * 86400, 2**32 - 1]), base=st.sampled_from([0, BASE, 2**31 - 50]),
+       top_shift=st.integers(-5 * 86400, 86400), pick=st.integers(0, 2**31), delta=st.sampled_from([-4, -1, 0, 1, 4]))
+def test_coarse_last_seen_counts_equal_the_scan(seed, n, spread, base, top_shift, pick, delta):
+    """The coarse last-seen (2 B a row, 4 s steps) counts exactly what a scan of the 4 B column
+    counts, both ways (kept and dropped), whatever top is; cut-offs on exact seconds of rows and
+    one or four seconds either side, the u32 clock's edges and the top bit straddled."""
+    rng = np.random.default_rng(seed)
+    seen = (np.int64(base) + rng.integers(0, spread, n, endpoint=True)).clip(0, 2**32 - 1).astype(np.uint32)
+    if n > 40:
+        seen[rng.integers(0, n, 7)] = EDGE_SEEN
+    newest = int(seen.max()) if n else base
+    top = int(np.clip(newest + top_shift, 0, 2**32 - 1))
+    coarse = _kernels.coarse_seen(seen, top)
+    np.testing.assert_array_equal(coarse, _coarse_ref(seen, top))
+    at = int(seen[pick % n]) if n else base
+    for cut in {at + delta, at, top, newest, 0, 2**32 - 1}:
+        cut = int(np.clip(cut, 0, 2**32 - 1))
+        want = int(np.count_nonzero(seen >= cut))
+        got = _kernels.fresh_count(seen, cut, coarse, top)
+        assert got == want == _kernels.fresh_count(seen, cut)
+        assert n - got == int(np.count_nonzero(seen < cut))   # nothing kept that is stale
+        if n:   # monotone: a row above the cut-off's value is fresh, one below it stale
+            qc = _coarse_ref(np.array([cut], np.uint32), top)[0]
+            assert np.all(seen[coarse > qc] >= cut) and np.all(seen[coarse < qc] < cut)
+
+
+@pytest.mark.parametrize("spread_h,age_h", [(72, 24), (72, 6), (200, 100), (1, 0)])
+def test_queries_count_with_the_coarse_last_seen(spread_h, age_h):
+    """A query that filters by last-seen counts through the coarse values (made on first use, for
+    the verified column) and gets the scan's answer; cut-offs on exact seconds and either side."""
+    rng = np.random.default_rng(spread_h)
+    n = 1_200_000
+    top = BASE + spread_h * 3600
+    ids = rng.permutation(np.arange(n, dtype=np.uint64) * 7919 + 11)
+    store = gt.DeviceStore(ids, np.clip(rng.normal(31.0, 3.0, n), -90, 90), rng.normal(121.0, 3.0, n),
+                           rng.integers(0, 3, n).astype(np.int8), ("amap", "qq", "weibo"),
+                           rng.integers(BASE, top, n, endpoint=True).astype(np.int64))
+    index = gt.SpatialIndex.build(store)
+    assert index.seen_coarse is None
+    index.count(31.0, 121.0, 100.0)                    # unfiltered: no coarse values made
+    assert index.seen_coarse is None
+    at = int(store.last_seen_s[rng.integers(0, n)])
+    for cut in (top - age_h * 3600, at - 1, at, at + 1, top, top + 1):
+        since = dt.datetime.fromtimestamp(cut, UTC)
+        for r in (50.0, 400.0, 3000.0):
+            ref = within_reference(store, 31.0, 121.0, r, seen_since=since)
+            assert index.count(31.0, 121.0, r, seen_since=since) == len(ref)
+            np.testing.assert_array_equal(index.within(31.0, 121.0, r, seen_since=since).keys(), ref)
+    np.testing.assert_array_equal(index.seen_coarse, _coarse_ref(index.seen, int(index.seen_bounds[0, 1])))
+    assert index.nbytes_with_filters >= index.nbytes + 2 * n

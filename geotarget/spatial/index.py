@@ -240,6 +240,8 @@ class SpatialIndex:
         self.manifest: dict | None = None
         self._verified = path is None
         self._verify_lock = threading.Lock()
+        #: Coarse last-seen (uint16, 2 B a device), made by the first query that filters by last-seen.
+        self.seen_coarse: np.ndarray | None = None
 
     # -- build ------------------------------------------------------------
 
@@ -291,7 +293,25 @@ class SpatialIndex:
     def _args(self, lat, lon, radius_km, seen_since, apps):
         if not self._verified:
             self.verify()
-        return self._query_args(lat, lon, radius_km, seen_since, apps)
+        args = self._query_args(lat, lon, radius_km, seen_since, apps)
+        if args[3] >= 0 and self.seen_coarse is None:
+            self._make_coarse()
+        return args
+
+    def _make_coarse(self) -> None:
+        """Give the tree the coarse last-seen of this index's (verified) ``seen``.
+
+        Counting the devices seen since a cut-off then reads 2 B a device
+        inside the circle instead of 4 (docs/design.md, Dispatch path).  They
+        are derived, never stored: nothing on disk can make them disagree.
+        """
+        with self._verify_lock:
+            if self.seen_coarse is None:
+                # the root's newest last-seen (any top counts exactly; this one fast)
+                top = int(self.seen_bounds[0, 1]) if self.seen_bounds.shape[0] and len(self) else 0
+                coarse = _kernels.coarse_seen(np.ascontiguousarray(self.seen), top)
+                self._tree.set_coarse(coarse, top)
+                self.seen_coarse = _readonly(coarse)
 
     def _query_args(self, lat, lon, radius_km, seen_since, apps):
         """A query's checked arguments: (lat, lon, radius, seen cutoff or -1, app codes or None)."""
@@ -363,7 +383,8 @@ class SpatialIndex:
 
     @property
     def nbytes_with_filters(self) -> int:
-        return self.nbytes + int(self.seen.nbytes + self.app.nbytes + self.seen_bounds.nbytes)
+        coarse = self.seen_coarse.nbytes if self.seen_coarse is not None else 0
+        return self.nbytes + int(self.seen.nbytes + self.app.nbytes + self.seen_bounds.nbytes + coarse)
 
     def __repr__(self):
         return (f"SpatialIndex(n={len(self):,}, depth={self.depth}, leaf_size={self.leaf_size}, "

@@ -36,11 +36,77 @@ static inline int64_t gt_fresh_count(const uint32_t* s, int64_t n, uint32_t cut)
     return kept;
 }
 
+/* The coarse last-seen of a row: two bytes, 65535 - min(65535, (top - s) >> 2)
+   (4-second steps over the 72.8 h before top, the column's newest last-seen),
+   and 65535 for s >= top.  It is monotone in s whatever top is, so for a
+   cut-off c with coarse value qc = gt_coarse(c, top), a row whose value is
+   above qc was seen after c and one below qc before it: only the rows that
+   share the cut-off's 4 s step need their 4 B of last-seen.  Counting fresh
+   rows then reads half the bytes (docs/design.md, Dispatch path). */
+static const int GT_COARSE_SHIFT = 2;
+static inline uint16_t gt_coarse(uint32_t s, uint32_t top) {
+    if (s >= top) return 65535;
+    uint32_t d = (top - s) >> GT_COARSE_SHIFT;
+    return (uint16_t)(65535 - (d < 65535 ? d : 65535));
+}
+
+/* out[r] = gt_coarse(seen[r], top) over nt threads. */
+static void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt) {
+    const int64_t C = (int64_t)1 << 20;
+    gt_par((n + C - 1) / C, nt, [&](int64_t ch) {
+        int64_t s = ch * C, e = s + C < n ? s + C : n;
+        for (int64_t r = s; r < e; r++) out[r] = gt_coarse(seen[r], top);
+    });
+}
+
+/* How many of rows [0, n) were seen at or after cut, from their coarse
+   values q (qc = gt_coarse(cut, top)) and, for values equal to qc, their
+   last-seen s.  SSE2, 32 rows a step: four 16-bit compares summed and
+   subtracted into 16-bit counters (4096 steps at most before pmaddwd sums
+   them), and one branch, almost never taken, on whether a row shares qc. */
+static inline int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s, int64_t n, uint16_t qc,
+                                            uint32_t cut) {
+    int64_t r = 0, kept = 0;
+#if defined(__SSE2__)
+    const __m128i bias = _mm_set1_epi16((short)0x8000);
+    const __m128i above = _mm_set1_epi16((short)(qc ^ 0x8000));   /* unsigned compare via signed */
+    const __m128i equal = _mm_set1_epi16((short)qc);
+    const __m128i ones = _mm_set1_epi16(1);
+    while (r + 32 <= n) {
+        int64_t stop = r + 32 * 4096 < n ? r + 32 * 4096 : n;
+        __m128i acc = _mm_setzero_si128();
+        for (; r + 32 <= stop; r += 32) {
+            __m128i a = _mm_loadu_si128((const __m128i*)(q + r));
+            __m128i b = _mm_loadu_si128((const __m128i*)(q + r + 8));
+            __m128i c = _mm_loadu_si128((const __m128i*)(q + r + 16));
+            __m128i d = _mm_loadu_si128((const __m128i*)(q + r + 24));
+            __m128i t = _mm_add_epi16(_mm_add_epi16(_mm_cmpgt_epi16(_mm_xor_si128(a, bias), above),
+                                                    _mm_cmpgt_epi16(_mm_xor_si128(b, bias), above)),
+                                      _mm_add_epi16(_mm_cmpgt_epi16(_mm_xor_si128(c, bias), above),
+                                                    _mm_cmpgt_epi16(_mm_xor_si128(d, bias), above)));
+            acc = _mm_sub_epi16(acc, t);
+            __m128i e = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi16(a, equal), _mm_cmpeq_epi16(b, equal)),
+                                     _mm_or_si128(_mm_cmpeq_epi16(c, equal), _mm_cmpeq_epi16(d, equal)));
+            if (__builtin_expect(_mm_movemask_epi8(e), 0))
+                for (int64_t j = r; j < r + 32; j++) kept += q[j] == qc && s[j] >= cut;
+        }
+        __m128i sum = _mm_madd_epi16(acc, ones);   /* four 32-bit sums of lane pairs */
+        uint32_t lanes[4];
+        _mm_storeu_si128((__m128i*)lanes, sum);
+        kept += (int64_t)lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    }
+#endif
+    for (; r < n; r++) kept += q[r] > qc || (q[r] == qc && s[r] >= cut);
+    return kept;
+}
+
 /* kept[i] = the rows >= cut of every fresh item i of a query's item list
    (flat (kind, start, end) triples; other kinds are left alone), over nt
-   threads, items shared out in chunks of about 2^16 rows. */
+   threads, items shared out in chunks of about 2^16 rows.  With coarse
+   values (not NULL; qc as in gt_fresh_count_coarse) they are read instead
+   of the 4 B of last-seen. */
 static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                            uint32_t cut, int64_t* kept, int nt) {
+                            const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt) {
     std::vector<int64_t> at(1, 0);   /* chunk c holds items [at[c], at[c + 1]) */
     int64_t rows = 0;
     for (int64_t i = 0; i < m; i++) {
@@ -51,7 +117,9 @@ static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind,
     gt_par(nch, nt, [&](int64_t ch) {
         for (int64_t i = at[ch]; i < at[ch + 1]; i++)
             if (items[3 * i] == fresh_kind)
-                kept[i] = gt_fresh_count(seen + items[3 * i + 1], items[3 * i + 2] - items[3 * i + 1], cut);
+                kept[i] = coarse ? gt_fresh_count_coarse(coarse + items[3 * i + 1], seen + items[3 * i + 1],
+                                                         items[3 * i + 2] - items[3 * i + 1], qc, cut)
+                                 : gt_fresh_count(seen + items[3 * i + 1], items[3 * i + 2] - items[3 * i + 1], cut);
     });
 }
 #endif
