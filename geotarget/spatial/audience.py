@@ -295,13 +295,12 @@ class Audience:
         store = self._store
         index = self._index
         app = getattr(index, "app", None)   # a SpatialIndex's leaf-ordered app codes
-        if (self._runs is not None and self._keys is None and not index.keys_are_rows
+        if (self._runs is not None and self._keys is None
                 and app is not None and app.shape[0] == index.keys.shape[0]):
-            # A query result whose rows are not its keys: straight from its runs,
-            # app codes read by row.  (When rows are keys, the store's columns
-            # are read forward anyway, and writing the keys first measured faster.)
+            # A query result: straight from its runs, app codes read by row, no
+            # key array written first (docs/design.md, Dispatch path).
             ids, k, starts = _array_kernels.group_runs_by_app(
-                np.ascontiguousarray(index.keys), self._runs, self._kept,
+                None if index.keys_are_rows else np.ascontiguousarray(index.keys), self._runs, self._kept,
                 self._seen_col() if self._kept is not None else None, max(self._seen_min, 0),
                 np.ascontiguousarray(app), np.ascontiguousarray(store.device_id))
         elif self._keys is None and self._bitmap is not None:
