@@ -374,6 +374,7 @@ def phase_dispatch(a) -> dict:
     # by_app's floor in this run: the audience's ids alone, read in index order
     # (fill, then one gather; no grouping), and the batches' bytes copied
     gbest, _ = best_of(lambda: index.within(clat, clon, 500.0, seen_since=cut).device_ids(sort=False), a.repeat)
+    batches_copy = dp.copy_floor(count, a.repeat)   # 12 B a recipient: id and key
     aud = index.within(clat, clon, 500.0, seen_since=cut)
     _, bitmap_s, bitmap_cpu = timed_cpu(aud.bitmap)
     if not (filled["n"] == count == len(aud) == len(aud.bitmap())
@@ -389,8 +390,8 @@ def phase_dispatch(a) -> dict:
            "within_fill_best_s": fbest, "within_fill_median_s": float(np.median(ftimes)),
            "by_app_best_s": bbest, "by_app_median_s": float(np.median(btimes)), "apps": len(batches["b"]),
            "bitmap_s": bitmap_s, "bitmap_cpu_s": bitmap_cpu, "ring": ring, "load": load,
-           "floor_batches_copy_s": floor, "floor_keys_copy_s": dp.copy_floor(count, a.repeat) * 4 / 12,
-           "floor_ids_gather_s": gbest, "floor_by_app_copy_s": dp.copy_floor(count, a.repeat)}
+           "floor_batches_copy_s": floor, "floor_keys_copy_s": batches_copy * 4 / 12,
+           "floor_ids_gather_s": gbest, "floor_by_app_copy_s": batches_copy}
     if a.verify:
         want = 0
         for s in range(0, n, SCAN_ROWS):

@@ -100,8 +100,8 @@ cdef extern from "gt_fresh.hpp" nogil:
     int GT_COARSE_SHIFT
     uint16_t gt_coarse(uint32_t s, uint32_t top)
     void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt)
-    int64_t gt_fresh_count(const uint32_t* s, int64_t n, uint32_t cut)
-    int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s, int64_t n, uint16_t qc, uint32_t cut)
+    int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t n, uint16_t qc,
+                                uint32_t cut)
     void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
                          const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt)
 
@@ -393,11 +393,8 @@ cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     copy.  Tracking runs row by row here cost a branch per row and, with
     one device in ten stale, a run per ten devices (5 M runs at 400 M).
     """
-    if q.coarse != NULL:
-        _emit_fresh_kept(q, s, e, gt_fresh_count_coarse(q.coarse + s, q.seen + s, e - s, q.coarse_cut,
-                                                        q.seen_min))
-    else:
-        _emit_fresh_kept(q, s, e, gt_fresh_count(q.seen + s, e - s, q.seen_min))
+    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.coarse + s if q.coarse != NULL else NULL, q.seen + s, e - s,
+                                                  q.coarse_cut, q.seen_min))
 
 
 cdef inline void _emit_fresh_kept(QueryCtx* q, int64_t s, int64_t e, int64_t kept) noexcept nogil:
@@ -663,7 +660,6 @@ cdef class Tree:
     cdef const uint32_t[:, ::1] seen_bounds
     cdef const uint16_t[::1] coarse
     cdef uint32_t coarse_top
-    cdef bint has_coarse
     cdef int depth
     cdef int64_t n
 
@@ -673,13 +669,12 @@ cdef class Tree:
         self.pts, self.keys, self.bounds, self.depth = pts, keys, bounds, depth
         self.lat, self.lon, self.seen, self.app, self.seen_bounds = lat, lon, seen, app, seen_bounds
         self.n = pts.shape[0]
-        self.has_coarse = False
 
     def set_coarse(self, const uint16_t[::1] coarse, uint32_t top):
         """Count fresh rows from ``coarse`` (``coarse_seen(seen, top)`` of this tree's ``seen``) from now on."""
         if coarse.shape[0] != self.n:
             raise ValueError(f"coarse has {coarse.shape[0]} rows, the tree {self.n}")
-        self.coarse, self.coarse_top, self.has_coarse = coarse, top, True
+        self.coarse, self.coarse_top = coarse, top
 
     def query(self, double clat, double clon, double radius_km, int64_t seen_min=-1,
               object app_codes=None, bint emit=True, bint fresh_runs=False):
@@ -730,11 +725,9 @@ cdef class Tree:
         # 4 s step; a cut-off older than their 72.8 h window (value 0) or at
         # or after the newest row (65535) gains nothing from them.
         q.coarse = NULL
-        q.coarse_cut = 0
-        if (q.filter_seen and self.has_coarse and self.n > 0
-                and 0 < gt_coarse(q.seen_min, self.coarse_top) < 65535):
+        q.coarse_cut = gt_coarse(q.seen_min, self.coarse_top) if self.coarse is not None else 0
+        if q.filter_seen and self.coarse is not None and self.n > 0 and 0 < q.coarse_cut < 65535:
             q.coarse = &self.coarse[0]
-            q.coarse_cut = gt_coarse(q.seen_min, self.coarse_top)
         q.filter_app = app_codes is not None
         q.app = &self.app[0] if self.app.shape[0] > 0 else NULL
         q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
@@ -792,15 +785,12 @@ def fresh_count(const uint32_t[::1] seen, uint32_t cut, const uint16_t[::1] coar
     """
     cdef int64_t n = seen.shape[0]
     cdef int64_t kept
-    if coarse is None:
-        with nogil:
-            kept = gt_fresh_count(&seen[0], n, cut) if n else 0
-        return kept
-    if coarse.shape[0] != n:
+    if coarse is not None and coarse.shape[0] != n:
         raise ValueError(f"coarse has {coarse.shape[0]} rows, seen {n}")
-    cdef uint16_t qc = gt_coarse(cut, top)
+    cdef const uint16_t* cp = &coarse[0] if coarse is not None and n else NULL
+    cdef uint16_t qc = gt_coarse(cut, top) if coarse is not None else 0
     with nogil:
-        kept = gt_fresh_count_coarse(&coarse[0], &seen[0], n, qc, cut) if n else 0
+        kept = gt_fresh_count_rows(cp, &seen[0], n, qc, cut) if n else 0
     return kept
 
 

@@ -209,11 +209,6 @@ static inline void gt_app_offsets(std::vector<int64_t>& counts, int64_t nch, int
     starts[256] = acc;
 }
 
-/* Group an audience's devices by partner app: a stable counting sort by
-   app code over nt threads (each chunk counts its slice, then scatters it
-   after the slices before it), carrying device id and key.  Linear, no sort by id;
-   each app's devices keep the audience's order.  starts[c] .. starts[c + 1]
-   is code c's stretch (codes are the int8 column read as unsigned). */
 /* f(q, i) for every i of four contiguous quarters [b[q], b[q + 1]) of a
    range, the quarters interleaved: a scatter by app then has four chains of
    counter increments in flight instead of one (consecutive keys of the
@@ -226,6 +221,11 @@ template <class F> static inline void gt_quarters(const int64_t* b, F f) {
         for (int64_t i = b[q] + m; i < b[q + 1]; i++) f(q, i);
 }
 
+/* Group an audience's devices by partner app: a stable counting sort by
+   app code over nt threads (each chunk counts its slice, then scatters it
+   after the slices before it), carrying device id and key.  Linear, no sort by id;
+   each app's devices keep the audience's order.  starts[c] .. starts[c + 1]
+   is code c's stretch (codes are the int8 column read as unsigned). */
 static void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
                             uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
     /* every chunk is four quarters, each with its own counts and slots */

@@ -100,6 +100,13 @@ static inline int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s
     return kept;
 }
 
+/* Rows [0, n) of seen that are >= cut: from their coarse values where
+   coarse is not NULL (qc as in gt_fresh_count_coarse), else from the 4 B. */
+static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t n, uint16_t qc,
+                                          uint32_t cut) {
+    return coarse ? gt_fresh_count_coarse(coarse, seen, n, qc, cut) : gt_fresh_count(seen, n, cut);
+}
+
 /* kept[i] = the rows >= cut of every fresh item i of a query's item list
    (flat (kind, start, end) triples; other kinds are left alone), over nt
    threads, items shared out in chunks of about 2^16 rows.  With coarse
@@ -117,9 +124,8 @@ static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind,
     gt_par(nch, nt, [&](int64_t ch) {
         for (int64_t i = at[ch]; i < at[ch + 1]; i++)
             if (items[3 * i] == fresh_kind)
-                kept[i] = coarse ? gt_fresh_count_coarse(coarse + items[3 * i + 1], seen + items[3 * i + 1],
-                                                         items[3 * i + 2] - items[3 * i + 1], qc, cut)
-                                 : gt_fresh_count(seen + items[3 * i + 1], items[3 * i + 2] - items[3 * i + 1], cut);
+                kept[i] = gt_fresh_count_rows(coarse ? coarse + items[3 * i + 1] : NULL, seen + items[3 * i + 1],
+                                              items[3 * i + 2] - items[3 * i + 1], qc, cut);
     });
 }
 #endif
