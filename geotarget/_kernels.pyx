@@ -103,7 +103,8 @@ cdef extern from "gt_fresh.hpp" nogil:
     int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t n, uint16_t qc,
                                 uint32_t cut)
     void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                         const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt)
+                         const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt,
+                         void (*first)(void*) noexcept nogil, void* arg)
 
 cdef extern from "gt_build.hpp" nogil:
     void gt_select(GtPoint* first, int64_t nth, int64_t n, int axis, int par)
@@ -435,6 +436,42 @@ cdef inline void _emit_range(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         _emit(q, run_start, e)
 
 
+cdef void _leaf_count_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
+    """A boundary leaf of a count by last-seen alone: branch-free over the leaf.
+
+    Rows seen since the cut-off and surely inside are counted in one pass;
+    only fresh rows in the guard band pay for the exact test, in a second.
+    """
+    cdef int64_t r, inside = 0, band = 0
+    cdef float fx = q.fx, fy = q.fy, fz = q.fz, flo2 = q.flo2, fhi2 = q.fhi2
+    cdef float dx, dy, dz, d2
+    cdef const GtPoint* p = q.pts
+    cdef const uint32_t* seen = q.seen
+    cdef uint32_t cut = q.seen_min
+    cdef bint fresh
+    cdef uint32_t k
+    for r in range(s, e):
+        dx = p[r].x - fx
+        dy = p[r].y - fy
+        dz = p[r].z - fz
+        d2 = dx * dx + dy * dy + dz * dz
+        fresh = seen[r] >= cut
+        inside += (d2 <= flo2) & fresh
+        band += (d2 > flo2) & (d2 <= fhi2) & fresh
+    q.count += inside
+    if band == 0:
+        return
+    for r in range(s, e):
+        dx = p[r].x - fx
+        dy = p[r].y - fy
+        dz = p[r].z - fz
+        d2 = dx * dx + dy * dy + dz * dz
+        if d2 > flo2 and d2 <= fhi2 and seen[r] >= cut:
+            q.exact_checks += 1
+            k = p[r].key
+            q.count += _haversine_km(q.clat, q.clon, q.lat[k], q.lon[k]) <= q.radius
+
+
 cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     """A boundary leaf: a branch-free pass first, the careful pass only if needed.
 
@@ -447,6 +484,9 @@ cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     cdef float dx, dy, dz, d2
     cdef const GtPoint* p = q.pts
     q.leaf_points += e - s
+    if q.lazy and not q.emit:
+        _leaf_count_fresh(q, s, e)
+        return
     for r in range(s, e):
         dx = p[r].x - fx
         dy = p[r].y - fy
@@ -524,6 +564,54 @@ cdef inline void _prefetch_rows(const GtPoint* p, int64_t s, int64_t e) noexcept
         a += 64
 
 
+cdef inline void _prefetch_seen(const uint32_t* seen, int64_t s, int64_t e) noexcept nogil:
+    cdef const char* a = <const char*>(seen + s)
+    cdef const char* z = <const char*>(seen + e)
+    while a < z:
+        __builtin_prefetch(a)
+        a += 64
+    __builtin_prefetch(z - 1)   # the last line when the rows straddle one more
+
+
+cdef struct ItemPass:
+    QueryCtx* q
+    const int64_t* items      # flat (kind, start, end), in row order
+    int64_t m
+    const int64_t* kept       # rows kept per fresh item, or NULL to count them here
+    bint fresh_elsewhere      # fresh items are counted by the caller (a count)
+
+
+cdef void _item_pass(void* arg) noexcept nogil:
+    """Execute a walk's items in row order, boundary leaves prefetched ahead."""
+    cdef ItemPass* ip = <ItemPass*>arg
+    cdef QueryCtx* q = ip.q
+    cdef const int64_t* items = ip.items
+    cdef int64_t i, m = ip.m, pf = 0
+    cdef int64_t pending = 0     # boundary leaves in (i, pf) already prefetched
+    for i in range(m):
+        while pf < m and pending < LEAF_PREFETCH:
+            if items[3 * pf] == ITEM_LEAF:
+                _prefetch_rows(q.pts, items[3 * pf + 1], items[3 * pf + 2])
+                if q.filter_seen:
+                    _prefetch_seen(q.seen, items[3 * pf + 1], items[3 * pf + 2])
+                pending += 1
+            pf += 1
+        if items[3 * i] == ITEM_LEAF:
+            pending -= 1
+            _leaf(q, items[3 * i + 1], items[3 * i + 2])
+        elif items[3 * i] == ITEM_RUN:
+            _emit(q, items[3 * i + 1], items[3 * i + 2])
+        elif items[3 * i] == ITEM_FRESH:
+            if ip.fresh_elsewhere:
+                continue
+            if ip.kept != NULL:
+                _emit_fresh_kept(q, items[3 * i + 1], items[3 * i + 2], ip.kept[i])
+            else:
+                _emit_fresh(q, items[3 * i + 1], items[3 * i + 2])
+        else:
+            _emit_range(q, items[3 * i + 1], items[3 * i + 2])
+
+
 cdef void _query(QueryCtx* q) noexcept nogil:
     """Two passes: walk the node boxes, then execute what the walk found, in row order.
 
@@ -578,7 +666,9 @@ cdef void _query(QueryCtx* q) noexcept nogil:
                     and q.seen_bounds[2 * node] >= q.seen_min):
                 _defer(&items, ITEM_RUN, s, e)  # inside, and every device here is recent enough
                 continue
-            if q.lazy and level + FRESH_LEVELS >= q.depth:
+            # A count wants no runs: the whole subtree is one fresh item
+            # (counted in pieces over the cores), with no walk below it.
+            if q.lazy and (not q.emit or level + FRESH_LEVELS >= q.depth):
                 _defer(&items, ITEM_FRESH, s, e)
                 continue
             if level == q.depth or q.seen_bounds == NULL or q.filter_app:
@@ -598,40 +688,39 @@ cdef void _query(QueryCtx* q) noexcept nogil:
         stack_level[top + 1] = level + 1
         top += 2
     m = items.size() // 3
-    # Counting fresh runs reads 4 B of last-seen a row inside the circle (a
-    # quarter of a gigabyte at 400 M devices, dense 500 km), more than the
-    # rest of the query: share it over the cores first.
+    # Counting fresh runs reads 2 or 4 B of last-seen a row inside the circle
+    # (an eighth to a quarter of a gigabyte at 400 M devices, dense 500 km),
+    # more than the rest of the query: share it over the cores first.
     cdef vector[int64_t] kept_of
     cdef int64_t fresh_rows = 0
-    if q.lazy and gt_max_threads() > 1:
+    cdef ItemPass ip
+    ip.q = q
+    ip.items = items.data()
+    ip.m = m
+    ip.kept = NULL
+    ip.fresh_elsewhere = False
+    if q.lazy:
         for i in range(m):
             if items[3 * i] == ITEM_FRESH:
                 fresh_rows += items[3 * i + 2] - items[3 * i + 1]
-        if fresh_rows >= FRESH_PARALLEL_MIN:
+        if not q.emit:
+            # A count needs no row order: the calling thread tests the
+            # boundary leaves while the helpers start on the fresh counts.
+            kept_of.resize(m)
+            ip.fresh_elsewhere = True
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
+                            kept_of.data(), gt_max_threads() if fresh_rows >= FRESH_PARALLEL_MIN else 1,
+                            _item_pass, &ip)
+            for i in range(m):
+                if items[3 * i] == ITEM_FRESH:
+                    q.count += kept_of[i]
+            return
+        if fresh_rows >= FRESH_PARALLEL_MIN and gt_max_threads() > 1:
             kept_of.resize(m)
             gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
-                            kept_of.data(), gt_max_threads())
-    pf = 0
-    pending = 0     # boundary leaves in (i, pf) already prefetched
-    for i in range(m):
-        while pf < m and pending < LEAF_PREFETCH:
-            if items[3 * pf] == ITEM_LEAF:
-                _prefetch_rows(q.pts, items[3 * pf + 1], items[3 * pf + 2])
-                pending += 1
-            pf += 1
-        if items[3 * i] == ITEM_LEAF:
-            pending -= 1
-            _leaf(q, items[3 * i + 1], items[3 * i + 2])
-        elif items[3 * i] == ITEM_RUN:
-            _emit(q, items[3 * i + 1], items[3 * i + 2])
-        elif items[3 * i] == ITEM_FRESH:
-            if kept_of.size():
-                _emit_fresh_kept(q, items[3 * i + 1], items[3 * i + 2], kept_of[i])
-            else:
-                _emit_fresh(q, items[3 * i + 1], items[3 * i + 2])
-        else:
-            _emit_range(q, items[3 * i + 1], items[3 * i + 2])
-
+                            kept_of.data(), gt_max_threads(), NULL, NULL)
+            ip.kept = kept_of.data()
+    _item_pass(&ip)
 
 cdef class Tree:
     """A built index's arrays, acquired once, so that a query only passes its circle.

@@ -92,6 +92,38 @@ def test_boundary_points_are_decided_by_haversine(cloud, data):
 
 
 @settings(max_examples=80, deadline=None)
+@given(cloud=point_clouds(max_n=300), data=st.data())
+def test_boundary_points_with_a_cutoff_count_as_the_scan(cloud, data):
+    """A count by last-seen tests boundary leaves in its own branch-free pass (``_leaf_count_fresh``):
+    radius exactly some device's distance, cut-off exactly some device's last-seen (and one second
+    either side), against the scan in both directions."""
+    import datetime as dt
+    lat, lon = cloud
+    assume(len(lat) > 0)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    base = 1_700_000_000
+    seen = base + rng.integers(0, data.draw(st.sampled_from([2, 50, 100_000])), len(lat))
+    store = gt.DeviceStore.from_arrays(np.arange(len(lat), dtype=np.uint64) * 3 + 1, lat, lon, last_seen=seen)
+    index = gt.SpatialIndex.build(store, leaf_size=data.draw(st.sampled_from([1, 4, 32])))
+    clat, clon = data.draw(any_lat), data.draw(any_lon)
+    d = haversine_km(clat, clon, store.lat, store.lon)
+    i = data.draw(st.integers(0, len(d) - 1))
+    cut = int(seen[data.draw(st.integers(0, len(d) - 1))]) + data.draw(st.sampled_from([-1, 0, 1]))
+    since = dt.datetime.fromtimestamp(cut, dt.timezone.utc)
+    for r in (float(d[i]), float(np.nextafter(d[i], 0)), float(np.nextafter(d[i], np.inf))):
+        ref = within_reference(store, clat, clon, r, seen_since=since)
+        got = index.within(clat, clon, r, seen_since=since).keys()
+        n = index.count(clat, clon, r, seen_since=since)
+        if np.array_equal(got, ref):
+            assert n == len(ref)
+            continue
+        # only a device within 1e-6 km of r may be decided otherwise (docs/design.md, Distance)
+        odd = np.setxor1d(got, ref)
+        assert np.all(np.abs(d[odd] - r) <= 1e-6)
+        assert abs(n - len(ref)) <= len(odd)
+
+
+@settings(max_examples=80, deadline=None)
 @given(lat1=any_lat, lon1=any_lon,
        lat2=hnp.arrays(np.float64, st.integers(0, 50), elements=any_lat),
        data=st.data())

@@ -109,23 +109,39 @@ static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t
 
 /* kept[i] = the rows >= cut of every fresh item i of a query's item list
    (flat (kind, start, end) triples; other kinds are left alone), over nt
-   threads, items shared out in chunks of about 2^16 rows.  With coarse
-   values (not NULL; qc as in gt_fresh_count_coarse) they are read instead
-   of the 4 B of last-seen. */
+   threads.  Items are cut into pieces of at most 2^16 rows and the pieces
+   shared out in chunks of about 2^16 rows, so that one large item (a whole
+   inside subtree when only the count is wanted) still splits over the
+   cores.  With coarse values (not NULL; qc as in gt_fresh_count_coarse)
+   they are read instead of the 4 B of last-seen.  first(arg), when not
+   NULL, runs on the calling thread while the helpers start counting (a
+   count's boundary leaves, which need no fresh count). */
 static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                            const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt) {
-    std::vector<int64_t> at(1, 0);   /* chunk c holds items [at[c], at[c + 1]) */
+                            const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt,
+                            void (*first)(void*) = nullptr, void* arg = nullptr) {
+    const int64_t P = (int64_t)1 << 16;
+    std::vector<int64_t> piece;      /* flat (item, start, end) */
+    std::vector<int64_t> at(1, 0);   /* chunk c holds pieces [at[c], at[c + 1]) */
     int64_t rows = 0;
     for (int64_t i = 0; i < m; i++) {
-        if (items[3 * i] == fresh_kind) rows += items[3 * i + 2] - items[3 * i + 1];
-        if (rows >= ((int64_t)1 << 16) || i == m - 1) { at.push_back(i + 1); rows = 0; }
+        if (items[3 * i] != fresh_kind) continue;
+        kept[i] = 0;
+        for (int64_t s = items[3 * i + 1], e = items[3 * i + 2]; s < e; s += P) {
+            int64_t t = e - s > P ? s + P : e;
+            piece.push_back(i); piece.push_back(s); piece.push_back(t);
+            rows += t - s;
+            if (rows >= P) { at.push_back((int64_t)piece.size() / 3); rows = 0; }
+        }
     }
-    int64_t nch = (int64_t)at.size() - 1;
-    gt_par(nch, nt, [&](int64_t ch) {
-        for (int64_t i = at[ch]; i < at[ch + 1]; i++)
-            if (items[3 * i] == fresh_kind)
-                kept[i] = gt_fresh_count_rows(coarse ? coarse + items[3 * i + 1] : NULL, seen + items[3 * i + 1],
-                                              items[3 * i + 2] - items[3 * i + 1], qc, cut);
-    });
+    int64_t np_ = (int64_t)piece.size() / 3;
+    if (at.back() != np_) at.push_back(np_);
+    std::vector<int64_t> got(np_);
+    gt_par_first((int64_t)at.size() - 1, nt, [&](int64_t ch) {
+        for (int64_t p = at[ch]; p < at[ch + 1]; p++) {
+            int64_t s = piece[3 * p + 1];
+            got[p] = gt_fresh_count_rows(coarse ? coarse + s : NULL, seen + s, piece[3 * p + 2] - s, qc, cut);
+        }
+    }, first, arg);
+    for (int64_t p = 0; p < np_; p++) kept[piece[3 * p]] += got[p];
 }
 #endif

@@ -45,11 +45,15 @@ class GtPool {
     }
 
     /* f(c) for every c in [0, n), on the calling thread and up to helpers
-       threads more; returns when every chunk is done. */
-    template <class F> void run(int64_t n, int helpers, F& f) {
-        if (n <= 0) return;
-        std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
-        if (helpers < 1 || n == 1 || !busy.owns_lock()) {
+       threads more; returns when every chunk is done.  With first (not
+       NULL), the calling thread runs first(arg) once the job is posted and
+       before it claims chunks: serial work that overlaps the helpers'. */
+    template <class F> void run(int64_t n, int helpers, F& f, void (*first)(void*) = nullptr,
+                                void* arg = nullptr) {
+        std::unique_lock<std::mutex> busy(run_mutex_, std::defer_lock);
+        if (n > 1 && helpers >= 1) busy.try_lock();
+        if (!busy.owns_lock()) {
+            if (first) first(arg);
             for (int64_t c = 0; c < n; c++) f(c);
             return;
         }
@@ -67,6 +71,7 @@ class GtPool {
             posted_.store(g, std::memory_order_release);
         }
         cv_.notify_all();
+        if (first) first(arg);
         int64_t mine = work(g, n, &trampoline<F>, &f);
         (void)mine;
         /* every chunk is claimed; wait for the ones in flight on helpers */
@@ -142,6 +147,11 @@ class GtPool {
 /* f(c) for c in [0, n) over nt threads (the caller and nt - 1 pool helpers). */
 template <class F> static inline void gt_par(int64_t n, int nt, F f) {
     GtPool::get().run(n, nt - 1, f);
+}
+
+/* gt_par, with first(arg) run on the calling thread while the helpers start. */
+template <class F> static inline void gt_par_first(int64_t n, int nt, F f, void (*first)(void*), void* arg) {
+    GtPool::get().run(n, nt - 1, f, first, arg);
 }
 
 #endif
