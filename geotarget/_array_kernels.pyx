@@ -9,6 +9,7 @@ compares the two on hypothesis-generated and adversarial inputs.
 """
 
 import numpy as np
+import pyarrow as pa
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -195,10 +196,34 @@ def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
                 out[i] = src[idx[i]]
 
 
+# From this many bytes up an output array comes from pyarrow's memory pool
+# (_grouped_outputs): glibc serves numpy's arrays this large from fresh pages
+# every call (its mmap threshold stops growing at 32 MiB on 64-bit).
+DEF POOL_MIN_BYTES = 32 << 20
+
+
+cdef object _output(Py_ssize_t n, object dtype):
+    """``np.empty(n, dtype)``, from pyarrow's default memory pool when it is large (``_grouped_outputs``)."""
+    cdef Py_ssize_t size = n * np.dtype(dtype).itemsize
+    if size < POOL_MIN_BYTES:
+        return np.empty(n, dtype=dtype)
+    return np.frombuffer(pa.allocate_buffer(size), dtype=dtype)
+
+
 cdef tuple _grouped_outputs(Py_ssize_t n):
     """What every grouping by app returns, before it is filled: ``n`` ids (uint64), ``n`` keys
-    (uint32) and the 257 starts of the apps' slices (int64)."""
-    return np.empty(n, dtype=np.uint64), np.empty(n, dtype=np.uint32), np.zeros(257, dtype=np.int64)
+    (uint32) and the 257 starts of the apps' slices (int64).
+
+    Large id and key arrays live in buffers of pyarrow's default memory pool,
+    which the batches' Arrow arrays then wrap without a copy.  The pool keeps
+    what a dropped batch freed, so a dispatcher's next grouping writes into
+    memory the kernel has already faulted in, where numpy's arrays of this
+    size come from fresh pages every call: zeroing them took a fifth of the
+    grouping's time at 400 M devices.  Smaller arrays stay numpy's, which
+    glibc reuses while the pool returned them to the system between calls
+    (docs/design.md, Dispatch path).
+    """
+    return _output(n, np.uint64), _output(n, np.uint32), np.zeros(257, dtype=np.int64)
 
 
 def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):

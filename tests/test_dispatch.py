@@ -325,6 +325,30 @@ def test_group_runs_by_app_split_over_cores_matches_numpy(total):
         np.testing.assert_array_equal(starts, np.r_[0, np.cumsum(np.bincount(codes, minlength=256))])
 
 
+def test_large_groupings_write_into_arrow_pool_memory_that_is_reused():
+    """From 32 MiB up the ids come from pyarrow's pool, which hands back what the last grouping
+    freed (not zeroed): every slot is still written, and the answer is numpy's each time."""
+    rng = np.random.default_rng(7)
+    n = (1 << 22) + 1000            # 33.6 MB of ids
+    space = n + 5000
+    device_id = rng.integers(0, 2**63, space, dtype=np.uint64)
+    app = rng.integers(0, 25, space).astype(np.int8)
+    keys = rng.permutation(space)[:n].astype(np.uint32)
+    codes = app[keys].view(np.uint8)
+    order = np.argsort(codes, kind="stable")
+    runs = np.array([[0, space]], dtype=np.int64)
+    for attempt in range(2):
+        ids, ks, starts = _array_kernels.group_by_app(keys, device_id, app)
+        assert isinstance(ids.base, pa.Buffer)
+        np.testing.assert_array_equal(ks, keys[order])
+        np.testing.assert_array_equal(ids, device_id[keys[order]])
+        ids, ks, starts = _array_kernels.group_runs_by_app(None, runs, None, None, 0, app, device_id)
+        want = np.argsort(app.view(np.uint8), kind="stable").astype(np.uint32)
+        np.testing.assert_array_equal(ks, want)
+        np.testing.assert_array_equal(ids, device_id[want])
+        del ids, ks
+
+
 def test_group_runs_by_app_rejects_runs_outside_the_columns():
     runs = np.array([[0, 4]], dtype=np.int64)
     app, seen, ids = np.zeros(4, np.int8), np.zeros(4, np.uint32), np.zeros(4, np.uint64)
