@@ -299,7 +299,15 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
         uint32_t h[4][256] = {};
         gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
             int64_t r = s;
-            if (fresh) {
+            if (fresh) {   /* 64 rows' freshness a word; four counters, as below */
+                for (; r + 64 <= e; r += 64) {
+                    uint64_t w = gt_fresh_word(seen + r, cut);
+                    const uint8_t* a = (const uint8_t*)app_rows + r;
+                    for (int j = 0; j < 64; j += 4) {
+                        h[0][a[j]] += (w >> j) & 1; h[1][a[j + 1]] += (w >> (j + 1)) & 1;
+                        h[2][a[j + 2]] += (w >> (j + 2)) & 1; h[3][a[j + 3]] += (w >> (j + 3)) & 1;
+                    }
+                }
                 for (; r < e; r++) h[r & 3][(uint8_t)app_rows[r]] += seen[r] >= cut;
                 return;
             }
@@ -323,12 +331,21 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
         const int64_t B = 256;
         uint32_t kb[B]; uint8_t cb[B]; uint64_t ib[B];
         gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
-            if (!rows_keys && !fresh) {   /* rows are keys: the ids are read forward, no block needed */
-                for (int64_t r = s; r < e; r++) {
+            if (!rows_keys) {   /* rows are keys: the ids are read forward, no block needed */
+                auto put = [&](int64_t r) {
                     int64_t pos = c[(uint8_t)app_rows[r]]++;
                     out_keys[pos] = (uint32_t)r;
                     out_ids[pos] = device_id[r];
+                };
+                int64_t r = s;
+                if (fresh) {   /* 64 rows' freshness a word, then its set bits */
+                    for (; r + 64 <= e; r += 64)
+                        for (uint64_t w = gt_fresh_word(seen + r, cut); w; w &= w - 1) put(r + __builtin_ctzll(w));
+                    for (; r < e; r++)
+                        if (seen[r] >= cut) put(r);
+                    return;
                 }
+                for (; r < e; r++) put(r);
                 return;
             }
             for (int64_t b0 = s; b0 < e; b0 += B) {
