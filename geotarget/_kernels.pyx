@@ -541,6 +541,14 @@ DEF ITEM_FRESH = 3      # inside, rows pass by last-seen alone (_emit_fresh)
 # than the count they could skip, since with devices reporting every few
 # hours nearly every leaf holds a stale one.
 DEF FRESH_LEVELS = 4
+# An inside subtree of mixed ages of at most this many rows is not walked at
+# all: it leaves as fresh runs of FRESH_PIECE rows (big enough that the runs
+# cost little, small enough that fill and the groupings, which give a fresh
+# run whole to one core, stay balanced).  Larger ones are still walked, so a
+# region whose devices are all stale or all fresh is found by its bounds.
+# 20 M devices, dense 100 km, 24 h: within 0.195 -> 0.156 ms.
+DEF FRESH_WHOLE_MAX = 1 << 16
+DEF FRESH_PIECE = 4096
 # From this many rows in fresh runs up, a query counts them over every core
 # (gt_fresh.hpp) before its second pass: 4 MB of last-seen, ~0.3 ms on one.
 DEF FRESH_PARALLEL_MIN = 1 << 20
@@ -670,6 +678,12 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             # (counted in pieces over the cores), with no walk below it.
             if q.lazy and (not q.emit or level + FRESH_LEVELS >= q.depth):
                 _defer(&items, ITEM_FRESH, s, e)
+                continue
+            if q.lazy and e - s <= FRESH_WHOLE_MAX:
+                j = s
+                while j < e:
+                    _defer(&items, ITEM_FRESH, j, j + FRESH_PIECE if e - j > FRESH_PIECE else e)
+                    j += FRESH_PIECE
                 continue
             if level == q.depth or q.seen_bounds == NULL or q.filter_app:
                 _defer(&items, ITEM_RANGE, s, e)
