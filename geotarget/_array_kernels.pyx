@@ -15,7 +15,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from geotarget._geom cimport __builtin_popcountll, gt_max_threads
+from geotarget._geom cimport GtFresh, __builtin_popcountll, gt_max_threads
 from geotarget._roaring cimport (RB_BITSET, RB_COOKIE_RUNS, RB_OFFSETS_FROM, RB_RUN, RbContainer, RbReader,
                                  rb_header_bytes, rb_next, rb_open, rb_u16)
 
@@ -45,9 +45,10 @@ cdef extern from "gt_arrays.hpp" nogil:
                                 int64_t nch, int64_t total, const uint64_t* device_id, const int8_t* app,
                                 uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
     void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
-                              const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
-                              uint32_t cut, const int8_t* app_rows, const uint64_t* device_id,
+                              const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
+                              const int8_t* app_rows, const uint64_t* device_id,
                               uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
+    uint16_t gt_coarse(uint32_t s, uint32_t top)
 
 # Below this many elements a gather runs on the calling thread.  A parallel
 # region ends at a barrier, so on a busy machine it waits for the OS to
@@ -253,14 +254,16 @@ def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, co
 
 def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, const int64_t[::1] kept,
                       const uint32_t[::1] seen, uint32_t seen_min, const int8_t[::1] app,
-                      const cnp.uint64_t[::1] device_id):
+                      const cnp.uint64_t[::1] device_id, const uint16_t[::1] coarse=None, uint32_t top=0):
     """A query result grouped by app straight from its runs: ``(ids, keys, starts)`` as ``group_by_app``.
 
     ``keys``, ``seen`` and ``app`` are the index's leaf-ordered columns
     (``keys=None``: the rows are the keys); ``kept`` (None: every run keeps
     all its rows) and ``seen_min`` describe fresh runs as in ``fill_fresh``;
     ``device_id`` is the store's, by key.  No key array is written first, and
-    app codes are read by row, not by key.  In numpy, this operation is
+    app codes are read by row, not by key.  ``coarse`` (the index's
+    ``coarse_seen(seen, top)``), when given, decides freshness where it can
+    (half the bytes; the answer is the same).  In numpy, this operation is
     equivalent to::
 
         rows = np.concatenate([np.arange(s, e)[(seen[s:e] >= seen_min) | (k == e - s)]
@@ -283,6 +286,8 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
             raise ValueError("a fresh run lies outside the seen column or keeps too many rows")
         if keys is not None and runs[i, 1] > keys.shape[0]:
             raise ValueError("a run lies outside the index's keys")
+    if coarse is not None and (seen is None or coarse.shape[0] != seen.shape[0]):
+        raise ValueError("the coarse last-seen needs one value a row of seen")
     offsets = np.zeros(k, dtype=np.int64)
     cdef int64_t[::1] off = offsets
     cdef int64_t total = 0
@@ -295,10 +300,15 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
     cdef cnp.int64_t[::1] so = starts
     cdef const uint32_t* kp = &keys[0] if keys is not None and keys.shape[0] else NULL
     cdef const int64_t* keptp = &kept[0] if kept is not None and k else NULL
-    cdef const uint32_t* sp = &seen[0] if seen is not None and seen.shape[0] else NULL
+    cdef GtFresh fr
+    fr.seen = &seen[0] if seen is not None and seen.shape[0] else NULL
+    fr.cut = seen_min
+    fr.qc = gt_coarse(seen_min, top) if coarse is not None else 0
+    # as a query: the coarse values decide nothing for a cut-off outside their window
+    fr.coarse = &coarse[0] if coarse is not None and coarse.shape[0] and 0 < fr.qc < 65535 else NULL
     if total:
         with nogil:
-            gt_group_runs_by_app(kp, &runs[0, 0], keptp, &off[0], k, total, sp, seen_min, &app[0],
+            gt_group_runs_by_app(kp, &runs[0, 0], keptp, &off[0], k, total, fr, &app[0],
                                  &device_id[0], &io[0], &ko[0], &so[0],
                                  gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1)
     return ids, ks, starts

@@ -6,7 +6,7 @@ Everything here is inline, so each module compiles its own copy; the
 algorithm is explained at the top of ``geotarget/_kernels.pyx``.
 """
 from libc.math cimport asin, cos, sin, sqrt
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "gt_geom.hpp" nogil:
     ctypedef struct GtPoint:
@@ -23,6 +23,11 @@ cdef extern from "gt_geom.hpp" nogil:
     int __builtin_popcountll(unsigned long long)
     uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut)
     void __builtin_prefetch(const void*)
+    ctypedef struct GtFresh:
+        const uint32_t* seen
+        const uint16_t* coarse
+        uint16_t qc
+        uint32_t cut
 
 
 cdef inline double _haversine_km(double lat1, double lon1, double lat2, double lon2) noexcept nogil:

@@ -266,10 +266,12 @@ def _group_ref(keys, device_id, app):
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
        cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
-       rows_are_keys=st.booleans(), edges=st.booleans(), fresh=st.booleans(), negative=st.booleans())
-def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges, fresh, negative):
+       rows_are_keys=st.booleans(), edges=st.booleans(), fresh=st.booleans(), negative=st.booleans(),
+       top=st.one_of(st.none(), st.integers(0, 12), st.sampled_from([2**18, 2**32 - 1])))
+def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges, fresh, negative, top):
     """Straight from a query's runs (fresh runs dropping rows below the cut-off second) to the grouping
-    of the rows they hold: every fresh row of every run is there once, no stale row of a fresh run."""
+    of the rows they hold: every fresh row of every run is there once, no stale row of a fresh run.
+    With a coarse last-seen (any top: 4 s steps, so most rows share the cut-off's step) the same."""
     rng = np.random.default_rng(seed)
     seen = rng.integers(0, 11, n_rows).astype(np.uint32)
     if edges:
@@ -284,8 +286,9 @@ def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges
     device_id = rng.integers(0, 2**64 - 1, max(n_rows, 1), dtype=np.uint64)
     rows = (_rows_ref(runs, kept, seen, cut) if kept is not None else
             np.concatenate([np.arange(s, e) for s, e in runs]) if len(runs) else np.empty(0, np.int64))
+    coarse = None if top is None or kept is None else _kernels.coarse_seen(seen, top)
     ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen if kept is not None else None,
-                                                       cut, app, device_id)
+                                                       cut, app, device_id, coarse, top or 0)
     order = np.argsort(app[rows].view(np.uint8), kind="stable")
     want_keys = (rows if keys is None else keys[rows])[order].astype(np.uint32)
     np.testing.assert_array_equal(ks, want_keys)

@@ -299,10 +299,13 @@ class Audience:
                 and app is not None and app.shape[0] == index.keys.shape[0]):
             # A query result: straight from its runs, app codes read by row, no
             # key array written first (docs/design.md, Dispatch path).
+            fresh = self._kept is not None
+            coarse = getattr(index, "seen_coarse", None) if fresh else None
             ids, k, starts = _array_kernels.group_runs_by_app(
                 None if index.keys_are_rows else np.ascontiguousarray(index.keys), self._runs, self._kept,
-                self._seen_col() if self._kept is not None else None, max(self._seen_min, 0),
-                np.ascontiguousarray(app), np.ascontiguousarray(store.device_id))
+                self._seen_col() if fresh else None, max(self._seen_min, 0),
+                np.ascontiguousarray(app), np.ascontiguousarray(store.device_id),
+                coarse, index.seen_coarse_top if coarse is not None else 0)
         elif self._keys is None and self._bitmap is not None:
             # a set-algebra result: straight from the bitmap's containers, no key array first
             ids, k, starts = _array_kernels.group_bitmap_by_app(

@@ -241,7 +241,8 @@ class SpatialIndex:
         self._verified = path is None
         self._verify_lock = threading.Lock()
         #: Coarse last-seen (uint16, 2 B a device), made by the first query that filters by last-seen.
-        self.seen_coarse: np.ndarray | None = None
+        self.seen_coarse: np.ndarray | None = None   # _make_coarse: coarse_seen(seen, seen_coarse_top)
+        self.seen_coarse_top = 0
 
     # -- build ------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class SpatialIndex:
                 top = int(self.seen_bounds[0, 1]) if self.seen_bounds.shape[0] and len(self) else 0
                 coarse = _kernels.coarse_seen(np.ascontiguousarray(self.seen), top)
                 self._tree.set_coarse(coarse, top)
+                self.seen_coarse_top = top
                 self.seen_coarse = _readonly(coarse)
 
     def _query_args(self, lat, lon, radius_km, seen_since, apps):

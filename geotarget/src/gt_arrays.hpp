@@ -290,8 +290,8 @@ template <class F> static inline void gt_chunk_pieces(const int64_t* runs, const
    the runs' order (index order), so the result equals gt_group_by_app of the
    keys fill() writes.  rows_keys NULL: the rows are the keys. */
 static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
-                                 const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
-                                 uint32_t cut, const int8_t* app_rows, const uint64_t* device_id,
+                                 const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
+                                 const int8_t* app_rows, const uint64_t* device_id,
                                  uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
     int64_t nch = gt_chunks(total, nt);
     std::vector<int64_t> counts((size_t)nch * 256, 0);
@@ -301,14 +301,14 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
             int64_t r = s;
             if (fresh) {   /* 64 rows' freshness a word; four counters, as below */
                 for (; r + 64 <= e; r += 64) {
-                    uint64_t w = gt_fresh_word(seen + r, cut);
+                    uint64_t w = fr.word(r);
                     const uint8_t* a = (const uint8_t*)app_rows + r;
                     for (int j = 0; j < 64; j += 4) {
                         h[0][a[j]] += (w >> j) & 1; h[1][a[j + 1]] += (w >> (j + 1)) & 1;
                         h[2][a[j + 2]] += (w >> (j + 2)) & 1; h[3][a[j + 3]] += (w >> (j + 3)) & 1;
                     }
                 }
-                for (; r < e; r++) h[r & 3][(uint8_t)app_rows[r]] += seen[r] >= cut;
+                for (; r < e; r++) h[r & 3][(uint8_t)app_rows[r]] += fr.row(r);
                 return;
             }
             for (; r + 4 <= e; r += 4) {
@@ -340,9 +340,9 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
                 int64_t r = s;
                 if (fresh) {   /* 64 rows' freshness a word, then its set bits */
                     for (; r + 64 <= e; r += 64)
-                        for (uint64_t w = gt_fresh_word(seen + r, cut); w; w &= w - 1) put(r + __builtin_ctzll(w));
+                        for (uint64_t w = fr.word(r); w; w &= w - 1) put(r + __builtin_ctzll(w));
                     for (; r < e; r++)
-                        if (seen[r] >= cut) put(r);
+                        if (fr.row(r)) put(r);
                     return;
                 }
                 for (; r < e; r++) put(r);
@@ -351,10 +351,19 @@ static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs,
             for (int64_t b0 = s; b0 < e; b0 += B) {
                 int64_t b1 = b0 + B < e ? b0 + B : e, m = 0;
                 if (fresh) {   /* write every row, advance past the fresh ones: no branch on the data */
-                    for (int64_t r = b0; r < b1; r++) {
-                        kb[m] = rows_keys ? rows_keys[r] : (uint32_t)r;
+                    int64_t r = b0;
+                    for (; r + 64 <= b1; r += 64) {
+                        uint64_t w = fr.word(r);
+                        for (int j = 0; j < 64; j++) {
+                            kb[m] = rows_keys[r + j];
+                            cb[m] = (uint8_t)app_rows[r + j];
+                            m += (w >> j) & 1;
+                        }
+                    }
+                    for (; r < b1; r++) {
+                        kb[m] = rows_keys[r];
                         cb[m] = (uint8_t)app_rows[r];
-                        m += seen[r] >= cut;
+                        m += fr.row(r);
                     }
                 } else {
                     m = b1 - b0;

@@ -36,20 +36,6 @@ static inline int64_t gt_fresh_count(const uint32_t* s, int64_t n, uint32_t cut)
     return kept;
 }
 
-/* The coarse last-seen of a row: two bytes, 65535 - min(65535, (top - s) >> 2)
-   (4-second steps over the 72.8 h before top, the column's newest last-seen),
-   and 65535 for s >= top.  It is monotone in s whatever top is, so for a
-   cut-off c with coarse value qc = gt_coarse(c, top), a row whose value is
-   above qc was seen after c and one below qc before it: only the rows that
-   share the cut-off's 4 s step need their 4 B of last-seen.  Counting fresh
-   rows then reads half the bytes (docs/design.md, Dispatch path). */
-static const int GT_COARSE_SHIFT = 2;
-static inline uint16_t gt_coarse(uint32_t s, uint32_t top) {
-    if (s >= top) return 65535;
-    uint32_t d = (top - s) >> GT_COARSE_SHIFT;
-    return (uint16_t)(65535 - (d < 65535 ? d : 65535));
-}
-
 /* out[r] = gt_coarse(seen[r], top) over nt threads. */
 static void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt) {
     const int64_t C = (int64_t)1 << 20;

@@ -39,4 +39,65 @@ static inline uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut) {
     return m;
 }
 
+/* The coarse last-seen of a row: two bytes, 65535 - min(65535, (top - s) >> 2)
+   (4-second steps over the 72.8 h before top, the column's newest last-seen),
+   and 65535 for s >= top.  It is monotone in s whatever top is, so for a
+   cut-off c with coarse value qc = gt_coarse(c, top), a row whose value is
+   above qc was seen after c and one below qc before it: only the rows that
+   share the cut-off's 4 s step need their 4 B of last-seen.  Counting fresh
+   rows then reads half the bytes (docs/design.md, Dispatch path). */
+static const int GT_COARSE_SHIFT = 2;
+static inline uint16_t gt_coarse(uint32_t s, uint32_t top) {
+    if (s >= top) return 65535;
+    uint32_t d = (top - s) >> GT_COARSE_SHIFT;
+    return (uint16_t)(65535 - (d < 65535 ? d : 65535));
+}
+
+/* Which rows were seen at or after cut, read from the coarse last-seen where
+   it decides (coarse not NULL, qc = gt_coarse(cut, top)) and from the 4 B
+   last-seen otherwise: the coarse column is half the bytes, and it is the one
+   a query has just read.  Only rows whose coarse value equals qc (those of
+   the cut-off's 4 s step) are read again in seen. */
+struct GtFresh {
+    const uint32_t* seen;
+    const uint16_t* coarse;   /* NULL: seen alone */
+    uint16_t qc;
+    uint32_t cut;
+
+    inline bool row(int64_t r) const {
+        if (!coarse) return seen[r] >= cut;
+        return coarse[r] > qc || (coarse[r] == qc && seen[r] >= cut);
+    }
+    /* bit j set iff row r + j is fresh, for 64 rows */
+    inline uint64_t word(int64_t r) const {
+        if (!coarse) return gt_fresh_word(seen + r, cut);
+        const uint16_t* q = coarse + r;
+        uint64_t above = 0, equal = 0;
+#if defined(__SSE2__)
+        const __m128i bias = _mm_set1_epi16((short)0x8000);
+        const __m128i c = _mm_set1_epi16((short)(qc ^ 0x8000));   /* unsigned compare via signed */
+        const __m128i e = _mm_set1_epi16((short)qc);
+        for (int j = 0; j < 64; j += 16) {
+            __m128i a = _mm_loadu_si128((const __m128i*)(q + j));
+            __m128i b = _mm_loadu_si128((const __m128i*)(q + j + 8));
+            __m128i ga = _mm_cmpgt_epi16(_mm_xor_si128(a, bias), c);
+            __m128i gb = _mm_cmpgt_epi16(_mm_xor_si128(b, bias), c);
+            above |= (uint64_t)(uint32_t)_mm_movemask_epi8(_mm_packs_epi16(ga, gb)) << j;
+            equal |= (uint64_t)(uint32_t)_mm_movemask_epi8(_mm_packs_epi16(_mm_cmpeq_epi16(a, e),
+                                                                           _mm_cmpeq_epi16(b, e))) << j;
+        }
+#else
+        for (int j = 0; j < 64; j++) {
+            above |= (uint64_t)(q[j] > qc) << j;
+            equal |= (uint64_t)(q[j] == qc) << j;
+        }
+#endif
+        for (; equal; equal &= equal - 1) {
+            int j = __builtin_ctzll(equal);
+            above |= (uint64_t)(seen[r + j] >= cut) << j;
+        }
+        return above;
+    }
+};
+
 #endif
