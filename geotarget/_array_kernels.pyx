@@ -15,7 +15,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from geotarget._geom cimport GtFresh, __builtin_popcountll, gt_max_threads
+from geotarget._geom cimport GtFresh, __builtin_popcountll, gt_fresh_view, gt_max_threads
 from geotarget._roaring cimport (RB_BITSET, RB_COOKIE_RUNS, RB_OFFSETS_FROM, RB_RUN, RbContainer, RbReader,
                                  rb_header_bytes, rb_next, rb_open, rb_u16)
 
@@ -48,7 +48,6 @@ cdef extern from "gt_arrays.hpp" nogil:
                               const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
                               const int8_t* app_rows, const uint64_t* device_id,
                               uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
-    uint16_t gt_coarse(uint32_t s, uint32_t top)
 
 # Below this many elements a gather runs on the calling thread.  A parallel
 # region ends at a barrier, so on a busy machine it waits for the OS to
@@ -300,12 +299,9 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
     cdef cnp.int64_t[::1] so = starts
     cdef const uint32_t* kp = &keys[0] if keys is not None and keys.shape[0] else NULL
     cdef const int64_t* keptp = &kept[0] if kept is not None and k else NULL
-    cdef GtFresh fr
-    fr.seen = &seen[0] if seen is not None and seen.shape[0] else NULL
-    fr.cut = seen_min
-    fr.qc = gt_coarse(seen_min, top) if coarse is not None else 0
-    # as a query: the coarse values decide nothing for a cut-off outside their window
-    fr.coarse = &coarse[0] if coarse is not None and coarse.shape[0] and 0 < fr.qc < 65535 else NULL
+    cdef GtFresh fr = gt_fresh_view(&seen[0] if seen is not None and seen.shape[0] else NULL,
+                                    &coarse[0] if coarse is not None and coarse.shape[0] else NULL,
+                                    coarse.shape[0] if coarse is not None else 0, top, seen_min)
     if total:
         with nogil:
             gt_group_runs_by_app(kp, &runs[0, 0], keptp, &off[0], k, total, fr, &app[0],

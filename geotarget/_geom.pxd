@@ -28,6 +28,8 @@ cdef extern from "gt_geom.hpp" nogil:
         const uint16_t* coarse
         uint16_t qc
         uint32_t cut
+    GtFresh gt_fresh_view "GtFresh::of"(const uint32_t* seen, const uint16_t* coarse, int64_t n, uint32_t top,
+                                        uint32_t cut)
 
 
 cdef inline double _haversine_km(double lat1, double lon1, double lat2, double lon2) noexcept nogil:

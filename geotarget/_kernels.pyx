@@ -90,9 +90,9 @@ from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
-from geotarget._geom cimport (GT_DEG2RAD, GT_EARTH_R, GT_GUARD, GT_HAVE_OPENMP, GtPoint, Thresholds,
+from geotarget._geom cimport (GT_DEG2RAD, GT_EARTH_R, GT_GUARD, GT_HAVE_OPENMP, GtFresh, GtPoint, Thresholds,
                               __builtin_popcountll, __builtin_prefetch, _bbox, _box_dist2, _haversine_km,
-                              _thresholds, gt_fresh_word, gt_max_threads)
+                              _thresholds, gt_fresh_view, gt_fresh_word, gt_max_threads)
 
 cnp.import_array()
 
@@ -100,8 +100,8 @@ cdef extern from "gt_fresh.hpp" nogil:
     int GT_COARSE_SHIFT
     uint16_t gt_coarse(uint32_t s, uint32_t top)
     void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt)
-    int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t n, uint16_t qc,
-                                uint32_t cut)
+    int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t s, int64_t e,
+                                uint16_t qc, uint32_t cut)
     void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
                          const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt,
                          void (*first)(void*) noexcept nogil, void* arg)
@@ -394,8 +394,7 @@ cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     copy.  Tracking runs row by row here cost a branch per row and, with
     one device in ten stale, a run per ten devices (5 M runs at 400 M).
     """
-    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.coarse + s if q.coarse != NULL else NULL, q.seen + s, e - s,
-                                                  q.coarse_cut, q.seen_min))
+    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.coarse, q.seen, s, e, q.coarse_cut, q.seen_min))
 
 
 cdef inline void _emit_fresh_kept(QueryCtx* q, int64_t s, int64_t e, int64_t kept) noexcept nogil:
@@ -436,6 +435,12 @@ cdef inline void _emit_range(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
         _emit(q, run_start, e)
 
 
+cdef inline float _chord2(const GtPoint* p, float fx, float fy, float fz) noexcept nogil:
+    """Squared chord (float32) from the query centre's unit vector to a point, as every leaf test takes it."""
+    cdef float dx = p.x - fx, dy = p.y - fy, dz = p.z - fz
+    return dx * dx + dy * dy + dz * dz
+
+
 cdef void _leaf_count_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     """A boundary leaf of a count by last-seen alone: branch-free over the leaf.
 
@@ -444,17 +449,14 @@ cdef void _leaf_count_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     """
     cdef int64_t r, inside = 0, band = 0
     cdef float fx = q.fx, fy = q.fy, fz = q.fz, flo2 = q.flo2, fhi2 = q.fhi2
-    cdef float dx, dy, dz, d2
+    cdef float d2
     cdef const GtPoint* p = q.pts
     cdef const uint32_t* seen = q.seen
     cdef uint32_t cut = q.seen_min
     cdef bint fresh
     cdef uint32_t k
     for r in range(s, e):
-        dx = p[r].x - fx
-        dy = p[r].y - fy
-        dz = p[r].z - fz
-        d2 = dx * dx + dy * dy + dz * dz
+        d2 = _chord2(&p[r], fx, fy, fz)
         fresh = seen[r] >= cut
         inside += (d2 <= flo2) & fresh
         band += (d2 > flo2) & (d2 <= fhi2) & fresh
@@ -462,10 +464,7 @@ cdef void _leaf_count_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     if band == 0:
         return
     for r in range(s, e):
-        dx = p[r].x - fx
-        dy = p[r].y - fy
-        dz = p[r].z - fz
-        d2 = dx * dx + dy * dy + dz * dz
+        d2 = _chord2(&p[r], fx, fy, fz)
         if d2 > flo2 and d2 <= fhi2 and seen[r] >= cut:
             q.exact_checks += 1
             k = p[r].key
@@ -481,17 +480,14 @@ cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     """
     cdef int64_t r, inside = 0, band = 0
     cdef float fx = q.fx, fy = q.fy, fz = q.fz, flo2 = q.flo2, fhi2 = q.fhi2
-    cdef float dx, dy, dz, d2
+    cdef float d2
     cdef const GtPoint* p = q.pts
     q.leaf_points += e - s
     if q.lazy and not q.emit:
         _leaf_count_fresh(q, s, e)
         return
     for r in range(s, e):
-        dx = p[r].x - fx
-        dy = p[r].y - fy
-        dz = p[r].z - fz
-        d2 = dx * dx + dy * dy + dz * dz
+        d2 = _chord2(&p[r], fx, fy, fz)
         inside += d2 <= flo2
         band += (d2 > flo2) & (d2 <= fhi2)
     if band == 0 and not (q.filter_seen or q.filter_app):
@@ -508,14 +504,11 @@ cdef void _leaf(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
 
 cdef void _leaf_exact(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     cdef int64_t r, run_start = -1
-    cdef float dx, dy, dz, d2
+    cdef float d2
     cdef bint inside
     cdef uint32_t k
     for r in range(s, e):
-        dx = q.pts[r].x - q.fx
-        dy = q.pts[r].y - q.fy
-        dz = q.pts[r].z - q.fz
-        d2 = dx * dx + dy * dy + dz * dz
+        d2 = _chord2(&q.pts[r], q.fx, q.fy, q.fz)
         if d2 <= q.flo2:
             inside = True
         elif d2 > q.fhi2:
@@ -564,21 +557,14 @@ cdef inline void _defer(vector[int64_t]* items, int64_t kind, int64_t s, int64_t
     items.push_back(e)
 
 
-cdef inline void _prefetch_rows(const GtPoint* p, int64_t s, int64_t e) noexcept nogil:
-    cdef const char* a = <const char*>(p + s)
-    cdef const char* z = <const char*>(p + e)
+cdef inline void _prefetch_span(const void* start, const void* stop) noexcept nogil:
+    """Prefetch every cache line of the bytes [start, stop), the last one included."""
+    cdef const char* a = <const char*>start
+    cdef const char* z = <const char*>stop
     while a < z:
         __builtin_prefetch(a)
         a += 64
-
-
-cdef inline void _prefetch_seen(const uint32_t* seen, int64_t s, int64_t e) noexcept nogil:
-    cdef const char* a = <const char*>(seen + s)
-    cdef const char* z = <const char*>(seen + e)
-    while a < z:
-        __builtin_prefetch(a)
-        a += 64
-    __builtin_prefetch(z - 1)   # the last line when the rows straddle one more
+    __builtin_prefetch(z - 1)   # the last line when the bytes straddle one more
 
 
 cdef struct ItemPass:
@@ -599,9 +585,9 @@ cdef void _item_pass(void* arg) noexcept nogil:
     for i in range(m):
         while pf < m and pending < LEAF_PREFETCH:
             if items[3 * pf] == ITEM_LEAF:
-                _prefetch_rows(q.pts, items[3 * pf + 1], items[3 * pf + 2])
+                _prefetch_span(q.pts + items[3 * pf + 1], q.pts + items[3 * pf + 2])
                 if q.filter_seen:
-                    _prefetch_seen(q.seen, items[3 * pf + 1], items[3 * pf + 2])
+                    _prefetch_span(q.seen + items[3 * pf + 1], q.seen + items[3 * pf + 2])
                 pending += 1
             pf += 1
         if items[3 * i] == ITEM_LEAF:
@@ -824,13 +810,11 @@ cdef class Tree:
         q.seen = &self.seen[0] if self.seen.shape[0] > 0 else NULL
         q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
         q.seen_bounds = &self.seen_bounds[0, 0] if self.seen_bounds.shape[0] > 0 else NULL
-        # The coarse values decide a row alone unless it shares the cut-off's
-        # 4 s step; a cut-off older than their 72.8 h window (value 0) or at
-        # or after the newest row (65535) gains nothing from them.
-        q.coarse = NULL
-        q.coarse_cut = gt_coarse(q.seen_min, self.coarse_top) if self.coarse is not None else 0
-        if q.filter_seen and self.coarse is not None and self.n > 0 and 0 < q.coarse_cut < 65535:
-            q.coarse = &self.coarse[0]
+        # the coarse values where they decide (GtFresh::of, gt_geom.hpp)
+        cdef GtFresh fr = gt_fresh_view(q.seen, &self.coarse[0] if self.coarse is not None and self.n > 0 else NULL,
+                                        self.n, self.coarse_top, q.seen_min)
+        q.coarse = fr.coarse if q.filter_seen else NULL
+        q.coarse_cut = fr.qc
         q.filter_app = app_codes is not None
         q.app = &self.app[0] if self.app.shape[0] > 0 else NULL
         q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
@@ -893,7 +877,7 @@ def fresh_count(const uint32_t[::1] seen, uint32_t cut, const uint16_t[::1] coar
     cdef const uint16_t* cp = &coarse[0] if coarse is not None and n else NULL
     cdef uint16_t qc = gt_coarse(cut, top) if coarse is not None else 0
     with nogil:
-        kept = gt_fresh_count_rows(cp, &seen[0], n, qc, cut) if n else 0
+        kept = gt_fresh_count_rows(cp, &seen[0], 0, n, qc, cut) if n else 0
     return kept
 
 

@@ -86,11 +86,11 @@ static inline int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s
     return kept;
 }
 
-/* Rows [0, n) of seen that are >= cut: from their coarse values where
+/* Rows [s, e) of seen that are >= cut: from their coarse values where
    coarse is not NULL (qc as in gt_fresh_count_coarse), else from the 4 B. */
-static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t n, uint16_t qc,
-                                          uint32_t cut) {
-    return coarse ? gt_fresh_count_coarse(coarse, seen, n, qc, cut) : gt_fresh_count(seen, n, cut);
+static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t s, int64_t e,
+                                          uint16_t qc, uint32_t cut) {
+    return coarse ? gt_fresh_count_coarse(coarse + s, seen + s, e - s, qc, cut) : gt_fresh_count(seen + s, e - s, cut);
 }
 
 /* kept[i] = the rows >= cut of every fresh item i of a query's item list
@@ -124,8 +124,7 @@ static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind,
     std::vector<int64_t> got(np_);
     gt_par_first((int64_t)at.size() - 1, nt, [&](int64_t ch) {
         for (int64_t p = at[ch]; p < at[ch + 1]; p++) {
-            int64_t s = piece[3 * p + 1];
-            got[p] = gt_fresh_count_rows(coarse ? coarse + s : NULL, seen + s, piece[3 * p + 2] - s, qc, cut);
+            got[p] = gt_fresh_count_rows(coarse, seen, piece[3 * p + 1], piece[3 * p + 2], qc, cut);
         }
     }, first, arg);
     for (int64_t p = 0; p < np_; p++) kept[piece[3 * p]] += got[p];

@@ -68,6 +68,19 @@ struct GtFresh {
         if (!coarse) return seen[r] >= cut;
         return coarse[r] > qc || (coarse[r] == qc && seen[r] >= cut);
     }
+    /* The view of seen (n rows) and its coarse values (NULL when none were
+       made, top their newest last-seen) for cut: the coarse values decide a
+       row alone unless it shares the cut-off's 4 s step; a cut-off older
+       than their 72.8 h window (value 0) or at or after the newest row
+       (65535) gains nothing from them, and they are left out. */
+    static inline GtFresh of(const uint32_t* seen, const uint16_t* coarse, int64_t n, uint32_t top, uint32_t cut) {
+        GtFresh f;
+        f.seen = seen;
+        f.cut = cut;
+        f.qc = coarse ? gt_coarse(cut, top) : 0;
+        f.coarse = coarse && n > 0 && 0 < f.qc && f.qc < 65535 ? coarse : NULL;
+        return f;
+    }
     /* bit j set iff row r + j is fresh, for 64 rows */
     inline uint64_t word(int64_t r) const {
         if (!coarse) return gt_fresh_word(seen + r, cut);
