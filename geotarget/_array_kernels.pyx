@@ -47,7 +47,9 @@ cdef extern from "gt_arrays.hpp" nogil:
     void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
                               const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
                               const int8_t* app_rows, const uint64_t* device_id,
-                              uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
+                              uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt, int ncodes)
+    int gt_simd_level()
+    int gt_simd_cap
 
 # Below this many elements a gather runs on the calling thread.  A parallel
 # region ends at a barrier, so on a busy machine it waits for the OS to
@@ -253,7 +255,8 @@ def group_by_app(const uint32_t[::1] keys, const cnp.uint64_t[::1] device_id, co
 
 def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, const int64_t[::1] kept,
                       const uint32_t[::1] seen, uint32_t seen_min, const int8_t[::1] app,
-                      const cnp.uint64_t[::1] device_id, const uint16_t[::1] coarse=None, uint32_t top=0):
+                      const cnp.uint64_t[::1] device_id, const uint16_t[::1] coarse=None, uint32_t top=0,
+                      int ncodes=0):
     """A query result grouped by app straight from its runs: ``(ids, keys, starts)`` as ``group_by_app``.
 
     ``keys``, ``seen`` and ``app`` are the index's leaf-ordered columns
@@ -262,7 +265,11 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
     ``device_id`` is the store's, by key.  No key array is written first, and
     app codes are read by row, not by key.  ``coarse`` (the index's
     ``coarse_seen(seen, top)``), when given, decides freshness where it can
-    (half the bytes; the answer is the same).  In numpy, this operation is
+    (half the bytes; the answer is the same).  ``ncodes`` (the store's number
+    of apps; 0: unknown) lets the rows be counted per app by one vector
+    compare per code where the CPU has AVX2 or AVX-512BW (``simd_level``); a
+    row with a code of ``ncodes`` or more is still counted, row by row.  In
+    numpy, this operation is
     equivalent to::
 
         rows = np.concatenate([np.arange(s, e)[(seen[s:e] >= seen_min) | (k == e - s)]
@@ -306,8 +313,23 @@ def group_runs_by_app(const uint32_t[::1] keys, const int64_t[:, ::1] runs, cons
         with nogil:
             gt_group_runs_by_app(kp, &runs[0, 0], keptp, &off[0], k, total, fr, &app[0],
                                  &device_id[0], &io[0], &ko[0], &so[0],
-                                 gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1)
+                                 gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, ncodes)
     return ids, ks, starts
+
+
+def simd_level(cap=None):
+    """The x86 vector level the array kernels use: 2 AVX-512BW, 1 AVX2, 0 neither.
+
+    ``cap`` (0, 1 or 2) first lowers (or restores) the level allowed, so that
+    tests can run every variant on one machine; the CPU's own level still
+    bounds it.
+    """
+    global gt_simd_cap
+    if cap is not None:
+        if cap not in (0, 1, 2):
+            raise ValueError("simd_level: cap is 0, 1 or 2")
+        gt_simd_cap = cap
+    return gt_simd_level()
 
 
 def group_bitmap_by_app(const uint8_t[::1] buf, const cnp.uint64_t[::1] device_id, const int8_t[::1] app):

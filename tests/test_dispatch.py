@@ -5,6 +5,7 @@ Both directions everywhere: every device returned is inside and fresh, and no
 device that is inside and fresh is missed (set equality against the scan),
 with the freshness cut-off placed on exact last-seen seconds.
 """
+import contextlib
 import datetime as dt
 
 import numpy as np
@@ -255,6 +256,17 @@ def test_bitset_of_keys_beyond_the_key_space_writes_nothing_outside():
     assert bm == BitMap([0, 70_000, 131_071])
 
 
+@contextlib.contextmanager
+def simd_capped(level):
+    """The array kernels limited to x86 vector ``level`` (0 none, 1 AVX2, 2 AVX-512BW; the CPU's
+    own level still bounds it), restored after."""
+    _array_kernels.simd_level(level)
+    try:
+        yield
+    finally:
+        _array_kernels.simd_level(2)
+
+
 def _group_ref(keys, device_id, app):
     """Plain NumPy grouping by app (stable): (ids, keys, starts)."""
     codes = app[keys].view(np.uint8)
@@ -267,11 +279,20 @@ def _group_ref(keys, device_id, app):
 @given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
        cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
        rows_are_keys=st.booleans(), edges=st.booleans(), fresh=st.booleans(), negative=st.booleans(),
-       top=st.one_of(st.none(), st.integers(0, 12), st.sampled_from([2**18, 2**32 - 1])))
-def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges, fresh, negative, top):
+       top=st.one_of(st.none(), st.integers(0, 12), st.sampled_from([2**18, 2**32 - 1])),
+       ncodes=st.sampled_from([0, 1, 3, 5, 6, 48, 49]), level=st.sampled_from([0, 1, 2]))
+def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges, fresh, negative, top,
+                                         ncodes, level):
     """Straight from a query's runs (fresh runs dropping rows below the cut-off second) to the grouping
     of the rows they hold: every fresh row of every run is there once, no stale row of a fresh run.
-    With a coarse last-seen (any top: 4 s steps, so most rows share the cut-off's step) the same."""
+    With a coarse last-seen (any top: 4 s steps, so most rows share the cut-off's step) the same.
+    Counted per app by vector compares (each level this CPU has) or row by row, and with an app
+    count too small for the codes present (3, or negative codes), which the rows must still count."""
+    with simd_capped(level):
+        _check_group_runs(seed, n_rows, cut, rows_are_keys, edges, fresh, negative, top, ncodes)
+
+
+def _check_group_runs(seed, n_rows, cut, rows_are_keys, edges, fresh, negative, top, ncodes):
     rng = np.random.default_rng(seed)
     seen = rng.integers(0, 11, n_rows).astype(np.uint32)
     if edges:
@@ -288,7 +309,7 @@ def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges
             np.concatenate([np.arange(s, e) for s, e in runs]) if len(runs) else np.empty(0, np.int64))
     coarse = None if top is None or kept is None else _kernels.coarse_seen(seen, top)
     ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen if kept is not None else None,
-                                                       cut, app, device_id, coarse, top or 0)
+                                                       cut, app, device_id, coarse, top or 0, ncodes)
     order = np.argsort(app[rows].view(np.uint8), kind="stable")
     want_keys = (rows if keys is None else keys[rows])[order].astype(np.uint32)
     np.testing.assert_array_equal(ks, want_keys)
@@ -306,8 +327,14 @@ def test_group_runs_by_app_matches_numpy(seed, n_rows, cut, rows_are_keys, edges
         assert not np.any(in_fresh & ~fresh_rows & (seen >= cut))
 
 
+@pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("total", [1 << 19, (1 << 21) + 17])   # on one core, then split over cores
-def test_group_runs_by_app_split_over_cores_matches_numpy(total):
+def test_group_runs_by_app_split_over_cores_matches_numpy(total, level):
+    with simd_capped(level):
+        _check_group_runs_split(total)
+
+
+def _check_group_runs_split(total):
     rng = np.random.default_rng(total)
     seen = rng.integers(0, 4, total + 5000).astype(np.uint32)
     edges = np.sort(rng.choice(np.arange(1, total + 5000), 4000, replace=False)).reshape(-1, 2)
@@ -319,8 +346,10 @@ def test_group_runs_by_app_split_over_cores_matches_numpy(total):
     app = rng.integers(0, 25, total + 5000).astype(np.int8)
     device_id = rng.integers(0, 2**63, total + 5000, dtype=np.uint64)
     rows = _rows_ref(runs, kept, seen, 2)
-    for keys in (None, rng.permutation(total + 5000).astype(np.uint32)):
-        ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen, 2, app, device_id)
+    app[rng.integers(0, total + 5000, 3)] = 30     # three rows beyond 25 codes: their chunks count by row
+    for keys, ncodes in ((None, 25), (rng.permutation(total + 5000).astype(np.uint32), 31), (None, 0)):
+        ids, ks, starts = _array_kernels.group_runs_by_app(keys, runs, kept, seen, 2, app, device_id,
+                                                           None, 0, ncodes)
         codes = app[rows].view(np.uint8)     # app is by row (the index's column), the ids by key
         want = (rows if keys is None else keys[rows]).astype(np.uint32)[np.argsort(codes, kind="stable")]
         np.testing.assert_array_equal(ks, want)

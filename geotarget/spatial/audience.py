@@ -305,7 +305,7 @@ class Audience:
                 None if index.keys_are_rows else np.ascontiguousarray(index.keys), self._runs, self._kept,
                 self._seen_col() if fresh else None, max(self._seen_min, 0),
                 np.ascontiguousarray(app), np.ascontiguousarray(store.device_id),
-                coarse, index.seen_coarse_top if coarse is not None else 0)
+                coarse, index.seen_coarse_top if coarse is not None else 0, len(store.app_names))
         elif self._keys is None and self._bitmap is not None:
             # a set-algebra result: straight from the bitmap's containers, no key array first
             ids, k, starts = _array_kernels.group_bitmap_by_app(

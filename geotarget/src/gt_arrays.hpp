@@ -281,6 +281,71 @@ template <class F> static inline void gt_chunk_pieces(const int64_t* runs, const
     }
 }
 
+/* Per-app counts of a piece's rows [s, e) (fr NULL: every row; else only the
+   fresh ones), for codes below ncodes: one vector compare per code and 64
+   rows, its mask ANDed with the freshness word, instead of one counter
+   increment per row (about 2 loads and a store each).  Returns the rows it
+   counted of any code, so a row whose code is ncodes or more shows as a
+   shortfall in sum(h) and the caller counts the chunk again row by row.
+   AVX-512BW or AVX2 is chosen at run time (gt_simd_level); both fall back to
+   the rows themselves for a tail of fewer than 64. */
+static inline int64_t gt_count_codes_tail(const uint8_t* app, int64_t r, int64_t e, const GtFresh* fr,
+                                          int ncodes, uint32_t* h) {
+    int64_t n = 0;
+    for (; r < e; r++) {
+        bool in = !fr || fr->row(r);
+        n += in;
+        if (in && app[r] < ncodes) h[app[r]]++;
+    }
+    return n;
+}
+#if GT_X86_SIMD
+__attribute__((target("avx512bw,popcnt")))
+static int64_t gt_count_codes_avx512(const uint8_t* app, int64_t s, int64_t e, const GtFresh* fr,
+                                     int ncodes, uint32_t* h) {
+    int64_t n = 0, r = s;
+    for (; r + 64 <= e; r += 64) {
+        uint64_t w = fr ? fr->word512(r) : ~(uint64_t)0;
+        __m512i v = _mm512_loadu_si512((const void*)(app + r));
+        n += __builtin_popcountll(w);
+        for (int c = 0; c < ncodes; c++)
+            h[c] += (uint32_t)__builtin_popcountll(
+                _mm512_mask_cmpeq_epi8_mask((__mmask64)w, v, _mm512_set1_epi8((char)c)));
+    }
+    return n + gt_count_codes_tail(app, r, e, fr, ncodes, h);
+}
+__attribute__((target("avx2,popcnt")))
+static int64_t gt_count_codes_avx2(const uint8_t* app, int64_t s, int64_t e, const GtFresh* fr,
+                                   int ncodes, uint32_t* h) {
+    int64_t n = 0, r = s;
+    for (; r + 64 <= e; r += 64) {
+        uint64_t w = fr ? fr->word(r) : ~(uint64_t)0;
+        __m256i v0 = _mm256_loadu_si256((const __m256i*)(app + r));
+        __m256i v1 = _mm256_loadu_si256((const __m256i*)(app + r + 32));
+        n += __builtin_popcountll(w);
+        for (int c = 0; c < ncodes; c++) {
+            __m256i k = _mm256_set1_epi8((char)c);
+            uint64_t m = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v0, k))
+                       | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v1, k)) << 32;
+            h[c] += (uint32_t)__builtin_popcountll(m & w);
+        }
+    }
+    return n + gt_count_codes_tail(app, r, e, fr, ncodes, h);
+}
+#endif
+static inline int64_t gt_count_codes(int level, const uint8_t* app, int64_t s, int64_t e, const GtFresh* fr,
+                                     int ncodes, uint32_t* h) {
+#if GT_X86_SIMD
+    if (level >= 2) return gt_count_codes_avx512(app, s, e, fr, ncodes, h);
+    if (level == 1) return gt_count_codes_avx2(app, s, e, fr, ncodes, h);
+#endif
+    (void)level;
+    return gt_count_codes_tail(app, s, e, fr, ncodes, h);
+}
+/* Codes up to this many are counted by compares (gt_count_codes); a partner
+   app list is about 25. */
+static const int GT_COMPARE_CODES = 48;
+
 /* Group a query result's devices by partner app straight from its runs: the
    app code and last-seen of each row are read from the index's leaf-ordered
    columns (sequential, 5 B a row) instead of the store's by key (random), and
@@ -292,10 +357,24 @@ template <class F> static inline void gt_chunk_pieces(const int64_t* runs, const
 static void gt_group_runs_by_app(const uint32_t* rows_keys, const int64_t* runs, const int64_t* kept,
                                  const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
                                  const int8_t* app_rows, const uint64_t* device_id,
-                                 uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt) {
+                                 uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt, int ncodes) {
     int64_t nch = gt_chunks(total, nt);
     std::vector<int64_t> counts((size_t)nch * 256, 0);
+    const int level = 0 < ncodes && ncodes <= GT_COMPARE_CODES ? gt_simd_level() : 0;
     gt_par(nch, nt, [&](int64_t ch) {
+        if (level) {   /* by compares; a code of ncodes or more sends the chunk to the rows below */
+            uint32_t hc[GT_COMPARE_CODES] = {};
+            int64_t rows = 0, sum = 0;
+            gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
+                rows += gt_count_codes(level, (const uint8_t*)app_rows, s, e, fresh ? &fr : NULL, ncodes, hc);
+            });
+            for (int a = 0; a < ncodes; a++) sum += hc[a];
+            if (sum == rows) {
+                int64_t* c = &counts[(size_t)ch * 256];
+                for (int a = 0; a < ncodes; a++) c[a] = hc[a];
+                return;
+            }
+        }
         uint32_t h[4][256] = {};
         gt_chunk_pieces(runs, kept, offsets, k, total, nch, ch, [&](int64_t, int64_t s, int64_t e, bool fresh) {
             int64_t r = s;

@@ -21,6 +21,25 @@ static const double GT_GUARD = 2e-6;
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+/* Wider x86 vectors, chosen at run time (GCC or Clang on x86-64): kernels
+   with a variant for AVX2 (level 1) or AVX-512BW (level 2) call it when the
+   CPU and OS support it, up to gt_simd_cap (tests lower it to check each
+   variant against the others). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define GT_X86_SIMD 1
+#include <immintrin.h>
+#else
+#define GT_X86_SIMD 0
+#endif
+static int gt_simd_cap = 2;
+static inline int gt_simd_level(void) {
+#if GT_X86_SIMD
+    static const int have = __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    return have < gt_simd_cap ? have : gt_simd_cap;
+#else
+    return 0;
+#endif
+}
 /* Bit j set iff s[j] >= cut, for 64 last-seen values (SSE2: four compares
    a step; unsigned order is signed order with the top bit flipped). */
 static inline uint64_t gt_fresh_word(const uint32_t* s, uint32_t cut) {
@@ -105,12 +124,33 @@ struct GtFresh {
             equal |= (uint64_t)(q[j] == qc) << j;
         }
 #endif
+        return recheck(r, above, equal);
+    }
+    /* above, plus the rows of equal (sharing the cut-off's 4 s step) whose last-seen is >= cut */
+    inline uint64_t recheck(int64_t r, uint64_t above, uint64_t equal) const {
         for (; equal; equal &= equal - 1) {
             int j = __builtin_ctzll(equal);
             above |= (uint64_t)(seen[r + j] >= cut) << j;
         }
         return above;
     }
+#if GT_X86_SIMD
+    /* word(r) for callers compiled for AVX-512BW: two unsigned compares of 32 values each */
+    __attribute__((target("avx512bw"))) inline uint64_t word512(int64_t r) const {
+        if (!coarse) {
+            const __m512i c = _mm512_set1_epi32((int)cut);
+            uint64_t m = 0;
+            for (int j = 0; j < 64; j += 16)
+                m |= (uint64_t)_mm512_cmpge_epu32_mask(_mm512_loadu_si512((const void*)(seen + r + j)), c) << j;
+            return m;
+        }
+        const __m512i c = _mm512_set1_epi16((short)qc);
+        __m512i a = _mm512_loadu_si512((const void*)(coarse + r)), b = _mm512_loadu_si512((const void*)(coarse + r + 32));
+        uint64_t above = (uint64_t)_mm512_cmpgt_epu16_mask(a, c) | (uint64_t)_mm512_cmpgt_epu16_mask(b, c) << 32;
+        uint64_t equal = (uint64_t)_mm512_cmpeq_epu16_mask(a, c) | (uint64_t)_mm512_cmpeq_epu16_mask(b, c) << 32;
+        return recheck(r, above, equal);
+    }
+#endif
 };
 
 #endif
