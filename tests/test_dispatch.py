@@ -478,6 +478,50 @@ def test_fresh_counts_shared_over_cores_match_the_scan(shuffled, base):
         assert np.all(store.last_seen_s[ref] >= max(base + cut, 0))
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_fresh_items_counted_beside_the_leaf_tests_leave_the_runs_of_one_thread(shuffled):
+    """From 2^18 rows in fresh items up, helpers count them while the calling thread tests the
+    boundary leaves and leaves the fresh runs open (_settle_fresh).  Last-seen in blocks of rows
+    (all stale, all fresh, mixed), so that whole pieces keep no row or every row: the runs must be
+    the ones a single pass writes (no empty run, plain runs joined where they touch, each fresh
+    run's count its rows at or after the cut-off) and hold exactly the scan's devices."""
+    n = 900_000
+    store = _world(n, 4, shuffled)
+    rows = np.empty(n, np.int64)
+    rows[gt.SpatialIndex.build(store).keys] = np.arange(n)          # each key's row in leaf order
+    block = (rows // 10_000) % 3
+    rng = np.random.default_rng(5)
+    seen = np.where(block == 0, BASE + 90, np.where(block == 1, BASE + 10, BASE + rng.integers(0, 100, n)))
+    store = _world_seen(store, seen, shuffled)
+    index = gt.SpatialIndex.build(store)
+    np.testing.assert_array_equal(index.seen, seen[index.keys])       # the same leaf order
+    for cut in (10, 11, 50, 90, 91):
+        since = dt.datetime.fromtimestamp(BASE + cut, UTC)
+        ref = within_reference(store, 31.0, 121.0, 900.0, seen_since=since)
+        aud = index.within(31.0, 121.0, 900.0, seen_since=since)
+        runs, kept = aud._runs, aud._kept
+        lengths = runs[:, 1] - runs[:, 0]
+        fresh = kept < lengths
+        if 11 <= cut <= 90:
+            assert lengths[fresh].sum() >= 1 << 18                     # the shared path ran
+        assert np.all(kept > 0) and np.all(runs[1:, 0] >= runs[:-1, 1])
+        touching = (runs[1:, 0] == runs[:-1, 1]) & ~fresh[:-1] & ~fresh[1:]
+        assert not touching.any(), "two plain runs left apart"
+        for (s, e), k in zip(runs[fresh], kept[fresh]):
+            assert k == np.count_nonzero(index.seen[s:e] >= BASE + cut)
+        assert len(aud) == kept.sum() == len(ref) == index.count(31.0, 121.0, 900.0, seen_since=since)
+        np.testing.assert_array_equal(aud.keys(), ref)
+
+
+def _world_seen(store, seen, shuffled):
+    """``store`` with its last-seen replaced (same rows, same order)."""
+    ids, lat, lon = store.device_id, store.lat, store.lon
+    codes = np.asarray(store.app_codes)
+    if shuffled:
+        return gt.DeviceStore(ids, lat, lon, codes, store.app_names, seen.astype(np.int64))
+    return gt.DeviceStore.from_arrays(ids, lat, lon, app=np.asarray(store.app_names)[codes], last_seen=seen)
+
+
 def _coarse_ref(seen, top):
     d = (np.int64(top) - seen.astype(np.int64)) >> _kernels.COARSE_SHIFT
     return np.where(seen >= top, 65535, 65535 - np.minimum(65535, d)).astype(np.uint16)
