@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             qargs = sharded._args(lat, lon, r, None, None)
             fanout = best_of(lambda: sharded._fanout("within", qargs), budget_s=budget)
             parts = sharded._fanout("within", qargs)
-            merge = best_of(lambda: np.concatenate(parts), budget_s=budget / 2)
+            merge = best_of(lambda p=parts: np.concatenate(p), budget_s=budget / 2)
             del parts
             row = {
                 "query": f"dense {r:g} km", "devices": len(ref), "shards_asked": asked, "same_keys": bool(same),

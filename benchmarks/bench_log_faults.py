@@ -26,7 +26,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 from pyroaring import BitMap
 
 import _paths  # noqa: F401  (finds geotarget: in-place build or installed)

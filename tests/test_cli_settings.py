@@ -1,7 +1,6 @@
 """The settings file, case types, drills, expiry and freshness on the command line."""
 import datetime as dt
 
-import numpy as np
 import pytest
 
 from geotarget.spatial.index import SpatialIndex

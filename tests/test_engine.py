@@ -340,7 +340,7 @@ def test_refresh_with_changed_keys_equals_full_retarget(world, tmp_path, max_age
     results = []
     for mode in ("delta", "stale", "full"):
         eng = engine_for(world, tmp_path / f"log-{mode}", max_location_age=age)
-        a = eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
+        eng.report("city-1", lat=HZ[0], lon=HZ[1], division="330100", missing_since=T0, now=T0)
         eng.tick(T0 + dt.timedelta(minutes=30))
         new_index = moved(world, frac=0.2, seed=5, new=2000)
         assert new_index.store.parent_generation == world.store.generation

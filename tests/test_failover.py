@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import geotarget as gt
 

@@ -25,7 +25,7 @@ import pytest
 import geotarget as gt
 from geotarget.alerts import log as logmod
 from geotarget.alerts.engine import AlertEngine, TickResult, officers_digest, register_officers
-from geotarget.errors import (AlertStateError, CorruptFileError, GeotargetError, InvalidInputError,
+from geotarget.errors import (AlertStateError, CorruptFileError, InvalidInputError,
                               UnauthorizedError)
 
 UTC = dt.timezone.utc

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import sqlite3
-from pathlib import Path
 
 import pytest
 

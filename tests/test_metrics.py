@@ -155,7 +155,7 @@ def test_verification_failures_are_counted_once_by_check(index, tmp_path):
     path = tmp_path / "log"
     m = EngineMetrics()
     eng = engine(index, path, m)
-    alert = report(eng)
+    report(eng)
     eng.tick(T0 + dt.timedelta(minutes=1))
     # refresh with an index of another lineage (a fresh ingest, not a new generation)
     other = make_index(seed=1)
@@ -240,7 +240,6 @@ def test_the_engine_needs_no_prometheus_client_without_metrics(tmp_path):
         except ImportError:
             print("ok")
     """)
-    root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": PKG_PARENT})
     assert out.returncode == 0, out.stderr

@@ -310,7 +310,7 @@ def test_engine_stats_by_case_type_and_filter(tmp_path):
     # no person's name in the details, so no report is held as a duplicate of another
     c1 = _open_case(eng, "child", 0)
     c2 = _open_case(eng, "child", 1)
-    c3 = _open_case(eng, "child", 2)
+    _open_case(eng, "child", 2)
     e1 = _open_case(eng, "elderly", 3)
     e2 = _open_case(eng, "elderly", 4)
     _open_case(eng, "elderly", 5, drill=True)          # never counted
