@@ -29,8 +29,10 @@ Phases (``--phases`` runs a subset and reuses what ``DIR`` already holds):
               and a float64 brute-force count of the fresh devices.
 ``refresh``   10 % of n location updates (90 % existing devices moving a few
               km, 10 % new devices) into ``DIR/g2`` with
-              ``with_updates(..., directory=)``, while a thread keeps serving
-              dense 100 km queries from the *old* generation.
+              ``with_updates(..., directory=)``, while two threads keep serving
+              the *old* generation: dense 100 km queries, and the dispatch path
+              (dense 500 km, 24 h fresh, every app's batch; p50 / p99 against
+              the same loop before the refresh).
 ``build2``    ``SpatialIndex.build`` + ``save`` of g2.
 ``retarget``  an ``AlertEngine`` with 50 open alerts at 50 real cities (radii
               100-500 km), then ``engine.refresh(g2_index, now)``.
@@ -46,6 +48,7 @@ is measured with the files possibly cached.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -467,25 +470,54 @@ def make_updates(store: DeviceStore, n_updates: int, seed: int):
     return cols, facts
 
 
-class QueryLoop:
-    """A thread serving dense 100 km queries (``within`` + ``fill``) from one index."""
+def thread_major_faults() -> int:
+    """Major page faults (pages read from disk) of the calling thread so far (Linux), else 0."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return resource.getrusage(who).ru_majflt if who is not None else 0
 
-    def __init__(self, index, interval_s: float):
-        self.index, self.interval = index, interval_s
-        clat, clon = CENTRES["dense"]
-        self.q = (clat, clon, 100.0)
-        self.buf = np.empty(index.count(*self.q), dtype=np.uint32)
+
+#: Dispatch-path calls timed before the refresh, as its baseline.
+DISPATCH_BASELINE = 20
+
+
+class QueryLoop:
+    """A thread serving one query again and again from one index, at most one every ``interval_s``.
+
+    ``run()`` returns the size of its answer; the set of sizes seen shows
+    that the old generation kept giving one answer while a new one was
+    written.
+    """
+
+    def __init__(self, run, interval_s: float):
+        self.run, self.interval = run, interval_s
         self.latencies: list[float] = []
+        self.faults: list[int] = []   # major page faults (reads from disk) of each call
         self.counts: set[int] = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
+    @classmethod
+    def serve(cls, index, interval_s: float) -> "QueryLoop":
+        """Dense 100 km queries: ``within`` + ``fill`` into a reused buffer."""
+        q = (*CENTRES["dense"], 100.0)
+        buf = np.empty(index.count(*q), dtype=np.uint32)
+        return cls(lambda: index.within(*q).fill(buf), interval_s)
+
+    @classmethod
+    def dispatch(cls, index, interval_s: float) -> "QueryLoop":
+        """The dispatch path: dense 500 km, devices seen in the 24 h before the run's clock, every app's batch."""
+        clat, clon = CENTRES["dense"]
+        cut = T0 - dt.timedelta(hours=24)
+        return cls(lambda: sum(t.num_rows for t in index.within(clat, clon, 500.0, seen_since=cut).by_app().values()),
+                   interval_s)
+
     def _run(self):
         while not self.stop.is_set():
+            f = thread_major_faults()
             t = time.perf_counter()
-            aud = self.index.within(*self.q)
-            k = aud.fill(self.buf)
+            k = self.run()
             self.latencies.append(time.perf_counter() - t)
+            self.faults.append(thread_major_faults() - f)
             self.counts.add(k)
             self.stop.wait(self.interval)
 
@@ -501,6 +533,9 @@ class QueryLoop:
         lat = self.latencies
         return {"queries": len(lat), "seconds": seconds, "interval_s": self.interval,
                 "p50_s": pct(lat, 50), "p99_s": pct(lat, 99), "max_s": max(lat) if lat else None,
+                "major_faults": int(sum(self.faults)),
+                "calls_with_major_faults": int(sum(1 for f in self.faults if f)),
+                "calls": [[t, f] for t, f in zip(lat, self.faults)] if len(lat) <= 100 else None,
                 "distinct_counts": sorted(self.counts)}
 
 
@@ -509,8 +544,8 @@ def phase_refresh(a) -> dict:
     g2 = wd / "g2"
     if g2.exists():
         shutil.rmtree(g2)
-    store = DeviceStore.open(wd / "g1")
-    old = SpatialIndex.open(wd / "g1")
+    store = DeviceStore.open(g1_dir(a))
+    old = SpatialIndex.open(g1_dir(a))
     n = len(store)
     (cols, facts), make_s = timed(make_updates, store, n // 10, a.seed)
     seen = np.full(cols["device_id"].size, int((T0 + dt.timedelta(hours=1)).timestamp()), dtype=np.int64)
@@ -521,17 +556,30 @@ def phase_refresh(a) -> dict:
     # A serving process has verified its generation already (the engine does on start): not timed below.
     _, verify_s = timed(lambda: (store.verify(), old.verify()))
 
-    with QueryLoop(old, a.query_interval) as base:
+    # Both loops serve the old generation before and while the new one is
+    # written: a dispatch node answers queries and dispatches rings meanwhile.
+    # The dispatch loop's first call (it derives the coarse last-seen) is not
+    # timed, and the baseline lasts until it has DISPATCH_BASELINE calls.
+    dispatch = QueryLoop.dispatch(old, a.dispatch_interval) if a.dispatch_interval > 0 else None
+    if dispatch:
+        dispatch.run()
+    t_base = time.perf_counter()
+    with QueryLoop.serve(old, a.query_interval) as base, (dispatch or contextlib.nullcontext()):
         time.sleep(a.baseline_seconds)
-    baseline = base.summary(a.baseline_seconds)
+        while dispatch and len(dispatch.latencies) < DISPATCH_BASELINE:
+            time.sleep(0.05)
+    base_s = time.perf_counter() - t_base
+    baseline = base.summary(base_s)
+    dispatch_baseline = dispatch.summary(base_s) if dispatch else None
 
     if a.diagnose:  # wall seconds per step inside with_updates (costs nothing when off)
         import geotarget.spatial.store as _store_mod
         _store_mod.update_step_seconds = {}
-    with QueryLoop(old, a.query_interval) as loop:
+    dloop = QueryLoop(dispatch.run, dispatch.interval) if dispatch else None
+    with QueryLoop.serve(old, a.query_interval) as loop, (dloop or contextlib.nullcontext()):
         new, secs, cpu = timed_cpu(store.with_updates, cols["device_id"], cols["lat"], cols["lon"],
-                          last_seen=seen, app=app, directory=g2, progress=None)
-    during = loop.summary(secs)
+                                   last_seen=seen, app=app, directory=g2, progress=None)
+    during, dispatch_during = loop.summary(secs), (dloop.summary(secs) if dloop else None)
 
     # Spot checks: sampled movers carry their new location under their old
     # key, sampled new devices exist, and the sizes add up.
@@ -551,6 +599,7 @@ def phase_refresh(a) -> dict:
     out = {"n": n, **facts, "make_updates_seconds": make_s, "verify_g1_seconds": verify_s,
            "seconds": secs, "cpu_seconds": cpu,
            "rss_with_inputs": rss_inputs, "baseline_queries": baseline, "queries_during": during,
+           "baseline_dispatch": dispatch_baseline, "dispatch_during": dispatch_during,
            "checks": checks, "disk_bytes": dir_bytes(g2)}
     if a.diagnose:
         out["diagnose_update_steps_s"] = dict(_store_mod.update_step_seconds)
@@ -848,7 +897,9 @@ def measures(res: dict, n: int) -> list[dict]:
     r = res.get("refresh")
     if r and "error" not in r:
         add("refresh", f"with_updates, {r['updates']:,} updates ({r['new']:,} new)", r["seconds"], "s", 60.0,
-            cpu_note(r["cpu_seconds"]) + " (the process, with the query thread)")
+            cpu_note(r["cpu_seconds"]) + (" (the process, with both serving threads: the dispatch loop shares "
+                                           "the cores)" if r.get("dispatch_during") else
+                                           " (the process, with the query thread)"))
         add("refresh", "making the update batch (not timed above)", r["make_updates_seconds"], "s")
         add("refresh", "verify g1 (store and index; not timed above)", r["verify_g1_seconds"], "s")
         dq, bq = r["queries_during"], r["baseline_queries"]
@@ -856,6 +907,16 @@ def measures(res: dict, n: int) -> list[dict]:
             note=f"dense 100 km within+fill, one every {dq['interval_s'] * 1e3:g} ms at most")
         add("refresh", "  their p50 / p99", dq["p50_s"], "s", note=f"p99 {fmt_seconds(dq['p99_s'])}; before the "
             f"refresh p50 {fmt_seconds(bq['p50_s'])}, p99 {fmt_seconds(bq['p99_s'])}")
+        dd, bd = r.get("dispatch_during"), r.get("baseline_dispatch")
+        if dd and dd["queries"] and bd and bd["queries"]:
+            add("refresh", "dispatch path served meanwhile (dense 500 km, 24 h, every app's batch)",
+                dd["queries"], "count", note=f"one every {dd['interval_s'] * 1e3:g} ms at most; "
+                f"{', '.join(f'{k:,}' for k in dd['distinct_counts'])} devices each time")
+            add("refresh", "  its p99 / p50 before the refresh", dd["p99_s"] / bd["p50_s"], "ratio", 3.0,
+                f"during: p50 {fmt_seconds(dd['p50_s'])}, p99 {fmt_seconds(dd['p99_s'])}; before: "
+                f"p50 {fmt_seconds(bd['p50_s'])}, p99 {fmt_seconds(bd['p99_s'])} ({bd['queries']} queries); "
+                f"pages read from disk (calling thread) in {dd.get('calls_with_major_faults', 0)} of "
+                f"{dd['queries']} calls during, {bd.get('calls_with_major_faults', 0)} before")
         c = r["checks"]
         add("refresh", "generation 2 devices", c["n_g2"], "count", note=f"expected {c['n_expected']:,}")
         if "diagnose_app_validation_s" in r:
@@ -932,7 +993,8 @@ def child_args(a, phase: str) -> list[str]:
     args = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--devices", str(a.devices),
             "--workdir", str(a.workdir), "--seed", str(a.seed), "--chunk-size", str(a.chunk_size),
             "--repeat", str(a.repeat), "--count-repeat", str(a.count_repeat), "--log-repeat", str(a.log_repeat),
-            "--query-interval", str(a.query_interval), "--baseline-seconds", str(a.baseline_seconds),
+            "--query-interval", str(a.query_interval), "--dispatch-interval", str(a.dispatch_interval),
+            "--baseline-seconds", str(a.baseline_seconds),
             "--alerts", str(a.alerts)]
     if a.g1:
         args += ["--g1", str(a.g1)]
@@ -1043,6 +1105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--log-repeat", type=int, default=3, help="durable appends of the 500 km push (one alert each)")
     ap.add_argument("--query-interval", type=float, default=0.02,
                     help="pause between the old-generation queries served during the refresh (s)")
+    ap.add_argument("--dispatch-interval", type=float, default=1.0,
+                    help="pause between the dispatch-path calls (dense 500 km, 24 h, by_app) served during "
+                    "the refresh (s); 0: none (the refresh then shares the cores with the light queries only)")
     ap.add_argument("--baseline-seconds", type=float, default=2.0,
                     help="how long to serve those queries before the refresh, for comparison")
     ap.add_argument("--alerts", type=int, default=50, help="open alerts re-targeted by engine.refresh")
@@ -1054,8 +1119,9 @@ def main(argv=None) -> int:
                     help="refuse unless free disk >= this x the bytes the phases will write")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the disk and print the plan, run nothing, write no report")
-    ap.add_argument("--g1", help="an existing generation 1 (store and built index) for the serve, log and "
-                    "dispatch phases, only read; logs still go to WORKDIR (default WORKDIR/g1)")
+    ap.add_argument("--g1", help="an existing generation 1 (store and built index) for the serve, log, "
+                    "dispatch and refresh phases, only read; logs and generation 2 still go to WORKDIR "
+                    "(default WORKDIR/g1)")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.phase:

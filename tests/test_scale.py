@@ -22,7 +22,7 @@ PHASES = ("generate", "build", "serve", "log", "dispatch", "refresh", "build2", 
 def report(tmp_path_factory):
     wd = tmp_path_factory.mktemp("scale")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--devices", "200k", "--workdir", str(wd),
-                           "--baseline-seconds", "0.3"],
+                           "--baseline-seconds", "0.3", "--dispatch-interval", "0.01"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     path = wd / "scale.json"
@@ -113,6 +113,11 @@ def test_refresh_generation_two(report):
     # the old generation kept answering, and with the same audience
     assert during["distinct_counts"] == ref["baseline_queries"]["distinct_counts"] \
         == [rep["phases"]["serve"]["queries"]["dense_100km"]["count"]]
+    # so did the dispatch path (every app's batch of the 24 h-fresh 500 km audience), timed before
+    base, disp = ref["baseline_dispatch"], ref["dispatch_during"]
+    assert base["queries"] >= 20 and _positive(base["p50_s"]) and base["p99_s"] >= base["p50_s"]
+    assert set(disp["distinct_counts"]) <= set(base["distinct_counts"]) \
+        == {rep["phases"]["dispatch"]["recipients"]}
 
 
 @pytest.mark.scale
