@@ -548,6 +548,21 @@ DEF FRESH_PIECE = 4096
 # 20 M devices, dense 100 km, 24 h (575 k rows): within 0.155 -> 0.100 ms,
 # count 0.097 -> 0.051 ms.
 DEF FRESH_PARALLEL_MIN = 1 << 18
+cdef int64_t _fresh_parallel_min = FRESH_PARALLEL_MIN
+
+
+def fresh_parallel_min(value=None):
+    """Rows in fresh items from which a query counts them over the cores beside its leaf tests.
+
+    ``value`` first sets it (tests set 0, so that small random queries take
+    that path too); returns the value in force.
+    """
+    global _fresh_parallel_min
+    if value is not None:
+        if value < 0:
+            raise ValueError("fresh_parallel_min: rows are 0 or more")
+        _fresh_parallel_min = value
+    return _fresh_parallel_min
 # Boundary leaves whose points are prefetched ahead of the one being tested.
 # At 400 M devices the points are a 6.4 GB mapping and each boundary leaf is a
 # cache and TLB miss; with this many in flight the misses overlap.
@@ -755,13 +770,13 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             kept_of.resize(m)
             ip.fresh_elsewhere = True
             gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
-                            kept_of.data(), gt_max_threads() if fresh_rows >= FRESH_PARALLEL_MIN else 1,
+                            kept_of.data(), gt_max_threads() if fresh_rows >= _fresh_parallel_min else 1,
                             _item_pass, &ip)
             for i in range(m):
                 if items[3 * i] == ITEM_FRESH:
                     q.count += kept_of[i]
             return
-        if fresh_rows >= FRESH_PARALLEL_MIN and gt_max_threads() > 1:
+        if fresh_rows >= _fresh_parallel_min and gt_max_threads() > 1:
             # The helpers count the fresh items while the calling thread tests
             # the boundary leaves and emits the runs, fresh ones left open.
             kept_of.resize(m)

@@ -46,9 +46,19 @@ def fresh_cases(draw):
             draw(st.sampled_from([BASE, 2**31 - 50])))   # the second straddles the top bit of the u32 clock
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=fresh_cases())
-def test_fresh_audience_equals_scan_in_every_form(case):
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=fresh_cases(), shared=st.booleans())
+def test_fresh_audience_equals_scan_in_every_form(case, shared):
+    """``shared``: the fresh items are counted over the cores beside the leaf tests whatever their
+    size (from 2^18 rows otherwise), their runs settled afterwards (_settle_fresh)."""
+    before = _kernels.fresh_parallel_min(0 if shared else None)
+    try:
+        _check_fresh_audience(case)
+    finally:
+        _kernels.fresh_parallel_min(before)
+
+
+def _check_fresh_audience(case):
     n, seed, shuffled, leaf, r, cut, base = case
     # DeviceStore.from_arrays refuses last_seen more than a day ahead, so a clock past the top
     # bit (2038) is built with the plain constructor (rows in random order); the kernels' own
