@@ -36,7 +36,7 @@ cdef extern from "gt_arrays.hpp" nogil:
     void gt_group_by_app(const uint32_t* keys, int64_t n, const uint64_t* device_id, const int8_t* app,
                          uint64_t* out_ids, uint32_t* out_keys, int64_t* starts, int nt)
     void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept, const int64_t* offsets,
-                       int64_t k, int64_t total, GtFresh fr, int nt, uint32_t* out)
+                       int64_t k, int64_t total, const uint32_t* seen, uint32_t cut, int nt, uint32_t* out)
     int64_t gt_plain_runs(const int64_t* runs, const int64_t* kept, int64_t k, const uint32_t* seen,
                           uint32_t cut, int64_t* out)
     int __builtin_clzll(unsigned long long)
@@ -105,16 +105,13 @@ def fill_rows(const int64_t[:, ::1] runs, const int64_t[::1] offsets, uint32_t[:
 
 
 def fill_fresh(const uint32_t[::1] src, const int64_t[:, ::1] runs, const int64_t[::1] kept,
-               const int64_t[::1] offsets, const uint32_t[::1] seen, uint32_t seen_min, uint32_t[::1] out,
-               const uint16_t[::1] coarse=None, uint32_t top=0):
+               const int64_t[::1] offsets, const uint32_t[::1] seen, uint32_t seen_min, uint32_t[::1] out):
     """Write the keys of every run, fresh runs included, into ``out`` back to back.
 
     ``kept[i]`` rows of run i are written from ``offsets[i]`` (an exclusive
     cumsum of ``kept``); a run with ``kept < e - s`` keeps the rows r with
     ``seen[r] >= seen_min`` (see ``_kernels.Tree.query``).  ``src=None``
-    means the rows are the keys.  ``coarse`` (the index's
-    ``coarse_seen(seen, top)``), when given, decides freshness where it can,
-    as in ``group_runs_by_app``.  In numpy, this operation is equivalent to::
+    means the rows are the keys.  In numpy, this operation is equivalent to::
 
         out[:kept.sum()] = np.concatenate([
             (np.arange(s, e) if src is None else src[s:e])[(seen[s:e] >= seen_min) | (k == e - s)]
@@ -128,14 +125,9 @@ def fill_fresh(const uint32_t[::1] src, const int64_t[:, ::1] runs, const int64_
         return
     if out.shape[0] < total:
         raise ValueError(f"out holds {out.shape[0]} keys, the runs {total}")
-    if coarse is not None and coarse.shape[0] != seen.shape[0]:
-        raise ValueError("the coarse last-seen needs one value a row of seen")
     cdef const uint32_t* srcp = &src[0] if src is not None and src.shape[0] else NULL
-    cdef GtFresh fr = gt_fresh_view(&seen[0] if seen.shape[0] else NULL,
-                                    &coarse[0] if coarse is not None and coarse.shape[0] else NULL,
-                                    coarse.shape[0] if coarse is not None else 0, top, seen_min)
     with nogil:
-        gt_fill_fresh(srcp, &runs[0, 0], &kept[0], &offsets[0], k, total, fr,
+        gt_fill_fresh(srcp, &runs[0, 0], &kept[0], &offsets[0], k, total, &seen[0], seen_min,
                       gt_max_threads() if total >= RUNS_PARALLEL_MIN else 1, &out[0])
 
 

@@ -116,12 +116,11 @@ EDGE_SEEN = np.array([0, 1, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1], 
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**31), n_rows=st.integers(0, 5000),
        cut=st.one_of(st.integers(0, 11), st.sampled_from(EDGE_SEEN.tolist())),
-       rows_are_keys=st.booleans(), edges=st.booleans(),
-       top=st.one_of(st.none(), st.integers(0, 12), st.sampled_from([2**18, 2**32 - 1])))
-def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut, rows_are_keys, edges, top):
-    """fill (from the 4 B last-seen, or the coarse one with any top), plain runs and the bitmap of
-    fresh runs against NumPy.  The fill writes each run at offsets two slots apart, so a write past
-    any run's share (not only the last one's) shows in the slots between."""
+       rows_are_keys=st.booleans(), edges=st.booleans())
+def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut, rows_are_keys, edges):
+    """fill, plain runs and the bitmap of fresh runs against NumPy.  The fill writes each run at
+    offsets two slots apart, so a write past any run's share (not only the last one's) shows in
+    the slots between."""
     rng = np.random.default_rng(seed)
     seen = rng.integers(0, 11, n_rows).astype(np.uint32)
     if edges:
@@ -134,8 +133,7 @@ def test_fill_plain_runs_and_bitmap_of_fresh_runs_match_numpy(seed, n_rows, cut,
     if len(runs):
         np.cumsum(kept[:-1] + 2, out=offsets[1:])
     out = np.full(len(want) + 2 * len(runs) + 2, 7, dtype=np.uint32)
-    coarse = None if top is None else _kernels.coarse_seen(seen, top)
-    _array_kernels.fill_fresh(src, runs, kept, offsets, seen, cut, out, coarse, top or 0)
+    _array_kernels.fill_fresh(src, runs, kept, offsets, seen, cut, out)
     written = np.zeros(out.shape[0], bool)
     for o, k in zip(offsets, kept):
         written[o:o + k] = True

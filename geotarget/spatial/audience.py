@@ -214,11 +214,6 @@ class Audience:
     def _seen_col(self) -> np.ndarray:
         return np.ascontiguousarray(self._index.seen)
 
-    def _coarse(self) -> tuple:
-        """(the index's coarse last-seen or None, its top): the kernels read it where it decides."""
-        coarse = getattr(self._index, "seen_coarse", None)
-        return (coarse, self._index.seen_coarse_top) if coarse is not None else (None, 0)
-
     @property
     def store(self):
         return self._store
@@ -242,8 +237,7 @@ class Audience:
             offsets = np.zeros(runs.shape[0], dtype=np.int64)
             np.cumsum(self._kept[:-1], out=offsets[1:])
             src = None if self._index.keys_are_rows else self._index.keys
-            _array_kernels.fill_fresh(src, runs, self._kept, offsets, self._seen_col(), self._seen_min, out,
-                                      *self._coarse())
+            _array_kernels.fill_fresh(src, runs, self._kept, offsets, self._seen_col(), self._seen_min, out)
             return self._count
         if runs.shape[0]:
             lengths = runs[:, 1] - runs[:, 0]
@@ -306,11 +300,12 @@ class Audience:
             # A query result: straight from its runs, app codes read by row, no
             # key array written first (docs/design.md, Dispatch path).
             fresh = self._kept is not None
+            coarse = getattr(index, "seen_coarse", None) if fresh else None
             ids, k, starts = _array_kernels.group_runs_by_app(
                 None if index.keys_are_rows else np.ascontiguousarray(index.keys), self._runs, self._kept,
                 self._seen_col() if fresh else None, max(self._seen_min, 0),
                 np.ascontiguousarray(app), np.ascontiguousarray(store.device_id),
-                *(self._coarse() if fresh else (None, 0)), len(store.app_names))
+                coarse, index.seen_coarse_top if coarse is not None else 0, len(store.app_names))
         elif self._keys is None and self._bitmap is not None:
             # a set-algebra result: straight from the bitmap's containers, no key array first
             ids, k, starts = _array_kernels.group_bitmap_by_app(

@@ -84,8 +84,8 @@ static void gt_gather_runs_u32(const uint32_t* src, const int64_t* runs, const i
    its first key, and is copied in one pass that reads the last-seen column
    beside the keys.  src NULL: the rows are the keys. */
 static void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_t* kept,
-                          const int64_t* offsets, int64_t k, int64_t total, GtFresh fr,
-                          int nt, uint32_t* out) {
+                          const int64_t* offsets, int64_t k, int64_t total, const uint32_t* seen,
+                          uint32_t cut, int nt, uint32_t* out) {
     int64_t nch = gt_chunks(total, nt);
     gt_par(nch, nt, [&](int64_t ch) {
         int64_t lo = total * ch / nch, hi = total * (ch + 1) / nch;
@@ -101,20 +101,11 @@ static void gt_fill_fresh(const uint32_t* src, const int64_t* runs, const int64_
                     else gt_iota(out + a, b - a, (uint32_t)(s + (a - o)));
                 } else if (o >= lo) {
                     uint32_t* d = out + o;
-                    int64_t m = 0, want = kept[i], r = s;
-                    /* write every row, advance past the kept ones: no branch on the data.
-                       64 rows' freshness a word while 64 more writes stay inside the run's
-                       share (they land at d[m] .. d[m + 63]); then row by row up to want. */
-                    for (; r + 64 <= e && want - m >= 64; r += 64) {
-                        uint64_t w = fr.word(r);
-                        for (int j = 0; j < 64; j++) {
-                            d[m] = src ? src[r + j] : (uint32_t)(r + j);
-                            m += (w >> j) & 1;
-                        }
-                    }
-                    for (; r < e && m < want; r++) {
+                    int64_t m = 0, want = kept[i];
+                    /* write every row, advance past the kept ones: no branch on the data */
+                    for (int64_t r = s; r < e && m < want; r++) {
                         d[m] = src ? src[r] : (uint32_t)r;
-                        m += fr.row(r);
+                        m += seen[r] >= cut;
                     }
                 }
             }
