@@ -11,11 +11,10 @@ compares the two on hypothesis-generated and adversarial inputs.
 import threading
 
 import numpy as np
-import pyarrow as pa
 cimport cpython.buffer
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from geotarget._geom cimport GtFresh, __builtin_popcountll, gt_fresh_view, gt_max_threads
@@ -216,19 +215,18 @@ cdef class _Lease:
     """
     cdef object block
     cdef object cache
-    cdef char* data
     cdef Py_ssize_t size
     cdef Py_ssize_t shape[1]
 
     def __cinit__(self, block, cache, Py_ssize_t size):
-        if not (isinstance(block, pa.Buffer) and block.is_mutable) or size > block.size:
-            raise ValueError("a lease is a writable pyarrow Buffer, at most its size")
+        if size > block.nbytes:
+            raise ValueError("a lease is at most its block")
         self.block, self.cache, self.size = block, cache, size
-        self.data = <char*><uintptr_t>block.address
         self.shape[0] = size
 
     def __getbuffer__(self, Py_buffer* view, int flags):
-        view.buf = self.data
+        cdef cnp.ndarray b = self.block
+        view.buf = cnp.PyArray_DATA(b)
         view.obj = self
         view.len = self.size
         view.readonly = 0
@@ -263,11 +261,7 @@ class BlockCache:
     freed, and pyarrow's pool (mimalloc) hands freed pages back to the system
     after a short delay, so a dispatcher whose ticks come a minute apart paid
     it on every ring.  A block (a numpy array, faulted in once) is handed out
-    again only when nothing refers to it any more (``_Lease``).  Blocks come
-    from pyarrow's pool (mimalloc, 4 KiB pages): numpy's arrays this large
-    ask for huge pages, and on a machine whose memory is fragmented by the
-    page cache the kernel compacts memory before it faults one in (a 253 MB
-    grouping took 110 to 141 ms instead of about 60).
+    again only when nothing refers to it any more (``_Lease``).
     """
 
     def __init__(self, retain=1 << 30):
@@ -283,13 +277,13 @@ class BlockCache:
         size = int(n) * dtype.itemsize
         block = self._take(size)
         if block is None:
-            block = pa.allocate_buffer(max(size, 1))
+            block = np.empty(max(size, 1), dtype=np.uint8)
         return np.frombuffer(_Lease(block, self, size), dtype=dtype, count=int(n))
 
     def kept_bytes(self):
         """Bytes of free blocks waiting in the cache."""
         with self._lock:
-            return sum(b.size for b in self._free)
+            return sum(b.nbytes for b in self._free)
 
     def set_retain(self, retain):
         """Keep at most ``retain`` bytes of free blocks from now on (0: none)."""
@@ -304,7 +298,7 @@ class BlockCache:
         with self._lock:
             best = -1
             for i, b in enumerate(self._free):
-                if b.size >= size and (best < 0 or b.size < self._free[best].size):
+                if b.nbytes >= size and (best < 0 or b.nbytes < self._free[best].nbytes):
                     best = i
             return None if best < 0 else self._free.pop(best)
 
@@ -315,10 +309,10 @@ class BlockCache:
 
     def _trim(self):
         """Drop the smallest free blocks until the rest fit ``retain`` (a larger block serves more calls)."""
-        self._free.sort(key=lambda b: b.size)
-        total = sum(b.size for b in self._free)
+        self._free.sort(key=lambda b: b.nbytes)
+        total = sum(b.nbytes for b in self._free)
         while self._free and total > self.retain:
-            total -= self._free.pop(0).size
+            total -= self._free.pop(0).nbytes
 
 
 #: The cache the groupings' large outputs come from (``spatial.outputs.keep_batch_memory``).
