@@ -8,10 +8,8 @@ Every kernel names its NumPy equivalent in its docstring; ``tests/test_kernels.p
 compares the two on hypothesis-generated and adversarial inputs.
 """
 
-import threading
-
 import numpy as np
-cimport cpython.buffer
+import pyarrow as pa
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -200,141 +198,32 @@ def take(const gather_t[::1] src, const index_t[::1] idx, gather_t[::1] out):
                 out[i] = src[idx[i]]
 
 
-# From this many bytes up an output array comes from the kept blocks of
-# OUTPUTS (_grouped_outputs): glibc serves numpy's arrays this large from
-# fresh pages every call (its mmap threshold stops growing at 32 MiB on 64-bit).
+# From this many bytes up an output array comes from pyarrow's memory pool
+# (_grouped_outputs): glibc serves numpy's arrays this large from fresh pages
+# every call (its mmap threshold stops growing at 32 MiB on 64-bit).
 DEF POOL_MIN_BYTES = 32 << 20
 
 
-cdef class _Lease:
-    """One kept block, lent to the arrays built on it: they see its first ``size`` bytes.
-
-    numpy arrays made with ``np.frombuffer(lease)`` (and their slices, and
-    the Arrow arrays that wrap them) keep the lease alive; when the last of
-    them is gone the block goes back to its cache, never before.
-    """
-    cdef object block
-    cdef object cache
-    cdef Py_ssize_t size
-    cdef Py_ssize_t shape[1]
-
-    def __cinit__(self, block, cache, Py_ssize_t size):
-        if size > block.nbytes:
-            raise ValueError("a lease is at most its block")
-        self.block, self.cache, self.size = block, cache, size
-        self.shape[0] = size
-
-    def __getbuffer__(self, Py_buffer* view, int flags):
-        cdef cnp.ndarray b = self.block
-        view.buf = cnp.PyArray_DATA(b)
-        view.obj = self
-        view.len = self.size
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = NULL
-        if flags & cpython.buffer.PyBUF_FORMAT:
-            view.format = "B"
-        view.ndim = 1
-        view.shape = NULL
-        if flags & cpython.buffer.PyBUF_ND:
-            view.shape = self.shape
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer* view):
-        pass
-
-    def __dealloc__(self):
-        if self.cache is not None:
-            self.cache._give(self.block)
-
-
-class BlockCache:
-    """Blocks of dropped large outputs, kept faulted in for the next ones: at most ``retain`` bytes.
-
-    A grouping by app at 400 M devices writes hundreds of megabytes of ids and
-    keys (672 MB for a dense 500 km audience, 253 MB for a ring).  Memory the
-    process has just been given costs a page fault and a zeroed page per page:
-    on the 2-core VM of docs/performance.md 0.3 to 0.7 ms per MB, more than the
-    grouping itself.  glibc unmaps numpy arrays this large when they are
-    freed, and pyarrow's pool (mimalloc) hands freed pages back to the system
-    after a short delay, so a dispatcher whose ticks come a minute apart paid
-    it on every ring.  A block (a numpy array, faulted in once) is handed out
-    again only when nothing refers to it any more (``_Lease``).
-    """
-
-    def __init__(self, retain=1 << 30):
-        self._free = []
-        # re-entrant: a lease released by a garbage collection that runs
-        # inside another call of this cache, on the same thread, gives back here
-        self._lock = threading.RLock()
-        self.retain = int(retain)
-
-    def array(self, n, dtype):
-        """An uninitialised ``n``-element array of ``dtype`` on a kept block, or on a new one."""
-        dtype = np.dtype(dtype)
-        size = int(n) * dtype.itemsize
-        block = self._take(size)
-        if block is None:
-            block = np.empty(max(size, 1), dtype=np.uint8)
-        return np.frombuffer(_Lease(block, self, size), dtype=dtype, count=int(n))
-
-    def kept_bytes(self):
-        """Bytes of free blocks waiting in the cache."""
-        with self._lock:
-            return sum(b.nbytes for b in self._free)
-
-    def set_retain(self, retain):
-        """Keep at most ``retain`` bytes of free blocks from now on (0: none)."""
-        if int(retain) < 0:
-            raise ValueError("retain: bytes are 0 or more")
-        with self._lock:
-            self.retain = int(retain)
-            self._trim()
-
-    def _take(self, size):
-        """The smallest free block of at least ``size`` bytes, out of the cache, or None."""
-        with self._lock:
-            best = -1
-            for i, b in enumerate(self._free):
-                if b.nbytes >= size and (best < 0 or b.nbytes < self._free[best].nbytes):
-                    best = i
-            return None if best < 0 else self._free.pop(best)
-
-    def _give(self, block):
-        with self._lock:
-            self._free.append(block)
-            self._trim()
-
-    def _trim(self):
-        """Drop the smallest free blocks until the rest fit ``retain`` (a larger block serves more calls)."""
-        self._free.sort(key=lambda b: b.nbytes)
-        total = sum(b.nbytes for b in self._free)
-        while self._free and total > self.retain:
-            total -= self._free.pop(0).nbytes
-
-
-#: The cache the groupings' large outputs come from (``spatial.outputs.keep_batch_memory``).
-OUTPUTS = BlockCache()
-
-
 cdef object _output(Py_ssize_t n, object dtype):
-    """``np.empty(n, dtype)``, on a kept block when it is large (``_grouped_outputs``)."""
+    """``np.empty(n, dtype)``, from pyarrow's default memory pool when it is large (``_grouped_outputs``)."""
     cdef Py_ssize_t size = n * np.dtype(dtype).itemsize
     if size < POOL_MIN_BYTES:
         return np.empty(n, dtype=dtype)
-    return OUTPUTS.array(n, dtype)
+    return np.frombuffer(pa.allocate_buffer(size), dtype=dtype)
 
 
 cdef tuple _grouped_outputs(Py_ssize_t n):
     """What every grouping by app returns, before it is filled: ``n`` ids (uint64), ``n`` keys
     (uint32) and the 257 starts of the apps' slices (int64).
 
-    Large id and key arrays live on blocks that ``OUTPUTS`` keeps faulted
-    in between calls (the batches' Arrow arrays wrap them without a copy):
-    fresh pages cost more than the grouping at 400 M devices.  Smaller arrays
-    stay numpy's, which glibc reuses (docs/design.md, Dispatch path).
+    Large id and key arrays live in buffers of pyarrow's default memory pool,
+    which the batches' Arrow arrays then wrap without a copy.  The pool keeps
+    what a dropped batch freed, so a dispatcher's next grouping writes into
+    memory the kernel has already faulted in, where numpy's arrays of this
+    size come from fresh pages every call: zeroing them took a fifth of the
+    grouping's time at 400 M devices.  Smaller arrays stay numpy's, which
+    glibc reuses while the pool returned them to the system between calls
+    (docs/design.md, Dispatch path).
     """
     return _output(n, np.uint64), _output(n, np.uint32), np.zeros(257, dtype=np.int64)
 

@@ -56,18 +56,3 @@ def app_counts(store, keys) -> dict:
     counts = np.bincount(np.asarray(store.app_codes)[keys].astype(np.int64) & 0xFF,
                          minlength=len(store.app_names))
     return {store.app_names[i]: int(c) for i, c in sorted(enumerate(counts), key=lambda ic: -ic[1]) if c}
-
-
-def keep_batch_memory(nbytes: int | None = None) -> int:
-    """How many bytes of dropped per-app batches (ids and keys of 32 MiB or more) are kept for the next.
-
-    A dispatcher's groupings write their large outputs into blocks kept
-    faulted in between calls (docs/design.md, Dispatch path); by default up to
-    1 GiB of them waits for the next grouping while none is in use.
-    ``nbytes`` first sets that limit (0: give every block back at once).
-    Returns the limit in force.
-    """
-    from .. import _array_kernels
-    if nbytes is not None:
-        _array_kernels.OUTPUTS.set_retain(nbytes)
-    return _array_kernels.OUTPUTS.retain
