@@ -122,3 +122,45 @@ def test_serve_on_a_sqlite_log_leads_at_once_and_stops_after_for(cli_work):
     [push] = events[0]["pushes"]
     assert push["alert_id"] == aid and push["acked"] and (work / "out" / f"{push['push_id']}.parquet").exists()
     assert not any(e["event"] == "pushes" for e in events[1:])     # acknowledged: not offered again
+
+
+def test_serve_backs_up_the_log_it_holds_and_keeps_the_newest(cli_work):
+    """A SQLite log is locked to the node serving it; ``--backup-dir`` copies it from inside that
+    node after a tick.  Each copy opens as a complete log holding the alert and its push; only the
+    newest ``--backup-keep`` of its own copies stay, and a file it did not write is never removed."""
+    from geotarget.alerts.log import RecipientLog
+
+    work = cli_work("serve-backup", "20k")
+    aid = _report(work, "log.sqlite")
+    (work / "bk").mkdir()
+    (work / "bk" / "notes.txt").write_text("the operator's own file")
+    p = ok("alert", "serve", "--log", "log.sqlite", "--index", "st", "--out", "out", "--every", 0.2, "--for", 2.5,
+           "--backup-dir", "bk", "--backup-every", 0.3, "--backup-keep", 2, "--json", cwd=work)
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    backups = [e for e in events if e["event"] == "backup"]
+    assert len(backups) >= 3 and any(e["removed"] for e in backups)
+    [push] = next(e for e in events if e["event"] == "pushes")["pushes"]
+    kept = sorted(n for n in os.listdir(work / "bk") if n.endswith(".sqlite"))
+    assert len(kept) == 2 and (work / "bk" / "notes.txt").exists()
+    assert [os.path.basename(e["path"]) for e in backups[-2:]] == kept      # the newest two
+    for name in kept:
+        log = RecipientLog(str(work / "bk" / name))
+        try:
+            log.verify()
+            assert aid in log.alerts()
+            assert [r.push_id for r in log.pushes(aid)] == [push["push_id"]]
+        finally:
+            log.close()
+
+
+def test_serve_keeps_ticking_when_a_backup_fails(cli_work):
+    work = cli_work("serve-backup-fails", "20k")
+    aid = _report(work, "log.sqlite")
+    (work / "taken").write_text("a file where the backup directory should be")
+    p = ok("alert", "serve", "--log", "log.sqlite", "--index", "st", "--out", "out", "--every", 0.2, "--for", 1.2,
+           "--backup-dir", "taken", "--backup-every", 0.3, "--json", cwd=work)
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    assert any(e["event"] == "backup-failed" for e in events) and not any(e["event"] == "backup" for e in events)
+    [push] = next(e for e in events if e["event"] == "pushes")["pushes"]
+    assert push["alert_id"] == aid and push["acked"] and events[-1]["event"] == "stopped"
+    assert "backup failed" in p.stderr

@@ -54,6 +54,13 @@ def nonneg_int(text: str) -> int:
     return v
 
 
+def positive_int(text: str) -> int:
+    v = nonneg_int(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
+    return v
+
+
 def positive_float(text: str) -> float:
     v = nonneg_float(text)
     if v == 0:

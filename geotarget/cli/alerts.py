@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import GeotargetError, InvalidInputError
 from ..spatial.outputs import app_counts, largest_first
 from ._common import (EXIT_OK, close_log, iso_or_none, load_settings, nonneg_float, now_of, one_line,
-                      open_engine, open_index, open_log, parse_time, place_names, positive_float, write_json,
-                      write_line)
+                      open_engine, open_index, open_log, parse_time, place_names, positive_float, positive_int,
+                      write_json, write_line)
 
 
 def _push_doc(p, store=None, replayed=False, files=None) -> dict:
@@ -90,6 +91,28 @@ def cmd_alert(args) -> int:
     return code
 
 
+#: A backup's file name in --backup-dir: the time it was taken (UTC), so that names sort by age.
+_BACKUP_NAME = re.compile(r"geotarget-log-\d{8}T\d{6}\.\d{6}Z\.sqlite")
+
+
+def _serve_backup(engine, directory: str, keep: int) -> tuple[str, list[str]]:
+    """Copy the log a node leads into ``directory`` (``RecipientLog.backup``: consistent, fsynced,
+    linked into place when complete); then remove all but the ``keep`` newest of its backups there.
+    Returns the new file and the removed ones.  Only files named as this function names them are
+    ever removed."""
+    import datetime as _dt
+
+    os.makedirs(directory, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = engine.log.backup(os.path.join(directory, f"geotarget-log-{stamp}.sqlite"))
+    ours = sorted(n for n in os.listdir(directory) if _BACKUP_NAME.fullmatch(n))
+    dropped = []
+    for name in ours[:max(0, len(ours) - keep)]:
+        os.unlink(os.path.join(directory, name))
+        dropped.append(os.path.join(directory, name))
+    return path, dropped
+
+
 def _alert_serve(args) -> int:
     """A dispatch node: wait to lead the log, then tick every ``--every`` seconds, writing and
     acknowledging each push, until SIGTERM/SIGINT or ``--for`` seconds; several may share a
@@ -119,6 +142,7 @@ def _alert_serve(args) -> int:
 
     engine = open_engine(args, officers_required=False, standby=True)
     replay = {r.push_id for r in engine.log.unacked()} if engine.leader else set()   # SQLite: leads at once
+    next_backup = time.monotonic()     # the first backup after the first tick
     try:
         while not stop.is_set() and left() > 0:
             if not engine.leader:
@@ -151,6 +175,16 @@ def _alert_serve(args) -> int:
                     _print_pushes(docs)
             for f in result.errors:
                 sys.stderr.write(f"geotarget: alert {f.alert_id}: {f.error}\n")
+            if args.backup_dir and engine.leader and time.monotonic() >= next_backup:
+                next_backup = time.monotonic() + args.backup_every
+                try:
+                    path, dropped = _serve_backup(engine, args.backup_dir, args.backup_keep)
+                    say("backup", f"backup {path}" + (f" ({len(dropped)} older removed)" if dropped else ""),
+                        path=path, removed=dropped)
+                except (OSError, GeotargetError) as exc:   # a full disk must not stop the ticks
+                    say("backup-failed", f"backup failed: {one_line(exc)}; next in {args.backup_every:g} s",
+                        error=one_line(exc))
+                    sys.stderr.write(f"geotarget: backup failed: {one_line(exc)}\n")
             stop.wait(max(0.0, min(args.every, left())))
     finally:
         if engine.log.backend == "postgresql" and engine.leader:
@@ -448,6 +482,13 @@ def add_alert(verb) -> None:
                     help="stop after this long (default: until SIGTERM or SIGINT)")
     ap.add_argument("--lease", type=positive_float, metavar="SECONDS",
                     help="PostgreSQL lease: how long a hung leader keeps the log (default 10)")
+    ap.add_argument("--backup-dir", metavar="DIR",
+                    help="while leading, copy the log into DIR after a tick every --backup-every seconds "
+                         "(a SQLite log is locked to its node: this is how it is backed up while it serves)")
+    ap.add_argument("--backup-every", type=positive_float, default=3600.0, metavar="SECONDS",
+                    help="seconds between backups (default 3600)")
+    ap.add_argument("--backup-keep", type=positive_int, default=24, metavar="N",
+                    help="newest backups kept in --backup-dir; older ones are removed (default 24)")
     ap = action("purge", "retention: drop the recipients of alerts closed more than DAYS ago, and every "
                 "output file written for them", index=False, officers=False, alert_id=False, officer=False)
     ap.add_argument("--retention-days", type=nonneg_float, required=True, metavar="DAYS")
