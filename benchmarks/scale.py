@@ -383,8 +383,19 @@ def phase_dispatch(a) -> dict:
     if not (filled["n"] == count == len(aud) == len(aud.bitmap())
             == sum(t.num_rows for t in batches["b"].values())):
         raise AssertionError("count, fill, bitmap and batches disagree")
-    ring, _, _, _, first, t_ring = dp.ring_path(index, str(fresh_dir(Path(a.workdir) / "dispatch-log")),
-                                                clat, clon, population.city("Shanghai")["adcode"])
+    log_dir = str(fresh_dir(Path(a.workdir) / "dispatch-log"))
+    adcode = population.city("Shanghai")["adcode"]
+    ring, _, _, _, first, t_ring = dp.ring_path(index, log_dir, clat, clon, adcode)
+    # One tick is one sample: more new rings, each on an engine and log of its
+    # own, their batches dropped before the next, as a node sends and drops them.
+    ticks = []
+    for _ in range(a.ring_repeat):
+        eng, _, t_r = dp.ring_engine(index, log_dir, clat, clon, adcode)
+        (pushes, tick_s) = dp.timed(lambda e=eng, t=t_r: e.tick(t))
+        _, batches_s = dp.timed(lambda p=pushes[0]: p.batches)
+        ticks.append(tick_s + batches_s)
+        eng.shutdown()
+        del eng, pushes
     ring_cut = t_ring - dp.AGE
     load = dp.under_load(lambda: dp.in_memory_ring(index, clat, clon, ring["radius_km"], ring_cut, first),
                          a.repeat)
@@ -393,6 +404,7 @@ def phase_dispatch(a) -> dict:
            "within_fill_best_s": fbest, "within_fill_median_s": float(np.median(ftimes)),
            "by_app_best_s": bbest, "by_app_median_s": float(np.median(btimes)), "apps": len(batches["b"]),
            "bitmap_s": bitmap_s, "bitmap_cpu_s": bitmap_cpu, "ring": ring, "load": load,
+           "ring_ticks_s": ticks,
            "floor_batches_copy_s": floor, "floor_keys_copy_s": batches_copy * 4 / 12,
            "floor_ids_gather_s": gbest, "floor_by_app_copy_s": batches_copy}
     if a.verify:
@@ -922,6 +934,11 @@ def measures(res: dict, n: int) -> list[dict]:
             f"{fmt_seconds(rg['bitmap_s'])}, difference {fmt_seconds(rg['difference_s'])}, log "
             f"{fmt_seconds(rg['log_s'])}, batches {fmt_seconds(rg['batches_apart_s'])}; floor (copying the "
             f"batches' bytes) {fmt_seconds(dp['floor_batches_copy_s'])}")
+        ticks = dp.get("ring_ticks_s") or []
+        if ticks:
+            add("dispatch", f"  the same over {len(ticks)} more new rings: p99", pct(ticks, 99), "s", 0.500,
+                f"p50 {fmt_seconds(pct(ticks, 50))}, max {fmt_seconds(max(ticks))}; each on an engine and log "
+                "of its own")
         ld = dp["load"]
         add("dispatch", "ring in memory beside a CPU-bound process: p99 / idle p50", ld["p99_loaded_over_p50_idle"],
             "ratio", 3.0, f"idle p50 {fmt_seconds(ld['idle']['p50_s'])}, p99 {fmt_seconds(ld['idle']['p99_s'])}; "
@@ -1029,6 +1046,7 @@ def child_args(a, phase: str) -> list[str]:
     args = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--devices", str(a.devices),
             "--workdir", str(a.workdir), "--seed", str(a.seed), "--chunk-size", str(a.chunk_size),
             "--repeat", str(a.repeat), "--count-repeat", str(a.count_repeat), "--log-repeat", str(a.log_repeat),
+            "--ring-repeat", str(a.ring_repeat),
             "--query-interval", str(a.query_interval), "--dispatch-interval", str(a.dispatch_interval),
             "--refresh-nice", str(a.refresh_nice),
             "--baseline-seconds", str(a.baseline_seconds),
@@ -1139,6 +1157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=5_000_000, help="rows per generated chunk")
     ap.add_argument("--repeat", type=int, default=7, help="within+fill timings after one warm-up (best is shown)")
     ap.add_argument("--count-repeat", type=int, default=21, help="count timings after one warm-up")
+    ap.add_argument("--ring-repeat", type=int, default=10,
+                    help="dispatch phase: more new rings timed from tick() to every batch (p50 / p99 / max)")
     ap.add_argument("--log-repeat", type=int, default=3, help="durable appends of the 500 km push (one alert each)")
     ap.add_argument("--query-interval", type=float, default=0.02,
                     help="pause between the old-generation queries served during the refresh (s)")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "scale.py"
@@ -132,3 +133,13 @@ def test_retarget_tops_up_every_alert(report):
     assert rt["n_g2"] == rep["phases"]["refresh"]["checks"]["n_g2"]
     # every device reached is inside some circle, at one alert at most once
     assert rt["devices"] <= rt["recipients_at_refresh"]
+
+
+@pytest.mark.scale
+def test_dispatch_phase_times_more_rings(report):
+    rep, _ = report
+    d = rep["phases"]["dispatch"]
+    assert d["ring"]["recipients"] > 0 and d["ring"]["tick_to_batches_s"] > 0
+    assert len(d["ring_ticks_s"]) == 10 and all(_positive(t) for t in d["ring_ticks_s"])
+    row = next(m for m in rep["measures"] if m["measure"].startswith("  the same over 10 more new rings"))
+    assert row["value"] == pytest.approx(float(np.percentile(d["ring_ticks_s"], 99)))
