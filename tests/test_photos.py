@@ -305,3 +305,89 @@ def test_cli_report_photo(index, tmp_path, capsys):
     with gt.RecipientLog(tmp_path / "log.sqlite") as log:
         (push,) = log.pushes(doc["alert_id"], audiences=False)
         _check_message(push.meta["cap_xml"], None, [PNG, WEBP])
+
+
+def test_update_replaces_photos_and_keeps_the_replaced_until_purge(index, signer, tmp_path):
+    """An update's new photos are in its CAP and every later one; the replaced photo stays stored
+    (messages already sent point at it) and in the authenticated record, and goes with the alert."""
+    eng = _engine(index, tmp_path / "log.sqlite", signer)
+    a = _report(eng, [(PNG, "image/png", "old photo")])
+    for p in eng.tick(_m(10)):
+        eng.ack(p.push_id)
+    d = Path(str(eng.log.path) + ".photos")
+    png = d / f"{hashlib.sha1(PNG).hexdigest()}.png"
+    webp = d / f"{hashlib.sha1(WEBP).hexdigest()}.webp"
+    up = eng.update(a.id, "C-1", photos=[(WEBP, "image/webp", "a newer photo")], now=_m(20))
+    eng.ack(up.push_id)
+    _check_message(up.cap_xml, signer.certificate_pem, [WEBP])
+    alert = eng.alert(a.id)
+    assert [p["digest"] for p in alert.photos] == [hashlib.sha1(WEBP).hexdigest()]
+    assert [p["digest"] for p in alert.photos_before] == [hashlib.sha1(PNG).hexdigest()]
+    assert alert.details["headline"] == "Missing girl, 6"          # details untouched
+    assert png.exists() and webp.exists()
+    # the same after a restart: the record carries both lists
+    eng.shutdown()
+    eng = _engine(index, tmp_path / "log.sqlite", signer)
+    assert [p["digest"] for p in eng.alert(a.id).photos_before] == [hashlib.sha1(PNG).hexdigest()]
+    # putting the old photo back takes it out of photos_before; [] removes every photo
+    back = eng.update(a.id, "C-1", photos=[(PNG, "image/png")], now=_m(25))
+    eng.ack(back.push_id)
+    _check_message(back.cap_xml, signer.certificate_pem, [PNG])
+    assert [p["digest"] for p in eng.alert(a.id).photos_before] == [hashlib.sha1(WEBP).hexdigest()]
+    none = eng.update(a.id, "C-1", {"headline": "Missing girl, 6, in red"}, now=_m(27), photos=[])
+    eng.ack(none.push_id)
+    assert _resources(none.cap_xml) == [[]] and eng.alert(a.id).photos == []
+    closure = eng.close(a.id, "C-1", outcome="lost", now=_m(30))
+    _check_message(closure.cap_xml, signer.certificate_pem, [])
+    eng.ack(closure.push_id)
+    result = purge_expired(eng.log, 1, _m(30) + dt.timedelta(days=2))
+    assert str(png) in result["files"] and str(webp) in result["files"]
+    assert not png.exists() and not webp.exists()
+    with pytest.raises(gt.InvalidInputError):
+        eng.update(a.id, "C-1", now=_m(31))                      # neither details nor photos
+    eng.shutdown()
+
+
+def test_bad_update_photos_change_nothing(index, tmp_path):
+    eng = _engine(index, tmp_path / "log.sqlite")
+    a = _report(eng, [(PNG, "image/png")])
+    eng.tick(_m(10))
+    before = eng.alert(a.id)
+    n = len(eng.log.pushes(a.id, audiences=False))
+    for photos, match in (([(b"GIF89a", "image/gif")], "mime_type"), ("face.png", "list"),
+                          ([(PNG, "image/png")] * 11, "at most")):
+        with pytest.raises(gt.InvalidInputError, match=match):
+            eng.update(a.id, "C-1", photos=photos, now=_m(20))
+    with pytest.raises(gt.UnknownOfficerError):
+        eng.update(a.id, "nobody", photos=[(WEBP, "image/webp")], now=_m(20))
+    d = Path(str(eng.log.path) + ".photos")
+    assert not (d / f"{hashlib.sha1(WEBP).hexdigest()}.webp").exists()     # nothing stored either
+    assert eng.alert(a.id) == before and len(eng.log.pushes(a.id, audiences=False)) == n
+    eng.shutdown()
+
+
+def test_cli_update_photo(index, tmp_path, capsys):
+    from geotarget.cli import main
+    index.save(tmp_path / "st")
+    (tmp_path / "officers.json").write_text(json.dumps([o.to_dict() for o in OFFICERS]))
+    (tmp_path / "a.png").write_bytes(PNG)
+    (tmp_path / "b.webp").write_bytes(WEBP)
+    common = ["--log", str(tmp_path / "log.sqlite"), "--index", str(tmp_path / "st"),
+              "--officers", str(tmp_path / "officers.json"), "--max-location-age", "0"]
+    assert main(["alert", "report", *common, "--officer", "S-1", "--lat", "30.27", "--lon", "120.15",
+                 "--division", "330102", "--missing-since", "2026-11-23T08:00:00Z",
+                 "--now", "2026-11-23T08:05:00Z", "--photo", str(tmp_path / "a.png"), "--json"]) == 0
+    aid = json.loads(capsys.readouterr().out)["alert_id"]
+    assert main(["alert", "tick", *common, "--now", "2026-11-23T08:10:00Z", "--ack", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["alert", "update", *common, "--officer", "S-1", aid, "--now", "2026-11-23T08:20:00Z",
+                 "--photo", str(tmp_path / "b.webp"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["alert", "update", *common, "--officer", "S-1", aid, "--now", "2026-11-23T08:21:00Z",
+                 "--photo", str(tmp_path / "b.webp"), "--clear-photos"]) != 0
+    capsys.readouterr()
+    with gt.RecipientLog(tmp_path / "log.sqlite") as log:
+        pushes = log.pushes(aid, audiences=False)
+        assert [p.kind for p in pushes] == ["alert", "update"]
+        _check_message(pushes[0].meta["cap_xml"], None, [PNG])
+        _check_message(pushes[1].meta["cap_xml"], None, [WEBP])

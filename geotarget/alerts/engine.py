@@ -169,7 +169,9 @@ def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | 
         closed_at = _dt.datetime.fromisoformat(closed) if closed is not None else None
         return (rec.get("status") in (AlertStatus.CLOSED, AlertStatus.RETRACTED)
                 and closed_at is not None and closed_at <= cutoff)
-    kept = {p.get("digest") for rec in records.values() if not expired(rec) for p in rec.get("photos", [])}
+    def photos_of(rec) -> list:   # the current ones and those an update replaced (earlier CAPs show them)
+        return list(rec.get("photos", [])) + list(rec.get("photos_before", []))
+    kept = {p.get("digest") for rec in records.values() if not expired(rec) for p in photos_of(rec)}
     for alert_id, rec in records.items():
         if not expired(rec):
             continue
@@ -193,7 +195,7 @@ def purge_expired(log: RecipientLog, retention_days: float, now: _dt.datetime | 
                       detail={"files": gone})
             result["files"].extend(gone)
         gone = []
-        for i, d in enumerate(rec.get("photos", [])):
+        for i, d in enumerate(photos_of(rec)):
             photo = Photo.from_dict(d, f"alert {alert_id} photos[{i}]")
             if photo.digest not in kept and photos.delete(photo):
                 gone.append(str(photos.path(photo)))
@@ -782,14 +784,7 @@ class AlertEngine:
             raise InvalidInputError(f"drill must be True or False, got {drill!r}")
         if not isinstance(division_wide, bool):
             raise InvalidInputError(f"division_wide={division_wide!r} must be True or False")
-        if photos is None:
-            photos = []
-        if not isinstance(photos, (list, tuple)):
-            raise InvalidInputError(f"photos must be a list of file paths or (bytes, mime_type) tuples, "
-                                    f"got {type(photos).__name__}")
-        if len(photos) > _MAX_PHOTOS:
-            raise InvalidInputError(f"photos: {len(photos)} photos, at most {_MAX_PHOTOS}")
-        loaded = [load_photo(p, self.settings.photo_max_bytes, i) for i, p in enumerate(photos)]
+        loaded = self._load_photos([] if photos is None else photos)
         with self._leading():
             self._check_clock(now)
             officer = self.authority.check_report(officer_id, division, clat, clon)
@@ -1053,13 +1048,33 @@ class AlertEngine:
         self._observe_quarantine()   # an update or a retraction lifts a quarantine
         return push
 
-    def update(self, alert_id: str, officer_id: str, details: dict, now: _dt.datetime | None = None) -> Push:
-        """New details, to everyone notified so far."""
+    def _load_photos(self, photos) -> list:
+        """Photos as given to ``report`` or ``update``, each read and checked: ``(bytes, mime, desc)``."""
+        if not isinstance(photos, (list, tuple)):
+            raise InvalidInputError(f"photos must be a list of file paths or (bytes, mime_type) tuples, "
+                                    f"got {type(photos).__name__}")
+        if len(photos) > _MAX_PHOTOS:
+            raise InvalidInputError(f"photos: {len(photos)} photos, at most {_MAX_PHOTOS}")
+        return [load_photo(p, self.settings.photo_max_bytes, i) for i, p in enumerate(photos)]
+
+    def update(self, alert_id: str, officer_id: str, details: dict | None = None,
+               now: _dt.datetime | None = None, *, photos=None) -> Push:
+        """New details, new photos, or both, to everyone notified so far.
+
+        ``photos`` (as in :meth:`report`; ``[]`` removes them all) replaces the
+        alert's photos: this push's CAP and every later one carry the new ones.
+        A replaced photo stays in :attr:`Alert.photos_before` and in the photo
+        store, since the CAP messages already sent point at it, and is purged
+        with the alert (:func:`purge_expired`).
+        """
         now = now_or_clock(now)
-        if not isinstance(details, dict) or not details:
-            raise InvalidInputError(f"details must be a non-empty dict, got {type(details).__name__} "
-                                    f"{str(details)[:80]!r}")
-        details = check_details(details)
+        if details is None:
+            details = {}
+        if not isinstance(details, dict) or (not details and photos is None):
+            raise InvalidInputError(f"an update needs new details (a non-empty dict) or photos, got details "
+                                    f"{type(details).__name__} {str(details)[:80]!r} and photos={photos!r}")
+        details = check_details(details) if details else {}
+        loaded = None if photos is None else self._load_photos(photos)
         with self._leading():
             alert = self.alert(alert_id)
             self._check_clock(now)
@@ -1068,8 +1083,20 @@ class AlertEngine:
                 raise AlertStateError(f"alert {alert_id} is {alert.status}; only open alerts take updates")
             merged = check_details({**alert.details, **details})
             self._check_cap_texts(merged, alert.lat, alert.lon, now)
+            changes = {}
+            if loaded is not None:
+                # stored before the update is logged: a logged alert never lacks its photos
+                new = [self.photos.put(data, mime, desc).to_dict() for data, mime, desc in loaded]
+                digests = {p["digest"] for p in new}
+                before = list(alert.photos_before)
+                seen = {p["digest"] for p in before}
+                for p in alert.photos:
+                    if p["digest"] not in digests and p["digest"] not in seen:
+                        before.append(p)
+                        seen.add(p["digest"])
+                changes = {"photos": new, "photos_before": [p for p in before if p["digest"] not in digests]}
             # New details are how an officer repairs a quarantined alert.
-            alert = dataclasses.replace(alert, details=merged, quarantine=None)
+            alert = dataclasses.replace(alert, details=merged, quarantine=None, **changes)
             return self._deliver([self._follow(alert, PushKind.UPDATE.value, officer_id, now)])[0]
 
     def close(self, alert_id: str, officer_id: str, outcome: str, now: _dt.datetime | None = None) -> Push:

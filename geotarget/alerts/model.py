@@ -148,6 +148,9 @@ class Alert:
     division_wide: bool = False
     #: Photos (:meth:`geotarget.alerts.photos.Photo.to_dict`); the bytes are in the engine's PhotoStore.
     photos: list = dataclasses.field(default_factory=list)
+    #: Photos an update replaced: the CAP messages sent before it point at them, so their files are
+    #: kept until the alert is purged.
+    photos_before: list = dataclasses.field(default_factory=list)
 
     quarantine: str | None = None    # why tick skips the alert, until an update or retraction
 

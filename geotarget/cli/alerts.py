@@ -285,10 +285,13 @@ def _alert_action(engine, args, action) -> int:
         pushes.errors.extend(topups.errors)
     elif action == "update":
         details = _details(args)
-        if not details:
-            raise InvalidInputError("alert update needs --headline, --description, --instruction "
-                                    "or --details")
-        pushes = [engine.update(args.alert_id, args.officer, details, now=now)]
+        photos = [] if args.clear_photos else (list(args.photo) if args.photo else None)
+        if args.clear_photos and args.photo:
+            raise InvalidInputError("alert update takes --photo or --clear-photos, not both")
+        if not details and photos is None:
+            raise InvalidInputError("alert update needs --headline, --description, --instruction, "
+                                    "--details, --photo or --clear-photos")
+        pushes = [engine.update(args.alert_id, args.officer, details or None, now=now, photos=photos)]
     elif action == "close":
         pushes = [engine.close(args.alert_id, args.officer, outcome=args.outcome, now=now)]
     else:  # retract
@@ -451,8 +454,11 @@ def add_alert(verb) -> None:
         handoff(ap)
         ap.add_argument("--retention-days", type=nonneg_float, metavar="DAYS",
                         help="also apply the retention setting (see alert purge)")
-    ap = action("update", "new details, to everyone notified so far")
+    ap = action("update", "new details or photos, to everyone notified so far")
     texts(ap)
+    ap.add_argument("--photo", action="append", metavar="PATH",
+                    help="replace the photos with these (repeatable); earlier messages keep theirs")
+    ap.add_argument("--clear-photos", action="store_true", help="remove the photos from this push on")
     handoff(ap)
     ap = action("close", "the child is found (or the search ends): closure to everyone notified")
     ap.add_argument("--outcome", required=True, metavar="OUTCOME",
