@@ -286,7 +286,8 @@ def test_photo_store_roundtrip_and_corruption(tmp_path):
             Photo.from_dict(bad)
 
 
-def test_cli_report_photo(index, tmp_path, capsys):
+def _cli_report(index, tmp_path, capsys, *photos):
+    """A CLI report with these photo files (a.png, b.webp), approved at once (by S-1): (its JSON, common args)."""
     from geotarget.cli import main
     index.save(tmp_path / "st")
     (tmp_path / "officers.json").write_text(json.dumps([o.to_dict() for o in OFFICERS]))
@@ -296,9 +297,14 @@ def test_cli_report_photo(index, tmp_path, capsys):
               "--officers", str(tmp_path / "officers.json"), "--max-location-age", "0"]
     assert main(["alert", "report", *common, "--officer", "S-1", "--lat", "30.27", "--lon", "120.15",
                  "--division", "330102", "--missing-since", "2026-11-23T08:00:00Z",
-                 "--now", "2026-11-23T08:05:00Z", "--photo", str(tmp_path / "a.png"),
-                 "--photo", str(tmp_path / "b.webp"), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+                 "--now", "2026-11-23T08:05:00Z", *[a for f in photos for a in ("--photo", str(tmp_path / f))],
+                 "--json"]) == 0
+    return json.loads(capsys.readouterr().out), common
+
+
+def test_cli_report_photo(index, tmp_path, capsys):
+    from geotarget.cli import main
+    doc, common = _cli_report(index, tmp_path, capsys, "a.png", "b.webp")
     assert doc["photos"] == [hashlib.sha1(PNG).hexdigest(), hashlib.sha1(WEBP).hexdigest()]
     assert main(["alert", "tick", *common, "--now", "2026-11-23T08:10:00Z", "--json"]) == 0
     capsys.readouterr()
@@ -368,16 +374,8 @@ def test_bad_update_photos_change_nothing(index, tmp_path):
 
 def test_cli_update_photo(index, tmp_path, capsys):
     from geotarget.cli import main
-    index.save(tmp_path / "st")
-    (tmp_path / "officers.json").write_text(json.dumps([o.to_dict() for o in OFFICERS]))
-    (tmp_path / "a.png").write_bytes(PNG)
-    (tmp_path / "b.webp").write_bytes(WEBP)
-    common = ["--log", str(tmp_path / "log.sqlite"), "--index", str(tmp_path / "st"),
-              "--officers", str(tmp_path / "officers.json"), "--max-location-age", "0"]
-    assert main(["alert", "report", *common, "--officer", "S-1", "--lat", "30.27", "--lon", "120.15",
-                 "--division", "330102", "--missing-since", "2026-11-23T08:00:00Z",
-                 "--now", "2026-11-23T08:05:00Z", "--photo", str(tmp_path / "a.png"), "--json"]) == 0
-    aid = json.loads(capsys.readouterr().out)["alert_id"]
+    doc, common = _cli_report(index, tmp_path, capsys, "a.png")
+    aid = doc["alert_id"]
     assert main(["alert", "tick", *common, "--now", "2026-11-23T08:10:00Z", "--ack", "--json"]) == 0
     capsys.readouterr()
     assert main(["alert", "update", *common, "--officer", "S-1", aid, "--now", "2026-11-23T08:20:00Z",
