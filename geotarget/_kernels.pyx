@@ -344,9 +344,8 @@ cdef struct QueryCtx:
     float flo2, fhi2          # point tests (float32)
     bint everything
     bint filter_seen
-    uint32_t seen_min
-    const uint16_t* coarse    # (n,) coarse last-seen (gt_fresh.hpp), or NULL
-    uint16_t coarse_cut       # gt_coarse(seen_min, top) when coarse is not NULL
+    GtFresh fresh             # which rows were seen at or after the cut-off (gt_geom.hpp): seen, cut,
+                              # and the coarse values with the cut-off's (coarse NULL without a filter)
     bint filter_app
     uint64_t app_mask[4]
     bint emit
@@ -361,7 +360,7 @@ cdef struct QueryCtx:
 
 cdef inline bint _passes(QueryCtx* q, int64_t row) noexcept nogil:
     cdef int code
-    if q.filter_seen and q.seen[row] < q.seen_min:
+    if q.filter_seen and q.fresh.seen[row] < q.fresh.cut:
         return False
     if q.filter_app:
         code = <int>(<uint8_t>q.app[row])
@@ -394,7 +393,7 @@ cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     copy.  Tracking runs row by row here cost a branch per row and, with
     one device in ten stale, a run per ten devices (5 M runs at 400 M).
     """
-    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.coarse, q.seen, s, e, q.coarse_cut, q.seen_min))
+    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.fresh.coarse, q.fresh.seen, s, e, q.fresh.qc, q.fresh.cut))
 
 
 cdef inline void _emit_fresh_kept(QueryCtx* q, int64_t s, int64_t e, int64_t kept) noexcept nogil:
@@ -451,8 +450,8 @@ cdef void _leaf_count_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     cdef float fx = q.fx, fy = q.fy, fz = q.fz, flo2 = q.flo2, fhi2 = q.fhi2
     cdef float d2
     cdef const GtPoint* p = q.pts
-    cdef const uint32_t* seen = q.seen
-    cdef uint32_t cut = q.seen_min
+    cdef const uint32_t* seen = q.fresh.seen
+    cdef uint32_t cut = q.fresh.cut
     cdef bint fresh
     cdef uint32_t k
     for r in range(s, e):
@@ -606,7 +605,7 @@ cdef void _item_pass(void* arg) noexcept nogil:
             if items[3 * pf] == ITEM_LEAF:
                 _prefetch_span(q.pts + items[3 * pf + 1], q.pts + items[3 * pf + 2])
                 if q.filter_seen:
-                    _prefetch_span(q.seen + items[3 * pf + 1], q.seen + items[3 * pf + 2])
+                    _prefetch_span(q.fresh.seen + items[3 * pf + 1], q.fresh.seen + items[3 * pf + 2])
                 pending += 1
             pf += 1
         if items[3 * i] == ITEM_LEAF:
@@ -710,14 +709,14 @@ cdef void _query(QueryCtx* q) noexcept nogil:
         _box_dist2(q.bounds + 6 * node, q.cx, q.cy, q.cz, &dmin2, &dmax2)
         if dmin2 > q.hi2:
             continue
-        if q.filter_seen and q.seen_bounds != NULL and q.seen_bounds[2 * node + 1] < q.seen_min:
+        if q.filter_seen and q.seen_bounds != NULL and q.seen_bounds[2 * node + 1] < q.fresh.cut:
             continue  # every device here was last seen before the cutoff
         if dmax2 <= q.lo2:
             if not (q.filter_seen or q.filter_app):
                 _defer(&items, ITEM_RUN, s, e)
                 continue
             if (not q.filter_app and q.seen_bounds != NULL
-                    and q.seen_bounds[2 * node] >= q.seen_min):
+                    and q.seen_bounds[2 * node] >= q.fresh.cut):
                 _defer(&items, ITEM_RUN, s, e)  # inside, and every device here is recent enough
                 continue
             # A count wants no runs: the whole subtree is one fresh item
@@ -769,7 +768,7 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             # boundary leaves while the helpers start on the fresh counts.
             kept_of.resize(m)
             ip.fresh_elsewhere = True
-            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh.seen, q.fresh.coarse, q.fresh.qc, q.fresh.cut,
                             kept_of.data(), gt_max_threads() if fresh_rows >= _fresh_parallel_min else 1,
                             _item_pass, &ip)
             for i in range(m):
@@ -781,7 +780,7 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             # the boundary leaves and emits the runs, fresh ones left open.
             kept_of.resize(m)
             ip.fresh_later = True
-            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.seen, q.coarse, q.coarse_cut, q.seen_min,
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh.seen, q.fresh.coarse, q.fresh.qc, q.fresh.cut,
                             kept_of.data(), gt_max_threads(), _item_pass, &ip)
             _settle_fresh(q, kept_of.data())
             return
@@ -872,14 +871,13 @@ cdef class Tree:
         q.everything = th.everything
         q.lo2, q.hi2, q.flo2, q.fhi2 = th.lo2, th.hi2, th.flo2, th.fhi2
         q.filter_seen = seen_min >= 0
-        q.seen = &self.seen[0] if self.seen.shape[0] > 0 else NULL
-        q.seen_min = <uint32_t>(seen_min if seen_min >= 0 else 0)
         q.seen_bounds = &self.seen_bounds[0, 0] if self.seen_bounds.shape[0] > 0 else NULL
         # the coarse values where they decide (GtFresh::of, gt_geom.hpp)
-        cdef GtFresh fr = gt_fresh_view(q.seen, &self.coarse[0] if self.coarse is not None and self.n > 0 else NULL,
-                                        self.n, self.coarse_top, q.seen_min)
-        q.coarse = fr.coarse if q.filter_seen else NULL
-        q.coarse_cut = fr.qc
+        q.fresh = gt_fresh_view(&self.seen[0] if self.seen.shape[0] > 0 else NULL,
+                                &self.coarse[0] if self.coarse is not None and self.n > 0 else NULL,
+                                self.n, self.coarse_top, <uint32_t>(seen_min if seen_min >= 0 else 0))
+        if not q.filter_seen:
+            q.fresh.coarse = NULL
         q.filter_app = app_codes is not None
         q.app = &self.app[0] if self.app.shape[0] > 0 else NULL
         q.app_mask[0] = q.app_mask[1] = q.app_mask[2] = q.app_mask[3] = 0
@@ -889,7 +887,7 @@ cdef class Tree:
                 q.app_mask[code >> 6] |= (<uint64_t>1) << (code & 63)
         q.emit = emit
         # Counting needs no runs, so it always takes the branch-free pass.
-        q.lazy = (q.filter_seen and not q.filter_app and q.seen != NULL
+        q.lazy = (q.filter_seen and not q.filter_app and q.fresh.seen != NULL
                   and (fresh_runs or not emit))
         q.fresh_runs = 0
         q.count = 0
