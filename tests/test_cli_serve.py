@@ -164,3 +164,24 @@ def test_serve_keeps_ticking_when_a_backup_fails(cli_work):
     [push] = next(e for e in events if e["event"] == "pushes")["pushes"]
     assert push["alert_id"] == aid and push["acked"] and events[-1]["event"] == "stopped"
     assert "backup failed" in p.stderr
+
+
+def test_serve_backs_up_a_postgresql_log_into_sqlite_files(cli_work, pg_url):
+    """On a PostgreSQL log the leading node's backup is a SQLite copy of the whole log."""
+    from geotarget.alerts.log import RecipientLog
+
+    work = cli_work("serve-backup-pg", "20k")
+    aid = _report(work, pg_url)
+    p = ok("alert", "serve", "--log", pg_url, "--index", "st", "--out", "out", "--every", 0.2, "--for", 2.0,
+           "--lease", 2, "--backup-dir", "bk", "--backup-every", 0.5, "--json", cwd=work)
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    backups = [e for e in events if e["event"] == "backup"]
+    assert backups, p.stdout
+    [push] = next(e for e in events if e["event"] == "pushes")["pushes"]
+    log = RecipientLog(backups[-1]["path"])
+    try:
+        log.verify()
+        assert log.backend == "sqlite" and aid in log.alerts()
+        assert [r.push_id for r in log.pushes(aid)] == [push["push_id"]]
+    finally:
+        log.close()

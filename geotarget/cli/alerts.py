@@ -98,10 +98,11 @@ _BACKUP_NAME = re.compile(r"geotarget-log-\d{8}T\d{6}\.\d{6}Z\.sqlite")
 def _serve_backup(engine, directory: str, keep: int) -> tuple[str, list[str]]:
     """Copy the log a node leads into ``directory`` (``RecipientLog.backup``: consistent, fsynced,
     linked into place when complete); then remove all but the ``keep`` newest of its backups there.
-    Returns the new file and the removed ones.  Only files named as this function names them are
-    ever removed."""
+    Returns the new file and the removed ones (absolute paths).  Only files named as this function
+    names them are ever removed."""
     import datetime as _dt
 
+    directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = engine.log.backup(os.path.join(directory, f"geotarget-log-{stamp}.sqlite"))
