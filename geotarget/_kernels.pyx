@@ -100,10 +100,8 @@ cdef extern from "gt_fresh.hpp" nogil:
     int GT_COARSE_SHIFT
     uint16_t gt_coarse(uint32_t s, uint32_t top)
     void gt_coarse_column(const uint32_t* seen, int64_t n, uint32_t top, uint16_t* out, int nt)
-    int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t s, int64_t e,
-                                uint16_t qc, uint32_t cut)
-    void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                         const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt,
+    int64_t gt_fresh_count_rows(const GtFresh& f, int64_t s, int64_t e)
+    void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, GtFresh f, int64_t* kept, int nt,
                          void (*first)(void*) noexcept nogil, void* arg)
 
 cdef extern from "gt_build.hpp" nogil:
@@ -393,7 +391,7 @@ cdef inline void _emit_fresh(QueryCtx* q, int64_t s, int64_t e) noexcept nogil:
     copy.  Tracking runs row by row here cost a branch per row and, with
     one device in ten stale, a run per ten devices (5 M runs at 400 M).
     """
-    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.fresh.coarse, q.fresh.seen, s, e, q.fresh.qc, q.fresh.cut))
+    _emit_fresh_kept(q, s, e, gt_fresh_count_rows(q.fresh, s, e))
 
 
 cdef inline void _emit_fresh_kept(QueryCtx* q, int64_t s, int64_t e, int64_t kept) noexcept nogil:
@@ -768,9 +766,8 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             # boundary leaves while the helpers start on the fresh counts.
             kept_of.resize(m)
             ip.fresh_elsewhere = True
-            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh.seen, q.fresh.coarse, q.fresh.qc, q.fresh.cut,
-                            kept_of.data(), gt_max_threads() if fresh_rows >= _fresh_parallel_min else 1,
-                            _item_pass, &ip)
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh, kept_of.data(),
+                            gt_max_threads() if fresh_rows >= _fresh_parallel_min else 1, _item_pass, &ip)
             for i in range(m):
                 if items[3 * i] == ITEM_FRESH:
                     q.count += kept_of[i]
@@ -780,8 +777,7 @@ cdef void _query(QueryCtx* q) noexcept nogil:
             # the boundary leaves and emits the runs, fresh ones left open.
             kept_of.resize(m)
             ip.fresh_later = True
-            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh.seen, q.fresh.coarse, q.fresh.qc, q.fresh.cut,
-                            kept_of.data(), gt_max_threads(), _item_pass, &ip)
+            gt_fresh_counts(items.data(), m, ITEM_FRESH, q.fresh, kept_of.data(), gt_max_threads(), _item_pass, &ip)
             _settle_fresh(q, kept_of.data())
             return
     _item_pass(&ip)
@@ -937,10 +933,14 @@ def fresh_count(const uint32_t[::1] seen, uint32_t cut, const uint16_t[::1] coar
     cdef int64_t kept
     if coarse is not None and coarse.shape[0] != n:
         raise ValueError(f"coarse has {coarse.shape[0]} rows, seen {n}")
-    cdef const uint16_t* cp = &coarse[0] if coarse is not None and n else NULL
-    cdef uint16_t qc = gt_coarse(cut, top) if coarse is not None else 0
+    # the coarse values for any top (GtFresh::of would leave them out at either end of their window)
+    cdef GtFresh f
+    f.seen = &seen[0] if n else NULL
+    f.coarse = &coarse[0] if coarse is not None and n else NULL
+    f.qc = gt_coarse(cut, top) if coarse is not None else 0
+    f.cut = cut
     with nogil:
-        kept = gt_fresh_count_rows(cp, &seen[0], 0, n, qc, cut) if n else 0
+        kept = gt_fresh_count_rows(f, 0, n) if n else 0
     return kept
 
 

@@ -86,11 +86,11 @@ static inline int64_t gt_fresh_count_coarse(const uint16_t* q, const uint32_t* s
     return kept;
 }
 
-/* Rows [s, e) of seen that are >= cut: from their coarse values where
-   coarse is not NULL (qc as in gt_fresh_count_coarse), else from the 4 B. */
-static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t* seen, int64_t s, int64_t e,
-                                          uint16_t qc, uint32_t cut) {
-    return coarse ? gt_fresh_count_coarse(coarse + s, seen + s, e - s, qc, cut) : gt_fresh_count(seen + s, e - s, cut);
+/* Rows [s, e) that f counts fresh: from their coarse values where f has
+   them (qc as in gt_fresh_count_coarse), else from the 4 B of last-seen. */
+static inline int64_t gt_fresh_count_rows(const GtFresh& f, int64_t s, int64_t e) {
+    return f.coarse ? gt_fresh_count_coarse(f.coarse + s, f.seen + s, e - s, f.qc, f.cut)
+                    : gt_fresh_count(f.seen + s, e - s, f.cut);
 }
 
 /* kept[i] = the rows >= cut of every fresh item i of a query's item list
@@ -98,13 +98,12 @@ static inline int64_t gt_fresh_count_rows(const uint16_t* coarse, const uint32_t
    threads.  Items are cut into pieces of at most 2^16 rows and the pieces
    shared out in chunks of about 2^16 rows, so that one large item (a whole
    inside subtree when only the count is wanted) still splits over the
-   cores.  With coarse values (not NULL; qc as in gt_fresh_count_coarse)
-   they are read instead of the 4 B of last-seen.  first(arg), when not
+   cores.  Where f has coarse values they are read instead of the 4 B of
+   last-seen (gt_fresh_count_rows).  first(arg), when not
    NULL, runs on the calling thread while the helpers start counting (a
    count's boundary leaves, which need no fresh count). */
-static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, const uint32_t* seen,
-                            const uint16_t* coarse, uint16_t qc, uint32_t cut, int64_t* kept, int nt,
-                            void (*first)(void*) = nullptr, void* arg = nullptr) {
+static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind, GtFresh f, int64_t* kept,
+                            int nt, void (*first)(void*) = nullptr, void* arg = nullptr) {
     const int64_t P = (int64_t)1 << 16;
     std::vector<int64_t> piece;      /* flat (item, start, end) */
     std::vector<int64_t> at(1, 0);   /* chunk c holds pieces [at[c], at[c + 1]) */
@@ -124,7 +123,7 @@ static void gt_fresh_counts(const int64_t* items, int64_t m, int64_t fresh_kind,
     std::vector<int64_t> got(np_);
     gt_par_first((int64_t)at.size() - 1, nt, [&](int64_t ch) {
         for (int64_t p = at[ch]; p < at[ch + 1]; p++) {
-            got[p] = gt_fresh_count_rows(coarse, seen, piece[3 * p + 1], piece[3 * p + 2], qc, cut);
+            got[p] = gt_fresh_count_rows(f, piece[3 * p + 1], piece[3 * p + 2]);
         }
     }, first, arg);
     for (int64_t p = 0; p < np_; p++) kept[piece[3 * p]] += got[p];
