@@ -1088,13 +1088,10 @@ class AlertEngine:
                 # stored before the update is logged: a logged alert never lacks its photos
                 new = [self.photos.put(data, mime, desc).to_dict() for data, mime, desc in loaded]
                 digests = {p["digest"] for p in new}
-                before = list(alert.photos_before)
-                seen = {p["digest"] for p in before}
-                for p in alert.photos:
-                    if p["digest"] not in digests and p["digest"] not in seen:
-                        before.append(p)
-                        seen.add(p["digest"])
-                changes = {"photos": new, "photos_before": [p for p in before if p["digest"] not in digests]}
+                earlier: dict = {}   # by digest, first description kept: replaced before, then now
+                for p in [*alert.photos_before, *alert.photos]:
+                    earlier.setdefault(p["digest"], p)
+                changes = {"photos": new, "photos_before": [p for d, p in earlier.items() if d not in digests]}
             # New details are how an officer repairs a quarantined alert.
             alert = dataclasses.replace(alert, details=merged, quarantine=None, **changes)
             return self._deliver([self._follow(alert, PushKind.UPDATE.value, officer_id, now)])[0]

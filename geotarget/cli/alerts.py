@@ -107,10 +107,9 @@ def _serve_backup(engine, directory: str, keep: int) -> tuple[str, list[str]]:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = engine.log.backup(os.path.join(directory, f"geotarget-log-{stamp}.sqlite"))
     ours = sorted(n for n in os.listdir(directory) if _BACKUP_NAME.fullmatch(n))
-    dropped = []
-    for name in ours[:max(0, len(ours) - keep)]:
-        os.unlink(os.path.join(directory, name))
-        dropped.append(os.path.join(directory, name))
+    dropped = [os.path.join(directory, name) for name in ours[:max(0, len(ours) - keep)]]
+    for old in dropped:
+        os.unlink(old)
     return path, dropped
 
 
